@@ -1,0 +1,31 @@
+"""diffin_lightning: Diff-In data influence recorded during PyTorch Lightning training.
+
+Sign convention everywhere: influence(i) approximates L_V(theta_T without i) - L_V(theta_T);
+positive = sample i helped the target, negative = harmful.
+"""
+
+from diffin_lightning.callback import DiffInCallback
+from diffin_lightning.data import EpochSeededSampler, IndexedDataset, dataset_fingerprint
+from diffin_lightning.store import (
+    SIGN_CONVENTION,
+    InfluenceFileError,
+    InfluenceResult,
+    TargetInfluence,
+    load_influence,
+    save_influence,
+)
+from diffin_lightning.version import __version__
+
+__all__ = [
+    "DiffInCallback",
+    "EpochSeededSampler",
+    "IndexedDataset",
+    "InfluenceFileError",
+    "InfluenceResult",
+    "SIGN_CONVENTION",
+    "TargetInfluence",
+    "__version__",
+    "dataset_fingerprint",
+    "load_influence",
+    "save_influence",
+]

@@ -1,0 +1,539 @@
+"""The Lightning callback that records Diff-In influence during ``Trainer.fit``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from diffin_lightning.data import INDEX_KEY, IndexedDataset, dataset_fingerprint
+from diffin_lightning.estimator import (
+    FINITE_DIFFERENCE_SCHEMES,
+    NORMALIZATIONS,
+    FiniteDifferenceScheme,
+    Normalization,
+    batch_gradient_dots,
+    first_order_term,
+    hessian_gradient_bracket,
+    normalize_second_order,
+    resolve_eps,
+    second_order_term,
+)
+from diffin_lightning.per_sample import LossFn, PerSampleLoss
+from diffin_lightning.store import InfluenceResult, TargetInfluence, save_influence
+from diffin_lightning.targets import DatasetTarget, SelfTarget, Target, TrainingLossTarget, build_targets
+from diffin_lightning.version import __version__
+
+IndexFn = Callable[[Any], Tensor]
+_SUMS = ("first_order", "second_order_sum", "visits")
+
+
+def _default_loss_fn(module: torch.nn.Module, batch: Any) -> Tensor:
+    return module.per_sample_loss(batch)  # type: ignore[operator]
+
+
+def _default_index_fn(batch: Any) -> Tensor:
+    if not isinstance(batch, Mapping) or INDEX_KEY not in batch:
+        raise ValueError(
+            "DiffInCallback: the training batch carries no sample ids. The default `index_fn` reads "
+            f"batch[{INDEX_KEY!r}], but the batch is a {type(batch).__name__}"
+            + (f" with keys {sorted(map(str, batch))}" if isinstance(batch, Mapping) else "")
+            + ". Wrap the training dataset in diffin_lightning.IndexedDataset, or pass "
+            "index_fn=lambda batch: <LongTensor of sample ids>."
+        )
+    return batch[INDEX_KEY]
+
+
+def _rng_untouched(device: torch.device) -> Any:
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int; got {value!r}. Use 1 for every step.")
+
+
+class DiffInCallback(Callback):
+    """Records, for every training sample, its Diff-In influence on one or more target losses.
+
+    At every recorded optimizer step ``t`` (parameters ``theta_t`` before the update,
+    learning rate ``eta_t`` after schedulers) and for every sample ``i`` of the step's
+    batch ``B`` (all micro-batches under gradient accumulation) it adds, per target:
+
+    - ``first_order``: ``(eta/|B|) <g_V, G_i>`` (in-run TracIn);
+    - ``second_order``: ``-(t eta^2/|B|) <g_V, H_B G_i + H_i G_B>`` (Diff-In, Eq. 9 in-run),
+      the Hessian-gradient products by a finite difference of ordinary gradients.
+
+    Sign: positive = the sample helped (removing it would raise the target loss).
+
+    The module gives unreduced per-sample losses through a method
+    ``per_sample_loss(batch) -> Tensor[B]`` (or ``loss_fn(module, batch)``) and the batch
+    gives sample ids (``batch["index"]``, as :class:`IndexedDataset` yields, or ``index_fn``).
+
+    Args:
+        targets: name -> a ``Dataset`` or ``DataLoader`` (its mean loss), ``"train"`` (the
+            training loss, via a running estimate of the full-data gradient) or ``"self"``
+            (each sample's own loss, first order only).
+        loss_fn: ``loss_fn(module, batch) -> Tensor[B]``; default ``module.per_sample_loss(batch)``.
+        index_fn: ``index_fn(batch) -> LongTensor[B]`` of sample ids; default ``batch["index"]``.
+        num_samples: N, the number of training samples; default ``len`` of the train dataloader's dataset.
+        every_n_steps: record every n-th optimizer step. A skipped step contributes nothing;
+            a recorded step's contributions are multiplied by n, since it stands for n steps.
+        target_refresh_every_n_steps: recompute a dataset target's gradient ``g_V`` after
+            this many steps; steps in between use the last one (cheaper, slightly stale).
+        target_batch_size: batch size for dataset targets.
+        target_max_samples: at most this many target samples per refresh (a random subset
+            per refresh); ``None`` uses the whole target set.
+        train_target_decay: decay of the moving average behind the ``"train"`` target's gradient.
+        eps: finite-difference step along the unit target direction; ``None`` picks
+            ``sqrt(machine eps) * max(1, |theta|)`` every step.
+        finite_difference: ``"forward"`` (one extra forward+backward per target per step,
+            error O(eps)) or ``"central"`` (two, error O(eps^2)).
+        normalization: ``"paper"`` (the second-order sum divided by the number of steps it
+            stands for, Eq. 9's 1/m) or ``"sum"`` (the all-steps sum). Applied when scores
+            are read; both can be had from one run via :meth:`influence_with`.
+        self_chunk_size: samples per ``vmap`` chunk for the ``"self"`` target's per-sample
+            gradients (bounds memory); ``None`` does the whole batch at once.
+        output_dir: where ``influence.safetensors`` and ``influence.json`` go; default
+            ``trainer.log_dir`` (``default_root_dir`` without a logger).
+        save_on_checkpoint: also write the files whenever Lightning saves a checkpoint.
+        seed: seeds the target subsets and the RNG of the extra passes, so dropout draws
+            the same masks at ``theta`` and at the perturbed point.
+
+    Example::
+
+        >>> from diffin_lightning import DiffInCallback
+        >>> callback = DiffInCallback(targets={"self": "self"}, normalization="paper")
+        >>> callback.normalization
+        'paper'
+    """
+
+    def __init__(
+        self,
+        targets: Mapping[str, Dataset | DataLoader | str],
+        *,
+        loss_fn: LossFn | None = None,
+        index_fn: IndexFn | None = None,
+        num_samples: int | None = None,
+        every_n_steps: int = 1,
+        target_refresh_every_n_steps: int = 1,
+        target_batch_size: int = 256,
+        target_max_samples: int | None = None,
+        train_target_decay: float = 0.9,
+        eps: float | None = None,
+        finite_difference: FiniteDifferenceScheme = "forward",
+        normalization: Normalization = "paper",
+        self_chunk_size: int | None = None,
+        output_dir: str | os.PathLike[str] | None = None,
+        save_on_checkpoint: bool = False,
+        seed: int = 0,
+    ) -> None:
+        _check_positive_int("every_n_steps", every_n_steps)
+        _check_positive_int("target_refresh_every_n_steps", target_refresh_every_n_steps)
+        _check_positive_int("target_batch_size", target_batch_size)
+        if target_max_samples is not None:
+            _check_positive_int("target_max_samples", target_max_samples)
+        if self_chunk_size is not None:
+            _check_positive_int("self_chunk_size", self_chunk_size)
+        if num_samples is not None:
+            _check_positive_int("num_samples", num_samples)
+        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0):
+            raise ValueError(f"`eps` must be a positive float or None (automatic); got {eps!r}.")
+        if finite_difference not in FINITE_DIFFERENCE_SCHEMES:
+            raise ValueError(f"`finite_difference` must be one of {FINITE_DIFFERENCE_SCHEMES}; got {finite_difference!r}.")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"`normalization` must be one of {NORMALIZATIONS}; got {normalization!r}.")
+        if not 0.0 <= train_target_decay < 1.0:
+            raise ValueError(f"`train_target_decay` must be in [0, 1); got {train_target_decay!r}.")
+        self.targets: list[Target] = build_targets(
+            targets,
+            batch_size=target_batch_size,
+            max_samples=target_max_samples,
+            refresh_every_n_steps=target_refresh_every_n_steps,
+            train_decay=train_target_decay,
+            seed=seed,
+        )
+        self.loss_fn = loss_fn
+        self.index_fn = index_fn or _default_index_fn
+        self.num_samples = num_samples
+        self.every_n_steps = every_n_steps
+        self.target_refresh_every_n_steps = target_refresh_every_n_steps
+        self.eps = eps
+        self.finite_difference = finite_difference
+        self.normalization = normalization
+        self.self_chunk_size = self_chunk_size
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.save_on_checkpoint = save_on_checkpoint
+        self.seed = seed
+
+        self.output_path: Path | None = None
+        self.fingerprint: str | None = None
+        self._sums: dict[str, dict[str, Tensor]] = {}
+        self._pending: list[tuple[Any, Tensor]] = []
+        self._loaded_state: dict[str, Any] | None = None
+        self._loss_checked = False
+        self._per_sample_loss: PerSampleLoss | None = None
+        self.steps_recorded = 0
+        self.steps_represented = 0
+        self.skipped_amp_steps = 0
+        self.nonfinite_skipped = 0
+        self.last_eps: float | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(targets=sorted(t.name for t in self.targets))
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        strategy = trainer.strategy
+        if not isinstance(strategy, SingleDeviceStrategy) or trainer.world_size != 1:
+            raise RuntimeError(
+                "DiffInCallback supports single-device training for now; got strategy "
+                f"{type(strategy).__name__} with world_size={trainer.world_size}. Train with "
+                "Trainer(devices=1) (any accelerator) until distributed support lands."
+            )
+        if not pl_module.automatic_optimization:
+            raise RuntimeError(
+                "DiffInCallback needs automatic optimization (one optimizer step per batch that Lightning "
+                "drives); this module sets automatic_optimization=False."
+            )
+        if self.loss_fn is None and not callable(getattr(pl_module, "per_sample_loss", None)):
+            raise AttributeError(
+                f"DiffInCallback: {type(pl_module).__name__} has no method `per_sample_loss(batch) -> Tensor[B]` "
+                "and no `loss_fn` was given. Add the method (return the unreduced loss of each sample) or pass "
+                "loss_fn=lambda module, batch: <Tensor[B]>."
+            )
+        for target in self.targets:
+            target.check_not_empty()
+        self._per_sample_loss = PerSampleLoss(pl_module, self.loss_fn or _default_loss_fn)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dataset = self._train_dataset(trainer)
+        num_samples = self.num_samples if self.num_samples is not None else (len(dataset) if dataset is not None else None)
+        if num_samples is None:
+            raise ValueError(
+                "DiffInCallback could not tell the number of training samples N: the train dataloader's "
+                "dataset has no length. Pass num_samples=N."
+            )
+        if dataset is not None and self.num_samples is not None and len(dataset) != self.num_samples:
+            raise ValueError(
+                f"`num_samples` is {self.num_samples} but the train dataloader's dataset holds {len(dataset)} samples; "
+                "pass the dataset's length or leave num_samples=None."
+            )
+        self.num_samples = num_samples
+        labels = dataset.labels() if isinstance(dataset, IndexedDataset) else None
+        self.fingerprint = dataset_fingerprint(num_samples, labels)
+        self._check_optimizer(trainer)
+        device = pl_module.device
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        if self._loaded_state is not None:
+            self._adopt_loaded_state(device, dtype)
+        elif not self._sums:
+            self._sums = {
+                target.name: {key: torch.zeros(num_samples, dtype=dtype, device=device) for key in _SUMS}
+                for target in self.targets
+            }
+
+    @staticmethod
+    def _train_dataset(trainer: pl.Trainer) -> Any:
+        loader = trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        return dataset if dataset is not None and hasattr(dataset, "__len__") else None
+
+    def _check_optimizer(self, trainer: pl.Trainer) -> None:
+        if len(trainer.optimizers) != 1:
+            raise RuntimeError(
+                f"DiffInCallback needs exactly one optimizer; the module configures {len(trainer.optimizers)}."
+            )
+        optimizer = trainer.optimizers[0]
+        learning_rates = {group["lr"] for group in optimizer.param_groups}
+        if len(learning_rates) > 1:
+            raise ValueError(
+                f"DiffInCallback needs one learning rate for all parameter groups; got {sorted(learning_rates)}. "
+                "Use a single learning rate (per-group rates are not supported yet)."
+            )
+        approximations = []
+        if not isinstance(optimizer, torch.optim.SGD):
+            approximations.append(
+                f"the optimizer is {type(optimizer).__name__}, not SGD: each step is treated as a plain SGD step "
+                "theta - eta * G_B, so preconditioning and momentum are ignored"
+            )
+        else:
+            group = optimizer.param_groups[0]
+            if group.get("momentum", 0):
+                approximations.append("SGD momentum is ignored (each step is treated as theta - eta * G_B)")
+            if group.get("weight_decay", 0):
+                approximations.append("weight decay is ignored: it does not depend on any sample")
+        if trainer.gradient_clip_val:
+            approximations.append("gradient clipping is ignored (the unclipped batch gradient is used)")
+        if approximations:
+            rank_zero_warn(
+                "DiffInCallback's maths assumes plain SGD; the scores are an approximation here: "
+                + "; ".join(approximations)
+                + "."
+            )
+
+    # ------------------------------------------------------------------ per batch / per step
+
+    def _records(self, step: int) -> bool:
+        return step % self.every_n_steps == 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        ids = self._sample_ids(batch, pl_module.device)
+        if not self._loss_checked:
+            self._check_per_sample_loss(pl_module, batch, len(ids))
+        if self._records(trainer.global_step):
+            self._pending.append((batch, ids))
+
+    def _sample_ids(self, batch: Any, device: torch.device) -> Tensor:
+        ids = self.index_fn(batch)
+        ids = torch.as_tensor(ids, device=device)
+        if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ValueError(
+                f"DiffInCallback: sample ids must be a 1-d integer tensor [B]; `index_fn` gave dtype {ids.dtype} "
+                f"and shape {tuple(ids.shape)}."
+            )
+        ids = ids.long()
+        assert self.num_samples is not None
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_samples):
+            raise ValueError(
+                f"DiffInCallback: sample ids must lie in [0, N) with N={self.num_samples}; the batch holds ids from "
+                f"{int(ids.min())} to {int(ids.max())}. Ids must be the positions of samples in the training "
+                "dataset (IndexedDataset does this), or pass num_samples=N to match your ids."
+            )
+        return ids
+
+    def _check_per_sample_loss(self, pl_module: pl.LightningModule, batch: Any, batch_size: int) -> None:
+        loss_fn = self.loss_fn or _default_loss_fn
+        with torch.no_grad(), _rng_untouched(pl_module.device):
+            losses = loss_fn(pl_module, batch)
+        if not isinstance(losses, Tensor) or tuple(losses.shape) != (batch_size,):
+            shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+            raise ValueError(
+                f"DiffInCallback: the per-sample loss must be a tensor of shape [B] = ({batch_size},), one unreduced "
+                f"loss per sample; got {shape}. Compute the loss with reduction='none' (e.g. "
+                "F.cross_entropy(logits, y, reduction='none'))."
+            )
+        self._loss_checked = True
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        pending, self._pending = self._pending, []
+        step = trainer.global_step
+        if not self._records(step) or not pending:
+            return
+        if self._scaler_will_skip(trainer, optimizer):
+            # AMP's scaler skips optimizer.step on non-finite gradients: no update, no influence.
+            self.skipped_amp_steps += 1
+            return
+        ids = torch.cat([sample_ids for _, sample_ids in pending])
+        if ids.unique().numel() != ids.numel():
+            raise ValueError(
+                f"DiffInCallback: sample ids must not repeat within an optimizer step; step {step} holds "
+                f"{ids.numel() - ids.unique().numel()} repeated ids. Sample without replacement (a plain "
+                "shuffling DataLoader does) so each sample appears at most once per step."
+            )
+        # Training must draw the same random numbers with or without the callback (data order,
+        # dropout): the extra passes and target loaders run on a forked RNG.
+        with _rng_untouched(pl_module.device):
+            self._record_step(step, optimizer, [batch for batch, _ in pending], ids)
+
+    @staticmethod
+    def _scaler_will_skip(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool:
+        if getattr(trainer.precision_plugin, "scaler", None) is None:
+            return False
+        # The gradients are unscaled by now; the scaler skips the step exactly when one is non-finite.
+        return any(
+            p.grad is not None and not bool(torch.isfinite(p.grad).all())
+            for group in optimizer.param_groups
+            for p in group["params"]
+        )
+
+    def _record_step(self, step: int, optimizer: torch.optim.Optimizer, batches: list[Any], ids: Tensor) -> None:
+        loss = self._per_sample_loss
+        assert loss is not None
+        eta = float(optimizer.param_groups[0]["lr"])
+        batch_size = int(ids.numel())
+        weight = float(self.every_n_steps)
+        loss.seed = self.seed * 1_000_003 + step
+        params = loss.parameters()
+        eps = resolve_eps(self.eps, params)
+        self.last_eps = eps
+        device = ids.device
+
+        batch_gradient, f_at_params = batch_gradient_dots(loss, params, batches, batch_size)
+        for target in self.targets:
+            if isinstance(target, SelfTarget):
+                try:
+                    squared_norms = loss.squared_gradient_norms(params, batches, self.self_chunk_size)
+                except Exception as error:  # vmap refuses some models; say what to do
+                    raise RuntimeError(
+                        f"DiffInCallback: target {target.name!r} ('self') needs per-sample gradients through "
+                        f"torch.func.vmap, which failed on this model: {error}. Models with batch-statistics "
+                        "layers (BatchNorm in train mode) or in-place ops on inputs cannot be vmapped; drop the "
+                        "'self' target or use GroupNorm/LayerNorm."
+                    ) from error
+                first = first_order_term(eta, batch_size, squared_norms)
+                second = torch.zeros_like(first)
+            else:
+                target_gradient = target.target_gradient(loss, params, step, device, batch_gradient)
+                first = first_order_term(eta, batch_size, loss.dots(params, batches, target_gradient))
+                bracket = hessian_gradient_bracket(
+                    loss, params, batches, batch_size, f_at_params, target_gradient, eps, self.finite_difference
+                )
+                second = second_order_term(eta, step, batch_size, bracket)
+            self._accumulate(target.name, step, ids, first, second, weight)
+        self.steps_recorded += 1
+        self.steps_represented += self.every_n_steps
+
+    def _accumulate(self, name: str, step: int, ids: Tensor, first: Tensor, second: Tensor, weight: float) -> None:
+        sums = self._sums[name]
+        finite = torch.isfinite(first) & torch.isfinite(second)
+        if not bool(finite.all()):
+            skipped = int((~finite).sum())
+            self.nonfinite_skipped += skipped
+            rank_zero_warn(
+                f"DiffInCallback: {skipped} non-finite contribution(s) to target {name!r} at step {step} were "
+                "skipped (the totals are unaffected; the count is in the metadata as 'nonfinite_skipped'). "
+                "A diverging loss or an eps too small for the dtype can cause this."
+            )
+            ids, first, second = ids[finite], first[finite], second[finite]
+        dtype = sums["first_order"].dtype
+        sums["first_order"].index_add_(0, ids, first.detach().to(dtype) * weight)
+        sums["second_order_sum"].index_add_(0, ids, second.detach().to(dtype) * weight)
+        sums["visits"].index_add_(0, ids, torch.ones_like(ids, dtype=dtype))
+
+    # ------------------------------------------------------------------ results
+
+    @property
+    def influence(self) -> InfluenceResult:
+        """The scores so far under the callback's ``normalization`` (CPU float64)."""
+        return self.influence_with(self.normalization)
+
+    def influence_with(self, normalization: Normalization) -> InfluenceResult:
+        """The scores so far under a named normalization (``"paper"`` or ``"sum"``)."""
+        if not self._sums:
+            raise RuntimeError("DiffInCallback has recorded nothing yet: run Trainer.fit with it first.")
+        targets = {}
+        kinds = {target.name: target.kind for target in self.targets}
+        for name, sums in self._sums.items():
+            first = sums["first_order"].detach().to("cpu", torch.float64)
+            second = normalize_second_order(
+                sums["second_order_sum"].detach().to("cpu", torch.float64), normalization, self.steps_represented
+            )
+            targets[name] = TargetInfluence(
+                name=name,
+                kind=kinds[name],
+                first_order=first,
+                second_order=second,
+                diffin=first + second,
+                visits=sums["visits"].detach().to("cpu", torch.float64),
+            )
+        return InfluenceResult(targets=targets, metadata=self._metadata(normalization))
+
+    def _metadata(self, normalization: Normalization) -> dict[str, Any]:
+        return {
+            "library": "diffin_lightning",
+            "library_version": __version__,
+            "num_samples": self.num_samples,
+            "targets": [target.name for target in self.targets],
+            "fingerprint": self.fingerprint,
+            "normalization": normalization,
+            "finite_difference": self.finite_difference,
+            "eps": "auto" if self.eps is None else self.eps,
+            "eps_last_step": self.last_eps,
+            "every_n_steps": self.every_n_steps,
+            "target_refresh_every_n_steps": self.target_refresh_every_n_steps,
+            "steps_recorded": self.steps_recorded,
+            "steps_represented": self.steps_represented,
+            "skipped_amp_steps": self.skipped_amp_steps,
+            "nonfinite_skipped": self.nonfinite_skipped,
+            "self_target_second_order": "not defined: the 'self' target is first order only, second_order is 0",
+        }
+
+    def _write(self, trainer: pl.Trainer, complete: bool) -> None:
+        if not self._sums or not trainer.is_global_zero:
+            return
+        directory = self.output_dir or Path(trainer.log_dir or trainer.default_root_dir)
+        result = self.influence
+        result.metadata.update(complete=complete, global_step=trainer.global_step, epoch=trainer.current_epoch)
+        self.output_path = save_influence(result, directory)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write(trainer, complete=True)
+        if self.output_path is not None:
+            rank_zero_info(f"DiffInCallback: influence written to {self.output_path}")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Keep what was recorded: a crashed run still leaves its partial scores (complete=false).
+        try:
+            self._write(trainer, complete=False)
+        except Exception as error:  # never mask the original exception
+            rank_zero_warn(f"DiffInCallback: could not write partial influence after a crash: {error}")
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.save_on_checkpoint:
+            self._write(trainer, complete=False)
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "num_samples": self.num_samples,
+            "fingerprint": self.fingerprint,
+            "steps_recorded": self.steps_recorded,
+            "steps_represented": self.steps_represented,
+            "skipped_amp_steps": self.skipped_amp_steps,
+            "nonfinite_skipped": self.nonfinite_skipped,
+            "sums": {name: {k: v.detach().cpu() for k, v in sums.items()} for name, sums in self._sums.items()},
+            "targets": {target.name: target.state_dict() for target in self.targets},
+            "every_n_steps": self.every_n_steps,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Adopted in on_train_start, once the device and N are known.
+        self._loaded_state = dict(state_dict)
+
+    def _adopt_loaded_state(self, device: torch.device, dtype: torch.dtype) -> None:
+        state, self._loaded_state = self._loaded_state or {}, None
+        saved_n = state.get("num_samples")
+        if saved_n is not None and saved_n != self.num_samples:
+            raise ValueError(
+                f"DiffInCallback: the checkpoint's influence state is for N={saved_n} samples but this run trains on "
+                f"N={self.num_samples}. Resume with the same training set, or start a new run."
+            )
+        saved_fingerprint = state.get("fingerprint")
+        if saved_fingerprint is not None and saved_fingerprint != self.fingerprint:
+            raise ValueError(
+                f"DiffInCallback: the checkpoint's influence state was recorded on a training set with fingerprint "
+                f"{saved_fingerprint}, this run's is {self.fingerprint} (different ids or labels). Resume with the "
+                "same data, or start a new run."
+            )
+        names = {target.name for target in self.targets}
+        saved_sums = state.get("sums", {})
+        if set(saved_sums) != names:
+            raise ValueError(
+                f"DiffInCallback: the checkpoint records targets {sorted(saved_sums)} but this callback has "
+                f"{sorted(names)}. Resume with the same targets."
+            )
+        self._sums = {name: {k: v.to(device=device, dtype=dtype) for k, v in sums.items()} for name, sums in saved_sums.items()}
+        self.steps_recorded = int(state.get("steps_recorded", 0))
+        self.steps_represented = int(state.get("steps_represented", 0))
+        self.skipped_amp_steps = int(state.get("skipped_amp_steps", 0))
+        self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
+        for target in self.targets:
+            target.load_state_dict(state.get("targets", {}).get(target.name, {}), device)
+
+
+__all__ = ["DiffInCallback", "DatasetTarget", "TrainingLossTarget", "SelfTarget"]

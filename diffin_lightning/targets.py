@@ -1,0 +1,256 @@
+"""Target losses whose change the influence scores measure.
+
+Three kinds (DESIGN.md, "Targets"):
+
+- ``DatasetTarget``: the mean loss over a dataset (a validation set, chosen test
+  points). Its gradient ``g_V`` is recomputed every ``refresh_every_n_steps``
+  optimizer steps, on at most ``max_samples`` samples per refresh.
+- ``TrainingLossTarget`` (``"train"``): the training loss itself. ``g_V`` is a
+  bias-corrected exponential moving average of the recorded steps' batch gradients,
+  a running estimate of the full-data gradient that costs nothing extra.
+- ``SelfTarget`` (``"self"``): each sample's own loss, first order only:
+  ``(eta/|B|) |G_i|^2``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from diffin_lightning.data import IndexedDataset
+from diffin_lightning.per_sample import Params, PerSampleLoss
+
+TargetKind = Literal["dataset", "train", "self"]
+
+
+class DatasetTarget:
+    """The mean loss over a dataset or a DataLoader's batches.
+
+    Args:
+        name: the target's name in the results.
+        data: a map-style ``Dataset`` (wrapped in :class:`IndexedDataset` unless it
+            already is one, so its batches have the training batches' structure) or a
+            ``DataLoader`` used as it is.
+        batch_size: batch size for a ``Dataset`` target.
+        max_samples: at most this many samples per refresh of ``g_V``. For a Dataset, a
+            random subset drawn afresh at each refresh from ``(seed, step)``, so a resumed
+            run draws the same subsets; for a DataLoader, the first batches of a new
+            iteration. ``None`` uses all of it.
+        refresh_every_n_steps: recompute ``g_V`` when this many optimizer steps have
+            passed since the last computation; steps in between reuse it.
+        seed: base seed of the subsets.
+    """
+
+    kind: TargetKind = "dataset"
+    has_second_order = True
+
+    def __init__(
+        self,
+        name: str,
+        data: Dataset | DataLoader,
+        batch_size: int = 256,
+        max_samples: int | None = None,
+        refresh_every_n_steps: int = 1,
+        seed: int = 0,
+    ) -> None:
+        self.name = name
+        if isinstance(data, DataLoader):
+            self.loader: DataLoader | None = data
+            self.dataset: Dataset | None = None
+        else:
+            self.loader = None
+            self.dataset = data if isinstance(data, IndexedDataset) else IndexedDataset(data)
+        self.batch_size = batch_size
+        self.max_samples = max_samples
+        self.refresh_every_n_steps = refresh_every_n_steps
+        self.seed = seed
+        self.gradient: Params | None = None
+        self.refreshed_at_step: int | None = None
+
+    def check_not_empty(self) -> None:
+        """Raise before training if the target holds no sample."""
+        size = len(self.dataset) if self.dataset is not None else _loader_length(self.loader)
+        if size == 0:
+            raise ValueError(
+                f"DiffInCallback: target {self.name!r} yields no batches (its "
+                f"{'dataset' if self.dataset is not None else 'DataLoader'} is empty). "
+                "Pass a non-empty dataset, or drop the target."
+            )
+
+    def _batches(self, step: int) -> Iterator[Any]:
+        if self.loader is not None:
+            seen = 0
+            for batch in self.loader:
+                yield batch
+                seen += _batch_size_of(batch)
+                if self.max_samples is not None and seen >= self.max_samples:
+                    return
+            return
+        assert self.dataset is not None
+        dataset: Dataset = self.dataset
+        if self.max_samples is not None and self.max_samples < len(self.dataset):
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            chosen = torch.randperm(len(self.dataset), generator=generator)[: self.max_samples]
+            dataset = Subset(self.dataset, chosen.tolist())
+        yield from DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
+
+    def needs_refresh(self, step: int) -> bool:
+        return self.gradient is None or self.refreshed_at_step is None or step - self.refreshed_at_step >= self.refresh_every_n_steps
+
+    def target_gradient(self, loss: PerSampleLoss, params: Params, step: int, device: torch.device, batch_gradient: Params) -> Params:
+        """``g_V`` at ``params``, recomputed when due (``batch_gradient`` is unused here)."""
+        if self.needs_refresh(step):
+            from lightning.fabric.utilities.apply_func import move_data_to_device
+
+            batches = (move_data_to_device(batch, device) for batch in self._batches(step))
+            self.gradient = loss.batch_gradient(params, batches)
+            self.refreshed_at_step = step
+        assert self.gradient is not None
+        return self.gradient
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "gradient": None if self.gradient is None else {k: v.detach().cpu() for k, v in self.gradient.items()},
+            "refreshed_at_step": self.refreshed_at_step,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
+        gradient = state.get("gradient")
+        self.gradient = None if gradient is None else {k: v.to(device) for k, v in gradient.items()}
+        self.refreshed_at_step = state.get("refreshed_at_step")
+
+
+class TrainingLossTarget:
+    """The training loss, with ``g_V`` a running estimate of the full-data gradient.
+
+    Args:
+        name: the target's name in the results.
+        decay: the moving average's decay per recorded step; about ``1/(1-decay)``
+            recent batch gradients make up the estimate.
+    """
+
+    kind: TargetKind = "train"
+    has_second_order = True
+
+    def __init__(self, name: str = "train", decay: float = 0.9) -> None:
+        self.name = name
+        self.decay = decay
+        self.average: Params | None = None
+        self.updates = 0
+
+    def check_not_empty(self) -> None:
+        return None
+
+    def target_gradient(self, loss: PerSampleLoss, params: Params, step: int, device: torch.device, batch_gradient: Params) -> Params:
+        """Fold this step's batch gradient into the average and return the bias-corrected average."""
+        if self.average is None:
+            self.average = {k: torch.zeros_like(v) for k, v in batch_gradient.items()}
+        self.average = {k: self.decay * self.average[k] + (1 - self.decay) * batch_gradient[k] for k in batch_gradient}
+        self.updates += 1
+        correction = 1 - self.decay**self.updates
+        return {k: v / correction for k, v in self.average.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "average": None if self.average is None else {k: v.detach().cpu() for k, v in self.average.items()},
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
+        average = state.get("average")
+        self.average = None if average is None else {k: v.to(device) for k, v in average.items()}
+        self.updates = int(state.get("updates", 0))
+
+
+class SelfTarget:
+    """Each sample's own loss: first-order self-influence ``(eta/|B|) |G_i|^2``, no second-order term."""
+
+    kind: TargetKind = "self"
+    has_second_order = False
+
+    def __init__(self, name: str = "self") -> None:
+        self.name = name
+
+    def check_not_empty(self) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
+        return None
+
+
+Target = DatasetTarget | TrainingLossTarget | SelfTarget
+
+
+def build_targets(
+    spec: Mapping[str, Any],
+    *,
+    batch_size: int,
+    max_samples: int | None,
+    refresh_every_n_steps: int,
+    train_decay: float,
+    seed: int,
+) -> list[Target]:
+    """Turn the callback's ``targets`` argument into target objects, with clear errors for bad values."""
+    if not isinstance(spec, Mapping) or not spec:
+        raise TypeError(
+            "`targets` must be a non-empty dict mapping a name to a Dataset, a DataLoader, 'train' or 'self'; "
+            f"got {spec!r}. Example: targets={{'val': val_dataset, 'self': 'self'}}."
+        )
+    targets: list[Target] = []
+    for name, value in spec.items():
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"`targets` keys must be non-empty strings without '/'; got {name!r}.")
+        if isinstance(value, str):
+            if value == "self":
+                targets.append(SelfTarget(name))
+            elif value == "train":
+                targets.append(TrainingLossTarget(name, decay=train_decay))
+            else:
+                raise ValueError(
+                    f"`targets[{name!r}]` must be a Dataset, a DataLoader, 'train' or 'self'; got the string {value!r}."
+                )
+        elif isinstance(value, (Dataset, DataLoader)) or (hasattr(value, "__len__") and hasattr(value, "__getitem__")):
+            targets.append(
+                DatasetTarget(
+                    name,
+                    value,
+                    batch_size=batch_size,
+                    max_samples=max_samples,
+                    refresh_every_n_steps=refresh_every_n_steps,
+                    seed=seed,
+                )
+            )
+        else:
+            raise TypeError(
+                f"`targets[{name!r}]` must be a Dataset, a DataLoader, 'train' or 'self'; got {type(value).__name__}."
+            )
+    return targets
+
+
+def _loader_length(loader: DataLoader | None) -> int:
+    assert loader is not None
+    try:
+        return len(loader)
+    except TypeError:  # an iterable-style loader: look at its first batch
+        return int(any(True for _ in _first(loader)))
+
+
+def _first(iterable: Iterable[Any]) -> Iterator[Any]:
+    for item in iterable:
+        yield item
+        return
+
+
+def _batch_size_of(batch: Any) -> int:
+    if isinstance(batch, Mapping):
+        batch = next(iter(batch.values()))
+    elif isinstance(batch, (list, tuple)):
+        batch = batch[0]
+    return int(batch.shape[0]) if isinstance(batch, Tensor) else 1

@@ -1,0 +1,120 @@
+"""Every stored component equals a brute-force float64 reference, through a real Trainer.fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffin_lightning import DiffInCallback
+from helpers import (
+    RTOL,
+    TinyClassifier,
+    TinyData,
+    TrajectoryRecorder,
+    exact_brackets,
+    finite_difference_brackets,
+    leaf_params,
+    mean_gradient,
+    sample_gradients,
+    trainer,
+)
+
+EPS = 1e-6
+
+
+def reference_scores(model, steps, data: TinyData, *, eps, every_n, refresh, decay, scheme):
+    """Accumulate every component by brute force over the recorded trajectory."""
+    x, y = data.train.tensors
+    xv, yv = data.val.tensors
+    n = len(y)
+    names = ("val", "train", "self")
+    first = {k: torch.zeros(n, dtype=torch.float64) for k in names}
+    second_fd = {k: torch.zeros(n, dtype=torch.float64) for k in names}
+    second_exact = {k: torch.zeros(n, dtype=torch.float64) for k in names}
+    visits = torch.zeros(n, dtype=torch.float64)
+    cached, refreshed_at, average, updates = None, None, None, 0
+    represented = 0
+    for s in steps:
+        if s.step % every_n:
+            continue
+        ids = torch.tensor(s.ids)
+        batch = len(ids)
+        p = leaf_params(s.params)
+        grads = torch.stack(sample_gradients(model, p, x[ids], y[ids]))
+        batch_gradient = grads.mean(0)
+        if cached is None or s.step - refreshed_at >= refresh:
+            cached, refreshed_at = mean_gradient(model, p, xv, yv), s.step
+        average = (1 - decay) * batch_gradient if average is None else decay * average + (1 - decay) * batch_gradient
+        updates += 1
+        target_gradients = {"val": cached, "train": average / (1 - decay**updates)}
+        for name, g in target_gradients.items():
+            first[name].index_add_(0, ids, every_n * s.lr / batch * (grads @ g))
+            coefficient = every_n * (-s.step * s.lr**2 / batch)
+            fd = finite_difference_brackets(model, s.params, x[ids], y[ids], g, eps, scheme)
+            second_fd[name].index_add_(0, ids, coefficient * fd)
+            second_exact[name].index_add_(0, ids, coefficient * exact_brackets(model, s.params, x[ids], y[ids], g))
+        first["self"].index_add_(0, ids, every_n * s.lr / batch * (grads**2).sum(1))
+        visits.index_add_(0, ids, torch.ones(batch, dtype=torch.float64))
+        represented += every_n
+    return first, second_fd, second_exact, visits, represented
+
+
+def _close(actual, expected, rtol):
+    scale = expected.abs().max().clamp_min(1e-30)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
+@pytest.mark.parametrize(
+    ("accumulate", "every_n", "refresh", "scheme"),
+    [(1, 1, 1, "forward"), (2, 1, 1, "forward"), (1, 2, 3, "forward"), (1, 1, 1, "central")],
+    ids=["plain", "accumulate_grad_batches=2", "every_2_refresh_3", "central"],
+)
+def test_components_match_brute_force_reference(tmp_path, tiny_data, accumulate, every_n, refresh, scheme):
+    model = TinyClassifier().double()
+    recorder = TrajectoryRecorder()
+    callback = DiffInCallback(
+        targets={"val": tiny_data.val, "train": "train", "self": "self"},
+        eps=EPS,
+        every_n_steps=every_n,
+        target_refresh_every_n_steps=refresh,
+        finite_difference=scheme,
+        train_target_decay=0.5,
+    )
+    epochs = 3
+    trainer(default_root_dir=tmp_path, max_epochs=epochs, accumulate_grad_batches=accumulate, callbacks=[recorder, callback]).fit(
+        model, tiny_data.loader(batch_size=4)
+    )
+    assert all(len(s.ids) == 4 * accumulate for s in recorder.steps), "a step must hold all its micro-batches"
+    assert len(recorder.steps) == epochs * 4 // accumulate
+
+    first, second_fd, second_exact, visits, represented = reference_scores(
+        model, recorder.steps, tiny_data, eps=EPS, every_n=every_n, refresh=refresh, decay=0.5, scheme=scheme
+    )
+    result = callback.influence_with("sum")
+    paper = callback.influence_with("paper")
+    assert callback.steps_represented == represented
+    for name in ("val", "train", "self"):
+        scores = result[name]
+        _close(scores.first_order, first[name], RTOL)
+        _close(scores.visits, visits, 0)
+        if name == "self":
+            assert torch.count_nonzero(scores.second_order) == 0
+            continue
+        # Same finite-difference formula as the reference: equal up to float64 rounding.
+        _close(scores.second_order, second_fd[name], RTOL)
+        # Against exact Hessian-vector products: within the finite-difference error bound.
+        _close(scores.second_order, second_exact[name], 1e-4 if scheme == "forward" else 1e-6)
+        assert torch.count_nonzero(scores.second_order) > 0
+        _close(scores.diffin, scores.first_order + scores.second_order, RTOL)
+        _close(paper[name].second_order, scores.second_order / represented, RTOL)
+        _close(paper[name].diffin, scores.first_order + scores.second_order / represented, RTOL)
+    if accumulate == 1 and every_n == 1:
+        # Each sample is visited once per epoch.
+        assert torch.equal(visits, torch.full_like(visits, epochs))
+
+
+def test_runs_on_the_models_device_without_host_transfers_of_scores(tmp_path, tiny_data):
+    callback = DiffInCallback(targets={"val": tiny_data.val}, eps=EPS)
+    model = TinyClassifier().double()
+    trainer(default_root_dir=tmp_path, max_epochs=1, callbacks=[callback]).fit(model, tiny_data.loader())
+    assert all(t.device == model.device for sums in callback._sums.values() for t in sums.values())
