@@ -372,7 +372,9 @@ class DiffInCallback(Callback):
         self.last_eps = eps
         device = ids.device
 
-        batch_gradient, f_at_params = batch_gradient_dots(loss, params, batches, batch_size)
+        # G_B and f_i(theta) = <G_B, G_i> serve every target with a second-order term.
+        if any(target.has_second_order for target in self.targets):
+            batch_gradient, f_at_params = batch_gradient_dots(loss, params, batches, batch_size)
         for target in self.targets:
             if isinstance(target, SelfTarget):
                 try:

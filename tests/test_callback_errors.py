@@ -1,0 +1,142 @@
+"""Bad input gets a clear error (argument, rule, value, fix), before training where possible."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from lightning.pytorch.plugins import MixedPrecision
+from lightning.pytorch.strategies import DDPStrategy
+from torch.utils.data import DataLoader, TensorDataset
+
+from diffin_lightning import DiffInCallback
+from helpers import TinyClassifier, trainer
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"targets": "self"}, "`targets` must be a non-empty dict"),
+        ({"targets": {}}, "`targets` must be a non-empty dict"),
+        ({"targets": {"v": 3}}, r"`targets\['v'\]` must be a Dataset, a DataLoader, 'train' or 'self'; got int"),
+        ({"targets": {"v": "validation"}}, "got the string 'validation'"),
+        ({"targets": {"a/b": "self"}}, "without '/'"),
+        ({"targets": {"s": "self"}, "every_n_steps": 0}, "`every_n_steps` must be a positive int; got 0"),
+        ({"targets": {"s": "self"}, "eps": -1.0}, "`eps` must be a positive float or None"),
+        ({"targets": {"s": "self"}, "normalization": "mean"}, "`normalization` must be one of"),
+        ({"targets": {"s": "self"}, "finite_difference": "backward"}, "`finite_difference` must be one of"),
+        ({"targets": {"s": "self"}, "train_target_decay": 1.0}, r"`train_target_decay` must be in \[0, 1\)"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        DiffInCallback(**kwargs)
+
+
+def _fit(tmp_path, data_loader, callback, model=None, **trainer_kwargs):
+    trainer(default_root_dir=tmp_path, max_epochs=1, callbacks=[callback], **trainer_kwargs).fit(
+        model or TinyClassifier().double(), data_loader
+    )
+
+
+def test_batch_without_ids(tmp_path, tiny_data):
+    plain = DataLoader(tiny_data.train, batch_size=4)
+    with pytest.raises(ValueError, match=r"carries no sample ids.*IndexedDataset.*index_fn"):
+        _fit(tmp_path, plain, DiffInCallback(targets={"s": "self"}), model=TinyClassifier().double())
+
+
+def test_ids_out_of_range(tmp_path, tiny_data):
+    callback = DiffInCallback(targets={"s": "self"}, index_fn=lambda b: b["index"] + 100)
+    with pytest.raises(ValueError, match=r"must lie in \[0, N\) with N=16; the batch holds ids from 10\d"):
+        _fit(tmp_path, tiny_data.loader(), callback)
+
+
+def test_ids_repeated_within_a_step(tmp_path, tiny_data):
+    callback = DiffInCallback(targets={"s": "self"}, index_fn=lambda b: b["index"] % 2)
+    with pytest.raises(ValueError, match="must not repeat within an optimizer step"):
+        _fit(tmp_path, tiny_data.loader(), callback)
+
+
+def test_ids_repeated_across_micro_batches_of_one_step(tmp_path, tiny_data):
+    callback = DiffInCallback(targets={"s": "self"}, index_fn=lambda b: b["index"] % 4)
+    with pytest.raises(ValueError, match="must not repeat within an optimizer step"):
+        _fit(tmp_path, tiny_data.loader(batch_size=2), callback, accumulate_grad_batches=2)
+
+
+def test_loss_that_is_not_per_sample(tmp_path, tiny_data):
+    callback = DiffInCallback(targets={"s": "self"}, loss_fn=lambda m, b: m.per_sample_loss(b).mean())
+    with pytest.raises(ValueError, match=r"shape \[B\] = \(4,\).*got \(\).*reduction='none'"):
+        _fit(tmp_path, tiny_data.loader(), callback)
+
+
+def test_module_without_per_sample_loss(tmp_path, tiny_data):
+    class NoLoss(TinyClassifier):
+        per_sample_loss = None  # type: ignore[assignment]
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.cross_entropy(self(batch["input"]), batch["target"])
+
+    with pytest.raises(AttributeError, match="has no method `per_sample_loss"):
+        _fit(tmp_path, tiny_data.loader(), DiffInCallback(targets={"s": "self"}), model=NoLoss().double())
+
+
+def test_target_without_batches_fails_before_training(tmp_path, tiny_data):
+    empty = TensorDataset(torch.zeros(0, 5, dtype=torch.float64), torch.zeros(0, dtype=torch.long))
+    model = TinyClassifier().double()
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="target 'val' yields no batches"):
+        _fit(tmp_path, tiny_data.loader(), DiffInCallback(targets={"val": empty}), model=model)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "training must not have started"
+
+
+def test_non_sgd_optimizer_warns_once_and_says_what_is_approximated(tmp_path, tiny_data):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(tmp_path, tiny_data.loader(), DiffInCallback(targets={"s": "self"}), model=TinyClassifier(optimizer="adam").double())
+    relevant = [w for w in caught if "assumes plain SGD" in str(w.message)]
+    assert len(relevant) == 1
+    assert "Adam, not SGD" in str(relevant[0].message)
+
+
+def test_unsupported_strategy(tmp_path, tiny_data):
+    strategy = DDPStrategy(process_group_backend="gloo")
+    with pytest.raises(RuntimeError, match="supports single-device training for now; got strategy DDPStrategy"):
+        _fit(tmp_path, tiny_data.loader(), DiffInCallback(targets={"s": "self"}), strategy=strategy, devices=1)
+
+
+def test_nonfinite_contributions_are_skipped_counted_and_warned(tmp_path, tiny_data):
+    def loss_with_a_poisoned_sample(module, batch):
+        losses = module.per_sample_loss(batch)
+        # Sample 0's gradient is infinite; the others' stay finite (per-sample gradients are separate).
+        return losses * torch.where(batch["index"] == 0, float("inf"), 1.0)
+
+    callback = DiffInCallback(targets={"s": "self"}, loss_fn=loss_with_a_poisoned_sample)
+    with pytest.warns(UserWarning, match="non-finite contribution"):
+        _fit(tmp_path, tiny_data.loader(), callback)
+    scores = callback.influence["s"]
+    assert callback.nonfinite_skipped == 1
+    assert torch.isfinite(scores.first_order).all()
+    assert scores.visits[0] == 0 and scores.visits[1:].eq(1).all()
+    assert callback.influence.metadata["nonfinite_skipped"] == 1
+
+
+def test_amp_scaler_skipped_step_records_nothing(tmp_path, tiny_data):
+    precision = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**4))
+    callback = DiffInCallback(targets={"s": "self"})
+    model = TinyClassifier(blow_up_at_step=1)
+    trainer(default_root_dir=tmp_path, max_epochs=1, callbacks=[callback], precision=None, plugins=[precision]).fit(
+        model, _float32(tiny_data.loader())
+    )
+    assert callback.skipped_amp_steps == 1
+    assert callback.steps_recorded == 3
+    assert int(callback.influence["s"].visits.sum()) == 12
+
+
+def _float32(loader):
+    train = loader.dataset.dataset
+    x, y = train.tensors
+    from diffin_lightning import EpochSeededSampler, IndexedDataset
+
+    data = IndexedDataset(TensorDataset(x.float(), y))
+    return DataLoader(data, batch_size=4, sampler=EpochSeededSampler(len(data)))

@@ -1,0 +1,72 @@
+"""The finite-difference bracket against exact Hessian-vector products: O(eps) forward, O(eps^2) central."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diffin_lightning.estimator import (
+    batch_gradient_dots,
+    hessian_gradient_bracket,
+    normalize_second_order,
+    resolve_eps,
+)
+from diffin_lightning.per_sample import PerSampleLoss
+from helpers import TinyClassifier, exact_brackets, mean_gradient, leaf_params
+
+
+def _setup(tiny_data):
+    model = TinyClassifier().double()
+    x, y = tiny_data.train.tensors
+    xv, yv = tiny_data.val.tensors
+    batch = {"input": x[:6], "target": y[:6], "index": torch.arange(6)}
+    loss = PerSampleLoss(model, lambda m, b: m.per_sample_loss(b))
+    params = loss.parameters()
+    target = mean_gradient(model, leaf_params(params), xv, yv)
+    offsets = torch.cumsum(torch.tensor([0] + [p.numel() for p in params.values()]), 0)
+    target_dict = {n: target[offsets[i] : offsets[i + 1]].view_as(p) for i, (n, p) in enumerate(params.items())}
+    exact = exact_brackets(model, params, x[:6], y[:6], target)
+    return loss, params, [batch], target_dict, exact
+
+
+def _error(tiny_data, eps, scheme):
+    loss, params, batches, target, exact = _setup(tiny_data)
+    _, f0 = batch_gradient_dots(loss, params, batches, 6)
+    approx = hessian_gradient_bracket(loss, params, batches, 6, f0, target, eps, scheme)
+    return float((approx - exact).norm() / exact.norm())
+
+
+@pytest.mark.parametrize(("scheme", "order"), [("forward", 1), ("central", 2)])
+def test_finite_difference_error_shrinks_at_its_order(tiny_data, scheme, order):
+    coarse, fine = _error(tiny_data, 1e-2, scheme), _error(tiny_data, 1e-3, scheme)
+    assert coarse < 0.1
+    # Error ~ C eps^order: ten times smaller eps, 10^order times smaller error (within a factor 3).
+    ratio = coarse / fine
+    assert 10**order / 3 < ratio < 10**order * 3, ratio
+
+
+def test_automatic_eps_is_accurate_in_float64(tiny_data):
+    loss, params, batches, target, exact = _setup(tiny_data)
+    eps = resolve_eps(None, params)
+    norm = math.sqrt(sum(float((p * p).sum()) for p in params.values()))
+    assert eps == pytest.approx(math.sqrt(torch.finfo(torch.float64).eps) * max(1.0, norm))
+    _, f0 = batch_gradient_dots(loss, params, batches, 6)
+    approx = hessian_gradient_bracket(loss, params, batches, 6, f0, target, eps, "forward")
+    torch.testing.assert_close(approx, exact, rtol=1e-5, atol=1e-5 * float(exact.abs().max()))
+
+
+def test_zero_target_gradient_gives_zero_bracket(tiny_data):
+    loss, params, batches, target, _ = _setup(tiny_data)
+    zero = {k: torch.zeros_like(v) for k, v in target.items()}
+    _, f0 = batch_gradient_dots(loss, params, batches, 6)
+    assert torch.count_nonzero(hessian_gradient_bracket(loss, params, batches, 6, f0, zero, 1e-4, "forward")) == 0
+
+
+def test_normalizations_by_name():
+    total = torch.tensor([4.0, -8.0])
+    assert torch.equal(normalize_second_order(total, "sum", 4), total)
+    assert torch.equal(normalize_second_order(total, "paper", 4), total / 4)
+    with pytest.raises(ValueError, match="`normalization` must be one of"):
+        normalize_second_order(total, "mean", 4)  # type: ignore[arg-type]
