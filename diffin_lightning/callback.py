@@ -93,6 +93,8 @@ class DiffInCallback(Callback):
         target_batch_size: batch size for dataset targets.
         target_max_samples: at most this many target samples per refresh (a random subset
             per refresh); ``None`` uses the whole target set.
+        cache_target_on_device: keep a whole dataset target's batches on the model's device
+            (saves re-collating it every refresh; costs its size in device memory).
         train_target_decay: decay of the moving average behind the ``"train"`` target's gradient.
         eps: finite-difference step along the unit target direction; ``None`` picks
             ``sqrt(machine eps) * max(1, |theta|)`` every step.
@@ -128,6 +130,7 @@ class DiffInCallback(Callback):
         target_refresh_every_n_steps: int = 1,
         target_batch_size: int = 256,
         target_max_samples: int | None = None,
+        cache_target_on_device: bool = True,
         train_target_decay: float = 0.9,
         eps: float | None = None,
         finite_difference: FiniteDifferenceScheme = "forward",
@@ -161,6 +164,7 @@ class DiffInCallback(Callback):
             refresh_every_n_steps=target_refresh_every_n_steps,
             train_decay=train_target_decay,
             seed=seed,
+            cache_on_device=cache_target_on_device,
         )
         self.loss_fn = loss_fn
         self.index_fn = index_fn or _default_index_fn

@@ -96,9 +96,13 @@ class PerSampleLoss:
         buffers = {f"module.{name}": b.clone() for name, b in self.module.named_buffers()}
         if self.seed is None:
             return functional_call(self._wrapper, {**buffers, **_prefixed(params)}, (batch,), strict=False)
-        devices = [params[next(iter(params))].device] if any(p.is_cuda for p in params.values()) else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.seed)
+        device = next(iter(params.values())).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            # Seed only the generators in use: torch.manual_seed would also poke every lazy
+            # accelerator backend, which costs milliseconds per call.
+            torch.default_generator.manual_seed(self.seed)
+            if device.type == "cuda":
+                torch.cuda.manual_seed(self.seed)
             return functional_call(self._wrapper, {**buffers, **_prefixed(params)}, (batch,), strict=False)
 
     def values(self, params: Params, batch: Any) -> Tensor:

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -43,6 +44,9 @@ class DatasetTarget:
         refresh_every_n_steps: recompute ``g_V`` when this many optimizer steps have
             passed since the last computation; steps in between reuse it.
         seed: base seed of the subsets.
+        cache_on_device: keep a whole-Dataset target's collated batches on the model's
+            device after the first refresh (no re-collation per refresh); costs the target
+            set's size in device memory. Subsets and DataLoader targets are never cached.
     """
 
     kind: TargetKind = "dataset"
@@ -56,8 +60,11 @@ class DatasetTarget:
         max_samples: int | None = None,
         refresh_every_n_steps: int = 1,
         seed: int = 0,
+        cache_on_device: bool = True,
     ) -> None:
         self.name = name
+        self.cache_on_device = cache_on_device
+        self._cached_batches: list[Any] | None = None
         if isinstance(data, DataLoader):
             self.loader: DataLoader | None = data
             self.dataset: Dataset | None = None
@@ -98,15 +105,22 @@ class DatasetTarget:
             dataset = Subset(self.dataset, chosen.tolist())
         yield from DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
 
+    def _is_whole_dataset(self) -> bool:
+        return self.dataset is not None and (self.max_samples is None or self.max_samples >= len(self.dataset))
+
     def needs_refresh(self, step: int) -> bool:
         return self.gradient is None or self.refreshed_at_step is None or step - self.refreshed_at_step >= self.refresh_every_n_steps
 
     def target_gradient(self, loss: PerSampleLoss, params: Params, step: int, device: torch.device, batch_gradient: Params) -> Params:
         """``g_V`` at ``params``, recomputed when due (``batch_gradient`` is unused here)."""
         if self.needs_refresh(step):
-            from lightning.fabric.utilities.apply_func import move_data_to_device
-
-            batches = (move_data_to_device(batch, device) for batch in self._batches(step))
+            batches: Iterable[Any]
+            if self._cached_batches is not None:
+                batches = self._cached_batches
+            else:
+                batches = (move_data_to_device(batch, device) for batch in self._batches(step))
+                if self.cache_on_device and self._is_whole_dataset():
+                    batches = self._cached_batches = list(batches)
             self.gradient = loss.batch_gradient(params, batches)
             self.refreshed_at_step = step
         assert self.gradient is not None
@@ -196,6 +210,7 @@ def build_targets(
     refresh_every_n_steps: int,
     train_decay: float,
     seed: int,
+    cache_on_device: bool = True,
 ) -> list[Target]:
     """Turn the callback's ``targets`` argument into target objects, with clear errors for bad values."""
     if not isinstance(spec, Mapping) or not spec:
@@ -225,6 +240,7 @@ def build_targets(
                     max_samples=max_samples,
                     refresh_every_n_steps=refresh_every_n_steps,
                     seed=seed,
+                    cache_on_device=cache_on_device,
                 )
             )
         else:
