@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,6 @@ from diffin_lightning.estimator import (
     NORMALIZATIONS,
     FiniteDifferenceScheme,
     Normalization,
-    batch_gradient_dots,
     first_order_term,
     hessian_gradient_bracket,
     normalize_second_order,
@@ -62,6 +62,23 @@ def _check_positive_int(name: str, value: Any) -> None:
         raise ValueError(f"`{name}` must be a positive int; got {value!r}. Use 1 for every step.")
 
 
+class _StepContext:
+    """One step's point, batches and the quantities several targets share, each computed at most once."""
+
+    def __init__(self, loss: PerSampleLoss, params: dict[str, Tensor], batches: list[Any], batch_size: int) -> None:
+        self.loss, self.params, self.batches, self.batch_size = loss, params, batches, batch_size
+
+    @cached_property
+    def batch_gradient(self) -> dict[str, Tensor]:
+        """``G_B`` at the step's parameters."""
+        return self.loss.batch_gradient(self.params, self.batches, self.batch_size)
+
+    @cached_property
+    def f_at_params(self) -> Tensor:
+        """``[<G_B, G_i>]_i`` at the step's parameters."""
+        return self.loss.dots(self.params, self.batches, self.batch_gradient)
+
+
 class DiffInCallback(Callback):
     """Records, for every training sample, its Diff-In influence on one or more target losses.
 
@@ -100,6 +117,8 @@ class DiffInCallback(Callback):
             ``sqrt(machine eps) * max(1, |theta|)`` every step.
         finite_difference: ``"forward"`` (one extra forward+backward per target per step,
             error O(eps)) or ``"central"`` (two, error O(eps^2)).
+        compute_second_order: ``False`` records the first-order term only (in-run TracIn at
+            about a third of the cost); ``second_order`` is then 0 and ``diffin`` equals ``first_order``.
         normalization: ``"paper"`` (the second-order sum divided by the number of steps it
             stands for, Eq. 9's 1/m) or ``"sum"`` (the all-steps sum). Applied when scores
             are read; both can be had from one run via :meth:`influence_with`.
@@ -134,6 +153,7 @@ class DiffInCallback(Callback):
         train_target_decay: float = 0.9,
         eps: float | None = None,
         finite_difference: FiniteDifferenceScheme = "forward",
+        compute_second_order: bool = True,
         normalization: Normalization = "paper",
         self_chunk_size: int | None = None,
         output_dir: str | os.PathLike[str] | None = None,
@@ -173,6 +193,7 @@ class DiffInCallback(Callback):
         self.target_refresh_every_n_steps = target_refresh_every_n_steps
         self.eps = eps
         self.finite_difference = finite_difference
+        self.compute_second_order = compute_second_order
         self.normalization = normalization
         self.self_chunk_size = self_chunk_size
         self.output_dir = None if output_dir is None else Path(output_dir)
@@ -367,41 +388,46 @@ class DiffInCallback(Callback):
     def _record_step(self, step: int, optimizer: torch.optim.Optimizer, batches: list[Any], ids: Tensor) -> None:
         loss = self._per_sample_loss
         assert loss is not None
-        eta = float(optimizer.param_groups[0]["lr"])
-        batch_size = int(ids.numel())
-        weight = float(self.every_n_steps)
         loss.seed = self.seed * 1_000_003 + step
-        params = loss.parameters()
-        eps = resolve_eps(self.eps, params)
+        context = _StepContext(loss, loss.parameters(), batches, int(ids.numel()))
+        eta = float(optimizer.param_groups[0]["lr"])
+        eps = resolve_eps(self.eps, context.params)
         self.last_eps = eps
-        device = ids.device
-
-        # G_B and f_i(theta) = <G_B, G_i> serve every target with a second-order term.
-        if any(target.has_second_order for target in self.targets):
-            batch_gradient, f_at_params = batch_gradient_dots(loss, params, batches, batch_size)
         for target in self.targets:
             if isinstance(target, SelfTarget):
-                try:
-                    squared_norms = loss.squared_gradient_norms(params, batches, self.self_chunk_size)
-                except Exception as error:  # vmap refuses some models; say what to do
-                    raise RuntimeError(
-                        f"DiffInCallback: target {target.name!r} ('self') needs per-sample gradients through "
-                        f"torch.func.vmap, which failed on this model: {error}. Models with batch-statistics "
-                        "layers (BatchNorm in train mode) or in-place ops on inputs cannot be vmapped; drop the "
-                        "'self' target or use GroupNorm/LayerNorm."
-                    ) from error
-                first = first_order_term(eta, batch_size, squared_norms)
+                first = first_order_term(eta, context.batch_size, self._squared_gradient_norms(target, context))
                 second = torch.zeros_like(first)
             else:
-                target_gradient = target.target_gradient(loss, params, step, device, batch_gradient)
-                first = first_order_term(eta, batch_size, loss.dots(params, batches, target_gradient))
-                bracket = hessian_gradient_bracket(
-                    loss, params, batches, batch_size, f_at_params, target_gradient, eps, self.finite_difference
-                )
-                second = second_order_term(eta, step, batch_size, bracket)
-            self._accumulate(target.name, step, ids, first, second, weight)
+                target_gradient = target.target_gradient(loss, context.params, step, ids.device, context.batch_gradient)
+                first = first_order_term(eta, context.batch_size, loss.dots(context.params, batches, target_gradient))
+                if self.compute_second_order:
+                    bracket = hessian_gradient_bracket(
+                        loss,
+                        context.params,
+                        batches,
+                        context.batch_size,
+                        context.f_at_params,
+                        target_gradient,
+                        eps,
+                        self.finite_difference,
+                    )
+                    second = second_order_term(eta, step, context.batch_size, bracket)
+                else:
+                    second = torch.zeros_like(first)
+            self._accumulate(target.name, step, ids, first, second, float(self.every_n_steps))
         self.steps_recorded += 1
         self.steps_represented += self.every_n_steps
+
+    def _squared_gradient_norms(self, target: SelfTarget, context: _StepContext) -> Tensor:
+        try:
+            return context.loss.squared_gradient_norms(context.params, context.batches, self.self_chunk_size)
+        except Exception as error:  # vmap refuses some models; say what to do
+            raise RuntimeError(
+                f"DiffInCallback: target {target.name!r} ('self') needs per-sample gradients through "
+                f"torch.func.vmap, which failed on this model: {error}. Models with batch-statistics "
+                "layers (BatchNorm in train mode) or in-place ops on inputs cannot be vmapped; drop the "
+                "'self' target or use GroupNorm/LayerNorm."
+            ) from error
 
     def _accumulate(self, name: str, step: int, ids: Tensor, first: Tensor, second: Tensor, weight: float) -> None:
         sums = self._sums[name]
@@ -457,6 +483,7 @@ class DiffInCallback(Callback):
             "fingerprint": self.fingerprint,
             "normalization": normalization,
             "finite_difference": self.finite_difference,
+            "compute_second_order": self.compute_second_order,
             "eps": "auto" if self.eps is None else self.eps,
             "eps_last_step": self.last_eps,
             "every_n_steps": self.every_n_steps,

@@ -118,3 +118,18 @@ def test_runs_on_the_models_device_without_host_transfers_of_scores(tmp_path, ti
     model = TinyClassifier().double()
     trainer(default_root_dir=tmp_path, max_epochs=1, callbacks=[callback]).fit(model, tiny_data.loader())
     assert all(t.device == model.device for sums in callback._sums.values() for t in sums.values())
+
+
+def test_first_order_only_matches_the_full_runs_first_order(tmp_path, tiny_data):
+    results = {}
+    for second in (True, False):
+        callback = DiffInCallback(targets={"val": tiny_data.val, "train": "train"}, eps=EPS, compute_second_order=second)
+        trainer(default_root_dir=tmp_path / str(second), max_epochs=2, callbacks=[callback]).fit(
+            TinyClassifier().double(), tiny_data.loader()
+        )
+        results[second] = callback.influence
+    for name in ("val", "train"):
+        _close(results[False][name].first_order, results[True][name].first_order, RTOL)
+        assert torch.count_nonzero(results[False][name].second_order) == 0
+        assert torch.equal(results[False][name].diffin, results[False][name].first_order)
+    assert results[False].metadata["compute_second_order"] is False
