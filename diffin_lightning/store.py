@@ -90,7 +90,7 @@ class InfluenceResult(Mapping[str, TargetInfluence]):
         return int(self.metadata["num_samples"])
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as stream:
@@ -123,8 +123,8 @@ def save_influence(result: InfluenceResult, directory: str | os.PathLike[str]) -
     )
     # Tensors first, then the metadata that vouches for them: a reader that finds the
     # new JSON always finds the tensors it describes.
-    _atomic_write_bytes(directory / TENSOR_FILE, payload)
-    _atomic_write_bytes(directory / METADATA_FILE, (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(directory / TENSOR_FILE, payload)
+    atomic_write_bytes(directory / METADATA_FILE, (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode())
     return directory / TENSOR_FILE
 
 

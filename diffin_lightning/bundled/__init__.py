@@ -1,6 +1,15 @@
-"""Bundled data and models: scikit-learn's digits (no download) and small classifiers."""
+"""Bundled data and models: scikit-learn's digits (no download), a synthetic generator, small classifiers."""
 
-from diffin_lightning.bundled.digits import DigitsData, load_digits_splits
-from diffin_lightning.bundled.models import MLPClassifier
+from diffin_lightning.bundled.datamodule import ClassificationDataModule
+from diffin_lightning.bundled.digits import DigitsDataModule, load_digits_splits
+from diffin_lightning.bundled.models import CNNClassifier, MLPClassifier
+from diffin_lightning.bundled.synthetic import SyntheticDataModule
 
-__all__ = ["DigitsData", "MLPClassifier", "load_digits_splits"]
+__all__ = [
+    "CNNClassifier",
+    "ClassificationDataModule",
+    "DigitsDataModule",
+    "MLPClassifier",
+    "SyntheticDataModule",
+    "load_digits_splits",
+]

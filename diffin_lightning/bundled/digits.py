@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from diffin_lightning.data import EpochSeededSampler, IndexedDataset
+from diffin_lightning.bundled.datamodule import ClassificationDataModule
 
 
 @dataclass(frozen=True)
@@ -76,22 +77,57 @@ def load_digits_splits(
     )
 
 
-class DigitsData:
-    """Digits ready for training: an indexed train set and a loader with a replayable order.
+class DigitsDataModule(ClassificationDataModule):
+    """scikit-learn's digits as a LightningDataModule, with label noise and a record of what was flipped.
 
     Args:
-        label_noise: fraction of train labels to flip.
+        label_noise: fraction of train labels replaced by a different class.
         batch_size: train batch size.
-        seed: seeds the split, the noise and the shuffle.
-        dtype: feature dtype (float64 for reference tests).
+        split_seed: seeds the train/val/test split.
+        noise_seed: seeds which labels are flipped and to what.
+        shuffle_seed: seeds the per-epoch shuffle (replayable, see EpochSeededSampler).
+        val_fraction, test_fraction: split sizes.
+        image: give samples as ``[1, 8, 8]`` images (for a CNN) instead of 64 features.
+        double: float64 features (reference tests).
+        keep_ids: train on these ids only (retraining for deletion and coresets); ids keep
+            their meaning in the full training set.
     """
 
-    def __init__(self, label_noise: float = 0.0, batch_size: int = 64, seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
-        self.splits = load_digits_splits(label_noise=label_noise, split_seed=seed, noise_seed=seed, dtype=dtype)
-        self.train = IndexedDataset(self.splits.train)
-        self.batch_size = batch_size
-        self.seed = seed
-
-    def train_dataloader(self) -> DataLoader:
-        sampler = EpochSeededSampler(len(self.train), seed=self.seed)
-        return DataLoader(self.train, batch_size=self.batch_size, sampler=sampler)
+    def __init__(
+        self,
+        label_noise: float = 0.0,
+        batch_size: int = 64,
+        split_seed: int = 0,
+        noise_seed: int = 0,
+        shuffle_seed: int = 0,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.2,
+        image: bool = False,
+        double: bool = False,
+        keep_ids: Sequence[int] | None = None,
+    ) -> None:
+        splits = load_digits_splits(
+            label_noise=label_noise,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            split_seed=split_seed,
+            noise_seed=noise_seed,
+            dtype=torch.float64 if double else torch.float32,
+        )
+        if image:
+            splits = DigitsSplits(
+                *(TensorDataset(d.tensors[0].view(-1, 1, 8, 8), d.tensors[1]) for d in (splits.train, splits.val, splits.test)),
+                flipped=splits.flipped,
+                clean_train_labels=splits.clean_train_labels,
+            )
+        self.splits = splits
+        super().__init__(
+            train=splits.train,
+            val=splits.val,
+            test=splits.test,
+            num_classes=10,
+            corrupted=splits.flipped,
+            batch_size=batch_size,
+            shuffle_seed=shuffle_seed,
+            keep_ids=keep_ids,
+        )

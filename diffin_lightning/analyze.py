@@ -1,0 +1,73 @@
+"""Hydra app: turn a train run's influence files into decisions about the data.
+
+    python -m diffin_lightning.analyze task=clean run_dir=runs/train/<run>
+    python -m diffin_lightning.analyze task=delete run_dir=... k=[10,30,60] verify=true
+    python -m diffin_lightning.analyze task=coreset run_dir=... p=[0.1,0.3,0.5] verify=true
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from diffin_lightning.cli import CONFIG_DIR, UsageError, one_line_errors
+from diffin_lightning.tasks import clean, coreset, delete, load_run
+
+TASKS = ("clean", "delete", "coreset")
+
+
+def _as_list(value: Any, name: str) -> list[Any] | None:
+    if value is None:
+        return None
+    if isinstance(value, (ListConfig, list, tuple)):
+        return list(OmegaConf.to_container(value) if isinstance(value, ListConfig) else value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [value]
+    raise UsageError(f"{name} must be a number or a list of numbers; got {value!r}.")
+
+
+def analyze(config: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Run ``config.task`` on ``config.run_dir``, writing into ``out_dir``."""
+    if config.task not in TASKS:
+        raise UsageError(f"task must be one of {', '.join(TASKS)}; got {config.task!r}. Example: task=clean")
+    run = load_run(OmegaConf.select(config, "run_dir", throw_on_missing=False))
+    print(f"Analysing {run.directory} -> {out_dir}")
+    if config.task == "clean":
+        return clean(run, out_dir, target=config.target, score=config.score, show=config.show)
+    if config.task == "delete":
+        explicit = config.fraction is not None or config.ids is not None
+        return delete(
+            run,
+            out_dir,
+            target=config.target,
+            score=config.score,
+            k=None if explicit else _as_list(config.k, "k"),
+            fractions=_as_list(config.fraction, "fraction"),
+            ids=_as_list(config.ids, "ids"),
+            verify=bool(config.verify),
+        )
+    return coreset(
+        run,
+        out_dir,
+        target=config.target,
+        score=config.score,
+        fractions=_as_list(config.p, "p") or [],
+        class_balanced=bool(config.class_balanced),
+        verify=bool(config.verify),
+        seeds=_as_list(config.seeds, "seeds") or [],
+        baselines=list(config.baselines),
+    )
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="analyze")
+@one_line_errors
+def main(config: DictConfig) -> None:
+    analyze(config, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Coreset selection: keep the most valuable fraction by score, verify against random, EL2N and forgetting."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from diffin_lightning.cli import UsageError
+from diffin_lightning.dynamics import load_dynamics
+from diffin_lightning.tasks import plots
+from diffin_lightning.tasks.report import format_table, write_csv, write_json
+from diffin_lightning.tasks.retrain import progress, retrain
+from diffin_lightning.tasks.run import TrainedRun, evaluate
+
+BASELINES = ("random", "el2n", "forgetting")
+
+
+def select_top(values: Tensor, fraction: float, labels: Tensor | None = None) -> list[int]:
+    """Ids of the ``fraction`` highest ``values``; with ``labels``, the same fraction of every class."""
+    if not 0 < fraction <= 1:
+        raise UsageError(f"fraction must be in (0, 1]; got {fraction}. Example: p=[0.1,0.3,0.5]")
+    if labels is None:
+        size = max(1, round(fraction * len(values)))
+        return sorted(torch.argsort(values, descending=True)[:size].tolist())
+    kept: list[int] = []
+    for label in labels.unique().tolist():
+        members = (labels == label).nonzero().squeeze(1)
+        size = max(1, round(fraction * len(members)))
+        kept += members[torch.argsort(values[members], descending=True)[:size]].tolist()
+    return sorted(kept)
+
+
+def coreset(
+    run: TrainedRun,
+    out_dir: Path,
+    target: str | None = None,
+    score: str = "diffin",
+    fractions: Sequence[float] = (0.1, 0.3, 0.5),
+    class_balanced: bool = False,
+    verify: bool = False,
+    seeds: Sequence[int] = (0, 1, 2),
+    baselines: Sequence[str] = BASELINES,
+) -> dict[str, Any]:
+    """Write the kept ids per fraction; with ``verify``, retrain and tabulate test accuracy against baselines."""
+    target = target or run.default_target(("train", "val", "test"))
+    for name in baselines:
+        if name not in BASELINES:
+            raise UsageError(f"baselines must be drawn from {BASELINES}; got {name!r}.")
+    if not seeds:
+        raise UsageError("seeds must name at least one seed, e.g. seeds=[0,1,2].")
+    scores = run.scores(target, score)
+    labels = run.train_labels if class_balanced else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    selections = {fraction: select_top(scores, fraction, labels) for fraction in sorted(fractions)}
+    for fraction, kept in selections.items():
+        write_json(out_dir / f"coreset_{fraction:g}.json", {"fraction": fraction, "target": target, "score": score, "class_balanced": class_balanced, "ids": kept})
+    print(
+        f"Coresets by {score} influence on {target!r} (highest kept"
+        + (", class-balanced" if class_balanced else "")
+        + "): "
+        + ", ".join(f"{f:g} -> {len(ids)} samples" for f, ids in selections.items())
+    )
+    summary: dict[str, Any] = {"target": target, "score": score, "class_balanced": class_balanced, "files": [str(out_dir / f"coreset_{f:g}.json") for f in selections]}
+    if verify:
+        summary["accuracy"] = _verify(run, out_dir, selections, scores, labels, seeds, baselines, f"diffin:{target}/{score}")
+    write_json(out_dir / "coreset.json", summary)
+    print(f"Wrote {', '.join(summary['files'])}" + (f", {out_dir / 'coreset.csv'} and {out_dir / 'coreset.png'}" if verify else ""))
+    return summary
+
+
+def _verify(run, out_dir, selections, scores, labels, seeds, baselines, method_name) -> dict[str, dict[str, list[float]]]:
+    n = run.influence.num_samples
+    dynamics: dict[str, Tensor] = {}
+    if {"el2n", "forgetting"} & set(baselines):
+        try:
+            dynamics = load_dynamics(run.directory)
+        except FileNotFoundError as error:
+            print(f"note: EL2N and forgetting baselines skipped: {error}")
+    methods = [method_name] + [b for b in baselines if b == "random" or b in dynamics]
+    jobs = [(method, fraction, seed) for fraction in selections for method in methods for seed in seeds]
+    jobs += [("all data", 1.0, seed) for seed in seeds]
+    accuracy: dict[str, dict[str, list[float]]] = {}
+    for method, fraction, seed in progress(jobs, "coreset: retraining"):
+        if method == method_name:
+            kept = selections[fraction]
+        elif method == "random":
+            generator = torch.Generator().manual_seed(10_000 + int(seed))
+            kept = sorted(torch.randperm(n, generator=generator)[: len(selections[fraction])].tolist())
+        elif method == "all data":
+            kept = None
+        else:
+            kept = select_top(dynamics[method].nan_to_num(0.0), fraction, labels)
+        model = retrain(run, keep_ids=kept, seed=int(seed))
+        accuracy.setdefault(method, {}).setdefault(f"{fraction:g}", []).append(evaluate(model, run.datamodule.test_dataset)["accuracy"])
+    header = ["fraction", "method", "test accuracy mean", "std", "seeds"]
+    rows = []
+    for method, per_fraction in accuracy.items():
+        for fraction, values in per_fraction.items():
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            rows.append([fraction, method, statistics.fmean(values), std, len(values)])
+    rows.sort(key=lambda row: (float(row[0]), row[1]))
+    print("Test accuracy after retraining on each subset (mean ± std over seeds):")
+    print(format_table(header, rows))
+    write_csv(out_dir / "coreset.csv", header, rows)
+    _plot(out_dir / "coreset.png", accuracy)
+    return accuracy
+
+
+def _plot(path: Path, accuracy: dict[str, dict[str, list[float]]]) -> Path:
+    fig, axes = plots.figure(1)
+    ax = axes[0][0]
+    for method, per_fraction in accuracy.items():
+        if method == "all data":
+            ax.axhline(statistics.fmean(per_fraction["1"]), color="grey", ls=":", label="all data")
+            continue
+        fractions = sorted(per_fraction, key=float)
+        means = [statistics.fmean(per_fraction[f]) for f in fractions]
+        stds = [statistics.stdev(per_fraction[f]) if len(per_fraction[f]) > 1 else 0.0 for f in fractions]
+        ax.errorbar([float(f) for f in fractions], means, yerr=stds, marker="o", capsize=3, label=method)
+    ax.set_xlabel("fraction of training data kept")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("coreset: keep the highest-influence samples (influence > 0 = helpful)", fontsize=9)
+    ax.legend()
+    return plots.save(fig, path)

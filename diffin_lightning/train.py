@@ -1,0 +1,103 @@
+"""Hydra app: train any LightningModule on any LightningDataModule with the Diff-In callback.
+
+    python -m diffin_lightning.train data=digits data.label_noise=0.1 trainer.max_epochs=20 seed=3
+
+Each run writes into its own directory (printed at the end): ``config.yaml`` (the
+resolved config), ``checkpoints/``, ``influence.safetensors`` + ``influence.json``,
+``dynamics.safetensors`` (EL2N and forgetting baselines) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+
+from diffin_lightning.callback import DiffInCallback
+from diffin_lightning.cli import CONFIG_DIR, UsageError, build_datamodule, build_model, one_line_errors, resolved_yaml
+from diffin_lightning.dynamics import TrainingDynamicsCallback
+from diffin_lightning.store import atomic_write_bytes
+
+SPLIT_TARGETS = {"val": "val_dataset", "test": "test_dataset"}
+
+
+def resolve_targets(names: Any, datamodule: Any) -> dict[str, Any]:
+    """Map the config's target names to what DiffInCallback takes."""
+    if isinstance(names, str):
+        names = [names]
+    resolved: dict[str, Any] = {}
+    for name in names:
+        if name in ("train", "self"):
+            resolved[name] = name
+        elif name in SPLIT_TARGETS:
+            if not hasattr(datamodule, SPLIT_TARGETS[name]):
+                raise UsageError(
+                    f"influence.targets names {name!r}, but {type(datamodule).__name__} has no attribute "
+                    f"`{SPLIT_TARGETS[name]}`; give the data module that split or drop the target."
+                )
+            resolved[name] = getattr(datamodule, SPLIT_TARGETS[name])
+        else:
+            raise UsageError(f"influence.targets must name val, test, train or self; got {name!r}.")
+    return resolved
+
+
+def build_influence_callback(config: DictConfig, datamodule: Any, run_dir: Path) -> DiffInCallback:
+    options = OmegaConf.to_container(config, resolve=True)
+    assert isinstance(options, dict)
+    options.pop("_target_", None)
+    targets = resolve_targets(options.pop("targets"), datamodule)
+    try:
+        return DiffInCallback(targets=targets, output_dir=run_dir, **options)
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"influence: {error}") from error
+
+
+def train(config: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Train one run into ``run_dir``; returns the run's summary."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run_dir / "config.yaml", resolved_yaml(config).encode())
+    pl.seed_everything(config.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(config.data)
+    model = build_model(config.model, datamodule)
+    influence = build_influence_callback(config.influence, datamodule, run_dir)
+    dynamics = TrainingDynamicsCallback(el2n_epoch=config.dynamics.el2n_epoch, output_dir=run_dir)
+    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True)
+    trainer = instantiate(
+        config.trainer,
+        default_root_dir=str(run_dir),
+        callbacks=[influence, dynamics, checkpoints],
+        logger=CSVLogger(str(run_dir), name="logs"),
+    )
+    started = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=config.ckpt_path)
+    summary = {
+        "run_dir": str(run_dir),
+        "fit_seconds": round(time.perf_counter() - started, 3),
+        "global_step": trainer.global_step,
+        "influence": str(influence.output_path),
+        "dynamics": str(dynamics.output_path),
+        "last_checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+    }
+    atomic_write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@one_line_errors
+def main(config: DictConfig) -> None:
+    summary = train(config, Path(HydraConfig.get().runtime.output_dir))
+    print(f"run written to {summary['run_dir']} (influence: {summary['influence']})")
+
+
+if __name__ == "__main__":
+    main()
