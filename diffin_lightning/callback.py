@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from functools import cached_property
@@ -10,6 +11,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -20,10 +22,12 @@ from diffin_lightning.data import INDEX_KEY, IndexedDataset, dataset_fingerprint
 from diffin_lightning.estimator import (
     FINITE_DIFFERENCE_SCHEMES,
     NORMALIZATIONS,
+    SCHEDULES,
+    FiniteDifferenceBracket,
     FiniteDifferenceScheme,
     Normalization,
+    Schedule,
     first_order_term,
-    hessian_gradient_bracket,
     normalize_second_order,
     resolve_eps,
     second_order_term,
@@ -122,6 +126,13 @@ class DiffInCallback(Callback):
         normalization: ``"paper"`` (the second-order sum divided by the number of steps it
             stands for, Eq. 9's 1/m) or ``"sum"`` (the all-steps sum). Applied when scores
             are read; both can be had from one run via :meth:`influence_with`.
+        schedule: ``"in_run"`` (every recorded step, the step's own samples, each term taken
+            when the sample is visited) or ``"checkpoints"`` (the paper's checkpoint-accelerated
+            estimator: at ``num_checkpoints`` evenly spaced steps, every training sample is
+            scored with the step's batch as the proxy batch ``B``; each checkpoint stands for
+            ``T/m`` steps; the ``"train"`` target uses the exact full-data gradient there).
+        num_checkpoints: ``m`` for ``schedule="checkpoints"``; checkpoint ``k`` is step
+            ``floor((k + 1/2) T/m)``, the middle of the ``k``-th of ``m`` equal spans of the run.
         self_chunk_size: samples per ``vmap`` chunk for the ``"self"`` target's per-sample
             gradients (bounds memory); ``None`` does the whole batch at once.
         output_dir: where ``influence.safetensors`` and ``influence.json`` go; default
@@ -155,6 +166,8 @@ class DiffInCallback(Callback):
         finite_difference: FiniteDifferenceScheme = "forward",
         compute_second_order: bool = True,
         normalization: Normalization = "paper",
+        schedule: Schedule = "in_run",
+        num_checkpoints: int | None = None,
         self_chunk_size: int | None = None,
         output_dir: str | os.PathLike[str] | None = None,
         save_on_checkpoint: bool = False,
@@ -175,6 +188,21 @@ class DiffInCallback(Callback):
             raise ValueError(f"`finite_difference` must be one of {FINITE_DIFFERENCE_SCHEMES}; got {finite_difference!r}.")
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"`normalization` must be one of {NORMALIZATIONS}; got {normalization!r}.")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"`schedule` must be one of {SCHEDULES}; got {schedule!r}.")
+        if schedule == "checkpoints":
+            if num_checkpoints is None:
+                raise ValueError("`num_checkpoints` must be set for schedule='checkpoints'; got None. Example: num_checkpoints=5.")
+            _check_positive_int("num_checkpoints", num_checkpoints)
+            if every_n_steps != 1:
+                raise ValueError(
+                    f"`every_n_steps` must be 1 with schedule='checkpoints' (the checkpoints set the steps); got {every_n_steps}."
+                )
+        elif num_checkpoints is not None:
+            raise ValueError(
+                f"`num_checkpoints` only applies to schedule='checkpoints'; got num_checkpoints={num_checkpoints} with "
+                f"schedule={schedule!r}. Drop it or set schedule='checkpoints'."
+            )
         if not 0.0 <= train_target_decay < 1.0:
             raise ValueError(f"`train_target_decay` must be in [0, 1); got {train_target_decay!r}.")
         self.targets: list[Target] = build_targets(
@@ -189,12 +217,17 @@ class DiffInCallback(Callback):
         self.loss_fn = loss_fn
         self.index_fn = index_fn or _default_index_fn
         self.num_samples = num_samples
+        self.target_batch_size = target_batch_size
+        self.total_steps = 0
         self.every_n_steps = every_n_steps
         self.target_refresh_every_n_steps = target_refresh_every_n_steps
         self.eps = eps
         self.finite_difference = finite_difference
         self.compute_second_order = compute_second_order
         self.normalization = normalization
+        self.schedule = schedule
+        self.num_checkpoints = num_checkpoints
+        self.checkpoint_steps: list[int] = []
         self.self_chunk_size = self_chunk_size
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.save_on_checkpoint = save_on_checkpoint
@@ -208,7 +241,7 @@ class DiffInCallback(Callback):
         self._loss_checked = False
         self._per_sample_loss: PerSampleLoss | None = None
         self.steps_recorded = 0
-        self.steps_represented = 0
+        self.steps_represented = 0.0
         self.skipped_amp_steps = 0
         self.nonfinite_skipped = 0
         self.last_eps: float | None = None
@@ -217,7 +250,9 @@ class DiffInCallback(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(targets=sorted(t.name for t in self.targets))
+        return self._generate_state_key(
+            targets=sorted(t.name for t in self.targets), schedule=self.schedule, num_checkpoints=self.num_checkpoints
+        )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -261,6 +296,8 @@ class DiffInCallback(Callback):
         labels = dataset.labels() if isinstance(dataset, IndexedDataset) else None
         self.fingerprint = dataset_fingerprint(num_samples, labels)
         self._check_optimizer(trainer)
+        if self.schedule == "checkpoints":
+            self.checkpoint_steps = self._plan_checkpoints(trainer)
         device = pl_module.device
         dtype = torch.float32 if device.type == "mps" else torch.float64
         if self._loaded_state is not None:
@@ -270,6 +307,17 @@ class DiffInCallback(Callback):
                 target.name: {key: torch.zeros(num_samples, dtype=dtype, device=device) for key in _SUMS}
                 for target in self.targets
             }
+
+    def _plan_checkpoints(self, trainer: pl.Trainer) -> list[int]:
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total < 1:
+            raise ValueError(
+                "schedule='checkpoints' needs the run's total number of optimizer steps T to space the checkpoints; "
+                f"Lightning estimates {total}. Set max_epochs or max_steps."
+            )
+        self.total_steps = int(total)
+        assert self.num_checkpoints is not None
+        return sorted({int((k + 0.5) * self.total_steps / self.num_checkpoints) for k in range(self.num_checkpoints)})
 
     @staticmethod
     def _train_dataset(trainer: pl.Trainer) -> Any:
@@ -313,6 +361,8 @@ class DiffInCallback(Callback):
     # ------------------------------------------------------------------ per batch / per step
 
     def _records(self, step: int) -> bool:
+        if self.schedule == "checkpoints":
+            return step in self.checkpoint_steps
         return step % self.every_n_steps == 0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -372,7 +422,10 @@ class DiffInCallback(Callback):
         # Training must draw the same random numbers with or without the callback (data order,
         # dropout): the extra passes and target loaders run on a forked RNG.
         with _rng_untouched(pl_module.device):
-            self._record_step(step, optimizer, [batch for batch, _ in pending], ids)
+            if self.schedule == "checkpoints":
+                self._record_checkpoint(trainer, step, optimizer, [batch for batch, _ in pending], int(ids.numel()))
+            else:
+                self._record_step(step, optimizer, [batch for batch, _ in pending], ids)
 
     @staticmethod
     def _scaler_will_skip(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool:
@@ -401,22 +454,67 @@ class DiffInCallback(Callback):
                 target_gradient = target.target_gradient(loss, context.params, step, ids.device, context.batch_gradient)
                 first = first_order_term(eta, context.batch_size, loss.dots(context.params, batches, target_gradient))
                 if self.compute_second_order:
-                    bracket = hessian_gradient_bracket(
-                        loss,
-                        context.params,
-                        batches,
-                        context.batch_size,
-                        context.f_at_params,
-                        target_gradient,
-                        eps,
-                        self.finite_difference,
-                    )
+                    bracket = FiniteDifferenceBracket(
+                        loss, context.params, batches, context.batch_size, target_gradient, eps, self.finite_difference
+                    ).evaluate(batches, context.f_at_params)
                     second = second_order_term(eta, step, context.batch_size, bracket)
                 else:
                     second = torch.zeros_like(first)
             self._accumulate(target.name, step, ids, first, second, float(self.every_n_steps))
         self.steps_recorded += 1
         self.steps_represented += self.every_n_steps
+
+    def _record_checkpoint(self, trainer: pl.Trainer, step: int, optimizer: torch.optim.Optimizer, proxy_batches: list[Any], proxy_size: int) -> None:
+        """Score every training sample at this checkpoint, with the step's batch as the proxy batch."""
+        loss = self._per_sample_loss
+        assert loss is not None and self.num_samples is not None
+        loss.seed = self.seed * 1_000_003 + step
+        context = _StepContext(loss, loss.parameters(), proxy_batches, proxy_size)
+        eta = float(optimizer.param_groups[0]["lr"])
+        eps = resolve_eps(self.eps, context.params)
+        self.last_eps = eps
+        n = self.num_samples
+        weight = self.total_steps / len(self.checkpoint_steps)  # the steps this checkpoint stands for
+        device = context.params[next(iter(context.params))].device
+        training_batches = self._training_set_batches(trainer, device)
+        gradients: dict[str, dict[str, Tensor]] = {}
+        brackets: dict[str, FiniteDifferenceBracket] = {}
+        for target in self.targets:
+            if isinstance(target, SelfTarget):
+                continue
+            if isinstance(target, TrainingLossTarget):
+                gradients[target.name] = loss.batch_gradient(context.params, (b for b, _ in training_batches))
+            else:
+                gradients[target.name] = target.target_gradient(loss, context.params, step, device, context.batch_gradient)
+            if self.compute_second_order:
+                brackets[target.name] = FiniteDifferenceBracket(
+                    loss, context.params, proxy_batches, proxy_size, gradients[target.name], eps, self.finite_difference
+                )
+        for batch, ids in training_batches:
+            f_at_params = loss.dots(context.params, [batch], context.batch_gradient) if brackets else None
+            for target in self.targets:
+                if isinstance(target, SelfTarget):
+                    sample = _StepContext(loss, context.params, [batch], int(ids.numel()))
+                    first = first_order_term(eta, n, self._squared_gradient_norms(target, sample))
+                    second = torch.zeros_like(first)
+                else:
+                    first = first_order_term(eta, n, loss.dots(context.params, [batch], gradients[target.name]))
+                    if target.name in brackets:
+                        assert f_at_params is not None
+                        second = second_order_term(eta, step, n, brackets[target.name].evaluate([batch], f_at_params))
+                    else:
+                        second = torch.zeros_like(first)
+                self._accumulate(target.name, step, ids, first, second, weight)
+        self.steps_recorded += 1
+        self.steps_represented += weight
+
+    def _training_set_batches(self, trainer: pl.Trainer, device: torch.device) -> list[tuple[Any, Tensor]]:
+        dataset = self._train_dataset(trainer)
+        if dataset is None:
+            raise ValueError("schedule='checkpoints' scores every training sample and needs a train dataloader whose dataset has a length.")
+        loader = DataLoader(dataset, batch_size=self.target_batch_size, shuffle=False)
+        batches = [move_data_to_device(batch, device) for batch in loader]
+        return [(batch, self._sample_ids(batch, device)) for batch in batches]
 
     def _squared_gradient_norms(self, target: SelfTarget, context: _StepContext) -> Tensor:
         try:
@@ -487,6 +585,9 @@ class DiffInCallback(Callback):
             "eps": "auto" if self.eps is None else self.eps,
             "eps_last_step": self.last_eps,
             "every_n_steps": self.every_n_steps,
+            "schedule": self.schedule,
+            "num_checkpoints": self.num_checkpoints,
+            "checkpoint_steps": self.checkpoint_steps,
             "target_refresh_every_n_steps": self.target_refresh_every_n_steps,
             "steps_recorded": self.steps_recorded,
             "steps_represented": self.steps_represented,
@@ -562,7 +663,7 @@ class DiffInCallback(Callback):
             )
         self._sums = {name: {k: v.to(device=device, dtype=dtype) for k, v in sums.items()} for name, sums in saved_sums.items()}
         self.steps_recorded = int(state.get("steps_recorded", 0))
-        self.steps_represented = int(state.get("steps_represented", 0))
+        self.steps_represented = float(state.get("steps_represented", 0))
         self.skipped_amp_steps = int(state.get("skipped_amp_steps", 0))
         self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
         for target in self.targets:

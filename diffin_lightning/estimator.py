@@ -31,6 +31,8 @@ from diffin_lightning.per_sample import Params, PerSampleLoss, add_scaled, norm
 
 FiniteDifferenceScheme = Literal["forward", "central"]
 Normalization = Literal["paper", "sum"]
+Schedule = Literal["in_run", "checkpoints"]
+SCHEDULES: tuple[Schedule, ...] = ("in_run", "checkpoints")
 NORMALIZATIONS: tuple[Normalization, ...] = ("paper", "sum")
 FINITE_DIFFERENCE_SCHEMES: tuple[FiniteDifferenceScheme, ...] = ("forward", "central")
 
@@ -54,6 +56,55 @@ def batch_gradient_dots(loss: PerSampleLoss, params: Params, batches: Sequence[A
     return batch_gradient, loss.dots(params, batches, batch_gradient)
 
 
+class FiniteDifferenceBracket:
+    """``<g_V, H_B G_i + H_i G_B>`` for any samples ``i``, by a finite difference of ``f_i`` along ``g_V``.
+
+    The batch ``B`` that defines ``G_B`` (the step's batch in-run, a proxy batch at a
+    checkpoint) is fixed at construction, where ``G_B`` is computed at the perturbed
+    point(s) once; :meth:`evaluate` then costs one ``jvp`` per perturbed point for any
+    set of samples.
+
+    Args:
+        loss: the per-sample loss.
+        params: the point ``theta``.
+        gradient_batches: the micro-batches of ``B``.
+        batch_size: ``|B|``.
+        target_gradient: ``g_V``.
+        eps: the step along ``u = g_V/|g_V|``.
+        scheme: ``"forward"`` or ``"central"``.
+    """
+
+    def __init__(
+        self,
+        loss: PerSampleLoss,
+        params: Params,
+        gradient_batches: Sequence[Any],
+        batch_size: int,
+        target_gradient: Params,
+        eps: float,
+        scheme: FiniteDifferenceScheme,
+    ) -> None:
+        self.loss, self.eps, self.scheme = loss, eps, scheme
+        self.target_norm = norm(target_gradient)
+        self.points: list[tuple[Params, Params]] = []
+        if float(self.target_norm) == 0.0:
+            return
+        direction = {k: v / self.target_norm for k, v in target_gradient.items()}
+        for sign in (1.0, -1.0) if scheme == "central" else (1.0,):
+            point = add_scaled(params, direction, sign * eps)
+            self.points.append((point, loss.batch_gradient(point, gradient_batches, batch_size)))
+
+    def evaluate(self, sample_batches: Sequence[Any], f_at_params: Tensor) -> Tensor:
+        """The bracket for every sample of ``sample_batches``; ``f_at_params`` is ``[<G_B, G_i>]_i`` at ``theta``."""
+        if not self.points:
+            return torch.zeros_like(f_at_params)
+        f_plus = self.loss.dots(self.points[0][0], sample_batches, self.points[0][1])
+        if self.scheme == "forward":
+            return self.target_norm * (f_plus - f_at_params) / self.eps
+        f_minus = self.loss.dots(self.points[1][0], sample_batches, self.points[1][1])
+        return self.target_norm * (f_plus - f_minus) / (2 * self.eps)
+
+
 def hessian_gradient_bracket(
     loss: PerSampleLoss,
     params: Params,
@@ -64,20 +115,9 @@ def hessian_gradient_bracket(
     eps: float,
     scheme: FiniteDifferenceScheme,
 ) -> Tensor:
-    """``[<g_V, H_B G_i + H_i G_B>]_i`` by a finite difference of ``f_i`` along ``g_V``.
-
-    ``f_at_params`` is ``[<G_B, G_i>]_i`` at ``params`` (reused from the step; the
-    central scheme does not need it).
-    """
-    target_norm = norm(target_gradient)
-    if float(target_norm) == 0.0:
-        return torch.zeros_like(f_at_params)
-    direction = {k: v / target_norm for k, v in target_gradient.items()}
-    _, f_plus = batch_gradient_dots(loss, add_scaled(params, direction, eps), batches, batch_size)
-    if scheme == "forward":
-        return target_norm * (f_plus - f_at_params) / eps
-    _, f_minus = batch_gradient_dots(loss, add_scaled(params, direction, -eps), batches, batch_size)
-    return target_norm * (f_plus - f_minus) / (2 * eps)
+    """``[<g_V, H_B G_i + H_i G_B>]_i`` for the samples of ``B`` itself (the in-run case)."""
+    bracket = FiniteDifferenceBracket(loss, params, batches, batch_size, target_gradient, eps, scheme)
+    return bracket.evaluate(batches, f_at_params)
 
 
 def first_order_term(eta: float, batch_size: int, target_dots: Tensor) -> Tensor:

@@ -142,12 +142,12 @@ def mean_gradient(model, params, x, y) -> Tensor:
     return torch.stack(sample_gradients(model, params, x, y)).mean(0)
 
 
-def exact_brackets(model, params, x, y, target_gradient: Tensor) -> Tensor:
-    """<g_V, H_B G_i + H_i G_B> for each sample, by double backward."""
+def exact_brackets(model, params, x, y, target_gradient: Tensor, samples: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """<g_V, H_B G_i + H_i G_B> for each sample i (of the batch, or of ``samples``), by double backward."""
     p = leaf_params(params)
     names = list(p)
-    grads = sample_gradients(model, p, x, y, create_graph=True)
-    batch_gradient = torch.stack(grads).mean(0)
+    batch_gradient = torch.stack(sample_gradients(model, p, x, y, create_graph=True)).mean(0)
+    grads = sample_gradients(model, p, *(samples or (x, y)), create_graph=True)
     out = []
     for g_i in grads:
         f_i = torch.dot(batch_gradient, g_i)  # gradient of f_i is H_B G_i + H_i G_B
@@ -156,12 +156,12 @@ def exact_brackets(model, params, x, y, target_gradient: Tensor) -> Tensor:
     return torch.stack(out)
 
 
-def finite_difference_brackets(model, params, x, y, target_gradient: Tensor, eps: float, scheme: str = "forward") -> Tensor:
-    """|g| (f_i(theta + eps u) - f_i(theta)) / eps, every f_i from a per-sample loop."""
+def finite_difference_brackets(model, params, x, y, target_gradient: Tensor, eps: float, scheme: str = "forward", samples: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """|g| (f_i(theta + eps u) - f_i(theta)) / eps, every f_i from a per-sample loop (samples default: the batch)."""
 
     def f_at(point):
-        grads = torch.stack(sample_gradients(model, point, x, y))
-        return grads @ grads.mean(0)
+        batch_gradient = torch.stack(sample_gradients(model, point, x, y)).mean(0)
+        return torch.stack(sample_gradients(model, point, *(samples or (x, y)))) @ batch_gradient
 
     norm = target_gradient.norm()
     u = target_gradient / norm

@@ -133,3 +133,46 @@ def test_first_order_only_matches_the_full_runs_first_order(tmp_path, tiny_data)
         assert torch.count_nonzero(results[False][name].second_order) == 0
         assert torch.equal(results[False][name].diffin, results[False][name].first_order)
     assert results[False].metadata["compute_second_order"] is False
+
+
+def test_checkpoint_schedule_matches_eq9_reference(tmp_path, tiny_data):
+    """schedule='checkpoints': every sample at m evenly spaced steps, the step's batch as proxy (Eq. 9)."""
+    model = TinyClassifier().double()
+    recorder = TrajectoryRecorder()
+    m, epochs = 3, 3
+    callback = DiffInCallback(
+        targets={"val": tiny_data.val, "train": "train", "self": "self"}, eps=EPS, schedule="checkpoints", num_checkpoints=m
+    )
+    trainer(default_root_dir=tmp_path, max_epochs=epochs, callbacks=[recorder, callback]).fit(model, tiny_data.loader())
+    total = len(recorder.steps)
+    assert callback.checkpoint_steps == [2, 6, 10] and total == 12
+
+    x, y = tiny_data.train.tensors
+    xv, yv = tiny_data.val.tensors
+    n = len(y)
+    first = {k: torch.zeros(n, dtype=torch.float64) for k in ("val", "train", "self")}
+    second_fd = {k: torch.zeros(n, dtype=torch.float64) for k in ("val", "train")}
+    eq9_exact = {k: torch.zeros(n, dtype=torch.float64) for k in ("val", "train")}
+    for s in recorder.steps:
+        if s.step not in callback.checkpoint_steps:
+            continue
+        proxy = torch.tensor(s.ids)
+        p = leaf_params(s.params)
+        grads = torch.stack(sample_gradients(model, p, x, y))
+        targets = {"val": mean_gradient(model, p, xv, yv), "train": grads.mean(0)}  # exact full-data gradient
+        for name, g in targets.items():
+            first[name] += (total / m) * s.lr / n * (grads @ g)
+            fd = finite_difference_brackets(model, s.params, x[proxy], y[proxy], g, EPS, samples=(x, y))
+            second_fd[name] += (total / m) * (-s.step * s.lr**2 / n) * fd
+            exact = exact_brackets(model, s.params, x[proxy], y[proxy], g, samples=(x, y))
+            eq9_exact[name] += -s.step * s.lr**2 / (n * m) * exact
+        first["self"] += (total / m) * s.lr / n * (grads**2).sum(1)
+
+    summed, paper = callback.influence_with("sum"), callback.influence_with("paper")
+    for name in ("val", "train", "self"):
+        _close(summed[name].first_order, first[name], RTOL)
+        _close(summed[name].visits, torch.full((n,), float(m), dtype=torch.float64), 0)
+    for name in ("val", "train"):
+        _close(summed[name].second_order, second_fd[name], RTOL)
+        # Under the paper's normalization the stored term is Eq. 9 itself (1/m, coefficient -t eta^2/N).
+        _close(paper[name].second_order, eq9_exact[name], 1e-4)
