@@ -250,8 +250,16 @@ class DiffInCallback(Callback):
 
     @property
     def state_key(self) -> str:
+        # Everything that changes the recorded numbers, so that several callbacks (say, two
+        # schedules side by side) can share a Trainer and each resume its own state.
         return self._generate_state_key(
-            targets=sorted(t.name for t in self.targets), schedule=self.schedule, num_checkpoints=self.num_checkpoints
+            targets=sorted(t.name for t in self.targets),
+            schedule=self.schedule,
+            num_checkpoints=self.num_checkpoints,
+            every_n_steps=self.every_n_steps,
+            finite_difference=self.finite_difference,
+            compute_second_order=self.compute_second_order,
+            eps=self.eps,
         )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -1,0 +1,250 @@
+"""Fidelity of the influence estimators against trajectory-specific leave-one-out on digits.
+
+    .venv/bin/pip install -e ".[bench]"      # captum, for the TracInCP row (benchmark only)
+    .venv/bin/python -m benchmarks.fidelity  # writes benchmarks/results/fidelity.md and fidelity_<regime>.png
+
+For each training regime it trains one small MLP (float64, plain SGD, fixed seed and batch
+order) through a real Lightning Trainer with several DiffInCallbacks attached (in-run and
+checkpoint schedules), replays the run with each chosen id's loss weight set to 0
+(``benchmarks.harness``, 100+ models at once with torch.func) to get
+``truth(j) = L_V(theta^-j) - L_V(theta)``, and reports Pearson and Spearman of every
+estimator against it, beside Captum's TracInCP and the exact SGD-influence of Hara et al.
+The same estimators are then run on digits with 10% flipped labels: recall of flipped
+labels among the 10% lowest scores, and AUROC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
+from torchmetrics.functional.classification import binary_auroc
+
+from benchmarks.harness import TrajectoryRecorder, exact_sgd_influence, functional_cross_entropy, leave_one_out_truth
+from diffin_lightning import DiffInCallback
+from diffin_lightning.bundled import CNNClassifier, DigitsDataModule, MLPClassifier
+
+
+@dataclass(frozen=True)
+class Regime:
+    name: str
+    epochs: int
+    lr: float
+
+
+REGIMES = {
+    "short_cool": Regime("short_cool", epochs=3, lr=0.05),
+    "long_hot": Regime("long_hot", epochs=30, lr=0.3),
+}
+
+# name -> DiffInCallback options; every callback records the val target in the same run.
+CALLBACKS: dict[str, dict] = {
+    "in_run": dict(),
+    "in_run_central": dict(finite_difference="central"),
+    "checkpoints_5": dict(schedule="checkpoints", num_checkpoints=5),
+    "checkpoints_20": dict(schedule="checkpoints", num_checkpoints=20),
+}
+
+
+def _rows(callbacks: dict[str, DiffInCallback]) -> dict[str, Callable[[], Tensor]]:
+    """Estimator rows read from the callbacks: name -> scores [N]."""
+    return {
+        "first_order (in-run TracIn)": lambda: callbacks["in_run"].influence["val"].first_order,
+        "diffin, normalization=paper": lambda: callbacks["in_run"].influence_with("paper")["val"].diffin,
+        "diffin, normalization=sum": lambda: callbacks["in_run"].influence_with("sum")["val"].diffin,
+        "diffin, sum, central FD": lambda: callbacks["in_run_central"].influence_with("sum")["val"].diffin,
+        "paper Eq. 9, checkpoints m=5": lambda: callbacks["checkpoints_5"].influence_with("paper")["val"].diffin,
+        "paper Eq. 9, checkpoints m=20": lambda: callbacks["checkpoints_20"].influence_with("paper")["val"].diffin,
+    }
+
+
+def make_model(kind: str, datamodule: DigitsDataModule, lr: float) -> pl.LightningModule:
+    pl.seed_everything(0, verbose=False)
+    if kind == "cnn":
+        return CNNClassifier(**datamodule.model_kwargs(), channels=(4, 8), lr=lr)
+    return MLPClassifier(**datamodule.model_kwargs(), hidden_dims=(32,), lr=lr)
+
+
+def train_with_estimators(kind: str, regime: Regime, label_noise: float, workdir: Path):
+    datamodule = DigitsDataModule(label_noise=label_noise, batch_size=64, double=True, image=kind == "cnn")
+    model = make_model(kind, datamodule, regime.lr)
+    recorder = TrajectoryRecorder()
+    callbacks = {
+        name: DiffInCallback(targets={"val": datamodule.val_dataset}, output_dir=workdir / name, **options)
+        for name, options in CALLBACKS.items()
+    }
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="64-true",
+        max_epochs=regime.epochs,
+        callbacks=[recorder, *callbacks.values()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=str(workdir),
+    )
+    trainer.fit(model, datamodule=datamodule)
+    return datamodule, model, recorder, callbacks
+
+
+def captum_tracin(model: torch.nn.Module, recorder: TrajectoryRecorder, train, target, num_checkpoints: int, workdir: Path) -> Tensor | None:
+    """Captum's TracInCP from ``num_checkpoints`` evenly spaced checkpoints of the same run (None if captum is missing)."""
+    try:
+        from captum.influence import TracInCP
+    except ImportError:
+        return None
+    total = len(recorder.steps)
+    chosen = [recorder.steps[int((k + 0.5) * total / num_checkpoints)] for k in range(num_checkpoints)]
+    paths, learning_rates = [], {}
+    for record in chosen:
+        path = workdir / f"tracin_{record.step}.pt"
+        torch.save(record.params, path)
+        paths.append(str(path))
+        learning_rates[str(path)] = record.lr
+
+    def load(net: torch.nn.Module, path: str) -> float:
+        net.load_state_dict(torch.load(path, weights_only=True), strict=False)
+        return learning_rates[path]
+
+    tracin = TracInCP(
+        model,
+        torch.utils.data.TensorDataset(*train),
+        paths,
+        checkpoints_load_func=load,
+        loss_fn=torch.nn.CrossEntropyLoss(reduction="none"),
+        batch_size=512,
+    )
+    scores = tracin.influence(tuple(target), aggregate=True)
+    return scores.reshape(-1).detach()
+
+
+def correlation_rows(truth: Tensor, scores: dict[str, Tensor], ids: Tensor) -> dict[str, tuple[float, float]]:
+    return {
+        name: (float(pearson_corrcoef(values[ids], truth)), float(spearman_corrcoef(values[ids], truth)))
+        for name, values in scores.items()
+    }
+
+
+def mislabel_rows(scores: dict[str, Tensor], flipped: Tensor) -> dict[str, tuple[float, float]]:
+    out = {}
+    for name, values in scores.items():
+        suspicion = -values  # lowest (most harmful) influence on the val loss first
+        order = torch.argsort(suspicion, descending=True)
+        inspected = round(0.1 * len(order))
+        recall = float(flipped[order[:inspected]].sum()) / float(flipped.sum())
+        out[name] = (recall, float(binary_auroc(suspicion.float(), flipped.long())))
+    return out
+
+
+def all_scores(datamodule, model, recorder, callbacks, workdir) -> dict[str, Tensor]:
+    train = datamodule.train_dataset.dataset.tensors
+    target = datamodule.val_dataset.tensors
+    scores = {name: read() for name, read in _rows(callbacks).items()}
+    tracin = captum_tracin(model, recorder, train, target, 5, workdir)
+    if tracin is not None:
+        scores["Captum TracInCP, 5 checkpoints"] = tracin
+    scores["exact SGD-influence (Hara et al.)"] = exact_sgd_influence(
+        functional_cross_entropy(model), recorder.steps, recorder.final, train, target
+    )
+    return scores
+
+
+def run_regime(kind: str, regime: Regime, num_ids: int, plot_dir: Path | None) -> tuple[dict, dict, float]:
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        workdir = Path(scratch)
+        datamodule, model, recorder, callbacks = train_with_estimators(kind, regime, 0.0, workdir / "clean")
+        train = datamodule.train_dataset.dataset.tensors
+        target = datamodule.val_dataset.tensors
+        n = len(train[1])
+        ids = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:num_ids]
+        truth, _ = leave_one_out_truth(functional_cross_entropy(model), recorder.steps, train, target, ids.tolist())
+        scores = all_scores(datamodule, model, recorder, callbacks, workdir)
+        fidelity = correlation_rows(truth, scores, ids)
+        if plot_dir is not None:
+            scatter(plot_dir / f"fidelity_{kind}_{regime.name}.png", truth, scores, ids, f"{kind}, {regime.name}")
+
+        noisy = train_with_estimators(kind, regime, 0.1, workdir / "noisy")
+        mislabel = mislabel_rows(all_scores(*noisy, workdir), noisy[0].corrupted)
+    return fidelity, mislabel, time.perf_counter() - started
+
+
+def scatter(path: Path, truth: Tensor, scores: dict[str, Tensor], ids: Tensor, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = 4
+    rows = (len(scores) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.6 * rows), squeeze=False)
+    for ax, (name, values) in zip(axes.flat, scores.items()):
+        ax.scatter(truth.numpy(), values[ids].numpy(), s=8, alpha=0.7)
+        spearman = float(spearman_corrcoef(values[ids], truth))
+        ax.set_title(f"{name}\nSpearman {spearman:.3f}", fontsize=8)
+        ax.set_xlabel("leave-one-out truth: L_V(without) - L_V(with)", fontsize=7)
+        ax.set_ylabel("score (> 0 = helped)", fontsize=7)
+    for ax in list(axes.flat)[len(scores) :]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Influence fidelity against leave-one-out on digits.")
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    parser.add_argument("--num-ids", type=int, default=100)
+    parser.add_argument("--out", default="benchmarks/results/fidelity.md")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = "python -m benchmarks.fidelity " + " ".join(
+        [f"--models {' '.join(args.models)}", f"--regimes {' '.join(args.regimes)}", f"--num-ids {args.num_ids}"]
+    )
+    lines = [
+        "# Fidelity against leave-one-out (digits, plain SGD, float64)",
+        "",
+        f"Command: `.venv/bin/{command}` (after `.venv/bin/pip install -e \".[bench]\"` for Captum)",
+        "",
+        "Truth: the same run with sample j's loss weight set to 0 in every batch that held it (same order, same",
+        f"denominator), truth(j) = L_V(without j) - L_V(with), for {args.num_ids} random ids. Mislabel columns: a second",
+        "run on digits with 10% flipped train labels; recall = share of flipped labels among the 10% lowest scores.",
+        "Sign: every score > 0 means the sample helped (lowered the validation loss).",
+        "",
+    ]
+    for kind in args.models:
+        for name in args.regimes:
+            regime = REGIMES[name]
+            fidelity, mislabel, seconds = run_regime(kind, regime, args.num_ids, out.parent)
+            lines += [
+                f"## {kind}, {name}: {regime.epochs} epochs, lr {regime.lr}, batch 64 ({seconds:.0f} s)",
+                "",
+                "| estimator | Pearson | Spearman | mislabel recall@10% | mislabel AUROC |",
+                "| --- | ---: | ---: | ---: | ---: |",
+            ]
+            for row, (pearson, spearman) in fidelity.items():
+                recall, auroc = mislabel[row]
+                lines.append(f"| {row} | {pearson:.3f} | {spearman:.3f} | {recall:.3f} | {auroc:.3f} |")
+            lines += ["", f"Scatter plots: `fidelity_{kind}_{name}.png`", ""]
+            print("\n".join(lines[-len(fidelity) - 5 :]), flush=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
