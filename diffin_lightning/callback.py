@@ -21,13 +21,14 @@ from torch.utils.data import DataLoader, Dataset
 from diffin_lightning.data import INDEX_KEY, IndexedDataset, dataset_fingerprint
 from diffin_lightning.estimator import (
     FINITE_DIFFERENCE_SCHEMES,
-    NORMALIZATIONS,
+    SECOND_ORDER_TERMS,
     SCHEDULES,
     FiniteDifferenceBracket,
     FiniteDifferenceScheme,
-    Normalization,
+    SecondOrderTerm,
     Schedule,
     first_order_term,
+    propagation_factor,
     normalize_second_order,
     resolve_eps,
     second_order_term,
@@ -38,7 +39,9 @@ from diffin_lightning.targets import DatasetTarget, SelfTarget, Target, Training
 from diffin_lightning.version import __version__
 
 IndexFn = Callable[[Any], Tensor]
-_SUMS = ("first_order", "second_order_sum", "visits")
+# decayed_first and decayed_weight serve second_order="propagated": the first-order sum and the
+# per-sample sum of eta/|B|, each carried through later steps by the propagation factor.
+_SUMS = ("first_order", "second_order_sum", "visits", "decayed_first", "decayed_weight")
 
 
 def _default_loss_fn(module: torch.nn.Module, batch: Any) -> Tensor:
@@ -123,7 +126,12 @@ class DiffInCallback(Callback):
             error O(eps)) or ``"central"`` (two, error O(eps^2)).
         compute_second_order: ``False`` records the first-order term only (in-run TracIn at
             about a third of the cost); ``second_order`` is then 0 and ``diffin`` equals ``first_order``.
-        normalization: ``"paper"`` (the second-order sum divided by the number of steps it
+        second_order: which second-order term ``diffin`` adds to the first order:
+            ``"propagated"`` (default for the in-run schedule, chosen by the fidelity benchmark,
+            see the README): every earlier contribution is carried through each later step by
+            ``1 - eta <u, H_B u>`` (the batch curvature along the target direction, from the
+            same finite difference), and the target gradient's drift is corrected at the end of
+            fit with one pass over the training set; ``"paper"`` (Eq. 9, the second-order sum divided by the number of steps it
             stands for, Eq. 9's 1/m) or ``"sum"`` (the all-steps sum). Applied when scores
             are read; both can be had from one run via :meth:`influence_with`.
         schedule: ``"in_run"`` (every recorded step, the step's own samples, each term taken
@@ -144,8 +152,8 @@ class DiffInCallback(Callback):
     Example::
 
         >>> from diffin_lightning import DiffInCallback
-        >>> callback = DiffInCallback(targets={"self": "self"}, normalization="paper")
-        >>> callback.normalization
+        >>> callback = DiffInCallback(targets={"self": "self"}, second_order="paper")
+        >>> callback.second_order
         'paper'
     """
 
@@ -165,7 +173,7 @@ class DiffInCallback(Callback):
         eps: float | None = None,
         finite_difference: FiniteDifferenceScheme = "forward",
         compute_second_order: bool = True,
-        normalization: Normalization = "paper",
+        second_order: SecondOrderTerm | None = None,
         schedule: Schedule = "in_run",
         num_checkpoints: int | None = None,
         self_chunk_size: int | None = None,
@@ -186,8 +194,15 @@ class DiffInCallback(Callback):
             raise ValueError(f"`eps` must be a positive float or None (automatic); got {eps!r}.")
         if finite_difference not in FINITE_DIFFERENCE_SCHEMES:
             raise ValueError(f"`finite_difference` must be one of {FINITE_DIFFERENCE_SCHEMES}; got {finite_difference!r}.")
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(f"`normalization` must be one of {NORMALIZATIONS}; got {normalization!r}.")
+        if second_order is None:
+            second_order = "paper" if schedule == "checkpoints" else "propagated"
+        if second_order not in SECOND_ORDER_TERMS:
+            raise ValueError(f"`second_order` must be one of {SECOND_ORDER_TERMS}; got {second_order!r}.")
+        if schedule == "checkpoints" and second_order == "propagated":
+            raise ValueError(
+                "`second_order='propagated'` follows each sample's contributions step by step and needs "
+                "schedule='in_run'; with schedule='checkpoints' use second_order='paper' or 'sum'."
+            )
         if schedule not in SCHEDULES:
             raise ValueError(f"`schedule` must be one of {SCHEDULES}; got {schedule!r}.")
         if schedule == "checkpoints":
@@ -224,7 +239,7 @@ class DiffInCallback(Callback):
         self.eps = eps
         self.finite_difference = finite_difference
         self.compute_second_order = compute_second_order
-        self.normalization = normalization
+        self.second_order = second_order
         self.schedule = schedule
         self.num_checkpoints = num_checkpoints
         self.checkpoint_steps: list[int] = []
@@ -236,6 +251,10 @@ class DiffInCallback(Callback):
         self.output_path: Path | None = None
         self.fingerprint: str | None = None
         self._sums: dict[str, dict[str, Tensor]] = {}
+        # second_order="propagated": per target, sum_t (eta_t/N) g_V(theta_t) carried by the same factors,
+        # and the drift correction computed from it at the end of fit.
+        self._target_sums: dict[str, dict[str, Tensor]] = {}
+        self._drift: dict[str, Tensor] = {}
         self._pending: list[tuple[Any, Tensor]] = []
         self._loaded_state: dict[str, Any] | None = None
         self._loss_checked = False
@@ -455,22 +474,90 @@ class DiffInCallback(Callback):
         eps = resolve_eps(self.eps, context.params)
         self.last_eps = eps
         for target in self.targets:
+            propagation = None
             if isinstance(target, SelfTarget):
                 first = first_order_term(eta, context.batch_size, self._squared_gradient_norms(target, context))
                 second = torch.zeros_like(first)
             else:
                 target_gradient = target.target_gradient(loss, context.params, step, ids.device, context.batch_gradient)
                 first = first_order_term(eta, context.batch_size, loss.dots(context.params, batches, target_gradient))
+                propagation = None
                 if self.compute_second_order:
-                    bracket = FiniteDifferenceBracket(
+                    finite_difference = FiniteDifferenceBracket(
                         loss, context.params, batches, context.batch_size, target_gradient, eps, self.finite_difference
-                    ).evaluate(batches, context.f_at_params)
+                    )
+                    bracket = finite_difference.evaluate(batches, context.f_at_params)
                     second = second_order_term(eta, step, context.batch_size, bracket)
+                    curvature = finite_difference.curvature(context.batch_gradient)
+                    propagation = (propagation_factor(eta, curvature, self.every_n_steps), eta, target_gradient)
                 else:
                     second = torch.zeros_like(first)
             self._accumulate(target.name, step, ids, first, second, float(self.every_n_steps))
+            if propagation is not None:
+                self._propagate(target.name, ids, first, second, float(self.every_n_steps), context.batch_size, *propagation)
         self.steps_recorded += 1
         self.steps_represented += self.every_n_steps
+
+    def _propagate(
+        self,
+        name: str,
+        ids: Tensor,
+        first: Tensor,
+        second: Tensor,
+        weight: float,
+        batch_size: int,
+        factor: float,
+        eta: float,
+        target_gradient: dict[str, Tensor],
+    ) -> None:
+        """Carry every earlier contribution through this step, then add this step's (second_order='propagated')."""
+        if not math.isfinite(factor):
+            return  # counted and warned about with the contributions themselves
+        sums = self._sums[name]
+        finite = torch.isfinite(first) & torch.isfinite(second)
+        ids, first = ids[finite], first[finite]
+        dtype = sums["decayed_first"].dtype
+        sums["decayed_first"].mul_(factor).index_add_(0, ids, first.detach().to(dtype) * weight)
+        sums["decayed_weight"].mul_(factor).index_add_(0, ids, torch.full_like(first, eta / batch_size, dtype=dtype) * weight)
+        assert self.num_samples is not None
+        previous = self._target_sums.get(name)
+        self._target_sums[name] = {
+            k: (0.0 if previous is None else factor * previous[k]) + (weight * eta / self.num_samples) * v.detach()
+            for k, v in target_gradient.items()
+        }
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.schedule == "in_run" and self.compute_second_order and self._target_sums:
+            with _rng_untouched(pl_module.device):
+                self._compute_drift(trainer, trainer.global_step)
+
+    def _compute_drift(self, trainer: pl.Trainer, step: int) -> None:
+        """The target-drift correction: sum over visits of (eta/|B|) <g_V(theta_T) - g_V(theta_s), G_i>, decayed.
+
+        With ``G_i(theta_s)`` approximated by ``G_i(theta_T)`` it becomes
+        ``decayed_weight_i <g_V(theta_T), G_i> - <sum_t (eta_t/N) g_V(theta_t) (decayed), G_i>``: two
+        per-sample dot products at the final parameters, one pass over the training set.
+        """
+        loss = self._per_sample_loss
+        assert loss is not None
+        loss.seed = self.seed * 1_000_003 + step
+        params = loss.parameters()
+        device = params[next(iter(params))].device
+        batches = self._training_set_batches(trainer, device)
+        for target in self.targets:
+            if target.name not in self._target_sums or isinstance(target, SelfTarget):
+                continue
+            if isinstance(target, DatasetTarget):
+                final_gradient = target.fresh_gradient(loss, params, step, device)
+            else:
+                final_gradient = target.current_estimate()
+            weights = self._sums[target.name]["decayed_weight"]
+            drift = torch.zeros_like(weights)
+            for batch, ids in batches:
+                toward_final = loss.dots(params, [batch], final_gradient).to(drift.dtype)
+                toward_past = loss.dots(params, [batch], self._target_sums[target.name]).to(drift.dtype)
+                drift.index_add_(0, ids, weights[ids] * toward_final - toward_past)
+            self._drift[target.name] = drift
 
     def _record_checkpoint(self, trainer: pl.Trainer, step: int, optimizer: torch.optim.Optimizer, proxy_batches: list[Any], proxy_size: int) -> None:
         """Score every training sample at this checkpoint, with the step's batch as the proxy batch."""
@@ -556,20 +643,27 @@ class DiffInCallback(Callback):
 
     @property
     def influence(self) -> InfluenceResult:
-        """The scores so far under the callback's ``normalization`` (CPU float64)."""
-        return self.influence_with(self.normalization)
+        """The scores so far with the callback's ``second_order`` term (CPU float64)."""
+        return self.influence_with(self.second_order)
 
-    def influence_with(self, normalization: Normalization) -> InfluenceResult:
-        """The scores so far under a named normalization (``"paper"`` or ``"sum"``)."""
+    def influence_with(self, second_order: SecondOrderTerm) -> InfluenceResult:
+        """The scores so far with a named second-order term (``"propagated"``, ``"paper"`` or ``"sum"``)."""
+        if second_order not in SECOND_ORDER_TERMS:
+            raise ValueError(f"`second_order` must be one of {SECOND_ORDER_TERMS}; got {second_order!r}.")
+        if second_order == "propagated" and self.schedule == "checkpoints":
+            raise ValueError("second_order='propagated' is recorded by schedule='in_run' only; use 'paper' or 'sum'.")
         if not self._sums:
             raise RuntimeError("DiffInCallback has recorded nothing yet: run Trainer.fit with it first.")
         targets = {}
         kinds = {target.name: target.kind for target in self.targets}
         for name, sums in self._sums.items():
             first = sums["first_order"].detach().to("cpu", torch.float64)
-            second = normalize_second_order(
-                sums["second_order_sum"].detach().to("cpu", torch.float64), normalization, self.steps_represented
-            )
+            if second_order == "propagated":
+                second = self._propagated_second_order(name, first)
+            else:
+                second = normalize_second_order(
+                    sums["second_order_sum"].detach().to("cpu", torch.float64), second_order, self.steps_represented
+                )
             targets[name] = TargetInfluence(
                 name=name,
                 kind=kinds[name],
@@ -578,16 +672,29 @@ class DiffInCallback(Callback):
                 diffin=first + second,
                 visits=sums["visits"].detach().to("cpu", torch.float64),
             )
-        return InfluenceResult(targets=targets, metadata=self._metadata(normalization))
+        return InfluenceResult(targets=targets, metadata=self._metadata(second_order))
 
-    def _metadata(self, normalization: Normalization) -> dict[str, Any]:
+    def _propagated_second_order(self, name: str, first: Tensor) -> Tensor:
+        """decayed first order + target-drift correction - first order (0 for first-order-only targets)."""
+        sums = self._sums[name]
+        kinds = {target.name: target for target in self.targets}
+        if not kinds[name].has_second_order or not self.compute_second_order:
+            return torch.zeros_like(first)
+        decayed = sums["decayed_first"].detach().to("cpu", torch.float64)
+        drift = self._drift.get(name)
+        drift = torch.zeros_like(first) if drift is None else drift.detach().to("cpu", torch.float64)
+        return decayed + drift - first
+
+    def _metadata(self, second_order: SecondOrderTerm) -> dict[str, Any]:
         return {
             "library": "diffin_lightning",
             "library_version": __version__,
             "num_samples": self.num_samples,
             "targets": [target.name for target in self.targets],
             "fingerprint": self.fingerprint,
-            "normalization": normalization,
+            "second_order": second_order,
+            "second_order_terms_available": list(SECOND_ORDER_TERMS if self.schedule == "in_run" else SECOND_ORDER_TERMS[1:]),
+            "propagated_drift_included": bool(self._drift),
             "finite_difference": self.finite_difference,
             "compute_second_order": self.compute_second_order,
             "eps": "auto" if self.eps is None else self.eps,
@@ -640,6 +747,7 @@ class DiffInCallback(Callback):
             "nonfinite_skipped": self.nonfinite_skipped,
             "sums": {name: {k: v.detach().cpu() for k, v in sums.items()} for name, sums in self._sums.items()},
             "targets": {target.name: target.state_dict() for target in self.targets},
+            "target_sums": {name: {k: v.detach().cpu() for k, v in sums.items()} for name, sums in self._target_sums.items()},
             "every_n_steps": self.every_n_steps,
         }
 
@@ -669,11 +777,17 @@ class DiffInCallback(Callback):
                 f"DiffInCallback: the checkpoint records targets {sorted(saved_sums)} but this callback has "
                 f"{sorted(names)}. Resume with the same targets."
             )
-        self._sums = {name: {k: v.to(device=device, dtype=dtype) for k, v in sums.items()} for name, sums in saved_sums.items()}
+        self._sums = {
+            name: {key: sums[key].to(device=device, dtype=dtype) if key in sums else torch.zeros(self.num_samples, dtype=dtype, device=device) for key in _SUMS}
+            for name, sums in saved_sums.items()
+        }
         self.steps_recorded = int(state.get("steps_recorded", 0))
         self.steps_represented = float(state.get("steps_represented", 0))
         self.skipped_amp_steps = int(state.get("skipped_amp_steps", 0))
         self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
+        self._target_sums = {
+            name: {k: v.to(device) for k, v in sums.items()} for name, sums in state.get("target_sums", {}).items()
+        }
         for target in self.targets:
             target.load_state_dict(state.get("targets", {}).get(target.name, {}), device)
 

@@ -27,9 +27,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from diffin_lightning.per_sample import Params, PerSampleLoss, add_scaled, norm
+from diffin_lightning.per_sample import Params, PerSampleLoss, add_scaled, dot, norm
 
 FiniteDifferenceScheme = Literal["forward", "central"]
+SecondOrderTerm = Literal["propagated", "paper", "sum"]
+SECOND_ORDER_TERMS: tuple[SecondOrderTerm, ...] = ("propagated", "paper", "sum")
 Normalization = Literal["paper", "sum"]
 Schedule = Literal["in_run", "checkpoints"]
 SCHEDULES: tuple[Schedule, ...] = ("in_run", "checkpoints")
@@ -90,6 +92,7 @@ class FiniteDifferenceBracket:
         if float(self.target_norm) == 0.0:
             return
         direction = {k: v / self.target_norm for k, v in target_gradient.items()}
+        self.direction = direction
         for sign in (1.0, -1.0) if scheme == "central" else (1.0,):
             point = add_scaled(params, direction, sign * eps)
             self.points.append((point, loss.batch_gradient(point, gradient_batches, batch_size)))
@@ -103,6 +106,32 @@ class FiniteDifferenceBracket:
             return self.target_norm * (f_plus - f_at_params) / self.eps
         f_minus = self.loss.dots(self.points[1][0], sample_batches, self.points[1][1])
         return self.target_norm * (f_plus - f_minus) / (2 * self.eps)
+
+
+    def curvature(self, batch_gradient: Params) -> float:
+        """``lambda = <u, H_B u>``, the batch loss's curvature along the target direction, from the same points.
+
+        ``batch_gradient`` is ``G_B`` at ``theta`` (the forward scheme needs it).
+        """
+        if not self.points:
+            return 0.0
+        plus = self.points[0][1]
+        if self.scheme == "forward":
+            return float(dot(self.direction, {k: plus[k] - batch_gradient[k] for k in plus})) / self.eps
+        minus = self.points[1][1]
+        return float(dot(self.direction, {k: plus[k] - minus[k] for k in plus})) / (2 * self.eps)
+
+
+def propagation_factor(eta: float, curvature: float, steps: int) -> float:
+    """``(1 - eta lambda)^steps``: how much of an earlier displacement along ``g_V`` survives this step.
+
+    Removing a sample moves the parameters; every later SGD step multiplies that
+    displacement by ``(I - eta H_B)``. Along the target direction ``u`` this is the scalar
+    ``1 - eta <u, H_B u>``. Diff-In's Eq. 9 keeps only the first-order expansion
+    ``1 - t eta lambda`` of the product, which over-corrects once ``t eta lambda`` is large;
+    the product itself does not.
+    """
+    return (1.0 - eta * curvature) ** steps
 
 
 def hessian_gradient_bracket(

@@ -126,6 +126,11 @@ class DatasetTarget:
         assert self.gradient is not None
         return self.gradient
 
+    def fresh_gradient(self, loss: PerSampleLoss, params: Params, step: int, device: torch.device) -> Params:
+        """``g_V`` at ``params`` computed now, whatever the refresh interval (end-of-fit use)."""
+        self.refreshed_at_step = None
+        return self.target_gradient(loss, params, step, device, {})
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "gradient": None if self.gradient is None else {k: v.detach().cpu() for k, v in self.gradient.items()},
@@ -165,6 +170,11 @@ class TrainingLossTarget:
             self.average = {k: torch.zeros_like(v) for k, v in batch_gradient.items()}
         self.average = {k: self.decay * self.average[k] + (1 - self.decay) * batch_gradient[k] for k in batch_gradient}
         self.updates += 1
+        return self.current_estimate()
+
+    def current_estimate(self) -> Params:
+        """The bias-corrected average as it stands (the training loss's gradient estimate at the end)."""
+        assert self.average is not None, "no step recorded yet"
         correction = 1 - self.decay**self.updates
         return {k: v / correction for k, v in self.average.items()}
 

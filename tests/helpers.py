@@ -80,6 +80,7 @@ class TrajectoryRecorder(pl.Callback):
 
     steps: list[Step] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)
+    final: dict[str, Tensor] = field(default_factory=dict)
 
     def __hash__(self) -> int:
         return id(self)
@@ -91,6 +92,9 @@ class TrajectoryRecorder(pl.Callback):
         params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
         self.steps.append(Step(trainer.global_step, optimizer.param_groups[0]["lr"], params, self.pending))
         self.pending = []
+
+    def on_train_end(self, trainer, pl_module):
+        self.final = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
 
 
 def trainer(**kwargs: Any) -> pl.Trainer:

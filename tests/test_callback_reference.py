@@ -13,6 +13,7 @@ from helpers import (
     TrajectoryRecorder,
     exact_brackets,
     finite_difference_brackets,
+    shifted,
     leaf_params,
     mean_gradient,
     sample_gradients,
@@ -34,6 +35,10 @@ def reference_scores(model, steps, data: TinyData, *, eps, every_n, refresh, dec
     visits = torch.zeros(n, dtype=torch.float64)
     cached, refreshed_at, average, updates = None, None, None, 0
     represented = 0
+    # second_order="propagated": decayed sums, carried by (1 - eta <u, H_B u>)^every_n with the FD curvature
+    decayed_first = {k: torch.zeros(n, dtype=torch.float64) for k in ("val", "train")}
+    decayed_weight = {k: torch.zeros(n, dtype=torch.float64) for k in ("val", "train")}
+    target_sum = {k: 0.0 for k in ("val", "train")}
     for s in steps:
         if s.step % every_n:
             continue
@@ -53,10 +58,33 @@ def reference_scores(model, steps, data: TinyData, *, eps, every_n, refresh, dec
             fd = finite_difference_brackets(model, s.params, x[ids], y[ids], g, eps, scheme)
             second_fd[name].index_add_(0, ids, coefficient * fd)
             second_exact[name].index_add_(0, ids, coefficient * exact_brackets(model, s.params, x[ids], y[ids], g))
+            u = g / g.norm()
+            plus = mean_gradient(model, shifted(s.params, u, eps), x[ids], y[ids])
+            if scheme == "forward":
+                curvature = float(u @ (plus - batch_gradient)) / eps
+            else:
+                curvature = float(u @ (plus - mean_gradient(model, shifted(s.params, u, -eps), x[ids], y[ids]))) / (2 * eps)
+            factor = (1 - s.lr * curvature) ** every_n
+            decayed_first[name] = factor * decayed_first[name]
+            decayed_first[name].index_add_(0, ids, every_n * s.lr / batch * (grads @ g))
+            decayed_weight[name] = factor * decayed_weight[name]
+            decayed_weight[name].index_add_(0, ids, torch.full((batch,), every_n * s.lr / batch, dtype=torch.float64))
+            target_sum[name] = factor * target_sum[name] + every_n * s.lr / n * g
         first["self"].index_add_(0, ids, every_n * s.lr / batch * (grads**2).sum(1))
         visits.index_add_(0, ids, torch.ones(batch, dtype=torch.float64))
         represented += every_n
-    return first, second_fd, second_exact, visits, represented
+    final = leaf_params(model_final(model))
+    final_grads = torch.stack(sample_gradients(model, final, x, y))
+    final_targets = {"val": mean_gradient(model, final, xv, yv), "train": average / (1 - decay**updates)}
+    propagated = {
+        name: decayed_first[name] + decayed_weight[name] * (final_grads @ final_targets[name]) - final_grads @ target_sum[name] - first[name]
+        for name in ("val", "train")
+    }
+    return first, second_fd, second_exact, visits, represented, propagated
+
+
+def model_final(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
 def _close(actual, expected, rtol):
@@ -87,7 +115,7 @@ def test_components_match_brute_force_reference(tmp_path, tiny_data, accumulate,
     assert all(len(s.ids) == 4 * accumulate for s in recorder.steps), "a step must hold all its micro-batches"
     assert len(recorder.steps) == epochs * 4 // accumulate
 
-    first, second_fd, second_exact, visits, represented = reference_scores(
+    first, second_fd, second_exact, visits, represented, propagated = reference_scores(
         model, recorder.steps, tiny_data, eps=EPS, every_n=every_n, refresh=refresh, decay=0.5, scheme=scheme
     )
     result = callback.influence_with("sum")
@@ -108,6 +136,10 @@ def test_components_match_brute_force_reference(tmp_path, tiny_data, accumulate,
         _close(scores.diffin, scores.first_order + scores.second_order, RTOL)
         _close(paper[name].second_order, scores.second_order / represented, RTOL)
         _close(paper[name].diffin, scores.first_order + scores.second_order / represented, RTOL)
+        default = callback.influence[name]
+        assert callback.second_order == "propagated"
+        _close(default.second_order, propagated[name], RTOL)
+        _close(default.diffin, default.first_order + propagated[name], RTOL)
     if accumulate == 1 and every_n == 1:
         # Each sample is visited once per epoch.
         assert torch.equal(visits, torch.full_like(visits, epochs))

@@ -8,13 +8,15 @@ import pytest
 import torch
 
 from diffin_lightning.estimator import (
+    FiniteDifferenceBracket,
     batch_gradient_dots,
+    propagation_factor,
     hessian_gradient_bracket,
     normalize_second_order,
     resolve_eps,
 )
 from diffin_lightning.per_sample import PerSampleLoss
-from helpers import TinyClassifier, exact_brackets, mean_gradient, leaf_params
+from helpers import TinyClassifier, exact_brackets, leaf_params, mean_gradient, sample_gradients
 
 
 def _setup(tiny_data):
@@ -70,3 +72,24 @@ def test_normalizations_by_name():
     assert torch.equal(normalize_second_order(total, "paper", 4), total / 4)
     with pytest.raises(ValueError, match="`normalization` must be one of"):
         normalize_second_order(total, "mean", 4)  # type: ignore[arg-type]
+
+
+def test_curvature_along_the_target_matches_the_exact_hessian(tiny_data):
+    loss, params, batches, target, _ = _setup(tiny_data)
+    model = loss.module
+    x, y = tiny_data.train.tensors
+    flat_target = torch.cat([v.reshape(-1) for v in target.values()])
+    u = flat_target / flat_target.norm()
+    p = leaf_params(params)
+    batch_gradient = torch.stack(sample_gradients(model, p, x[:6], y[:6], create_graph=True)).mean(0)
+    hvp = torch.autograd.grad(batch_gradient @ u, list(p.values()))
+    exact = float(torch.cat([h.reshape(-1) for h in hvp]) @ u)
+    gradient = loss.batch_gradient(params, batches, 6)
+    for scheme, tolerance in (("forward", 1e-3), ("central", 1e-6)):
+        bracket = FiniteDifferenceBracket(loss, params, batches, 6, target, 1e-4, scheme)
+        assert bracket.curvature(gradient) == pytest.approx(exact, rel=tolerance)
+
+
+def test_propagation_factor_is_the_product_of_one_step_factors():
+    assert propagation_factor(0.1, 2.0, 3) == pytest.approx(0.8**3)
+    assert propagation_factor(0.1, 0.0, 5) == 1.0
