@@ -58,8 +58,10 @@ def _rows(callbacks: dict[str, DiffInCallback]) -> dict[str, Callable[[], Tensor
     """Estimator rows read from the callbacks: name -> scores [N]."""
     return {
         "first_order (in-run TracIn)": lambda: callbacks["in_run"].influence["val"].first_order,
-        "diffin, normalization=paper": lambda: callbacks["in_run"].influence_with("paper")["val"].diffin,
-        "diffin, normalization=sum": lambda: callbacks["in_run"].influence_with("sum")["val"].diffin,
+        "diffin, second_order=propagated (default)": lambda: callbacks["in_run"].influence_with("propagated")["val"].diffin,
+        "diffin, propagated, central FD": lambda: callbacks["in_run_central"].influence_with("propagated")["val"].diffin,
+        "diffin, second_order=paper (Eq. 9, 1/m)": lambda: callbacks["in_run"].influence_with("paper")["val"].diffin,
+        "diffin, second_order=sum (Eq. 9, all steps)": lambda: callbacks["in_run"].influence_with("sum")["val"].diffin,
         "diffin, sum, central FD": lambda: callbacks["in_run_central"].influence_with("sum")["val"].diffin,
         "paper Eq. 9, checkpoints m=5": lambda: callbacks["checkpoints_5"].influence_with("paper")["val"].diffin,
         "paper Eq. 9, checkpoints m=20": lambda: callbacks["checkpoints_20"].influence_with("paper")["val"].diffin,

@@ -64,7 +64,7 @@ def reference_scores(model, steps, data: TinyData, *, eps, every_n, refresh, dec
                 curvature = float(u @ (plus - batch_gradient)) / eps
             else:
                 curvature = float(u @ (plus - mean_gradient(model, shifted(s.params, u, -eps), x[ids], y[ids]))) / (2 * eps)
-            factor = (1 - s.lr * curvature) ** every_n
+            factor = min(1.0, max(0.0, 1 - s.lr * curvature)) ** every_n
             decayed_first[name] = factor * decayed_first[name]
             decayed_first[name].index_add_(0, ids, every_n * s.lr / batch * (grads @ g))
             decayed_weight[name] = factor * decayed_weight[name]

@@ -93,3 +93,8 @@ def test_curvature_along_the_target_matches_the_exact_hessian(tiny_data):
 def test_propagation_factor_is_the_product_of_one_step_factors():
     assert propagation_factor(0.1, 2.0, 3) == pytest.approx(0.8**3)
     assert propagation_factor(0.1, 0.0, 5) == 1.0
+
+
+def test_propagation_factor_is_clamped_to_the_unit_interval():
+    assert propagation_factor(0.1, -3.0, 2) == 1.0  # negative curvature: treated as flat
+    assert propagation_factor(1.0, 5.0, 1) == 0.0  # overshoot: nothing survives, no sign flip
