@@ -75,16 +75,20 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/overhead.md")
+    parser.add_argument("--workloads", nargs="+", default=["digits", "synthetic"], choices=["digits", "synthetic"])
     args = parser.parse_args()
     lines = [
         f"# DiffInCallback overhead ({args.device}, {torch.get_num_threads()} threads, median of {args.repeats})",
         "",
-        "Command: `.venv/bin/python -m benchmarks.overhead " + f"--device {args.device} --repeats {args.repeats}`",
+        "Command: `.venv/bin/python -m benchmarks.overhead "
+        + f"--device {args.device} --repeats {args.repeats} --workloads {' '.join(args.workloads)}`",
         "",
         "| workload | callback | plain s | with callback s | ratio |",
         "| --- | --- | ---: | ---: | ---: |",
     ]
     for name, (make_data, model_kwargs, epochs) in workloads(args.device).items():
+        if name.split()[0] not in args.workloads:
+            continue
         fit_seconds(make_data, model_kwargs, 1, args.device, None)  # warm-up
         for label, setting in CALLBACK_SETTINGS.items():
             plain, with_callback = [], []

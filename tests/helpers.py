@@ -7,7 +7,7 @@ library's torch.func code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks import harness
 from diffin_lightning import EpochSeededSampler, IndexedDataset
 
 RTOL = 1e-6  # exact parts, float64
@@ -66,35 +67,8 @@ class TinyData:
         return DataLoader(indexed, batch_size=batch_size, sampler=EpochSeededSampler(len(indexed), seed=seed))
 
 
-@dataclass
-class Step:
-    step: int
-    lr: float
-    params: dict[str, Tensor]
-    ids: list[int]
-
-
-@dataclass
-class TrajectoryRecorder(pl.Callback):
-    """Records theta_t, eta_t and the ids of every optimizer step (all micro-batches)."""
-
-    steps: list[Step] = field(default_factory=list)
-    pending: list[int] = field(default_factory=list)
-    final: dict[str, Tensor] = field(default_factory=dict)
-
-    def __hash__(self) -> int:
-        return id(self)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.pending += batch["index"].tolist()
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
-        self.steps.append(Step(trainer.global_step, optimizer.param_groups[0]["lr"], params, self.pending))
-        self.pending = []
-
-    def on_train_end(self, trainer, pl_module):
-        self.final = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+# The recorder the fidelity benchmark uses: theta_t, eta_t and ids of every optimizer step.
+TrajectoryRecorder = harness.TrajectoryRecorder
 
 
 def trainer(**kwargs: Any) -> pl.Trainer:

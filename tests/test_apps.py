@@ -72,7 +72,7 @@ def test_coreset_verified_with_baselines(tiny_run, tmp_path, capsys):
     summary = analyze(_config("analyze", ["task=coreset", f"run_dir={tiny_run}", "p=[0.5]", "seeds=[0,1]", "verify=true", "class_balanced=true"]), tmp_path)
     kept = json.loads((tmp_path / "coreset_0.5.json").read_text())["ids"]
     assert 60 <= len(kept) <= 68
-    assert set(summary["accuracy"]) == {"diffin:train/diffin", "random", "el2n", "forgetting", "all data"}
+    assert set(summary["accuracy"]) == {"diffin:val/diffin", "random", "el2n", "forgetting", "all data"}
     assert all(len(v) == 2 for per in summary["accuracy"].values() for v in per.values())
     assert "mean" in capsys.readouterr().out and (tmp_path / "coreset.png").is_file()
 
