@@ -1,7 +1,8 @@
 """Fidelity of the influence estimators against trajectory-specific leave-one-out on digits.
 
-    .venv/bin/pip install -e ".[bench]"      # captum, for the TracInCP row (benchmark only)
-    .venv/bin/python -m benchmarks.fidelity  # writes benchmarks/results/fidelity.md and fidelity_<regime>.png
+    bash benchmarks/fidelity.sh              # sets up .venv with the bench extra (Captum), then runs this
+    .venv/bin/python -m benchmarks.fidelity  # the same, in a .venv that has it
+Writes benchmarks/results/fidelity.md and fidelity_<model>_<regime>.png.
 
 For each training regime it trains one small MLP (float64, plain SGD, fixed seed and batch
 order) through a real Lightning Trainer with several DiffInCallbacks attached (in-run and
@@ -100,12 +101,15 @@ def train_with_estimators(kind: str, regime: Regime, label_noise: float, workdir
     return datamodule, model, recorder, callbacks
 
 
-def captum_tracin(model: torch.nn.Module, recorder: TrajectoryRecorder, train, target, num_checkpoints: int, workdir: Path) -> Tensor | None:
-    """Captum's TracInCP from ``num_checkpoints`` evenly spaced checkpoints of the same run (None if captum is missing)."""
+def captum_tracin(model: torch.nn.Module, recorder: TrajectoryRecorder, train, target, num_checkpoints: int, workdir: Path) -> Tensor:
+    """Captum's TracInCP from ``num_checkpoints`` evenly spaced checkpoints of the same run."""
     try:
         from captum.influence import TracInCP
-    except ImportError:
-        return None
+    except ImportError as error:
+        raise SystemExit(
+            "error: the TracInCP row needs Captum, a benchmark-only dependency: "
+            '.venv/bin/pip install -e ".[bench]" (or run bash benchmarks/fidelity.sh)'
+        ) from error
     total = len(recorder.steps)
     chosen = [recorder.steps[int((k + 0.5) * total / num_checkpoints)] for k in range(num_checkpoints)]
     paths, learning_rates = [], {}
@@ -153,9 +157,7 @@ def all_scores(datamodule, model, recorder, callbacks, workdir) -> dict[str, Ten
     train = datamodule.train_dataset.dataset.tensors
     target = datamodule.val_dataset.tensors
     scores = {name: read() for name, read in _rows(callbacks).items()}
-    tracin = captum_tracin(model, recorder, train, target, 5, workdir)
-    if tracin is not None:
-        scores["Captum TracInCP, 5 checkpoints"] = tracin
+    scores["Captum TracInCP, 5 checkpoints"] = captum_tracin(model, recorder, train, target, 5, workdir)
     scores["exact SGD-influence (Hara et al.)"] = exact_sgd_influence(
         functional_cross_entropy(model), recorder.steps, recorder.final, train, target
     )
@@ -221,7 +223,7 @@ def main() -> None:
     lines = [
         "# Fidelity against leave-one-out (digits, plain SGD, float64)",
         "",
-        f"Command: `.venv/bin/{command}` (after `.venv/bin/pip install -e \".[bench]\"` for Captum)",
+        f"Command: `bash benchmarks/fidelity.sh {command.split(' ', 3)[3]}` (or `.venv/bin/{command}` in a .venv with the bench extra)",
         "",
         "Truth: the same run with sample j's loss weight set to 0 in every batch that held it (same order, same",
         f"denominator), truth(j) = L_V(without j) - L_V(with), for {args.num_ids} random ids. Mislabel columns: a second",

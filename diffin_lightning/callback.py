@@ -281,9 +281,9 @@ class DiffInCallback(Callback):
             eps=self.eps,
         )
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
+    @staticmethod
+    def check_strategy(trainer: pl.Trainer) -> None:
+        """Raise unless ``trainer`` trains on one device (callable before ``fit``, which launches processes)."""
         strategy = trainer.strategy
         if not isinstance(strategy, SingleDeviceStrategy) or trainer.world_size != 1:
             raise RuntimeError(
@@ -291,6 +291,11 @@ class DiffInCallback(Callback):
                 f"{type(strategy).__name__} with world_size={trainer.world_size}. Train with "
                 "Trainer(devices=1) (any accelerator) until distributed support lands."
             )
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.check_strategy(trainer)
         if not pl_module.automatic_optimization:
             raise RuntimeError(
                 "DiffInCallback needs automatic optimization (one optimizer step per batch that Lightning "

@@ -77,6 +77,11 @@ def train(config: DictConfig, run_dir: Path) -> dict[str, Any]:
         callbacks=[influence, dynamics, checkpoints],
         logger=CSVLogger(str(run_dir), name="logs"),
     )
+    try:
+        # Before fit: a multi-process strategy would launch its workers first and fail in each of them.
+        DiffInCallback.check_strategy(trainer)
+    except RuntimeError as error:
+        raise UsageError(f"trainer: {error} (e.g. trainer=cpu or trainer=gpu)") from error
     started = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=config.ckpt_path)
     summary = {

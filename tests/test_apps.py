@@ -121,6 +121,14 @@ def test_cli_errors_are_one_line(tiny_run, tmp_path):
         assert "Traceback" not in result.stderr
 
 
+def test_train_cli_refuses_a_distributed_trainer_in_one_line(tmp_path):
+    result = _cli("diffin_lightning.train", "experiment=tiny", "trainer=ddp", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "single-device training for now" in errors[0]
+    assert "Traceback" not in result.stderr
+
+
 def test_train_cli_with_overrides(tmp_path):
     run_dir = tmp_path / "run"
     result = _cli(
