@@ -16,6 +16,11 @@ The bracket is one directional derivative of ``f_i(theta) = <G_B(theta), G_i(the
 along ``u = g_V/|g_V|`` (its gradient is ``H_B G_i + H_i G_B``), taken by a finite
 difference: ``forward``, ``|g_V| (f_i(theta + eps u) - f_i(theta)) / eps``, error O(eps);
 or ``central``, ``|g_V| (f_i(theta + eps u) - f_i(theta - eps u)) / (2 eps)``, error O(eps^2).
+
+The ``"propagated"`` second-order term (the callback's default) reuses the same
+perturbed batch gradient for the curvature ``<u, H_B u>`` along the target direction and
+carries every earlier contribution through each later step by
+:func:`propagation_factor`; the callback adds the target-drift correction at the end of fit.
 """
 
 from __future__ import annotations
@@ -50,12 +55,6 @@ def resolve_eps(eps: float | None, params: Params) -> float:
         return float(eps)
     dtype = next(iter(params.values())).dtype
     return math.sqrt(torch.finfo(dtype).eps) * max(1.0, float(norm(params)))
-
-
-def batch_gradient_dots(loss: PerSampleLoss, params: Params, batches: Sequence[Any], batch_size: int) -> tuple[Params, Tensor]:
-    """``(G_B, [<G_B, G_i>]_i)`` at ``params``: the batch gradient and ``f_i`` for every sample."""
-    batch_gradient = loss.batch_gradient(params, batches, batch_size)
-    return batch_gradient, loss.dots(params, batches, batch_gradient)
 
 
 class FiniteDifferenceBracket:
@@ -135,21 +134,6 @@ def propagation_factor(eta: float, curvature: float, steps: int) -> float:
     clamps measured neutral or better on the fidelity benchmark.
     """
     return min(1.0, max(0.0, 1.0 - eta * curvature)) ** steps
-
-
-def hessian_gradient_bracket(
-    loss: PerSampleLoss,
-    params: Params,
-    batches: Sequence[Any],
-    batch_size: int,
-    f_at_params: Tensor,
-    target_gradient: Params,
-    eps: float,
-    scheme: FiniteDifferenceScheme,
-) -> Tensor:
-    """``[<g_V, H_B G_i + H_i G_B>]_i`` for the samples of ``B`` itself (the in-run case)."""
-    bracket = FiniteDifferenceBracket(loss, params, batches, batch_size, target_gradient, eps, scheme)
-    return bracket.evaluate(batches, f_at_params)
 
 
 def first_order_term(eta: float, batch_size: int, target_dots: Tensor) -> Tensor:
