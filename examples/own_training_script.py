@@ -49,7 +49,9 @@ def main() -> None:
 
     scores = load_influence(callback.output_path, dataset=train)
     suspects = torch.argsort(scores["self"].diffin, descending=True)[:20]  # highest self-influence first
-    harmful = torch.argsort(scores["val"].diffin)[:20]  # lowest (most negative) influence on val loss first
+    # Lowest (most negative) influence on the val loss first. To find wrong labels the self-influence
+    # above is the sharper signal (README, "Fidelity"): the val ranking answers "what hurt validation".
+    harmful = torch.argsort(scores["val"].diffin)[:20]
     print("20 highest self-influence samples:", suspects.tolist())
     print(f"  of which flipped: {int(flipped[:1400][suspects].sum())}/20")
     print("20 most harmful samples for the val loss:", harmful.tolist())
