@@ -208,3 +208,33 @@ def test_checkpoint_schedule_matches_eq9_reference(tmp_path, tiny_data):
         _close(summed[name].second_order, second_fd[name], RTOL)
         # Under the paper's normalization the stored term is Eq. 9 itself (1/m, coefficient -t eta^2/N).
         _close(paper[name].second_order, eq9_exact[name], 1e-4)
+
+
+def test_dataloader_target_equals_dataset_target(tmp_path, tiny_data):
+    from torch.utils.data import DataLoader
+
+    from diffin_lightning import IndexedDataset
+
+    results = []
+    for target in (tiny_data.val, DataLoader(IndexedDataset(tiny_data.val), batch_size=4)):
+        callback = DiffInCallback(targets={"val": target}, eps=EPS)
+        trainer(default_root_dir=tmp_path / str(len(results)), max_epochs=2, callbacks=[callback]).fit(
+            TinyClassifier().double(), tiny_data.loader()
+        )
+        results.append(callback.influence_with("sum")["val"])
+    _close(results[1].first_order, results[0].first_order, RTOL)
+    _close(results[1].second_order, results[0].second_order, RTOL)
+
+
+def test_target_subsets_are_drawn_per_refresh(tmp_path, tiny_data):
+    """max_samples below the target's size: each refresh uses a seeded subset, so scores differ from the full
+    target but repeat exactly for the same seed."""
+    scores = []
+    for max_samples in (None, 3, 3):
+        callback = DiffInCallback(targets={"val": tiny_data.val}, eps=EPS, target_max_samples=max_samples)
+        trainer(default_root_dir=tmp_path / str(len(scores)), max_epochs=1, callbacks=[callback]).fit(
+            TinyClassifier().double(), tiny_data.loader()
+        )
+        scores.append(callback.influence["val"].first_order)
+    assert not torch.allclose(scores[1], scores[0])
+    assert torch.equal(scores[1], scores[2])
