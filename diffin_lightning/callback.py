@@ -33,7 +33,7 @@ from diffin_lightning.estimator import (
     resolve_eps,
     second_order_term,
 )
-from diffin_lightning.per_sample import LossFn, PerSampleLoss
+from diffin_lightning.per_sample import DOT_ENGINES, DotEngine, LossFn, PerSampleLoss
 from diffin_lightning.store import InfluenceResult, TargetInfluence, save_influence
 from diffin_lightning.targets import DatasetTarget, SelfTarget, Target, TrainingLossTarget, build_targets
 from diffin_lightning.version import __version__
@@ -77,8 +77,8 @@ class _StepContext:
 
     @cached_property
     def batch_gradient(self) -> dict[str, Tensor]:
-        """``G_B`` at the step's parameters."""
-        return self.loss.batch_gradient(self.params, self.batches, self.batch_size)
+        """``G_B`` at the step's parameters (keeping the activations for the dot products that follow)."""
+        return self.loss.batch_gradient(self.params, self.batches, self.batch_size, keep_captures=True)
 
     @cached_property
     def f_at_params(self) -> Tensor:
@@ -141,6 +141,10 @@ class DiffInCallback(Callback):
             ``T/m`` steps; the ``"train"`` target uses the exact full-data gradient there).
         num_checkpoints: ``m`` for ``schedule="checkpoints"``; checkpoint ``k`` is step
             ``floor((k + 1/2) T/m)``, the middle of the ``k``-th of ``m`` equal spans of the run.
+        dot_products: ``"auto"`` computes per-sample dot products from the activations and
+            output gradients of the batch-gradient pass ("ghost" dot products, no extra pass)
+            when every trainable parameter sits in a Linear layer, else with ``torch.func.jvp``;
+            ``"functional"`` always uses ``jvp``. Both give the same numbers (tested).
         self_chunk_size: samples per ``vmap`` chunk for the ``"self"`` target's per-sample
             gradients (bounds memory); ``None`` does the whole batch at once.
         output_dir: where ``influence.safetensors`` and ``influence.json`` go; default
@@ -177,6 +181,7 @@ class DiffInCallback(Callback):
         schedule: Schedule = "in_run",
         num_checkpoints: int | None = None,
         self_chunk_size: int | None = None,
+        dot_products: DotEngine = "auto",
         output_dir: str | os.PathLike[str] | None = None,
         save_on_checkpoint: bool = False,
         seed: int = 0,
@@ -218,6 +223,8 @@ class DiffInCallback(Callback):
                 f"`num_checkpoints` only applies to schedule='checkpoints'; got num_checkpoints={num_checkpoints} with "
                 f"schedule={schedule!r}. Drop it or set schedule='checkpoints'."
             )
+        if dot_products not in DOT_ENGINES:
+            raise ValueError(f"`dot_products` must be one of {DOT_ENGINES}; got {dot_products!r}.")
         if not 0.0 <= train_target_decay < 1.0:
             raise ValueError(f"`train_target_decay` must be in [0, 1); got {train_target_decay!r}.")
         self.targets: list[Target] = build_targets(
@@ -244,6 +251,7 @@ class DiffInCallback(Callback):
         self.num_checkpoints = num_checkpoints
         self.checkpoint_steps: list[int] = []
         self.self_chunk_size = self_chunk_size
+        self.dot_products = dot_products
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.save_on_checkpoint = save_on_checkpoint
         self.seed = seed
@@ -309,7 +317,7 @@ class DiffInCallback(Callback):
             )
         for target in self.targets:
             target.check_not_empty()
-        self._per_sample_loss = PerSampleLoss(pl_module, self.loss_fn or _default_loss_fn)
+        self._per_sample_loss = PerSampleLoss(pl_module, self.loss_fn or _default_loss_fn, engine=self.dot_products)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dataset = self._train_dataset(trainer)
@@ -453,11 +461,15 @@ class DiffInCallback(Callback):
             )
         # Training must draw the same random numbers with or without the callback (data order,
         # dropout): the extra passes and target loaders run on a forked RNG.
-        with _rng_untouched(pl_module.device):
-            if self.schedule == "checkpoints":
-                self._record_checkpoint(trainer, step, optimizer, [batch for batch, _ in pending], int(ids.numel()))
-            else:
-                self._record_step(step, optimizer, [batch for batch, _ in pending], ids)
+        assert self._per_sample_loss is not None
+        try:
+            with _rng_untouched(pl_module.device):
+                if self.schedule == "checkpoints":
+                    self._record_checkpoint(trainer, step, optimizer, [batch for batch, _ in pending], int(ids.numel()))
+                else:
+                    self._record_step(step, optimizer, [batch for batch, _ in pending], ids)
+        finally:
+            self._per_sample_loss.clear_captures()  # the step's activations are not needed any more
 
     @staticmethod
     def _scaler_will_skip(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool:

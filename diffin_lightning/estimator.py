@@ -94,7 +94,7 @@ class FiniteDifferenceBracket:
         self.direction = direction
         for sign in (1.0, -1.0) if scheme == "central" else (1.0,):
             point = add_scaled(params, direction, sign * eps)
-            self.points.append((point, loss.batch_gradient(point, gradient_batches, batch_size)))
+            self.points.append((point, loss.batch_gradient(point, gradient_batches, batch_size, keep_captures=True)))
 
     def evaluate(self, sample_batches: Sequence[Any], f_at_params: Tensor) -> Tensor:
         """The bracket for every sample of ``sample_batches``; ``f_at_params`` is ``[<G_B, G_i>]_i`` at ``theta``."""

@@ -18,15 +18,19 @@ restored afterwards, and no rounding from "add then subtract" creeps in.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.utils._pytree import tree_map
 
+from diffin_lightning import ghost
+
 Params = dict[str, Tensor]
 LossFn = Callable[[nn.Module, Any], Tensor]
+DotEngine = Literal["auto", "functional"]
+DOT_ENGINES: tuple[DotEngine, ...] = ("auto", "functional")
 
 
 class _LossModule(nn.Module):
@@ -69,6 +73,9 @@ class PerSampleLoss:
         seed: the random seed every evaluation starts from, so that dropout draws the
             same masks at ``theta`` and at the perturbed point (a finite difference of
             two different random functions would be noise). ``None`` leaves the RNG alone.
+        engine: ``"auto"`` uses ghost dot products (:mod:`diffin_lightning.ghost`) when every
+            trainable parameter sits in a Linear layer, else ``torch.func``; ``"functional"``
+            always uses ``torch.func``.
 
     Example::
 
@@ -81,10 +88,32 @@ class PerSampleLoss:
         torch.Size([4])
     """
 
-    def __init__(self, module: nn.Module, loss_fn: LossFn, seed: int | None = None) -> None:
+    def __init__(self, module: nn.Module, loss_fn: LossFn, seed: int | None = None, engine: DotEngine = "auto") -> None:
+        if engine not in DOT_ENGINES:
+            raise ValueError(f"`engine` must be one of {DOT_ENGINES}; got {engine!r}.")
         self._wrapper = _LossModule(module, loss_fn)
         self.module = module
         self.seed = seed
+        self.engine = engine
+        self._ghost: bool | None = None
+        # (id(params), id(batch)) -> (params, batch, capture); holding the objects keeps their ids unique.
+        self._captures: dict[tuple[int, int], tuple[Params, Any, ghost.GhostCapture]] = {}
+
+    def uses_ghost(self, params: Params) -> bool:
+        """Whether per-sample dot products come from captured activations (every trainable parameter in a Linear)."""
+        if self._ghost is None:
+            self._ghost = self.engine == "auto" and ghost.supports(self.module, list(params))
+        return self._ghost
+
+    def clear_captures(self) -> None:
+        """Forget the activations kept by ``batch_gradient(..., keep_captures=True)``."""
+        self._captures.clear()
+
+    def _capture(self, params: Params, batch: Any) -> ghost.GhostCapture | None:
+        entry = self._captures.get((id(params), id(batch)))
+        if entry is not None and entry[0] is params and entry[1] is batch:
+            return entry[2]
+        return None
 
     def parameters(self) -> Params:
         """The trainable parameters, detached (the point the step starts from)."""
@@ -109,12 +138,16 @@ class PerSampleLoss:
         """``[l_i(params)]`` for the samples of ``batch``."""
         return self._call(params, batch)
 
-    def batch_gradient(self, params: Params, batches: Iterable[Any], total: int | None = None) -> Params:
+    def batch_gradient(self, params: Params, batches: Iterable[Any], total: int | None = None, keep_captures: bool = False) -> Params:
         """``grad (1/total) sum_{i in batches} l_i`` at ``params``.
 
         ``batches`` are the step's micro-batches (or a target's batches); ``total``
         defaults to the number of samples they hold, which makes this the mean loss's gradient.
+        With ``keep_captures`` (ghost engine), the pass's activations are kept so that later
+        :meth:`dots` and :meth:`squared_gradient_norms` at the same ``params`` and batches need no pass.
         """
+        if self.uses_ghost(params):
+            return self._ghost_batch_gradient(params, batches, total, keep_captures)
 
         def sum_and_values(p: Params, b: Any) -> tuple[Tensor, Tensor]:
             losses = self._call(p, b)
@@ -131,10 +164,27 @@ class PerSampleLoss:
             raise ValueError("batch_gradient: `batches` yielded no samples; a gradient needs at least one.")
         return {k: v / (count if total is None else total) for k, v in result.items()}
 
+    def _ghost_batch_gradient(self, params: Params, batches: Iterable[Any], total: int | None, keep_captures: bool) -> Params:
+        result: Params | None = None
+        count = 0
+        for batch in batches:
+            summed, losses, capture = ghost.gradient_with_capture(self.module, lambda p: self._call(p, batch), params)
+            if keep_captures:
+                self._captures[(id(params), id(batch))] = (params, batch, capture)
+            count += losses.shape[0]
+            result = summed if result is None else {k: result[k] + summed[k] for k in result}
+        if result is None or count == 0:
+            raise ValueError("batch_gradient: `batches` yielded no samples; a gradient needs at least one.")
+        return {k: v / (count if total is None else total) for k, v in result.items()}
+
     def dots(self, params: Params, batches: Sequence[Any], direction: Params) -> Tensor:
         """``[<direction, grad l_i(params)>]`` for every sample of every micro-batch, concatenated."""
         out = []
         for batch in batches:
+            capture = self._capture(params, batch)
+            if capture is not None:
+                out.append(capture.dots(direction))
+                continue
             _, tangent = jvp(lambda p: self._call(p, batch), (params,), (direction,))
             out.append(tangent)
         return torch.cat(out)
@@ -149,6 +199,14 @@ class PerSampleLoss:
             g = grad(one_sample_loss)(p, sample)
             return sum(torch.sum(v * v) for v in g.values())
 
+        if self.uses_ghost(params):
+            norms = []
+            for batch in batches:
+                capture = self._capture(params, batch)
+                if capture is None:
+                    capture = ghost.gradient_with_capture(self.module, lambda p: self._call(p, batch), params)[2]
+                norms.append(capture.squared_norms())
+            return torch.cat(norms)
         out = []
         for batch in batches:
             in_dims = (None, tree_map(_batch_dim_of, batch))

@@ -93,11 +93,17 @@ def _close(actual, expected, rtol):
 
 
 @pytest.mark.parametrize(
-    ("accumulate", "every_n", "refresh", "scheme"),
-    [(1, 1, 1, "forward"), (2, 1, 1, "forward"), (1, 2, 3, "forward"), (1, 1, 1, "central")],
-    ids=["plain", "accumulate_grad_batches=2", "every_2_refresh_3", "central"],
+    ("accumulate", "every_n", "refresh", "scheme", "engine"),
+    [
+        (1, 1, 1, "forward", "auto"),
+        (2, 1, 1, "forward", "auto"),
+        (1, 2, 3, "forward", "auto"),
+        (1, 1, 1, "central", "auto"),
+        (2, 1, 1, "forward", "functional"),
+    ],
+    ids=["plain", "accumulate_grad_batches=2", "every_2_refresh_3", "central", "torch.func dot products"],
 )
-def test_components_match_brute_force_reference(tmp_path, tiny_data, accumulate, every_n, refresh, scheme):
+def test_components_match_brute_force_reference(tmp_path, tiny_data, accumulate, every_n, refresh, scheme, engine):
     model = TinyClassifier().double()
     recorder = TrajectoryRecorder()
     callback = DiffInCallback(
@@ -107,6 +113,7 @@ def test_components_match_brute_force_reference(tmp_path, tiny_data, accumulate,
         target_refresh_every_n_steps=refresh,
         finite_difference=scheme,
         train_target_decay=0.5,
+        dot_products=engine,
     )
     epochs = 3
     trainer(default_root_dir=tmp_path, max_epochs=epochs, accumulate_grad_batches=accumulate, callbacks=[recorder, callback]).fit(
