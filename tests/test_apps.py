@@ -50,6 +50,7 @@ def test_clean(tiny_run, tmp_path, capsys):
     assert (tmp_path / "clean.png").stat().st_size > 1000
     assert 0 <= summary["auroc"] <= 1 and set(summary["recall"]) == {"5%", "10%", "20%"}
     assert "Recall of corrupted labels" in capsys.readouterr().out
+    assert json.loads((tmp_path / "clean.json").read_text())["sign_convention"].startswith("influence(i) approximates")
 
 
 def test_delete_verified(tiny_run, tmp_path, capsys):

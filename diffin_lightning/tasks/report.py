@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from diffin_lightning.store import atomic_write_bytes
+from diffin_lightning.store import SIGN_CONVENTION, atomic_write_bytes
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
@@ -21,8 +21,9 @@ def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) 
     return path
 
 
-def write_json(path: Path, payload: Any) -> Path:
-    atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
+def write_json(path: Path, payload: dict[str, Any]) -> Path:
+    """Write a task's JSON output; every one carries the sign convention of the scores it was built from."""
+    atomic_write_bytes(path, (json.dumps({"sign_convention": SIGN_CONVENTION, **payload}, indent=2) + "\n").encode())
     return path
 
 
