@@ -146,36 +146,30 @@ class PerSampleLoss:
         With ``keep_captures`` (ghost engine), the pass's activations are kept so that later
         :meth:`dots` and :meth:`squared_gradient_norms` at the same ``params`` and batches need no pass.
         """
-        if self.uses_ghost(params):
-            return self._ghost_batch_gradient(params, batches, total, keep_captures)
-
-        def sum_and_values(p: Params, b: Any) -> tuple[Tensor, Tensor]:
-            losses = self._call(p, b)
-            return losses.sum(), losses.detach()
-
-        gradient_of_sum = grad(sum_and_values, has_aux=True)
         result: Params | None = None
         count = 0
         for batch in batches:
-            part, losses = gradient_of_sum(params, batch)
-            count += losses.shape[0]
+            part, size = self._gradient_of_sum(params, batch, keep_captures)
+            count += size
             result = part if result is None else {k: result[k] + part[k] for k in result}
         if result is None or count == 0:
             raise ValueError("batch_gradient: `batches` yielded no samples; a gradient needs at least one.")
         return {k: v / (count if total is None else total) for k, v in result.items()}
 
-    def _ghost_batch_gradient(self, params: Params, batches: Iterable[Any], total: int | None, keep_captures: bool) -> Params:
-        result: Params | None = None
-        count = 0
-        for batch in batches:
+    def _gradient_of_sum(self, params: Params, batch: Any, keep_captures: bool) -> tuple[Params, int]:
+        """``(grad sum_{i in batch} l_i, |batch|)`` by the engine in use."""
+        if self.uses_ghost(params):
             summed, losses, capture = ghost.gradient_with_capture(self.module, lambda p: self._call(p, batch), params)
             if keep_captures:
                 self._captures[(id(params), id(batch))] = (params, batch, capture)
-            count += losses.shape[0]
-            result = summed if result is None else {k: result[k] + summed[k] for k in result}
-        if result is None or count == 0:
-            raise ValueError("batch_gradient: `batches` yielded no samples; a gradient needs at least one.")
-        return {k: v / (count if total is None else total) for k, v in result.items()}
+            return summed, int(losses.shape[0])
+
+        def sum_and_values(p: Params) -> tuple[Tensor, Tensor]:
+            losses = self._call(p, batch)
+            return losses.sum(), losses.detach()
+
+        summed, losses = grad(sum_and_values, has_aux=True)(params)
+        return summed, int(losses.shape[0])
 
     def dots(self, params: Params, batches: Sequence[Any], direction: Params) -> Tensor:
         """``[<direction, grad l_i(params)>]`` for every sample of every micro-batch, concatenated."""
