@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,16 @@ def _rng_untouched(device: torch.device) -> Any:
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive int; got {value!r}. Use 1 for every step.")
+
+
+@dataclass(frozen=True)
+class _Propagation:
+    """One step's inputs to second_order='propagated'."""
+
+    factor: float  # how much of every earlier contribution survives this step
+    eta_over_batch: float  # each visited sample's displacement weight eta/|B|
+    eta: float
+    target_gradient: dict[str, Tensor]
 
 
 class _StepContext:
@@ -506,41 +517,33 @@ class DiffInCallback(Callback):
                     bracket = finite_difference.evaluate(batches, context.f_at_params)
                     second = second_order_term(eta, step, context.batch_size, bracket)
                     curvature = finite_difference.curvature(context.batch_gradient)
-                    propagation = (propagation_factor(eta, curvature, self.every_n_steps), eta, target_gradient)
+                    propagation = _Propagation(
+                        propagation_factor(eta, curvature, self.every_n_steps), eta / context.batch_size, eta, target_gradient
+                    )
                 else:
                     second = torch.zeros_like(first)
-            self._accumulate(target.name, step, ids, first, second, float(self.every_n_steps))
-            if propagation is not None:
-                self._propagate(target.name, ids, first, second, float(self.every_n_steps), context.batch_size, *propagation)
+            self._accumulate(target.name, step, ids, first, second, float(self.every_n_steps), propagation)
         self.steps_recorded += 1
         self.steps_represented += self.every_n_steps
 
-    def _propagate(
-        self,
-        name: str,
-        ids: Tensor,
-        first: Tensor,
-        second: Tensor,
-        weight: float,
-        batch_size: int,
-        factor: float,
-        eta: float,
-        target_gradient: dict[str, Tensor],
-    ) -> None:
-        """Carry every earlier contribution through this step, then add this step's (second_order='propagated')."""
-        if not math.isfinite(factor):
-            return  # counted and warned about with the contributions themselves
+    def _propagate(self, name: str, ids: Tensor, first: Tensor, weight: float, propagation: _Propagation) -> None:
+        """Carry every earlier contribution through this step, then add this step's (second_order='propagated').
+
+        ``ids`` and ``first`` are the step's finite contributions only.
+        """
+        if not math.isfinite(propagation.factor):
+            return  # the contributions' own check has counted and warned
         sums = self._sums[name]
-        finite = torch.isfinite(first) & torch.isfinite(second)
-        ids, first = ids[finite], first[finite]
         dtype = sums["decayed_first"].dtype
-        sums["decayed_first"].mul_(factor).index_add_(0, ids, first.detach().to(dtype) * weight)
-        sums["decayed_weight"].mul_(factor).index_add_(0, ids, torch.full_like(first, eta / batch_size, dtype=dtype) * weight)
+        sums["decayed_first"].mul_(propagation.factor).index_add_(0, ids, first.detach().to(dtype) * weight)
+        visit_weight = torch.full_like(first, propagation.eta_over_batch, dtype=dtype) * weight
+        sums["decayed_weight"].mul_(propagation.factor).index_add_(0, ids, visit_weight)
         assert self.num_samples is not None
         previous = self._target_sums.get(name)
+        scale = weight * propagation.eta / self.num_samples
         self._target_sums[name] = {
-            k: (0.0 if previous is None else factor * previous[k]) + (weight * eta / self.num_samples) * v.detach()
-            for k, v in target_gradient.items()
+            k: (0.0 if previous is None else propagation.factor * previous[k]) + scale * v.detach()
+            for k, v in propagation.target_gradient.items()
         }
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -560,21 +563,22 @@ class DiffInCallback(Callback):
         loss.seed = self.seed * 1_000_003 + step
         params = loss.parameters()
         device = params[next(iter(params))].device
-        batches = self._training_set_batches(trainer, device)
+        final_gradients = {}
         for target in self.targets:
             if target.name not in self._target_sums or isinstance(target, SelfTarget):
                 continue
             if isinstance(target, DatasetTarget):
-                final_gradient = target.fresh_gradient(loss, params, step, device)
+                final_gradients[target.name] = target.fresh_gradient(loss, params, step, device)
             else:
-                final_gradient = target.current_estimate()
-            weights = self._sums[target.name]["decayed_weight"]
-            drift = torch.zeros_like(weights)
-            for batch, ids in batches:
+                final_gradients[target.name] = target.current_estimate()
+        drifts = {name: torch.zeros_like(self._sums[name]["decayed_weight"]) for name in final_gradients}
+        for batch, ids in self._training_set_batches(trainer, device):
+            for name, final_gradient in final_gradients.items():
+                drift = drifts[name]
                 toward_final = loss.dots(params, [batch], final_gradient).to(drift.dtype)
-                toward_past = loss.dots(params, [batch], self._target_sums[target.name]).to(drift.dtype)
-                drift.index_add_(0, ids, weights[ids] * toward_final - toward_past)
-            self._drift[target.name] = drift
+                toward_past = loss.dots(params, [batch], self._target_sums[name]).to(drift.dtype)
+                drift.index_add_(0, ids, self._sums[name]["decayed_weight"][ids] * toward_final - toward_past)
+        self._drift.update(drifts)
 
     def _record_checkpoint(self, trainer: pl.Trainer, step: int, optimizer: torch.optim.Optimizer, proxy_batches: list[Any], proxy_size: int) -> None:
         """Score every training sample at this checkpoint, with the step's batch as the proxy batch."""
@@ -588,21 +592,20 @@ class DiffInCallback(Callback):
         n = self.num_samples
         weight = self.total_steps / len(self.checkpoint_steps)  # the steps this checkpoint stands for
         device = context.params[next(iter(context.params))].device
-        training_batches = self._training_set_batches(trainer, device)
         gradients: dict[str, dict[str, Tensor]] = {}
         brackets: dict[str, FiniteDifferenceBracket] = {}
         for target in self.targets:
             if isinstance(target, SelfTarget):
                 continue
             if isinstance(target, TrainingLossTarget):
-                gradients[target.name] = loss.batch_gradient(context.params, (b for b, _ in training_batches))
+                gradients[target.name] = loss.batch_gradient(context.params, (b for b, _ in self._training_set_batches(trainer, device)))
             else:
                 gradients[target.name] = target.target_gradient(loss, context.params, step, device, context.batch_gradient)
             if self.compute_second_order:
                 brackets[target.name] = FiniteDifferenceBracket(
                     loss, context.params, proxy_batches, proxy_size, gradients[target.name], eps, self.finite_difference
                 )
-        for batch, ids in training_batches:
+        for batch, ids in self._training_set_batches(trainer, device):
             f_at_params = loss.dots(context.params, [batch], context.batch_gradient) if brackets else None
             for target in self.targets:
                 if isinstance(target, SelfTarget):
@@ -620,13 +623,17 @@ class DiffInCallback(Callback):
         self.steps_recorded += 1
         self.steps_represented += weight
 
-    def _training_set_batches(self, trainer: pl.Trainer, device: torch.device) -> list[tuple[Any, Tensor]]:
+    def _training_set_batches(self, trainer: pl.Trainer, device: torch.device) -> Iterator[tuple[Any, Tensor]]:
+        """The whole training set in id order, one batch on the device at a time (never all of it)."""
         dataset = self._train_dataset(trainer)
         if dataset is None:
-            raise ValueError("schedule='checkpoints' scores every training sample and needs a train dataloader whose dataset has a length.")
-        loader = DataLoader(dataset, batch_size=self.target_batch_size, shuffle=False)
-        batches = [move_data_to_device(batch, device) for batch in loader]
-        return [(batch, self._sample_ids(batch, device)) for batch in batches]
+            raise ValueError(
+                "DiffInCallback scores every training sample (schedule='checkpoints', or the end-of-fit pass of "
+                "second_order='propagated') and needs a train dataloader whose dataset has a length."
+            )
+        for batch in DataLoader(dataset, batch_size=self.target_batch_size, shuffle=False):
+            batch = move_data_to_device(batch, device)
+            yield batch, self._sample_ids(batch, device)
 
     def _squared_gradient_norms(self, target: SelfTarget, context: _StepContext) -> Tensor:
         try:
@@ -639,7 +646,9 @@ class DiffInCallback(Callback):
                 "'self' target or use GroupNorm/LayerNorm."
             ) from error
 
-    def _accumulate(self, name: str, step: int, ids: Tensor, first: Tensor, second: Tensor, weight: float) -> None:
+    def _accumulate(
+        self, name: str, step: int, ids: Tensor, first: Tensor, second: Tensor, weight: float, propagation: _Propagation | None = None
+    ) -> None:
         sums = self._sums[name]
         finite = torch.isfinite(first) & torch.isfinite(second)
         if not bool(finite.all()):
@@ -655,6 +664,8 @@ class DiffInCallback(Callback):
         sums["first_order"].index_add_(0, ids, first.detach().to(dtype) * weight)
         sums["second_order_sum"].index_add_(0, ids, second.detach().to(dtype) * weight)
         sums["visits"].index_add_(0, ids, torch.ones_like(ids, dtype=dtype))
+        if propagation is not None:
+            self._propagate(name, ids, first, weight, propagation)
 
     # ------------------------------------------------------------------ results
 
@@ -672,7 +683,6 @@ class DiffInCallback(Callback):
         if not self._sums:
             raise RuntimeError("DiffInCallback has recorded nothing yet: run Trainer.fit with it first.")
         targets = {}
-        kinds = {target.name: target.kind for target in self.targets}
         for name, sums in self._sums.items():
             first = sums["first_order"].detach().to("cpu", torch.float64)
             if second_order == "propagated":
@@ -683,7 +693,7 @@ class DiffInCallback(Callback):
                 )
             targets[name] = TargetInfluence(
                 name=name,
-                kind=kinds[name],
+                kind=self._target(name).kind,
                 first_order=first,
                 second_order=second,
                 diffin=first + second,
@@ -691,11 +701,13 @@ class DiffInCallback(Callback):
             )
         return InfluenceResult(targets=targets, metadata=self._metadata(second_order))
 
+    def _target(self, name: str) -> Target:
+        return next(target for target in self.targets if target.name == name)
+
     def _propagated_second_order(self, name: str, first: Tensor) -> Tensor:
         """decayed first order + target-drift correction - first order (0 for first-order-only targets)."""
         sums = self._sums[name]
-        kinds = {target.name: target for target in self.targets}
-        if not kinds[name].has_second_order or not self.compute_second_order:
+        if not self._target(name).has_second_order or not self.compute_second_order:
             return torch.zeros_like(first)
         decayed = sums["decayed_first"].detach().to("cpu", torch.float64)
         drift = self._drift.get(name)
