@@ -14,11 +14,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from diffin_lightning import distributed
 from diffin_lightning.data import INDEX_KEY, IndexedDataset, dataset_fingerprint
 from diffin_lightning.estimator import (
     FINITE_DIFFERENCE_SCHEMES,
@@ -35,7 +36,7 @@ from diffin_lightning.estimator import (
     second_order_term,
 )
 from diffin_lightning.per_sample import DOT_ENGINES, DotEngine, LossFn, PerSampleLoss
-from diffin_lightning.store import InfluenceResult, TargetInfluence, save_influence
+from diffin_lightning.store import TENSOR_FILE, InfluenceResult, TargetInfluence, save_influence
 from diffin_lightning.targets import DatasetTarget, SelfTarget, Target, TrainingLossTarget, build_targets
 from diffin_lightning.version import __version__
 
@@ -70,6 +71,33 @@ def _check_positive_int(name: str, value: Any) -> None:
         raise ValueError(f"`{name}` must be a positive int; got {value!r}. Use 1 for every step.")
 
 
+def unsupported_strategy_message(strategy: Any, world_size: int) -> str | None:
+    """Why the callback cannot run under ``strategy``, or ``None`` where it can.
+
+    DDP (``strategy="ddp"``, ``"ddp_spawn"``, ``"ddp_fork"``, ``"ddp_notebook"``) keeps a whole
+    copy of the parameters on every rank, so every rank can evaluate the model at the step's
+    points; sharded strategies (FSDP, DeepSpeed, model parallel) split the parameters and are
+    refused.
+
+    Example::
+
+        >>> from lightning.pytorch.strategies import FSDPStrategy
+        >>> print(unsupported_strategy_message(FSDPStrategy(), 2).split(";")[0])
+        DiffInCallback supports one device (SingleDeviceStrategy) and DDP (strategy='ddp', 'ddp_spawn', 'ddp_fork' or 'ddp_notebook')
+    """
+    supported = isinstance(strategy, SingleDeviceStrategy) and world_size == 1
+    # DeepSpeedStrategy subclasses DDPStrategy but shards parameters and optimizer state.
+    supported = supported or (isinstance(strategy, DDPStrategy) and "DeepSpeed" not in type(strategy).__name__)
+    if supported:
+        return None
+    return (
+        "DiffInCallback supports one device (SingleDeviceStrategy) and DDP (strategy='ddp', 'ddp_spawn', "
+        f"'ddp_fork' or 'ddp_notebook'); got strategy {type(strategy).__name__} with world_size={world_size}. "
+        "Sharded strategies (FSDP, DeepSpeed, model parallel) split the parameters, which the callback's extra "
+        "passes need whole on every rank: train with Trainer(strategy='ddp', devices=k) or with devices=1."
+    )
+
+
 @dataclass(frozen=True)
 class _Propagation:
     """One step's inputs to second_order='propagated'."""
@@ -80,16 +108,32 @@ class _Propagation:
     target_gradient: dict[str, Tensor]
 
 
+@dataclass(frozen=True)
+class _Totals:
+    """The per-sample states, end-of-fit drift and skip count, summed over ranks (this rank's own in one process)."""
+
+    sums: dict[str, dict[str, Tensor]]
+    drift: dict[str, Tensor]
+    nonfinite_skipped: int
+
+
 class _StepContext:
-    """One step's point, batches and the quantities several targets share, each computed at most once."""
+    """One step's point, batches and the quantities several targets share, each computed at most once.
+
+    ``batch_size`` is this rank's number of samples; under DDP ``effective_batch_size``
+    (``W`` times it) is what each of them weighs in the update, and ``batch_gradient`` is
+    the mean over ranks, the gradient DDP's step uses.
+    """
 
     def __init__(self, loss: PerSampleLoss, params: dict[str, Tensor], batches: list[Any], batch_size: int) -> None:
         self.loss, self.params, self.batches, self.batch_size = loss, params, batches, batch_size
+        self.effective_batch_size = distributed.effective_batch_size(batch_size)
 
     @cached_property
     def batch_gradient(self) -> dict[str, Tensor]:
         """``G_B`` at the step's parameters (keeping the activations for the dot products that follow)."""
-        return self.loss.batch_gradient(self.params, self.batches, self.batch_size, keep_captures=True)
+        local = self.loss.batch_gradient(self.params, self.batches, self.batch_size, keep_captures=True)
+        return distributed.mean_over_ranks(local)
 
     @cached_property
     def f_at_params(self) -> Tensor:
@@ -283,6 +327,10 @@ class DiffInCallback(Callback):
         self.skipped_amp_steps = 0
         self.nonfinite_skipped = 0
         self.last_eps: float | None = None
+        # DDP: an error one rank's checks raised, held until every rank can hear of it; and the
+        # totals over ranks (per-sample sums, drift, counts) as of the last write.
+        self._rank_error: BaseException | None = None
+        self._reduced: _Totals | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -302,14 +350,10 @@ class DiffInCallback(Callback):
 
     @staticmethod
     def check_strategy(trainer: pl.Trainer) -> None:
-        """Raise unless ``trainer`` trains on one device (callable before ``fit``, which launches processes)."""
-        strategy = trainer.strategy
-        if not isinstance(strategy, SingleDeviceStrategy) or trainer.world_size != 1:
-            raise RuntimeError(
-                "DiffInCallback supports single-device training for now; got strategy "
-                f"{type(strategy).__name__} with world_size={trainer.world_size}. Train with "
-                "Trainer(devices=1) (any accelerator) until distributed support lands."
-            )
+        """Raise unless ``trainer`` trains on one device or with DDP (callable before ``fit``, which launches processes)."""
+        problem = unsupported_strategy_message(trainer.strategy, trainer.world_size)
+        if problem is not None:
+            raise RuntimeError(problem)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -417,9 +461,17 @@ class DiffInCallback(Callback):
         return step % self.every_n_steps == 0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        ids = self._sample_ids(batch, pl_module.device)
-        if not self._loss_checked:
-            self._check_per_sample_loss(pl_module, batch, len(ids))
+        try:
+            ids = self._sample_ids(batch, pl_module.device)
+            if not self._loss_checked:
+                self._check_per_sample_loss(pl_module, batch, len(ids))
+        except Exception as error:
+            if distributed.world_size() == 1:
+                raise
+            # Under DDP the other ranks would wait for this one in the next collective: keep the
+            # error until the step's agreement point, where every rank raises it together.
+            self._rank_error = self._rank_error or error
+            return
         if self._records(trainer.global_step):
             self._pending.append((batch, ids))
 
@@ -457,19 +509,25 @@ class DiffInCallback(Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         pending, self._pending = self._pending, []
         step = trainer.global_step
+        error, self._rank_error = self._rank_error, None
+        if error is None and pending:
+            ids = torch.cat([sample_ids for _, sample_ids in pending])
+            if ids.unique().numel() != ids.numel():
+                error = ValueError(
+                    f"DiffInCallback: sample ids must not repeat within an optimizer step; step {step} holds "
+                    f"{ids.numel() - ids.unique().numel()} repeated ids. Sample without replacement (a plain "
+                    "shuffling DataLoader does) so each sample appears at most once per step."
+                )
+        # Every rank reaches this point once per optimizer step: the checks' verdicts are shared here,
+        # before any collective maths, so a failure on one rank stops all of them with its message.
+        distributed.raise_if_any_rank_failed(error)
         if not self._records(step) or not pending:
             return
         if self._scaler_will_skip(trainer, optimizer):
             # AMP's scaler skips optimizer.step on non-finite gradients: no update, no influence.
             self.skipped_amp_steps += 1
             return
-        ids = torch.cat([sample_ids for _, sample_ids in pending])
-        if ids.unique().numel() != ids.numel():
-            raise ValueError(
-                f"DiffInCallback: sample ids must not repeat within an optimizer step; step {step} holds "
-                f"{ids.numel() - ids.unique().numel()} repeated ids. Sample without replacement (a plain "
-                "shuffling DataLoader does) so each sample appears at most once per step."
-            )
+        self._reduced = None  # new contributions: the cross-rank totals are stale
         # Training must draw the same random numbers with or without the callback (data order,
         # dropout): the extra passes and target loaders run on a forked RNG.
         assert self._per_sample_loss is not None
@@ -504,21 +562,25 @@ class DiffInCallback(Callback):
         for target in self.targets:
             propagation = None
             if isinstance(target, SelfTarget):
-                first = first_order_term(eta, context.batch_size, self._squared_gradient_norms(target, context))
+                first = first_order_term(eta, context.effective_batch_size, self._squared_gradient_norms(target, context))
                 second = torch.zeros_like(first)
             else:
                 target_gradient = target.target_gradient(loss, context.params, step, ids.device, context.batch_gradient)
-                first = first_order_term(eta, context.batch_size, loss.dots(context.params, batches, target_gradient))
+                first = first_order_term(eta, context.effective_batch_size, loss.dots(context.params, batches, target_gradient))
                 propagation = None
                 if self.compute_second_order:
                     finite_difference = FiniteDifferenceBracket(
-                        loss, context.params, batches, context.batch_size, target_gradient, eps, self.finite_difference
+                        loss, context.params, batches, context.batch_size, target_gradient, eps, self.finite_difference,
+                        reduce_gradient=distributed.mean_over_ranks,
                     )
                     bracket = finite_difference.evaluate(batches, context.f_at_params)
-                    second = second_order_term(eta, step, context.batch_size, bracket)
+                    second = second_order_term(eta, step, context.effective_batch_size, bracket)
                     curvature = finite_difference.curvature(context.batch_gradient)
                     propagation = _Propagation(
-                        propagation_factor(eta, curvature, self.every_n_steps), eta / context.batch_size, eta, target_gradient
+                        propagation_factor(eta, curvature, self.every_n_steps),
+                        eta / context.effective_batch_size,
+                        eta,
+                        target_gradient,
                     )
                 else:
                     second = torch.zeros_like(first)
@@ -571,14 +633,20 @@ class DiffInCallback(Callback):
                 final_gradients[target.name] = target.fresh_gradient(loss, params, step, device)
             else:
                 final_gradients[target.name] = target.current_estimate()
+        # Under DDP this rank scores a shard of the training set whose samples may have been visited on
+        # any rank: each sample's visit weight is the sum over ranks.
+        decayed_weights = {name: self._sums[name]["decayed_weight"] for name in final_gradients}
+        if distributed.world_size() > 1:
+            decayed_weights = distributed.sum_over_ranks(decayed_weights)
         drifts = {name: torch.zeros_like(self._sums[name]["decayed_weight"]) for name in final_gradients}
         for batch, ids in self._training_set_batches(trainer, device):
             for name, final_gradient in final_gradients.items():
                 drift = drifts[name]
                 toward_final = loss.dots(params, [batch], final_gradient).to(drift.dtype)
                 toward_past = loss.dots(params, [batch], self._target_sums[name]).to(drift.dtype)
-                drift.index_add_(0, ids, self._sums[name]["decayed_weight"][ids] * toward_final - toward_past)
+                drift.index_add_(0, ids, decayed_weights[name][ids] * toward_final - toward_past)
         self._drift.update(drifts)
+        self._reduced = None
 
     def _record_checkpoint(self, trainer: pl.Trainer, step: int, optimizer: torch.optim.Optimizer, proxy_batches: list[Any], proxy_size: int) -> None:
         """Score every training sample at this checkpoint, with the step's batch as the proxy batch."""
@@ -598,12 +666,17 @@ class DiffInCallback(Callback):
             if isinstance(target, SelfTarget):
                 continue
             if isinstance(target, TrainingLossTarget):
-                gradients[target.name] = loss.batch_gradient(context.params, (b for b, _ in self._training_set_batches(trainer, device)))
+                gradients[target.name] = distributed.sharded_mean_gradient(
+                    lambda batch: loss.summed_gradient(context.params, batch),
+                    (b for b, _ in self._training_set_batches(trainer, device)),
+                    context.params,
+                )
             else:
                 gradients[target.name] = target.target_gradient(loss, context.params, step, device, context.batch_gradient)
             if self.compute_second_order:
                 brackets[target.name] = FiniteDifferenceBracket(
-                    loss, context.params, proxy_batches, proxy_size, gradients[target.name], eps, self.finite_difference
+                    loss, context.params, proxy_batches, proxy_size, gradients[target.name], eps, self.finite_difference,
+                    reduce_gradient=distributed.mean_over_ranks,
                 )
         for batch, ids in self._training_set_batches(trainer, device):
             f_at_params = loss.dots(context.params, [batch], context.batch_gradient) if brackets else None
@@ -624,13 +697,19 @@ class DiffInCallback(Callback):
         self.steps_represented += weight
 
     def _training_set_batches(self, trainer: pl.Trainer, device: torch.device) -> Iterator[tuple[Any, Tensor]]:
-        """The whole training set in id order, one batch on the device at a time (never all of it)."""
+        """The whole training set in id order, one batch on the device at a time (never all of it).
+
+        Under DDP, this rank's share of it (every W-th sample): the passes over the training set
+        (the end-of-fit drift pass, the checkpoint schedule) run once in total, not once per rank.
+        """
         dataset = self._train_dataset(trainer)
         if dataset is None:
             raise ValueError(
                 "DiffInCallback scores every training sample (schedule='checkpoints', or the end-of-fit pass of "
                 "second_order='propagated') and needs a train dataloader whose dataset has a length."
             )
+        if distributed.world_size() > 1:
+            dataset = Subset(dataset, distributed.shard_indices(range(len(dataset))))
         for batch in DataLoader(dataset, batch_size=self.target_batch_size, shuffle=False):
             batch = move_data_to_device(batch, device)
             yield batch, self._sample_ids(batch, device)
@@ -682,11 +761,12 @@ class DiffInCallback(Callback):
             raise ValueError("second_order='propagated' is recorded by schedule='in_run' only; use 'paper' or 'sum'.")
         if not self._sums:
             raise RuntimeError("DiffInCallback has recorded nothing yet: run Trainer.fit with it first.")
+        totals = self._totals()
         targets = {}
-        for name, sums in self._sums.items():
+        for name, sums in totals.sums.items():
             first = sums["first_order"].detach().to("cpu", torch.float64)
             if second_order == "propagated":
-                second = self._propagated_second_order(name, first)
+                second = self._propagated_second_order(totals, name, first)
             else:
                 second = normalize_second_order(
                     sums["second_order_sum"].detach().to("cpu", torch.float64), second_order, self.steps_represented
@@ -699,22 +779,49 @@ class DiffInCallback(Callback):
                 diffin=first + second,
                 visits=sums["visits"].detach().to("cpu", torch.float64),
             )
-        return InfluenceResult(targets=targets, metadata=self._metadata(second_order))
+        return InfluenceResult(targets=targets, metadata=self._metadata(second_order, totals))
+
+    def _totals(self) -> _Totals:
+        """The scores' states over all ranks: this rank's own in one process, else the last write's reduction."""
+        if distributed.world_size() == 1:
+            return _Totals(self._sums, self._drift, self.nonfinite_skipped)
+        if self._reduced is None:
+            raise RuntimeError(
+                "DiffInCallback: under DDP each rank holds only its own samples' contributions until they are summed "
+                "over ranks, which happens on every rank together when the files are written (at the end of fit and, "
+                "with save_on_checkpoint=True, at each checkpoint). Read `callback.influence` after Trainer.fit "
+                "returns, or load the files with load_influence."
+            )
+        return self._reduced
+
+    def _reduce_over_ranks(self) -> _Totals:
+        """Sum every per-sample state over ranks (a collective: every rank calls it at the same point)."""
+        flat = {f"sums/{name}/{key}": value for name, sums in self._sums.items() for key, value in sums.items()}
+        flat.update({f"drift/{name}": value for name, value in self._drift.items()})
+        device = next(iter(flat.values())).device
+        flat["nonfinite_skipped"] = torch.tensor([float(self.nonfinite_skipped)], dtype=torch.float64, device=device)
+        reduced = distributed.sum_over_ranks(flat)
+        self._reduced = _Totals(
+            sums={name: {key: reduced[f"sums/{name}/{key}"] for key in sums} for name, sums in self._sums.items()},
+            drift={name: reduced[f"drift/{name}"] for name in self._drift},
+            nonfinite_skipped=int(reduced["nonfinite_skipped"].item()),
+        )
+        return self._reduced
 
     def _target(self, name: str) -> Target:
         return next(target for target in self.targets if target.name == name)
 
-    def _propagated_second_order(self, name: str, first: Tensor) -> Tensor:
+    def _propagated_second_order(self, totals: _Totals, name: str, first: Tensor) -> Tensor:
         """decayed first order + target-drift correction - first order (0 for first-order-only targets)."""
-        sums = self._sums[name]
+        sums = totals.sums[name]
         if not self._target(name).has_second_order or not self.compute_second_order:
             return torch.zeros_like(first)
         decayed = sums["decayed_first"].detach().to("cpu", torch.float64)
-        drift = self._drift.get(name)
+        drift = totals.drift.get(name)
         drift = torch.zeros_like(first) if drift is None else drift.detach().to("cpu", torch.float64)
         return decayed + drift - first
 
-    def _metadata(self, second_order: SecondOrderTerm) -> dict[str, Any]:
+    def _metadata(self, second_order: SecondOrderTerm, totals: _Totals) -> dict[str, Any]:
         return {
             "library": "diffin_lightning",
             "library_version": __version__,
@@ -723,7 +830,7 @@ class DiffInCallback(Callback):
             "fingerprint": self.fingerprint,
             "second_order": second_order,
             "second_order_terms_available": list(SECOND_ORDER_TERMS if self.schedule == "in_run" else SECOND_ORDER_TERMS[1:]),
-            "propagated_drift_included": bool(self._drift),
+            "propagated_drift_included": bool(totals.drift),
             "finite_difference": self.finite_difference,
             "compute_second_order": self.compute_second_order,
             "eps": "auto" if self.eps is None else self.eps,
@@ -736,14 +843,21 @@ class DiffInCallback(Callback):
             "steps_recorded": self.steps_recorded,
             "steps_represented": self.steps_represented,
             "skipped_amp_steps": self.skipped_amp_steps,
-            "nonfinite_skipped": self.nonfinite_skipped,
+            "nonfinite_skipped": totals.nonfinite_skipped,
+            "world_size": distributed.world_size(),
             "self_target_second_order": "not defined: the 'self' target is first order only, second_order is 0",
         }
 
     def _write(self, trainer: pl.Trainer, complete: bool) -> None:
-        if not self._sums or not trainer.is_global_zero:
+        """Write the files (global rank zero only); under DDP every rank must call it, to sum the ranks' states."""
+        if not self._sums:
             return
+        if distributed.world_size() > 1:
+            self._reduce_over_ranks()
         directory = self.output_dir or Path(trainer.log_dir or trainer.default_root_dir)
+        if not trainer.is_global_zero:
+            self.output_path = directory / TENSOR_FILE  # where rank zero writes them
+            return
         result = self.influence
         result.metadata.update(complete=complete, global_step=trainer.global_step, epoch=trainer.current_epoch)
         self.output_path = save_influence(result, directory)
@@ -755,6 +869,16 @@ class DiffInCallback(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Keep what was recorded: a crashed run still leaves its partial scores (complete=false).
+        if distributed.world_size() > 1:
+            # Summing the ranks' states is a collective, and the other ranks may be anywhere (or
+            # gone): the files of the last write (end of fit, or a checkpoint with
+            # save_on_checkpoint=True) are what a crashed DDP run leaves.
+            rank_zero_warn(
+                "DiffInCallback: the run failed under DDP; partial influence is not written after a crash (the ranks' "
+                "contributions cannot be summed safely). With save_on_checkpoint=True the files of the last "
+                "checkpoint remain."
+            )
+            return
         try:
             self._write(trainer, complete=False)
         except Exception as error:  # never mask the original exception
@@ -767,14 +891,20 @@ class DiffInCallback(Callback):
     # ------------------------------------------------------------------ checkpoint state
 
     def state_dict(self) -> dict[str, Any]:
+        # Under DDP Lightning builds the checkpoint on every rank and rank zero saves it: the
+        # per-sample sums are summed over ranks here so that the checkpoint holds every sample's.
+        if distributed.world_size() > 1 and self._sums:
+            totals = self._reduce_over_ranks()
+        else:
+            totals = _Totals(self._sums, self._drift, self.nonfinite_skipped)
         return {
             "num_samples": self.num_samples,
             "fingerprint": self.fingerprint,
             "steps_recorded": self.steps_recorded,
             "steps_represented": self.steps_represented,
             "skipped_amp_steps": self.skipped_amp_steps,
-            "nonfinite_skipped": self.nonfinite_skipped,
-            "sums": {name: {k: v.detach().cpu() for k, v in sums.items()} for name, sums in self._sums.items()},
+            "nonfinite_skipped": totals.nonfinite_skipped,
+            "sums": {name: {k: v.detach().cpu() for k, v in sums.items()} for name, sums in totals.sums.items()},
             "targets": {target.name: target.state_dict() for target in self.targets},
             "target_sums": {name: {k: v.detach().cpu() for k, v in sums.items()} for name, sums in self._target_sums.items()},
             "every_n_steps": self.every_n_steps,
@@ -814,6 +944,14 @@ class DiffInCallback(Callback):
         self.steps_represented = float(state.get("steps_represented", 0))
         self.skipped_amp_steps = int(state.get("skipped_amp_steps", 0))
         self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
+        if distributed.rank() != 0:
+            # The checkpoint holds the totals over ranks; rank zero carries them on, the others start
+            # from zero, so that summing over ranks at the next write counts them once. Every state
+            # sums (the decayed ones are multiplied by the same factor on every rank), so this holds for all.
+            for sums in self._sums.values():
+                for value in sums.values():
+                    value.zero_()
+            self.nonfinite_skipped = 0
         self._target_sums = {
             name: {k: v.to(device) for k, v in sums.items()} for name, sums in state.get("target_sums", {}).items()
         }

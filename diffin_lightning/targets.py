@@ -22,6 +22,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from diffin_lightning import distributed
 from diffin_lightning.data import IndexedDataset
 from diffin_lightning.per_sample import Params, PerSampleLoss
 
@@ -89,21 +90,32 @@ class DatasetTarget:
             )
 
     def _batches(self, step: int) -> Iterator[Any]:
+        """This rank's share of the refresh's batches (all of them in one process).
+
+        Under DDP the target set is split across ranks (by sample for a Dataset, by batch
+        for a DataLoader) so that ``g_V`` is computed once, not once per rank.
+        """
         if self.loader is not None:
-            seen = 0
-            for batch in self.loader:
-                yield batch
-                seen += _batch_size_of(batch)
-                if self.max_samples is not None and seen >= self.max_samples:
-                    return
+            yield from distributed.shard_batches(self._loader_batches())
             return
         assert self.dataset is not None
-        dataset: Dataset = self.dataset
         if self.max_samples is not None and self.max_samples < len(self.dataset):
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-            chosen = torch.randperm(len(self.dataset), generator=generator)[: self.max_samples]
-            dataset = Subset(self.dataset, chosen.tolist())
+            chosen: list[int] | range = torch.randperm(len(self.dataset), generator=generator)[: self.max_samples].tolist()
+        else:
+            chosen = range(len(self.dataset))
+        shard = distributed.shard_indices(chosen)
+        dataset: Dataset = self.dataset if len(shard) == len(self.dataset) else Subset(self.dataset, shard)
         yield from DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
+
+    def _loader_batches(self) -> Iterator[Any]:
+        assert self.loader is not None
+        seen = 0
+        for batch in self.loader:
+            yield batch
+            seen += _batch_size_of(batch)
+            if self.max_samples is not None and seen >= self.max_samples:
+                return
 
     def _is_whole_dataset(self) -> bool:
         return self.dataset is not None and (self.max_samples is None or self.max_samples >= len(self.dataset))
@@ -121,7 +133,7 @@ class DatasetTarget:
                 batches = (move_data_to_device(batch, device) for batch in self._batches(step))
                 if self.cache_on_device and self._is_whole_dataset():
                     batches = self._cached_batches = list(batches)
-            self.gradient = loss.batch_gradient(params, batches)
+            self.gradient = distributed.sharded_mean_gradient(lambda batch: loss.summed_gradient(params, batch), batches, params)
             self.refreshed_at_step = step
         assert self.gradient is not None
         return self.gradient

@@ -1,0 +1,138 @@
+"""One training run with DiffInCallback, as a script: the worker behind tests/test_distributed.py.
+
+``strategy="ddp"`` re-launches the running script once per extra rank, so a DDP run
+cannot live inside the pytest process: the test runs this file in a subprocess.
+
+    python tests/ddp_run.py --strategy ddp --devices 2 --batch-size 2 --out DIR [--targets val,train,self] ...
+
+Every rank draws its batches from the same EpochSeededSampler, which Lightning wraps in
+a ``DistributedSamplerWrapper`` (for training always with ``shuffle=True``, seed 0): its
+positions are permuted per epoch and rank r takes permuted positions r, r+W, ... A
+one-process run (``--devices 1``) with batch size W*b over the same wrapper with one
+replica therefore sees, at every step, the union of the ranks' batches: the same global
+batches in the same order. After fit, global rank zero writes,
+under ``--out``, the scores with each second-order term (``<term>/influence.*``) and the
+final parameters (``params.safetensors``), all float64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(1, str(Path(__file__).parent.parent))
+
+import lightning.pytorch as pl  # noqa: E402
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from diffin_lightning import DiffInCallback, EpochSeededSampler, IndexedDataset  # noqa: E402
+from diffin_lightning.store import save_influence  # noqa: E402
+from helpers import TinyClassifier, TinyData  # noqa: E402
+
+
+class SaveEveryTerm(Callback):
+    """After DiffInCallback's own write (it comes first in the callback list): every term and the parameters."""
+
+    def __init__(self, influence: DiffInCallback, out: Path) -> None:
+        self.influence, self.out = influence, out
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        terms = ("paper", "sum") if self.influence.schedule == "checkpoints" else ("propagated", "paper", "sum")
+        for term in terms:
+            save_influence(self.influence.influence_with(term), self.out / term)
+        params = {name: p.detach().cpu().contiguous() for name, p in pl_module.named_parameters()}
+        save_file(params, str(self.out / "params.safetensors"))
+
+
+class FailingIds:
+    """An index function that gives an id out of range on one rank at one step (a fault injected on purpose)."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step, self.calls = rank, step, 0
+
+    def __call__(self, batch):
+        ids = batch["index"]
+        self.calls += 1
+        if int(os.environ.get("LOCAL_RANK", "0")) == self.rank and self.calls == self.step + 1:
+            return ids + 10_000
+        return ids
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--strategy", default="auto")
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, required=True, help="per rank")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--targets", default="val,train,self")
+    parser.add_argument("--every-n-steps", type=int, default=1)
+    parser.add_argument("--refresh", type=int, default=1)
+    parser.add_argument("--target-max-samples", type=int, default=None)
+    parser.add_argument("--schedule", default="in_run")
+    parser.add_argument("--num-checkpoints", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--num-train", type=int, default=16)
+    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--checkpoint-every", type=int, default=None, help="step-based ModelCheckpoint")
+    parser.add_argument("--ckpt-path", default=None)
+    parser.add_argument("--max-steps", type=int, default=-1)
+    parser.add_argument("--fail-rank", type=int, default=None)
+    parser.add_argument("--fail-step", type=int, default=2)
+    args = parser.parse_args()
+
+    data = TinyData.make(num_train=args.num_train, num_val=6, seed=0)
+    indexed = IndexedDataset(data.train)
+    sampler = EpochSeededSampler(len(indexed), seed=0)
+    if args.devices == 1:
+        # What Lightning builds around the sampler under DDP, with one replica (Lightning leaves it as it is).
+        sampler = DistributedSamplerWrapper(sampler, num_replicas=1, rank=0, shuffle=True, seed=0)
+    loader = DataLoader(indexed, batch_size=args.batch_size, sampler=sampler)
+    spec = {"val": data.val, "train": "train", "self": "self"}
+    targets = {name: spec[name] for name in args.targets.split(",")}
+    influence = DiffInCallback(
+        targets=targets,
+        every_n_steps=args.every_n_steps,
+        target_refresh_every_n_steps=args.refresh,
+        target_max_samples=args.target_max_samples,
+        target_batch_size=4,  # several target batches, so the shards differ in size
+        schedule=args.schedule,
+        num_checkpoints=args.num_checkpoints,
+        second_order="paper" if args.schedule == "checkpoints" else None,
+        eps=1e-6,
+        output_dir=args.out / "files",
+        index_fn=None if args.fail_rank is None else FailingIds(args.fail_rank, args.fail_step),
+    )
+    callbacks: list[Callback] = [influence, SaveEveryTerm(influence, args.out)]
+    if args.checkpoint_every is not None:
+        callbacks.append(
+            pl.callbacks.ModelCheckpoint(
+                dirpath=args.out / "checkpoints", every_n_train_steps=args.checkpoint_every, save_top_k=-1, save_last=True
+            )
+        )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=args.strategy,
+        precision="64-true",
+        max_epochs=args.epochs,
+        max_steps=args.max_steps,
+        accumulate_grad_batches=args.accumulate,
+        logger=False,
+        enable_checkpointing=args.checkpoint_every is not None,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    trainer.fit(TinyClassifier(), loader, ckpt_path=args.ckpt_path)
+
+
+if __name__ == "__main__":
+    main()
