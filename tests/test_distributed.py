@@ -1,0 +1,178 @@
+"""DDP on CPU (gloo, 2 processes) against one process over the same global batches, float64.
+
+Each case runs tests/ddp_run.py twice in subprocesses: once with ``devices=2`` and a
+per-rank batch ``b``, once in one process with batch ``2b`` over the same sampler (the
+run script explains why the global batches then agree), and compares every stored
+component of every target, under every second-order term. The tolerance: first-order
+parts agree to rounding (1e-12 relative); second-order parts go through a forward
+finite difference with eps = 1e-6, which turns rounding differences of 1e-16 (the ranks
+add the same numbers in another order) into about 1e-10, so they are compared at 1e-8
+relative to the largest score.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
+from safetensors.torch import load_file
+
+from diffin_lightning import distributed
+from diffin_lightning.callback import unsupported_strategy_message
+from diffin_lightning.per_sample import PerSampleLoss
+
+RUN = Path(__file__).parent / "ddp_run.py"
+ROOT = Path(__file__).parent.parent
+FIRST_ORDER_RTOL = 1e-12
+SECOND_ORDER_RTOL = 1e-8
+
+
+def _run(out: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, str(RUN), "--out", str(out), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=out.parent
+    )
+
+
+def _fit_pair(tmp_path: Path, *args: str, strategy: str = "ddp", batch_size: int = 2) -> tuple[Path, Path]:
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    one = _run(single, "--devices", "1", "--batch-size", str(2 * batch_size), *args)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _run(ddp, "--devices", "2", "--strategy", strategy, "--batch-size", str(batch_size), *args)
+    assert two.returncode == 0, two.stderr[-3000:]
+    return single, ddp
+
+
+def _assert_same_scores(single: Path, ddp: Path) -> None:
+    params_single, params_ddp = load_file(str(single / "params.safetensors")), load_file(str(ddp / "params.safetensors"))
+    for name in params_single:  # the same training: the comparison below is about the callback
+        torch.testing.assert_close(params_ddp[name], params_single[name], rtol=1e-12, atol=1e-14)
+    terms = sorted(p.name for p in single.iterdir() if (p / "influence.safetensors").is_file())
+    assert terms, f"no scores written under {single}"
+    for term in terms:
+        reference = load_file(str(single / term / "influence.safetensors"))
+        scores = load_file(str(ddp / term / "influence.safetensors"))
+        assert set(scores) == set(reference)
+        for key, expected in reference.items():
+            rtol = FIRST_ORDER_RTOL if key.endswith(("/first_order", "/visits")) else SECOND_ORDER_RTOL
+            scale = float(expected.abs().max())
+            assert expected.dtype == torch.float64 and scores[key].dtype == torch.float64
+            torch.testing.assert_close(scores[key], expected, rtol=0, atol=rtol * max(scale, 1e-30), msg=f"{term} {key}")
+    # The file the callback itself wrote (global rank zero only) holds the same default scores.
+    written = load_file(str(ddp / "files" / "influence.safetensors"))
+    for key, value in load_file(str(single / "files" / "influence.safetensors")).items():
+        torch.testing.assert_close(written[key], value, rtol=0, atol=SECOND_ORDER_RTOL * max(float(value.abs().max()), 1e-30))
+
+
+# ---------------------------------------------------------------- the default suite's representative case
+
+
+def test_ddp_two_processes_match_one_process_all_targets(tmp_path):
+    started = time.perf_counter()
+    single, ddp = _fit_pair(tmp_path, "--targets", "val,train,self")
+    _assert_same_scores(single, ddp)
+    # every target kind was really recorded (and propagated drift included)
+    scores = load_file(str(ddp / "propagated" / "influence.safetensors"))
+    assert float(scores["val/second_order"].abs().max()) > 0 and float(scores["self/first_order"].min()) > 0
+    assert time.perf_counter() - started < 200  # measured about 25 s on 2 shared cores
+
+
+# ---------------------------------------------------------------- the full matrix (slow)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(("--targets", "val,train,self", "--every-n-steps", "2"), id="every_2"),
+        pytest.param(("--targets", "val,train", "--every-n-steps", "2", "--refresh", "3", "--target-max-samples", "5"), id="every_2_refresh_subset"),
+        pytest.param(("--targets", "val", "--accumulate", "2", "--epochs", "3"), id="accumulate_2"),
+        pytest.param(("--targets", "val,train,self", "--schedule", "checkpoints", "--num-checkpoints", "3"), id="checkpoint_schedule"),
+    ],
+)
+def test_ddp_matches_one_process(tmp_path, args):
+    _assert_same_scores(*_fit_pair(tmp_path, *args))
+
+
+@pytest.mark.slow
+def test_ddp_spawn_matches_one_process(tmp_path):
+    _assert_same_scores(*_fit_pair(tmp_path, "--targets", "val,train,self", "--every-n-steps", "2", strategy="ddp_spawn"))
+
+
+@pytest.mark.slow
+def test_ddp_resumed_from_a_checkpoint_matches_one_uninterrupted_process(tmp_path):
+    """The checkpoint holds the totals over ranks; resumed, rank zero carries them and the others restart at 0."""
+    single = tmp_path / "single"
+    assert _run(single, "--devices", "1", "--batch-size", "4").returncode == 0
+    first = tmp_path / "first"
+    stopped = _run(first, "--devices", "2", "--strategy", "ddp", "--batch-size", "2", "--max-steps", "4", "--checkpoint-every", "4")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    checkpoint = first / "checkpoints" / "last.ckpt"
+    resumed = _run(tmp_path / "resumed", "--devices", "2", "--strategy", "ddp", "--batch-size", "2", "--ckpt-path", str(checkpoint))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_scores(single, tmp_path / "resumed")
+
+
+# ---------------------------------------------------------------- an error on one rank ends the run on all
+
+
+@pytest.mark.parametrize("failing_rank", [pytest.param(1, id="child_rank"), pytest.param(0, id="rank_zero", marks=pytest.mark.slow)])
+def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path, failing_rank):
+    started = time.perf_counter()
+    result = _run(
+        tmp_path / "out", "--devices", "2", "--strategy", "ddp", "--batch-size", "2", "--fail-rank", str(failing_rank), timeout=120
+    )
+    assert result.returncode != 0
+    message = f"stopped the run on every rank because rank {failing_rank}: ValueError: DiffInCallback: sample ids must lie in [0, N)"
+    for rank in (0, 1):  # both ranks raise it, each in its own traceback
+        assert any(line.startswith(f"[rank{rank}]") and message in line for line in result.stderr.splitlines()), result.stderr[-3000:]
+    assert time.perf_counter() - started < 100  # no hang: measured 15 to 21 s
+
+
+# ---------------------------------------------------------------- strategies refused, and helpers in one process
+
+
+@pytest.mark.parametrize("strategy", [FSDPStrategy, ModelParallelStrategy])
+def test_sharded_strategies_are_refused_naming_what_is_supported(strategy):
+    message = unsupported_strategy_message(strategy(), 2)
+    assert message is not None and strategy.__name__ in message
+    assert "strategy='ddp'" in message and "'ddp_spawn'" in message and "devices=1" in message
+    assert unsupported_strategy_message(DDPStrategy(), 2) is None
+
+
+def test_helpers_are_the_identity_in_one_process():
+    assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.effective_batch_size(5) == 5
+    values = {"a": torch.arange(3.0), "b": torch.ones(2, dtype=torch.float64)}
+    summed = distributed.sum_over_ranks(values)
+    assert all(torch.equal(summed[k], values[k]) and summed[k] is not values[k] for k in values)
+    assert distributed.shard_indices([5, 6, 7, 8, 9], rank_=1, world=2) == [6, 8]
+    assert list(distributed.shard_batches(range(7), rank_=2, world=3)) == [2, 5]
+    # every index lands in exactly one shard
+    shards = [distributed.shard_indices(range(11), rank_=r, world=3) for r in range(3)]
+    assert sorted(sum(shards, [])) == list(range(11))
+
+
+def test_sharded_mean_gradient_equals_the_whole_mean_gradient():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+    loss = PerSampleLoss(model, lambda m, b: ((m(b["x"]) - b["y"]) ** 2).sum(-1))
+    batches = [{"x": torch.randn(n, 3, dtype=torch.float64), "y": torch.randn(n, 2, dtype=torch.float64)} for n in (4, 3, 1)]
+    params = loss.parameters()
+    expected = loss.batch_gradient(params, batches)
+    got = distributed.sharded_mean_gradient(lambda b: loss.summed_gradient(params, b), batches, params)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-14, atol=0)
+    with pytest.raises(ValueError, match="no samples on any rank"):
+        distributed.sharded_mean_gradient(lambda b: loss.summed_gradient(params, b), [], params)
+
+
+def test_a_failed_check_is_raised_as_it_is_in_one_process():
+    distributed.raise_if_any_rank_failed(None)
+    with pytest.raises(KeyError, match="bad"):
+        distributed.raise_if_any_rank_failed(KeyError("bad"))
