@@ -24,6 +24,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor
 
+from diffin_lightning import distributed
 from diffin_lightning.store import atomic_write_bytes
 
 DYNAMICS_FILE = "dynamics.safetensors"
@@ -79,12 +80,16 @@ class TrainingDynamicsCallback(Callback):
         labels = batch[self.label_key]
         ids = batch["index"].cpu()
         correct = (logits.argmax(-1) == labels).cpu()
+        error = (F.softmax(logits.double(), -1) - F.one_hot(labels, logits.shape[-1]).double()).norm(dim=-1).cpu()
+        if distributed.world_size() > 1:
+            # Under DDP a sample's consecutive visits can fall on different ranks: every rank
+            # follows every rank's samples, so each holds the whole run's counts.
+            ids, correct, error = _gather_visits(ids, correct, error)
         self.forgetting[ids] += (self.last_correct[ids] & ~correct).double()
         self.last_correct[ids] = correct
         self.ever_correct[ids] |= correct
         if trainer.current_epoch == self.el2n_epoch:
-            error = F.softmax(logits.double(), -1) - F.one_hot(labels, logits.shape[-1]).double()
-            self.el2n[ids] = error.norm(dim=-1).cpu()
+            self.el2n[ids] = error
 
     def scores(self) -> dict[str, Tensor]:
         """``el2n`` and ``forgetting`` (never-learned samples: the largest count plus one)."""
@@ -111,6 +116,13 @@ class TrainingDynamicsCallback(Callback):
         for key in ("el2n", "forgetting", "last_correct", "ever_correct"):
             if key in state_dict:
                 setattr(self, key, state_dict[key])
+
+
+def _gather_visits(ids: Tensor, correct: Tensor, error: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Every rank's (ids, correct, error) of this batch, in rank order (shards may differ in size)."""
+    gathered: list[Any] = [None] * distributed.world_size()
+    torch.distributed.all_gather_object(gathered, (ids, correct, error))
+    return tuple(torch.cat([part[k] for part in gathered]) for k in range(3))  # type: ignore[return-value]
 
 
 def load_dynamics(directory: str | Path) -> dict[str, Tensor]:

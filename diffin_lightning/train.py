@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from diffin_lightning.callback import DiffInCallback
@@ -81,7 +82,7 @@ def train(config: DictConfig, run_dir: Path) -> dict[str, Any]:
         # Before fit: a multi-process strategy would launch its workers first and fail in each of them.
         DiffInCallback.check_strategy(trainer)
     except RuntimeError as error:
-        raise UsageError(f"trainer: {error} (e.g. trainer=cpu or trainer=gpu)") from error
+        raise UsageError(f"trainer: {error} (e.g. trainer=cpu, trainer=gpu or trainer=ddp)") from error
     started = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=config.ckpt_path)
     summary = {
@@ -93,7 +94,8 @@ def train(config: DictConfig, run_dir: Path) -> dict[str, Any]:
         "last_checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
     }
-    atomic_write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    if trainer.is_global_zero:  # under DDP every rank runs this function; one writes
+        atomic_write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary
 
 
@@ -101,7 +103,8 @@ def train(config: DictConfig, run_dir: Path) -> dict[str, Any]:
 @one_line_errors
 def main(config: DictConfig) -> None:
     summary = train(config, Path(HydraConfig.get().runtime.output_dir))
-    print(f"run written to {summary['run_dir']} (influence: {summary['influence']})")
+    if rank_zero_only.rank == 0:
+        print(f"run written to {summary['run_dir']} (influence: {summary['influence']})")
 
 
 if __name__ == "__main__":

@@ -131,7 +131,8 @@ def main() -> None:
         enable_model_summary=False,
         callbacks=callbacks,
     )
-    trainer.fit(TinyClassifier(), loader, ckpt_path=args.ckpt_path)
+    # float64 before fit: a checkpoint restored into a float32 model would be rounded (as in test_resume.py).
+    trainer.fit(TinyClassifier().double(), loader, ckpt_path=args.ckpt_path)
 
 
 if __name__ == "__main__":
