@@ -22,7 +22,8 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from diffin_lightning.data import IndexedDataset
+from diffin_lightning.data import INDEX_KEY, IndexedDataset
+from diffin_lightning.engine import gradient_of_mean
 from diffin_lightning.per_sample import Params, PerSampleLoss
 
 TargetKind = Literal["dataset", "train", "self"]
@@ -98,11 +99,19 @@ class DatasetTarget:
                     return
             return
         assert self.dataset is not None
-        dataset: Dataset = self.dataset
+        chosen: Tensor | None = None
         if self.max_samples is not None and self.max_samples < len(self.dataset):
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
             chosen = torch.randperm(len(self.dataset), generator=generator)[: self.max_samples]
-            dataset = Subset(self.dataset, chosen.tolist())
+        tensors = getattr(self.dataset.dataset, "tensors", None)
+        if isinstance(tensors, tuple) and len(tensors) == 2:
+            # A TensorDataset: index its tensors directly, one batch at a time (no per-sample __getitem__).
+            ids = torch.arange(len(self.dataset)) if chosen is None else chosen
+            for start in range(0, len(ids), self.batch_size):
+                part = ids[start : start + self.batch_size]
+                yield {INDEX_KEY: part, "input": tensors[0][part], "target": tensors[1][part]}
+            return
+        dataset: Dataset = self.dataset if chosen is None else Subset(self.dataset, chosen.tolist())
         yield from DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
 
     def _is_whole_dataset(self) -> bool:
@@ -121,7 +130,7 @@ class DatasetTarget:
                 batches = (move_data_to_device(batch, device) for batch in self._batches(step))
                 if self.cache_on_device and self._is_whole_dataset():
                     batches = self._cached_batches = list(batches)
-            self.gradient = loss.batch_gradient(params, batches)
+            self.gradient = gradient_of_mean(loss, params, batches)
             self.refreshed_at_step = step
         assert self.gradient is not None
         return self.gradient
@@ -168,7 +177,9 @@ class TrainingLossTarget:
         """Fold this step's batch gradient into the average and return the bias-corrected average."""
         if self.average is None:
             self.average = {k: torch.zeros_like(v) for k, v in batch_gradient.items()}
-        self.average = {k: self.decay * self.average[k] + (1 - self.decay) * batch_gradient[k] for k in batch_gradient}
+        average = list(self.average.values())
+        torch._foreach_mul_(average, self.decay)
+        torch._foreach_add_(average, [batch_gradient[k] for k in self.average], alpha=1 - self.decay)
         self.updates += 1
         return self.current_estimate()
 
@@ -176,7 +187,7 @@ class TrainingLossTarget:
         """The bias-corrected average as it stands (the training loss's gradient estimate at the end)."""
         assert self.average is not None, "no step recorded yet"
         correction = 1 - self.decay**self.updates
-        return {k: v / correction for k, v in self.average.items()}
+        return dict(zip(self.average, torch._foreach_div(list(self.average.values()), correction)))
 
     def state_dict(self) -> dict[str, Any]:
         return {
