@@ -1,49 +1,36 @@
-"""The Lightning callback that records Diff-In influence during ``Trainer.fit``."""
+"""The Lightning callback that records Diff-In influence during ``Trainer.fit``: Lightning's hooks, handing off.
+
+- options: :class:`~diffin_lightning.settings.DiffInSettings` (help, checks, metadata);
+- per step: :class:`~diffin_lightning.recorder.InfluenceRecorder`, which picks where the
+  per-sample quantities come from (:mod:`diffin_lightning.engine`), runs the maths
+  (:mod:`diffin_lightning.step`) and adds into declared sums (:mod:`diffin_lightning.accumulator`);
+- scores and metadata: :mod:`diffin_lightning.results`; files: :mod:`diffin_lightning.store`.
+"""
 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from functools import cached_property
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from diffin_lightning import distributed
+from diffin_lightning.accumulator import InfluenceAccumulator
 from diffin_lightning.data import INDEX_KEY, IndexedDataset, dataset_fingerprint
-from diffin_lightning.estimator import (
-    FINITE_DIFFERENCE_SCHEMES,
-    SECOND_ORDER_TERMS,
-    SCHEDULES,
-    FiniteDifferenceBracket,
-    FiniteDifferenceScheme,
-    SecondOrderTerm,
-    Schedule,
-    first_order_term,
-    propagation_factor,
-    normalize_second_order,
-    resolve_eps,
-    second_order_term,
-)
-from diffin_lightning.per_sample import DOT_ENGINES, DotEngine, LossFn, PerSampleLoss
-from diffin_lightning.store import TENSOR_FILE, InfluenceResult, TargetInfluence, save_influence
+from diffin_lightning.engine import number_of_batches, replayed_rng, save_rng_state, training_set_batches
+from diffin_lightning.recorder import InfluenceRecorder
+from diffin_lightning.results import RunRecord, build_result, check_second_order
+from diffin_lightning.settings import DiffInSettings, SecondOrderTerm
+from diffin_lightning.store import TENSOR_FILE, InfluenceResult, save_influence
 from diffin_lightning.targets import DatasetTarget, SelfTarget, Target, TrainingLossTarget, build_targets
-from diffin_lightning.version import __version__
-
-IndexFn = Callable[[Any], Tensor]
-# decayed_first and decayed_weight serve second_order="propagated": the first-order sum and the
-# per-sample sum of eta/|B|, each carried through later steps by the propagation factor.
-_SUMS = ("first_order", "second_order_sum", "visits", "decayed_first", "decayed_weight")
 
 
 def _default_loss_fn(module: torch.nn.Module, batch: Any) -> Tensor:
@@ -62,85 +49,6 @@ def _default_index_fn(batch: Any) -> Tensor:
     return batch[INDEX_KEY]
 
 
-def _rng_untouched(device: torch.device) -> Any:
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int; got {value!r}. Use 1 for every step.")
-
-
-def unsupported_strategy_message(strategy: Any, world_size: int) -> str | None:
-    """Why the callback cannot run under ``strategy``, or ``None`` where it can.
-
-    DDP (``strategy="ddp"``, ``"ddp_spawn"``, ``"ddp_fork"``, ``"ddp_notebook"``) keeps a whole
-    copy of the parameters on every rank, so every rank can evaluate the model at the step's
-    points; sharded strategies (FSDP, DeepSpeed, model parallel) split the parameters and are
-    refused.
-
-    Example::
-
-        >>> from lightning.pytorch.strategies import FSDPStrategy
-        >>> print(unsupported_strategy_message(FSDPStrategy(), 2).split(";")[0])
-        DiffInCallback supports one device (SingleDeviceStrategy) and DDP (strategy='ddp', 'ddp_spawn', 'ddp_fork' or 'ddp_notebook')
-    """
-    supported = isinstance(strategy, SingleDeviceStrategy) and world_size == 1
-    # DeepSpeedStrategy subclasses DDPStrategy but shards parameters and optimizer state.
-    supported = supported or (isinstance(strategy, DDPStrategy) and "DeepSpeed" not in type(strategy).__name__)
-    if supported:
-        return None
-    return (
-        "DiffInCallback supports one device (SingleDeviceStrategy) and DDP (strategy='ddp', 'ddp_spawn', "
-        f"'ddp_fork' or 'ddp_notebook'); got strategy {type(strategy).__name__} with world_size={world_size}. "
-        "Sharded strategies (FSDP, DeepSpeed, model parallel) split the parameters, which the callback's extra "
-        "passes need whole on every rank: train with Trainer(strategy='ddp', devices=k) or with devices=1."
-    )
-
-
-@dataclass(frozen=True)
-class _Propagation:
-    """One step's inputs to second_order='propagated'."""
-
-    factor: float  # how much of every earlier contribution survives this step
-    eta_over_batch: float  # each visited sample's displacement weight eta/|B|
-    eta: float
-    target_gradient: dict[str, Tensor]
-
-
-@dataclass(frozen=True)
-class _Totals:
-    """The per-sample states, end-of-fit drift and skip count, summed over ranks (this rank's own in one process)."""
-
-    sums: dict[str, dict[str, Tensor]]
-    drift: dict[str, Tensor]
-    nonfinite_skipped: int
-
-
-class _StepContext:
-    """One step's point, batches and the quantities several targets share, each computed at most once.
-
-    ``batch_size`` is this rank's number of samples; under DDP ``effective_batch_size``
-    (``W`` times it) is what each of them weighs in the update, and ``batch_gradient`` is
-    the mean over ranks, the gradient DDP's step uses.
-    """
-
-    def __init__(self, loss: PerSampleLoss, params: dict[str, Tensor], batches: list[Any], batch_size: int) -> None:
-        self.loss, self.params, self.batches, self.batch_size = loss, params, batches, batch_size
-        self.effective_batch_size = distributed.effective_batch_size(batch_size)
-
-    @cached_property
-    def batch_gradient(self) -> dict[str, Tensor]:
-        """``G_B`` at the step's parameters (keeping the activations for the dot products that follow)."""
-        local = self.loss.batch_gradient(self.params, self.batches, self.batch_size, keep_captures=True)
-        return distributed.mean_over_ranks(local)
-
-    @cached_property
-    def f_at_params(self) -> Tensor:
-        """``[<G_B, G_i>]_i`` at the step's parameters."""
-        return self.loss.dots(self.params, self.batches, self.batch_gradient)
-
-
 class DiffInCallback(Callback):
     """Records, for every training sample, its Diff-In influence on one or more target losses.
 
@@ -157,56 +65,18 @@ class DiffInCallback(Callback):
     The module gives unreduced per-sample losses through a method
     ``per_sample_loss(batch) -> Tensor[B]`` (or ``loss_fn(module, batch)``) and the batch
     gives sample ids (``batch["index"]``, as :class:`IndexedDataset` yields, or ``index_fn``).
+    With ``dot_products="auto"`` and a model whose trainable layers are all covered, the
+    per-sample quantities at ``theta`` come from the training step itself (hooks on its
+    forward and backward, the batch gradient from ``.grad``); the only extra pass is one
+    forward+backward at the perturbed point per target.
 
     Args:
         targets: name -> a ``Dataset`` or ``DataLoader`` (its mean loss), ``"train"`` (the
             training loss, via a running estimate of the full-data gradient) or ``"self"``
             (each sample's own loss, first order only).
-        loss_fn: ``loss_fn(module, batch) -> Tensor[B]``; default ``module.per_sample_loss(batch)``.
-        index_fn: ``index_fn(batch) -> LongTensor[B]`` of sample ids; default ``batch["index"]``.
-        num_samples: N, the number of training samples; default ``len`` of the train dataloader's dataset.
-        every_n_steps: record every n-th optimizer step. A skipped step contributes nothing;
-            a recorded step's contributions are multiplied by n, since it stands for n steps.
-        target_refresh_every_n_steps: recompute a dataset target's gradient ``g_V`` after
-            this many steps; steps in between use the last one (cheaper, slightly stale).
-        target_batch_size: batch size for dataset targets.
-        target_max_samples: at most this many target samples per refresh (a random subset
-            per refresh); ``None`` uses the whole target set.
-        cache_target_on_device: keep a whole dataset target's batches on the model's device
-            (saves re-collating it every refresh; costs its size in device memory).
-        train_target_decay: decay of the moving average behind the ``"train"`` target's gradient.
-        eps: finite-difference step along the unit target direction; ``None`` picks
-            ``sqrt(machine eps) * max(1, |theta|)`` every step.
-        finite_difference: ``"forward"`` (one extra forward+backward per target per step,
-            error O(eps)) or ``"central"`` (two, error O(eps^2)).
-        compute_second_order: ``False`` records the first-order term only (in-run TracIn at
-            about a third of the cost); ``second_order`` is then 0 and ``diffin`` equals ``first_order``.
-        second_order: which second-order term ``diffin`` adds to the first order:
-            ``"propagated"`` (default for the in-run schedule, chosen by the fidelity benchmark,
-            see the README): every earlier contribution is carried through each later step by
-            ``1 - eta <u, H_B u>`` (the batch curvature along the target direction, from the
-            same finite difference), and the target gradient's drift is corrected at the end of
-            fit with one pass over the training set; ``"paper"`` (Eq. 9, the second-order sum divided by the number of steps it
-            stands for, Eq. 9's 1/m) or ``"sum"`` (the all-steps sum). Applied when scores
-            are read; both can be had from one run via :meth:`influence_with`.
-        schedule: ``"in_run"`` (every recorded step, the step's own samples, each term taken
-            when the sample is visited) or ``"checkpoints"`` (the paper's checkpoint-accelerated
-            estimator: at ``num_checkpoints`` evenly spaced steps, every training sample is
-            scored with the step's batch as the proxy batch ``B``; each checkpoint stands for
-            ``T/m`` steps; the ``"train"`` target uses the exact full-data gradient there).
-        num_checkpoints: ``m`` for ``schedule="checkpoints"``; checkpoint ``k`` is step
-            ``floor((k + 1/2) T/m)``, the middle of the ``k``-th of ``m`` equal spans of the run.
-        dot_products: ``"auto"`` computes per-sample dot products from the activations and
-            output gradients of the batch-gradient pass ("ghost" dot products, no extra pass)
-            when every trainable parameter sits in a Linear layer, else with ``torch.func.jvp``;
-            ``"functional"`` always uses ``jvp``. Both give the same numbers (tested).
-        self_chunk_size: samples per ``vmap`` chunk for the ``"self"`` target's per-sample
-            gradients (bounds memory); ``None`` does the whole batch at once.
-        output_dir: where ``influence.safetensors`` and ``influence.json`` go; default
-            ``trainer.log_dir`` (``default_root_dir`` without a logger).
-        save_on_checkpoint: also write the files whenever Lightning saves a checkpoint.
-        seed: seeds the target subsets and the RNG of the extra passes, so dropout draws
-            the same masks at ``theta`` and at the perturbed point.
+        **options: every field of :class:`~diffin_lightning.settings.DiffInSettings`
+            (``every_n_steps``, ``target_refresh_every_n_steps``, ``eps``, ``second_order``,
+            ``schedule``, ``dot_products``, ``output_dir``, ...), each documented there.
 
     Example::
 
@@ -216,142 +86,89 @@ class DiffInCallback(Callback):
         'paper'
     """
 
-    def __init__(
-        self,
-        targets: Mapping[str, Dataset | DataLoader | str],
-        *,
-        loss_fn: LossFn | None = None,
-        index_fn: IndexFn | None = None,
-        num_samples: int | None = None,
-        every_n_steps: int = 1,
-        target_refresh_every_n_steps: int = 1,
-        target_batch_size: int = 256,
-        target_max_samples: int | None = None,
-        cache_target_on_device: bool = True,
-        train_target_decay: float = 0.9,
-        eps: float | None = None,
-        finite_difference: FiniteDifferenceScheme = "forward",
-        compute_second_order: bool = True,
-        second_order: SecondOrderTerm | None = None,
-        schedule: Schedule = "in_run",
-        num_checkpoints: int | None = None,
-        self_chunk_size: int | None = None,
-        dot_products: DotEngine = "auto",
-        output_dir: str | os.PathLike[str] | None = None,
-        save_on_checkpoint: bool = False,
-        seed: int = 0,
-    ) -> None:
-        _check_positive_int("every_n_steps", every_n_steps)
-        _check_positive_int("target_refresh_every_n_steps", target_refresh_every_n_steps)
-        _check_positive_int("target_batch_size", target_batch_size)
-        if target_max_samples is not None:
-            _check_positive_int("target_max_samples", target_max_samples)
-        if self_chunk_size is not None:
-            _check_positive_int("self_chunk_size", self_chunk_size)
-        if num_samples is not None:
-            _check_positive_int("num_samples", num_samples)
-        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0):
-            raise ValueError(f"`eps` must be a positive float or None (automatic); got {eps!r}.")
-        if finite_difference not in FINITE_DIFFERENCE_SCHEMES:
-            raise ValueError(f"`finite_difference` must be one of {FINITE_DIFFERENCE_SCHEMES}; got {finite_difference!r}.")
-        if second_order is None:
-            second_order = "paper" if schedule == "checkpoints" else "propagated"
-        if second_order not in SECOND_ORDER_TERMS:
-            raise ValueError(f"`second_order` must be one of {SECOND_ORDER_TERMS}; got {second_order!r}.")
-        if schedule == "checkpoints" and second_order == "propagated":
-            raise ValueError(
-                "`second_order='propagated'` follows each sample's contributions step by step and needs "
-                "schedule='in_run'; with schedule='checkpoints' use second_order='paper' or 'sum'."
-            )
-        if schedule not in SCHEDULES:
-            raise ValueError(f"`schedule` must be one of {SCHEDULES}; got {schedule!r}.")
-        if schedule == "checkpoints":
-            if num_checkpoints is None:
-                raise ValueError("`num_checkpoints` must be set for schedule='checkpoints'; got None. Example: num_checkpoints=5.")
-            _check_positive_int("num_checkpoints", num_checkpoints)
-            if every_n_steps != 1:
-                raise ValueError(
-                    f"`every_n_steps` must be 1 with schedule='checkpoints' (the checkpoints set the steps); got {every_n_steps}."
-                )
-        elif num_checkpoints is not None:
-            raise ValueError(
-                f"`num_checkpoints` only applies to schedule='checkpoints'; got num_checkpoints={num_checkpoints} with "
-                f"schedule={schedule!r}. Drop it or set schedule='checkpoints'."
-            )
-        if dot_products not in DOT_ENGINES:
-            raise ValueError(f"`dot_products` must be one of {DOT_ENGINES}; got {dot_products!r}.")
-        if not 0.0 <= train_target_decay < 1.0:
-            raise ValueError(f"`train_target_decay` must be in [0, 1); got {train_target_decay!r}.")
+    def __init__(self, targets: Mapping[str, Dataset | DataLoader | str], **options: Any) -> None:
+        self.settings = DiffInSettings.from_options(options)
+        settings = self.settings
         self.targets: list[Target] = build_targets(
             targets,
-            batch_size=target_batch_size,
-            max_samples=target_max_samples,
-            refresh_every_n_steps=target_refresh_every_n_steps,
-            train_decay=train_target_decay,
-            seed=seed,
-            cache_on_device=cache_target_on_device,
+            batch_size=settings.target_batch_size,
+            max_samples=settings.target_max_samples,
+            refresh_every_n_steps=settings.target_refresh_every_n_steps,
+            train_decay=settings.train_target_decay,
+            seed=settings.seed,
+            cache_on_device=settings.cache_target_on_device,
         )
-        self.loss_fn = loss_fn
-        self.index_fn = index_fn or _default_index_fn
-        self.num_samples = num_samples
-        self.target_batch_size = target_batch_size
-        self.total_steps = 0
-        self.every_n_steps = every_n_steps
-        self.target_refresh_every_n_steps = target_refresh_every_n_steps
-        self.eps = eps
-        self.finite_difference = finite_difference
-        self.compute_second_order = compute_second_order
-        self.second_order = second_order
-        self.schedule = schedule
-        self.num_checkpoints = num_checkpoints
-        self.checkpoint_steps: list[int] = []
-        self.self_chunk_size = self_chunk_size
-        self.dot_products = dot_products
-        self.output_dir = None if output_dir is None else Path(output_dir)
-        self.save_on_checkpoint = save_on_checkpoint
-        self.seed = seed
-
+        self.index_fn = settings.index_fn or _default_index_fn
+        self.output_dir = None if settings.output_dir is None else Path(settings.output_dir)
         self.output_path: Path | None = None
-        self.fingerprint: str | None = None
-        self._sums: dict[str, dict[str, Tensor]] = {}
-        # second_order="propagated": per target, sum_t (eta_t/N) g_V(theta_t) carried by the same factors,
-        # and the drift correction computed from it at the end of fit.
-        self._target_sums: dict[str, dict[str, Tensor]] = {}
-        self._drift: dict[str, Tensor] = {}
+        self.record = RunRecord(num_samples=settings.num_samples)
+        self._recorder: InfluenceRecorder | None = None
+        self._accumulator: InfluenceAccumulator | None = None
         self._pending: list[tuple[Any, Tensor]] = []
         self._loaded_state: dict[str, Any] | None = None
-        self._loss_checked = False
-        self._per_sample_loss: PerSampleLoss | None = None
-        self.steps_recorded = 0
-        self.steps_represented = 0.0
-        self.skipped_amp_steps = 0
-        self.nonfinite_skipped = 0
-        self.last_eps: float | None = None
-        # DDP: an error one rank's checks raised, held until every rank can hear of it; and the
-        # totals over ranks (per-sample sums, drift, counts) as of the last write.
+        # DDP: an error one rank's checks raised, held until every rank can hear of it (at the
+        # next optimizer step); and the totals over ranks as of the last write or checkpoint.
         self._rank_error: BaseException | None = None
-        self._reduced: _Totals | None = None
+        self._reduced: tuple[InfluenceAccumulator, dict[str, Tensor]] | None = None
+        self._loss_checked = False
+        self._ids_checked = False
+        self._total_steps = 0
 
-    # ------------------------------------------------------------------ setup
+    # ------------------------------------------------------------------ read-only views
+
+    @property
+    def second_order(self) -> SecondOrderTerm:
+        return self.settings.resolved_second_order
+
+    @property
+    def num_samples(self) -> int | None:
+        return self.record.num_samples
+
+    @property
+    def steps_recorded(self) -> int:
+        return self.record.steps_recorded
+
+    @property
+    def steps_represented(self) -> float:
+        return self.record.steps_represented
+
+    @property
+    def skipped_amp_steps(self) -> int:
+        return self.record.skipped_amp_steps
+
+    @property
+    def checkpoint_steps(self) -> list[int]:
+        return self.record.checkpoint_steps
+
+    @property
+    def nonfinite_skipped(self) -> int:
+        return 0 if self._accumulator is None else int(self._accumulator.nonfinite)
+
+    @property
+    def _sums(self) -> dict[str, dict[str, Tensor]]:
+        return {} if self._accumulator is None else self._accumulator.sums
 
     @property
     def state_key(self) -> str:
         # Everything that changes the recorded numbers, so that several callbacks (say, two
         # schedules side by side) can share a Trainer and each resume its own state.
+        s = self.settings
         return self._generate_state_key(
             targets=sorted(t.name for t in self.targets),
-            schedule=self.schedule,
-            num_checkpoints=self.num_checkpoints,
-            every_n_steps=self.every_n_steps,
-            finite_difference=self.finite_difference,
-            compute_second_order=self.compute_second_order,
-            eps=self.eps,
+            schedule=s.schedule,
+            num_checkpoints=s.num_checkpoints,
+            every_n_steps=s.every_n_steps,
+            finite_difference=s.finite_difference,
+            compute_second_order=s.compute_second_order,
+            eps=s.eps,
         )
+
+    # ------------------------------------------------------------------ setup
 
     @staticmethod
     def check_strategy(trainer: pl.Trainer) -> None:
         """Raise unless ``trainer`` trains on one device or with DDP (callable before ``fit``, which launches processes)."""
-        problem = unsupported_strategy_message(trainer.strategy, trainer.world_size)
+        problem = distributed.unsupported_strategy_message(trainer.strategy, trainer.world_size)
         if problem is not None:
             raise RuntimeError(problem)
 
@@ -364,7 +181,7 @@ class DiffInCallback(Callback):
                 "DiffInCallback needs automatic optimization (one optimizer step per batch that Lightning "
                 "drives); this module sets automatic_optimization=False."
             )
-        if self.loss_fn is None and not callable(getattr(pl_module, "per_sample_loss", None)):
+        if self.settings.loss_fn is None and not callable(getattr(pl_module, "per_sample_loss", None)):
             raise AttributeError(
                 f"DiffInCallback: {type(pl_module).__name__} has no method `per_sample_loss(batch) -> Tensor[B]` "
                 "and no `loss_fn` was given. Add the method (return the unreduced loss of each sample) or pass "
@@ -372,36 +189,36 @@ class DiffInCallback(Callback):
             )
         for target in self.targets:
             target.check_not_empty()
-        self._per_sample_loss = PerSampleLoss(pl_module, self.loss_fn or _default_loss_fn, engine=self.dot_products)
+        self._recorder = InfluenceRecorder(self.settings, self.targets, pl_module, self.settings.loss_fn or _default_loss_fn, self.record)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dataset = self._train_dataset(trainer)
-        num_samples = self.num_samples if self.num_samples is not None else (len(dataset) if dataset is not None else None)
+        configured = self.settings.num_samples
+        num_samples = configured if configured is not None else (len(dataset) if dataset is not None else None)
         if num_samples is None:
             raise ValueError(
                 "DiffInCallback could not tell the number of training samples N: the train dataloader's "
                 "dataset has no length. Pass num_samples=N."
             )
-        if dataset is not None and self.num_samples is not None and len(dataset) != self.num_samples:
+        if dataset is not None and configured is not None and len(dataset) != configured:
             raise ValueError(
-                f"`num_samples` is {self.num_samples} but the train dataloader's dataset holds {len(dataset)} samples; "
+                f"`num_samples` is {configured} but the train dataloader's dataset holds {len(dataset)} samples; "
                 "pass the dataset's length or leave num_samples=None."
             )
-        self.num_samples = num_samples
+        self.record.num_samples = num_samples
         labels = dataset.labels() if isinstance(dataset, IndexedDataset) else None
-        self.fingerprint = dataset_fingerprint(num_samples, labels)
+        self.record.fingerprint = dataset_fingerprint(num_samples, labels)
         self._check_optimizer(trainer)
-        if self.schedule == "checkpoints":
-            self.checkpoint_steps = self._plan_checkpoints(trainer)
+        if self.settings.schedule == "checkpoints":
+            self.record.checkpoint_steps = self._plan_checkpoints(trainer)
         device = pl_module.device
         dtype = torch.float32 if device.type == "mps" else torch.float64
+        if self._accumulator is None or self._loaded_state is not None:
+            self._accumulator = InfluenceAccumulator([t.name for t in self.targets], num_samples, device, dtype)
         if self._loaded_state is not None:
-            self._adopt_loaded_state(device, dtype)
-        elif not self._sums:
-            self._sums = {
-                target.name: {key: torch.zeros(num_samples, dtype=dtype, device=device) for key in _SUMS}
-                for target in self.targets
-            }
+            self._adopt_loaded_state(device)
+        assert self._recorder is not None
+        self._recorder.accumulator = self._accumulator
 
     def _plan_checkpoints(self, trainer: pl.Trainer) -> list[int]:
         total = trainer.estimated_stepping_batches
@@ -410,21 +227,19 @@ class DiffInCallback(Callback):
                 "schedule='checkpoints' needs the run's total number of optimizer steps T to space the checkpoints; "
                 f"Lightning estimates {total}. Set max_epochs or max_steps."
             )
-        self.total_steps = int(total)
-        assert self.num_checkpoints is not None
-        return sorted({int((k + 0.5) * self.total_steps / self.num_checkpoints) for k in range(self.num_checkpoints)})
+        self._total_steps = int(total)
+        m = self.settings.num_checkpoints
+        assert m is not None
+        return sorted({int((k + 0.5) * self._total_steps / m) for k in range(m)})
 
     @staticmethod
     def _train_dataset(trainer: pl.Trainer) -> Any:
-        loader = trainer.train_dataloader
-        dataset = getattr(loader, "dataset", None)
+        dataset = getattr(trainer.train_dataloader, "dataset", None)
         return dataset if dataset is not None and hasattr(dataset, "__len__") else None
 
     def _check_optimizer(self, trainer: pl.Trainer) -> None:
         if len(trainer.optimizers) != 1:
-            raise RuntimeError(
-                f"DiffInCallback needs exactly one optimizer; the module configures {len(trainer.optimizers)}."
-            )
+            raise RuntimeError(f"DiffInCallback needs exactly one optimizer; the module configures {len(trainer.optimizers)}.")
         optimizer = trainer.optimizers[0]
         learning_rates = {group["lr"] for group in optimizer.param_groups}
         if len(learning_rates) > 1:
@@ -447,18 +262,14 @@ class DiffInCallback(Callback):
         if trainer.gradient_clip_val:
             approximations.append("gradient clipping is ignored (the unclipped batch gradient is used)")
         if approximations:
-            rank_zero_warn(
-                "DiffInCallback's maths assumes plain SGD; the scores are an approximation here: "
-                + "; ".join(approximations)
-                + "."
-            )
+            rank_zero_warn("DiffInCallback's maths assumes plain SGD; the scores are an approximation here: " + "; ".join(approximations) + ".")
 
     # ------------------------------------------------------------------ per batch / per step
 
     def _records(self, step: int) -> bool:
-        if self.schedule == "checkpoints":
-            return step in self.checkpoint_steps
-        return step % self.every_n_steps == 0
+        if self.settings.schedule == "checkpoints":
+            return step in self.record.checkpoint_steps
+        return step % self.settings.every_n_steps == 0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         try:
@@ -474,29 +285,37 @@ class DiffInCallback(Callback):
             return
         if self._records(trainer.global_step):
             self._pending.append((batch, ids))
+            assert self._recorder is not None
+            self._recorder.begin_micro_batch(batch, int(ids.numel()), save_rng_state(pl_module.device))
 
     def _sample_ids(self, batch: Any, device: torch.device) -> Tensor:
-        ids = self.index_fn(batch)
-        ids = torch.as_tensor(ids, device=device)
+        ids = torch.as_tensor(self.index_fn(batch), device=device)
         if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
             raise ValueError(
                 f"DiffInCallback: sample ids must be a 1-d integer tensor [B]; `index_fn` gave dtype {ids.dtype} "
                 f"and shape {tuple(ids.shape)}."
             )
         ids = ids.long()
-        assert self.num_samples is not None
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_samples):
-            raise ValueError(
-                f"DiffInCallback: sample ids must lie in [0, N) with N={self.num_samples}; the batch holds ids from "
-                f"{int(ids.min())} to {int(ids.max())}. Ids must be the positions of samples in the training "
-                "dataset (IndexedDataset does this), or pass num_samples=N to match your ids."
-            )
+        n = self.record.num_samples
+        assert n is not None
+        # Reading ids back costs a host synchronisation on an accelerator: check every batch on the
+        # CPU, and on the first batch elsewhere (out-of-range ids then fail in index_add_ itself).
+        if ids.numel() and (ids.device.type == "cpu" or not self._ids_checked):
+            self._ids_checked = True
+            if int(ids.min()) < 0 or int(ids.max()) >= n:
+                raise ValueError(
+                    f"DiffInCallback: sample ids must lie in [0, N) with N={n}; the batch holds ids from "
+                    f"{int(ids.min())} to {int(ids.max())}. Ids must be the positions of samples in the training "
+                    "dataset (IndexedDataset does this), or pass num_samples=N to match your ids."
+                )
         return ids
 
     def _check_per_sample_loss(self, pl_module: pl.LightningModule, batch: Any, batch_size: int) -> None:
-        loss_fn = self.loss_fn or _default_loss_fn
-        with torch.no_grad(), _rng_untouched(pl_module.device):
-            losses = loss_fn(pl_module, batch)
+        assert self._recorder is not None
+        params = self._recorder.unseeded_loss.parameters()
+        # On copies of the buffers (batch norm must not see this forward) and a forked RNG.
+        with torch.no_grad(), replayed_rng(None, pl_module.device):
+            losses = self._recorder.unseeded_loss.values(params, batch)
         if not isinstance(losses, Tensor) or tuple(losses.shape) != (batch_size,):
             shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
             raise ValueError(
@@ -508,243 +327,112 @@ class DiffInCallback(Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         pending, self._pending = self._pending, []
+        recorder = self._recorder
+        assert recorder is not None
         step = trainer.global_step
         error, self._rank_error = self._rank_error, None
         if error is None and pending:
             ids = torch.cat([sample_ids for _, sample_ids in pending])
-            if ids.unique().numel() != ids.numel():
+            if ids.device.type == "cpu" and ids.unique().numel() != ids.numel():
                 error = ValueError(
                     f"DiffInCallback: sample ids must not repeat within an optimizer step; step {step} holds "
                     f"{ids.numel() - ids.unique().numel()} repeated ids. Sample without replacement (a plain "
                     "shuffling DataLoader does) so each sample appears at most once per step."
                 )
+        if error is not None:
+            recorder.abandon_step()
         # Every rank reaches this point once per optimizer step: the checks' verdicts are shared here,
         # before any collective maths, so a failure on one rank stops all of them with its message.
         distributed.raise_if_any_rank_failed(error)
         if not self._records(step) or not pending:
+            recorder.abandon_step()
             return
         if self._scaler_will_skip(trainer, optimizer):
             # AMP's scaler skips optimizer.step on non-finite gradients: no update, no influence.
-            self.skipped_amp_steps += 1
+            recorder.abandon_step()
+            self.record.skipped_amp_steps += 1
             return
-        self._reduced = None  # new contributions: the cross-rank totals are stale
+        self._reduced = None  # new contributions: the totals over ranks are stale
+        batches = [batch for batch, _ in pending]
+        eta = float(optimizer.param_groups[0]["lr"])
         # Training must draw the same random numbers with or without the callback (data order,
-        # dropout): the extra passes and target loaders run on a forked RNG.
-        assert self._per_sample_loss is not None
-        try:
-            with _rng_untouched(pl_module.device):
-                if self.schedule == "checkpoints":
-                    self._record_checkpoint(trainer, step, optimizer, [batch for batch, _ in pending], int(ids.numel()))
-                else:
-                    self._record_step(step, optimizer, [batch for batch, _ in pending], ids)
-        finally:
-            self._per_sample_loss.clear_captures()  # the step's activations are not needed any more
+        # dropout): every extra pass runs on a forked RNG.
+        with replayed_rng(None, pl_module.device):
+            if self.settings.schedule == "checkpoints":
+                recorder.abandon_step()
+                weight = self._total_steps / len(self.record.checkpoint_steps)  # the steps this checkpoint stands for
+                recorder.record_checkpoint(step, eta, batches, ids, weight, lambda: self._training_set(trainer, pl_module.device))
+            else:
+                recorder.record_step(step, eta, batches, ids, *self._training_step_gradients(trainer, pl_module, pending))
+
+    def _training_step_gradients(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pending: list[tuple[Any, Tensor]]) -> tuple[Any, ...]:
+        """``(gradients, gradient_to_mean, backprop_scale, forward_context, mixed)`` for the recorder.
+
+        Lightning divides each micro-batch's loss by ``accumulate_grad_batches`` (k), so a
+        captured output gradient is sample i's own times ``1/(k |b|)`` (times AMP's loss
+        scale), and ``.grad`` is ``(1/(k |b|)) sum_i G_i``. Micro-batches of unequal sizes make
+        ``.grad`` a weighted mean; such a step is recomputed (``gradients`` is ``None``).
+        """
+        sizes = {int(ids.numel()) for _, ids in pending}
+        precision = trainer.precision_plugin
+        mixed = isinstance(precision, MixedPrecision)
+        if len(sizes) != 1:
+            return None, 1.0, 1.0, precision.forward_context, mixed
+        size = sizes.pop()
+        k = trainer.accumulate_grad_batches
+        total = size * len(pending)
+        gradients = {
+            name: (p.grad.detach() if p.grad is not None else torch.zeros_like(p))
+            for name, p in pl_module.named_parameters()
+            if p.requires_grad
+        }
+        scale: Tensor | float = float(k * size)
+        scaler = getattr(precision, "scaler", None)
+        if scaler is not None:
+            loss_scale = getattr(scaler, "_scale", None)  # a device tensor: no host synchronisation
+            scale = scale / (loss_scale if isinstance(loss_scale, Tensor) else scaler.get_scale())
+        return gradients, k * size / total, scale, precision.forward_context, mixed
 
     @staticmethod
     def _scaler_will_skip(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool:
         if getattr(trainer.precision_plugin, "scaler", None) is None:
             return False
         # The gradients are unscaled by now; the scaler skips the step exactly when one is non-finite.
-        return any(
-            p.grad is not None and not bool(torch.isfinite(p.grad).all())
-            for group in optimizer.param_groups
-            for p in group["params"]
-        )
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        return bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
-    def _record_step(self, step: int, optimizer: torch.optim.Optimizer, batches: list[Any], ids: Tensor) -> None:
-        loss = self._per_sample_loss
-        assert loss is not None
-        loss.seed = self.seed * 1_000_003 + step
-        context = _StepContext(loss, loss.parameters(), batches, int(ids.numel()))
-        eta = float(optimizer.param_groups[0]["lr"])
-        eps = resolve_eps(self.eps, context.params)
-        self.last_eps = eps
-        for target in self.targets:
-            propagation = None
-            if isinstance(target, SelfTarget):
-                first = first_order_term(eta, context.effective_batch_size, self._squared_gradient_norms(target, context))
-                second = torch.zeros_like(first)
-            else:
-                target_gradient = target.target_gradient(loss, context.params, step, ids.device, context.batch_gradient)
-                first = first_order_term(eta, context.effective_batch_size, loss.dots(context.params, batches, target_gradient))
-                propagation = None
-                if self.compute_second_order:
-                    finite_difference = FiniteDifferenceBracket(
-                        loss, context.params, batches, context.batch_size, target_gradient, eps, self.finite_difference,
-                        reduce_gradient=distributed.mean_over_ranks,
-                    )
-                    bracket = finite_difference.evaluate(batches, context.f_at_params)
-                    second = second_order_term(eta, step, context.effective_batch_size, bracket)
-                    curvature = finite_difference.curvature(context.batch_gradient)
-                    propagation = _Propagation(
-                        propagation_factor(eta, curvature, self.every_n_steps),
-                        eta / context.effective_batch_size,
-                        eta,
-                        target_gradient,
-                    )
-                else:
-                    second = torch.zeros_like(first)
-            self._accumulate(target.name, step, ids, first, second, float(self.every_n_steps), propagation)
-        self.steps_recorded += 1
-        self.steps_represented += self.every_n_steps
-
-    def _propagate(self, name: str, ids: Tensor, first: Tensor, weight: float, propagation: _Propagation) -> None:
-        """Carry every earlier contribution through this step, then add this step's (second_order='propagated').
-
-        ``ids`` and ``first`` are the step's finite contributions only.
-        """
-        if not math.isfinite(propagation.factor):
-            return  # the contributions' own check has counted and warned
-        sums = self._sums[name]
-        dtype = sums["decayed_first"].dtype
-        sums["decayed_first"].mul_(propagation.factor).index_add_(0, ids, first.detach().to(dtype) * weight)
-        visit_weight = torch.full_like(first, propagation.eta_over_batch, dtype=dtype) * weight
-        sums["decayed_weight"].mul_(propagation.factor).index_add_(0, ids, visit_weight)
-        assert self.num_samples is not None
-        previous = self._target_sums.get(name)
-        scale = weight * propagation.eta / self.num_samples
-        self._target_sums[name] = {
-            k: (0.0 if previous is None else propagation.factor * previous[k]) + scale * v.detach()
-            for k, v in propagation.target_gradient.items()
-        }
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.schedule == "in_run" and self.compute_second_order and self._target_sums:
-            with _rng_untouched(pl_module.device):
-                self._compute_drift(trainer, trainer.global_step)
-
-    def _compute_drift(self, trainer: pl.Trainer, step: int) -> None:
-        """The target-drift correction: sum over visits of (eta/|B|) <g_V(theta_T) - g_V(theta_s), G_i>, decayed.
-
-        With ``G_i(theta_s)`` approximated by ``G_i(theta_T)`` it becomes
-        ``decayed_weight_i <g_V(theta_T), G_i> - <sum_t (eta_t/N) g_V(theta_t) (decayed), G_i>``: two
-        per-sample dot products at the final parameters, one pass over the training set.
-        """
-        loss = self._per_sample_loss
-        assert loss is not None
-        loss.seed = self.seed * 1_000_003 + step
-        params = loss.parameters()
-        device = params[next(iter(params))].device
-        final_gradients = {}
-        for target in self.targets:
-            if target.name not in self._target_sums or isinstance(target, SelfTarget):
-                continue
-            if isinstance(target, DatasetTarget):
-                final_gradients[target.name] = target.fresh_gradient(loss, params, step, device)
-            else:
-                final_gradients[target.name] = target.current_estimate()
-        # Under DDP this rank scores a shard of the training set whose samples may have been visited on
-        # any rank: each sample's visit weight is the sum over ranks.
-        decayed_weights = {name: self._sums[name]["decayed_weight"] for name in final_gradients}
-        if distributed.world_size() > 1:
-            decayed_weights = distributed.sum_over_ranks(decayed_weights)
-        drifts = {name: torch.zeros_like(self._sums[name]["decayed_weight"]) for name in final_gradients}
-        for batch, ids in self._training_set_batches(trainer, device):
-            for name, final_gradient in final_gradients.items():
-                drift = drifts[name]
-                toward_final = loss.dots(params, [batch], final_gradient).to(drift.dtype)
-                toward_past = loss.dots(params, [batch], self._target_sums[name]).to(drift.dtype)
-                drift.index_add_(0, ids, decayed_weights[name][ids] * toward_final - toward_past)
-        self._drift.update(drifts)
-        self._reduced = None
-
-    def _record_checkpoint(self, trainer: pl.Trainer, step: int, optimizer: torch.optim.Optimizer, proxy_batches: list[Any], proxy_size: int) -> None:
-        """Score every training sample at this checkpoint, with the step's batch as the proxy batch."""
-        loss = self._per_sample_loss
-        assert loss is not None and self.num_samples is not None
-        loss.seed = self.seed * 1_000_003 + step
-        context = _StepContext(loss, loss.parameters(), proxy_batches, proxy_size)
-        eta = float(optimizer.param_groups[0]["lr"])
-        eps = resolve_eps(self.eps, context.params)
-        self.last_eps = eps
-        n = self.num_samples
-        weight = self.total_steps / len(self.checkpoint_steps)  # the steps this checkpoint stands for
-        device = context.params[next(iter(context.params))].device
-        gradients: dict[str, dict[str, Tensor]] = {}
-        brackets: dict[str, FiniteDifferenceBracket] = {}
-        for target in self.targets:
-            if isinstance(target, SelfTarget):
-                continue
-            if isinstance(target, TrainingLossTarget):
-                gradients[target.name] = distributed.sharded_mean_gradient(
-                    lambda batch: loss.summed_gradient(context.params, batch),
-                    (b for b, _ in self._training_set_batches(trainer, device)),
-                    context.params,
-                )
-            else:
-                gradients[target.name] = target.target_gradient(loss, context.params, step, device, context.batch_gradient)
-            if self.compute_second_order:
-                brackets[target.name] = FiniteDifferenceBracket(
-                    loss, context.params, proxy_batches, proxy_size, gradients[target.name], eps, self.finite_difference,
-                    reduce_gradient=distributed.mean_over_ranks,
-                )
-        for batch, ids in self._training_set_batches(trainer, device):
-            f_at_params = loss.dots(context.params, [batch], context.batch_gradient) if brackets else None
-            for target in self.targets:
-                if isinstance(target, SelfTarget):
-                    sample = _StepContext(loss, context.params, [batch], int(ids.numel()))
-                    first = first_order_term(eta, n, self._squared_gradient_norms(target, sample))
-                    second = torch.zeros_like(first)
-                else:
-                    first = first_order_term(eta, n, loss.dots(context.params, [batch], gradients[target.name]))
-                    if target.name in brackets:
-                        assert f_at_params is not None
-                        second = second_order_term(eta, step, n, brackets[target.name].evaluate([batch], f_at_params))
-                    else:
-                        second = torch.zeros_like(first)
-                self._accumulate(target.name, step, ids, first, second, weight)
-        self.steps_recorded += 1
-        self.steps_represented += weight
-
-    def _training_set_batches(self, trainer: pl.Trainer, device: torch.device) -> Iterator[tuple[Any, Tensor]]:
-        """The whole training set in id order, one batch on the device at a time (never all of it).
-
-        Under DDP, this rank's share of it (every W-th sample): the passes over the training set
-        (the end-of-fit drift pass, the checkpoint schedule) run once in total, not once per rank.
-        """
+    def _training_set(self, trainer: pl.Trainer, device: torch.device, progress: str | None = None) -> Iterator[tuple[Any, Tensor]]:
+        """The whole training set in id order, one batch on the device at a time (never all of it)."""
         dataset = self._train_dataset(trainer)
         if dataset is None:
             raise ValueError(
                 "DiffInCallback scores every training sample (schedule='checkpoints', or the end-of-fit pass of "
                 "second_order='propagated') and needs a train dataloader whose dataset has a length."
             )
-        if distributed.world_size() > 1:
-            dataset = Subset(dataset, distributed.shard_indices(range(len(dataset))))
-        for batch in DataLoader(dataset, batch_size=self.target_batch_size, shuffle=False):
-            batch = move_data_to_device(batch, device)
+        size = self.settings.target_batch_size
+        batches = training_set_batches(dataset, size, device)
+        if progress is not None and trainer.progress_bar_callback is not None and trainer.is_global_zero:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, total=number_of_batches(dataset, size), desc=progress, leave=False, dynamic_ncols=True)
+        for batch in batches:
             yield batch, self._sample_ids(batch, device)
 
-    def _squared_gradient_norms(self, target: SelfTarget, context: _StepContext) -> Tensor:
-        try:
-            return context.loss.squared_gradient_norms(context.params, context.batches, self.self_chunk_size)
-        except Exception as error:  # vmap refuses some models; say what to do
-            raise RuntimeError(
-                f"DiffInCallback: target {target.name!r} ('self') needs per-sample gradients through "
-                f"torch.func.vmap, which failed on this model: {error}. Models with batch-statistics "
-                "layers (BatchNorm in train mode) or in-place ops on inputs cannot be vmapped; drop the "
-                "'self' target or use GroupNorm/LayerNorm."
-            ) from error
-
-    def _accumulate(
-        self, name: str, step: int, ids: Tensor, first: Tensor, second: Tensor, weight: float, propagation: _Propagation | None = None
-    ) -> None:
-        sums = self._sums[name]
-        finite = torch.isfinite(first) & torch.isfinite(second)
-        if not bool(finite.all()):
-            skipped = int((~finite).sum())
-            self.nonfinite_skipped += skipped
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        s = self.settings
+        if s.schedule == "in_run" and s.compute_second_order and self._accumulator is not None and self._accumulator.parameter_states:
+            assert self._recorder is not None
+            device = pl_module.device
+            with replayed_rng(None, device):
+                self._recorder.compute_drift(
+                    trainer.global_step, device, self._training_set(trainer, device, progress="DiffIn end-of-fit pass")
+                )
+        if self.nonfinite_skipped:
             rank_zero_warn(
-                f"DiffInCallback: {skipped} non-finite contribution(s) to target {name!r} at step {step} were "
-                "skipped (the totals are unaffected; the count is in the metadata as 'nonfinite_skipped'). "
-                "A diverging loss or an eps too small for the dtype can cause this."
+                f"DiffInCallback: {self.nonfinite_skipped} non-finite contribution(s) were skipped (the totals are "
+                "unaffected; the count is in the metadata as 'nonfinite_skipped'). A diverging loss or an eps too "
+                "small for the dtype can cause this."
             )
-            ids, first, second = ids[finite], first[finite], second[finite]
-        dtype = sums["first_order"].dtype
-        sums["first_order"].index_add_(0, ids, first.detach().to(dtype) * weight)
-        sums["second_order_sum"].index_add_(0, ids, second.detach().to(dtype) * weight)
-        sums["visits"].index_add_(0, ids, torch.ones_like(ids, dtype=dtype))
-        if propagation is not None:
-            self._propagate(name, ids, first, weight, propagation)
 
     # ------------------------------------------------------------------ results
 
@@ -755,102 +443,38 @@ class DiffInCallback(Callback):
 
     def influence_with(self, second_order: SecondOrderTerm) -> InfluenceResult:
         """The scores so far with a named second-order term (``"propagated"``, ``"paper"`` or ``"sum"``)."""
-        if second_order not in SECOND_ORDER_TERMS:
-            raise ValueError(f"`second_order` must be one of {SECOND_ORDER_TERMS}; got {second_order!r}.")
-        if second_order == "propagated" and self.schedule == "checkpoints":
-            raise ValueError("second_order='propagated' is recorded by schedule='in_run' only; use 'paper' or 'sum'.")
-        if not self._sums:
+        check_second_order(second_order, self.settings)
+        if self._accumulator is None:
             raise RuntimeError("DiffInCallback has recorded nothing yet: run Trainer.fit with it first.")
-        totals = self._totals()
-        targets = {}
-        for name, sums in totals.sums.items():
-            first = sums["first_order"].detach().to("cpu", torch.float64)
-            if second_order == "propagated":
-                second = self._propagated_second_order(totals, name, first)
-            else:
-                second = normalize_second_order(
-                    sums["second_order_sum"].detach().to("cpu", torch.float64), second_order, self.steps_represented
-                )
-            targets[name] = TargetInfluence(
-                name=name,
-                kind=self._target(name).kind,
-                first_order=first,
-                second_order=second,
-                diffin=first + second,
-                visits=sums["visits"].detach().to("cpu", torch.float64),
-            )
-        return InfluenceResult(targets=targets, metadata=self._metadata(second_order, totals))
+        accumulator, drift = self._totals()
+        kinds = {t.name: t.kind for t in self.targets}
+        has_second = {t.name: t.has_second_order for t in self.targets}
+        return build_result(accumulator, drift, kinds, has_second, self.settings, self.record, second_order)
 
-    def _totals(self) -> _Totals:
-        """The scores' states over all ranks: this rank's own in one process, else the last write's reduction."""
+    def _totals(self) -> tuple[InfluenceAccumulator, dict[str, Tensor]]:
+        """The accumulator and drift over all ranks: this rank's own in one process, else the last write's sum."""
+        assert self._accumulator is not None
         if distributed.world_size() == 1:
-            return _Totals(self._sums, self._drift, self.nonfinite_skipped)
+            return self._accumulator, {} if self._recorder is None else self._recorder.drift
         if self._reduced is None:
             raise RuntimeError(
                 "DiffInCallback: under DDP each rank holds only its own samples' contributions until they are summed "
-                "over ranks, which happens on every rank together when the files are written (at the end of fit and, "
-                "with save_on_checkpoint=True, at each checkpoint). Read `callback.influence` after Trainer.fit "
-                "returns, or load the files with load_influence."
+                "over ranks, which every rank does together when the files are written (at the end of fit and, with "
+                "save_on_checkpoint=True, at each checkpoint). Read `callback.influence` after Trainer.fit returns, "
+                "or load the files with load_influence."
             )
         return self._reduced
 
-    def _reduce_over_ranks(self) -> _Totals:
-        """Sum every per-sample state over ranks (a collective: every rank calls it at the same point)."""
-        flat = {f"sums/{name}/{key}": value for name, sums in self._sums.items() for key, value in sums.items()}
-        flat.update({f"drift/{name}": value for name, value in self._drift.items()})
-        device = next(iter(flat.values())).device
-        flat["nonfinite_skipped"] = torch.tensor([float(self.nonfinite_skipped)], dtype=torch.float64, device=device)
-        reduced = distributed.sum_over_ranks(flat)
-        self._reduced = _Totals(
-            sums={name: {key: reduced[f"sums/{name}/{key}"] for key in sums} for name, sums in self._sums.items()},
-            drift={name: reduced[f"drift/{name}"] for name in self._drift},
-            nonfinite_skipped=int(reduced["nonfinite_skipped"].item()),
-        )
+    def _reduce_over_ranks(self) -> tuple[InfluenceAccumulator, dict[str, Tensor]]:
+        """Sum the ranks' states (a collective: every rank calls it at the same point) and keep the result."""
+        assert self._accumulator is not None
+        drift = {} if self._recorder is None else self._recorder.drift
+        self._reduced = (self._accumulator.reduced(), distributed.sum_over_ranks(drift) if drift else {})
         return self._reduced
 
-    def _target(self, name: str) -> Target:
-        return next(target for target in self.targets if target.name == name)
-
-    def _propagated_second_order(self, totals: _Totals, name: str, first: Tensor) -> Tensor:
-        """decayed first order + target-drift correction - first order (0 for first-order-only targets)."""
-        sums = totals.sums[name]
-        if not self._target(name).has_second_order or not self.compute_second_order:
-            return torch.zeros_like(first)
-        decayed = sums["decayed_first"].detach().to("cpu", torch.float64)
-        drift = totals.drift.get(name)
-        drift = torch.zeros_like(first) if drift is None else drift.detach().to("cpu", torch.float64)
-        return decayed + drift - first
-
-    def _metadata(self, second_order: SecondOrderTerm, totals: _Totals) -> dict[str, Any]:
-        return {
-            "library": "diffin_lightning",
-            "library_version": __version__,
-            "num_samples": self.num_samples,
-            "targets": [target.name for target in self.targets],
-            "fingerprint": self.fingerprint,
-            "second_order": second_order,
-            "second_order_terms_available": list(SECOND_ORDER_TERMS if self.schedule == "in_run" else SECOND_ORDER_TERMS[1:]),
-            "propagated_drift_included": bool(totals.drift),
-            "finite_difference": self.finite_difference,
-            "compute_second_order": self.compute_second_order,
-            "eps": "auto" if self.eps is None else self.eps,
-            "eps_last_step": self.last_eps,
-            "every_n_steps": self.every_n_steps,
-            "schedule": self.schedule,
-            "num_checkpoints": self.num_checkpoints,
-            "checkpoint_steps": self.checkpoint_steps,
-            "target_refresh_every_n_steps": self.target_refresh_every_n_steps,
-            "steps_recorded": self.steps_recorded,
-            "steps_represented": self.steps_represented,
-            "skipped_amp_steps": self.skipped_amp_steps,
-            "nonfinite_skipped": totals.nonfinite_skipped,
-            "world_size": distributed.world_size(),
-            "self_target_second_order": "not defined: the 'self' target is first order only, second_order is 0",
-        }
-
     def _write(self, trainer: pl.Trainer, complete: bool) -> None:
-        """Write the files (global rank zero only); under DDP every rank must call it, to sum the ranks' states."""
-        if not self._sums:
+        """Write the files from global rank zero; under DDP every rank must call it, to sum the ranks' states."""
+        if self._accumulator is None:
             return
         if distributed.world_size() > 1:
             self._reduce_over_ranks()
@@ -868,11 +492,12 @@ class DiffInCallback(Callback):
             rank_zero_info(f"DiffInCallback: influence written to {self.output_path}")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._recorder is not None:
+            self._recorder.abandon_step()
         # Keep what was recorded: a crashed run still leaves its partial scores (complete=false).
         if distributed.world_size() > 1:
             # Summing the ranks' states is a collective, and the other ranks may be anywhere (or
-            # gone): the files of the last write (end of fit, or a checkpoint with
-            # save_on_checkpoint=True) are what a crashed DDP run leaves.
+            # gone): the files of the last write are what a crashed DDP run leaves.
             rank_zero_warn(
                 "DiffInCallback: the run failed under DDP; partial influence is not written after a crash (the ranks' "
                 "contributions cannot be summed safely). With save_on_checkpoint=True the files of the last "
@@ -885,48 +510,40 @@ class DiffInCallback(Callback):
             rank_zero_warn(f"DiffInCallback: could not write partial influence after a crash: {error}")
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self.save_on_checkpoint:
+        if self.settings.save_on_checkpoint:
             self._write(trainer, complete=False)
 
     # ------------------------------------------------------------------ checkpoint state
 
     def state_dict(self) -> dict[str, Any]:
-        # Under DDP Lightning builds the checkpoint on every rank and rank zero saves it: the
-        # per-sample sums are summed over ranks here so that the checkpoint holds every sample's.
-        if distributed.world_size() > 1 and self._sums:
-            totals = self._reduce_over_ranks()
+        state: dict[str, Any] = {**self.record.state_dict(), "every_n_steps": self.settings.every_n_steps}
+        state["targets"] = {target.name: target.state_dict() for target in self.targets}
+        if self._accumulator is not None:
+            # Under DDP Lightning builds the checkpoint on every rank and rank zero saves it: the
+            # per-sample states are summed over ranks here so that it holds every sample's.
+            accumulator = self._reduce_over_ranks()[0] if distributed.world_size() > 1 else self._accumulator
+            state.update(accumulator.state_dict())
         else:
-            totals = _Totals(self._sums, self._drift, self.nonfinite_skipped)
-        return {
-            "num_samples": self.num_samples,
-            "fingerprint": self.fingerprint,
-            "steps_recorded": self.steps_recorded,
-            "steps_represented": self.steps_represented,
-            "skipped_amp_steps": self.skipped_amp_steps,
-            "nonfinite_skipped": totals.nonfinite_skipped,
-            "sums": {name: {k: v.detach().cpu() for k, v in sums.items()} for name, sums in totals.sums.items()},
-            "targets": {target.name: target.state_dict() for target in self.targets},
-            "target_sums": {name: {k: v.detach().cpu() for k, v in sums.items()} for name, sums in self._target_sums.items()},
-            "every_n_steps": self.every_n_steps,
-        }
+            state.update(sums={}, target_sums={}, nonfinite_skipped=0)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Adopted in on_train_start, once the device and N are known.
         self._loaded_state = dict(state_dict)
 
-    def _adopt_loaded_state(self, device: torch.device, dtype: torch.dtype) -> None:
+    def _adopt_loaded_state(self, device: torch.device) -> None:
         state, self._loaded_state = self._loaded_state or {}, None
         saved_n = state.get("num_samples")
-        if saved_n is not None and saved_n != self.num_samples:
+        if saved_n is not None and saved_n != self.record.num_samples:
             raise ValueError(
                 f"DiffInCallback: the checkpoint's influence state is for N={saved_n} samples but this run trains on "
-                f"N={self.num_samples}. Resume with the same training set, or start a new run."
+                f"N={self.record.num_samples}. Resume with the same training set, or start a new run."
             )
         saved_fingerprint = state.get("fingerprint")
-        if saved_fingerprint is not None and saved_fingerprint != self.fingerprint:
+        if saved_fingerprint is not None and saved_fingerprint != self.record.fingerprint:
             raise ValueError(
                 f"DiffInCallback: the checkpoint's influence state was recorded on a training set with fingerprint "
-                f"{saved_fingerprint}, this run's is {self.fingerprint} (different ids or labels). Resume with the "
+                f"{saved_fingerprint}, this run's is {self.record.fingerprint} (different ids or labels). Resume with the "
                 "same data, or start a new run."
             )
         names = {target.name for target in self.targets}
@@ -936,27 +553,17 @@ class DiffInCallback(Callback):
                 f"DiffInCallback: the checkpoint records targets {sorted(saved_sums)} but this callback has "
                 f"{sorted(names)}. Resume with the same targets."
             )
-        self._sums = {
-            name: {key: sums[key].to(device=device, dtype=dtype) if key in sums else torch.zeros(self.num_samples, dtype=dtype, device=device) for key in _SUMS}
-            for name, sums in saved_sums.items()
-        }
-        self.steps_recorded = int(state.get("steps_recorded", 0))
-        self.steps_represented = float(state.get("steps_represented", 0))
-        self.skipped_amp_steps = int(state.get("skipped_amp_steps", 0))
-        self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
-        if distributed.rank() != 0:
-            # The checkpoint holds the totals over ranks; rank zero carries them on, the others start
-            # from zero, so that summing over ranks at the next write counts them once. Every state
-            # sums (the decayed ones are multiplied by the same factor on every rank), so this holds for all.
-            for sums in self._sums.values():
-                for value in sums.values():
-                    value.zero_()
-            self.nonfinite_skipped = 0
-        self._target_sums = {
-            name: {k: v.to(device) for k, v in sums.items()} for name, sums in state.get("target_sums", {}).items()
-        }
+        assert self._accumulator is not None
+        self._accumulator.load_state_dict(state, keep_totals=distributed.rank() == 0)
+        self.record.load_state_dict(state)
         for target in self.targets:
             target.load_state_dict(state.get("targets", {}).get(target.name, {}), device)
+
+    def __getattr__(self, name: str) -> Any:
+        # Options read as attributes (callback.every_n_steps), as before the settings dataclass.
+        if name != "settings" and "settings" in self.__dict__ and hasattr(self.__dict__["settings"], name):
+            return getattr(self.__dict__["settings"], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 __all__ = ["DiffInCallback", "DatasetTarget", "TrainingLossTarget", "SelfTarget"]

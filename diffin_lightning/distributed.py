@@ -12,7 +12,7 @@ callback follows the same rule:
   :func:`mean_over_ranks` averages them exactly as DDP averages ``.grad``;
 - a target gradient is computed once: each rank takes a shard of the target set
   (:func:`shard_indices`, :func:`shard_batches`), sums its gradient, and
-  :func:`sum_over_ranks` adds the shards up (:func:`sharded_mean_gradient`);
+  :func:`sum_with_count_over_ranks` adds the shards and their sizes up;
 - per-sample accumulators ``[N]`` hold each rank's own samples; every state combines
   across ranks by a sum (the decayed ones too: every rank multiplies by the same
   factor, and a sum commutes with that), so :func:`sum_over_ranks` at write and
@@ -28,7 +28,7 @@ the single-device path runs the same code.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -156,35 +156,62 @@ def shard_batches(batches: Iterable[T], *, rank_: int | None = None, world: int 
             yield batch
 
 
-def sharded_mean_gradient(summed_gradient: Callable[[Any], tuple[Params, int]], batches: Iterable[Any], like: Params) -> Params:
-    """The mean loss's gradient over every rank's ``batches`` together, computed once.
+def sum_with_count_over_ranks(total: Params | None, count: int, like: Params) -> tuple[Params, int]:
+    """Add every rank's summed gradient and sample count (one collective), so a mean is taken once.
 
     Args:
-        summed_gradient: ``batch -> (grad of the batch's summed loss, number of samples)``.
-        batches: this rank's shard of the batches (possibly none).
-        like: a parameter dict of the right shapes (for a rank whose shard is empty).
+        total: this rank's summed gradient over its shard (``None`` if its shard was empty).
+        count: the number of samples in this rank's shard.
+        like: a parameter dict of the right shapes and device (for an empty shard).
 
-    Each rank sums over its shard; the sums and the counts are added over ranks and
-    divided once, so the result is the same mean a single process computes over all
-    the batches (up to the order of float additions).
+    Each rank sums over its shard of a target set or of the training set; dividing the
+    result's sum by its count gives the same mean a single process computes over all the
+    batches (up to the order of float additions).
+
+    Example::
+
+        >>> total, count = sum_with_count_over_ranks({"w": torch.ones(2)}, 4, {"w": torch.zeros(2)})
+        >>> total["w"] / count
+        tensor([0.2500, 0.2500])
     """
-    total: Params | None = None
-    count = 0
-    for batch in batches:
-        part, size = summed_gradient(batch)
-        count += size
-        total = part if total is None else {k: total[k] + part[k] for k in total}
     if total is None:
         total = {k: torch.zeros_like(v) for k, v in like.items()}
-    if world_size() > 1:
-        device = next(iter(total.values())).device
-        counted = {"__count__": torch.tensor([float(count)], dtype=torch.float64, device=device)}
-        reduced = sum_over_ranks({**total, **counted})
-        count = int(reduced.pop("__count__").item())
-        total = reduced
-    if count == 0:
-        raise ValueError("the target's batches yielded no samples on any rank; a gradient needs at least one.")
-    return {k: v / count for k, v in total.items()}
+    if world_size() == 1:
+        return total, count
+    device = next(iter(total.values())).device
+    counted = {"__count__": torch.tensor([float(count)], dtype=torch.float64, device=device)}
+    reduced = sum_over_ranks({**total, **counted})
+    count = int(reduced.pop("__count__").item())
+    return reduced, count
+
+
+def unsupported_strategy_message(strategy: Any, world_size_: int) -> str | None:
+    """Why the callback cannot run under a Lightning ``strategy``, or ``None`` where it can.
+
+    DDP (``strategy="ddp"``, ``"ddp_spawn"``, ``"ddp_fork"``, ``"ddp_notebook"``) keeps a whole
+    copy of the parameters on every rank, so every rank can evaluate the model at the step's
+    points; sharded strategies (FSDP, DeepSpeed, model parallel) split the parameters and are
+    refused.
+
+    Example::
+
+        >>> from lightning.pytorch.strategies import FSDPStrategy
+        >>> print(unsupported_strategy_message(FSDPStrategy(), 2).split(";")[0])
+        DiffInCallback supports one device (SingleDeviceStrategy) and DDP (strategy='ddp', 'ddp_spawn', 'ddp_fork' or 'ddp_notebook')
+    """
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    supported = isinstance(strategy, SingleDeviceStrategy) and world_size_ == 1
+    # DeepSpeedStrategy subclasses DDPStrategy but shards parameters and optimizer state.
+    supported = supported or (isinstance(strategy, DDPStrategy) and "DeepSpeed" not in type(strategy).__name__)
+    if supported:
+        return None
+    return (
+        "DiffInCallback supports one device (SingleDeviceStrategy) and DDP (strategy='ddp', 'ddp_spawn', "
+        f"'ddp_fork' or 'ddp_notebook'); got strategy {type(strategy).__name__} with world_size={world_size_}. "
+        "Sharded strategies (FSDP, DeepSpeed, model parallel) split the parameters, which the callback's extra "
+        "passes need whole on every rank: train with Trainer(strategy='ddp', devices=k) or with devices=1."
+    )
 
 
 class RankFailure(RuntimeError):
@@ -229,8 +256,9 @@ __all__ = [
     "raise_if_any_rank_failed",
     "shard_batches",
     "shard_indices",
-    "sharded_mean_gradient",
+    "sum_with_count_over_ranks",
     "sum_over_ranks",
     "sum_scalars_over_ranks",
+    "unsupported_strategy_message",
     "world_size",
 ]

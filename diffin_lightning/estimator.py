@@ -26,7 +26,7 @@ carries every earlier contribution through each later step by
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -73,8 +73,6 @@ class FiniteDifferenceBracket:
         target_gradient: ``g_V``.
         eps: the step along ``u = g_V/|g_V|``.
         scheme: ``"forward"`` or ``"central"``.
-        reduce_gradient: applied to each perturbed batch gradient; under DDP the mean over
-            ranks, so that ``G_B`` at the perturbed point is the global batch's, as at ``theta``.
     """
 
     def __init__(
@@ -86,10 +84,8 @@ class FiniteDifferenceBracket:
         target_gradient: Params,
         eps: float,
         scheme: FiniteDifferenceScheme,
-        reduce_gradient: Callable[[Params], Params] | None = None,
     ) -> None:
         self.loss, self.eps, self.scheme = loss, eps, scheme
-        reduce = reduce_gradient or (lambda gradient: gradient)
         self.target_norm = norm(target_gradient)
         self.points: list[tuple[Params, Params]] = []
         if float(self.target_norm) == 0.0:
@@ -98,7 +94,7 @@ class FiniteDifferenceBracket:
         self.direction = direction
         for sign in (1.0, -1.0) if scheme == "central" else (1.0,):
             point = add_scaled(params, direction, sign * eps)
-            self.points.append((point, reduce(loss.batch_gradient(point, gradient_batches, batch_size, keep_captures=True))))
+            self.points.append((point, loss.batch_gradient(point, gradient_batches, batch_size, keep_captures=True)))
 
     def evaluate(self, sample_batches: Sequence[Any], f_at_params: Tensor) -> Tensor:
         """The bracket for every sample of ``sample_batches``; ``f_at_params`` is ``[<G_B, G_i>]_i`` at ``theta``."""

@@ -156,10 +156,6 @@ class PerSampleLoss:
             raise ValueError("batch_gradient: `batches` yielded no samples; a gradient needs at least one.")
         return {k: v / (count if total is None else total) for k, v in result.items()}
 
-    def summed_gradient(self, params: Params, batch: Any) -> tuple[Params, int]:
-        """``(grad sum_{i in batch} l_i, |batch|)`` at ``params``: the piece a sharded mean adds up."""
-        return self._gradient_of_sum(params, batch, keep_captures=False)
-
     def _gradient_of_sum(self, params: Params, batch: Any, keep_captures: bool) -> tuple[Params, int]:
         """``(grad sum_{i in batch} l_i, |batch|)`` by the engine in use."""
         if self.uses_ghost(params):

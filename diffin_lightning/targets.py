@@ -23,7 +23,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from diffin_lightning import distributed
-from diffin_lightning.data import IndexedDataset
+from diffin_lightning.data import INDEX_KEY, IndexedDataset
+from diffin_lightning.engine import gradient_of_mean
 from diffin_lightning.per_sample import Params, PerSampleLoss
 
 TargetKind = Literal["dataset", "train", "self"]
@@ -93,19 +94,28 @@ class DatasetTarget:
         """This rank's share of the refresh's batches (all of them in one process).
 
         Under DDP the target set is split across ranks (by sample for a Dataset, by batch
-        for a DataLoader) so that ``g_V`` is computed once, not once per rank.
+        position for a DataLoader) so that ``g_V`` is computed once, not once per rank.
         """
         if self.loader is not None:
             yield from distributed.shard_batches(self._loader_batches())
             return
         assert self.dataset is not None
+        chosen: Tensor | None = None
         if self.max_samples is not None and self.max_samples < len(self.dataset):
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-            chosen: list[int] | range = torch.randperm(len(self.dataset), generator=generator)[: self.max_samples].tolist()
-        else:
-            chosen = range(len(self.dataset))
-        shard = distributed.shard_indices(chosen)
-        dataset: Dataset = self.dataset if len(shard) == len(self.dataset) else Subset(self.dataset, shard)
+            chosen = torch.randperm(len(self.dataset), generator=generator)[: self.max_samples]
+        if distributed.world_size() > 1:
+            every = torch.arange(len(self.dataset)) if chosen is None else chosen
+            chosen = every[distributed.rank() :: distributed.world_size()]
+        tensors = getattr(self.dataset.dataset, "tensors", None)
+        if isinstance(tensors, tuple) and len(tensors) == 2:
+            # A TensorDataset: index its tensors directly, one batch at a time (no per-sample __getitem__).
+            ids = torch.arange(len(self.dataset)) if chosen is None else chosen
+            for start in range(0, len(ids), self.batch_size):
+                part = ids[start : start + self.batch_size]
+                yield {INDEX_KEY: part, "input": tensors[0][part], "target": tensors[1][part]}
+            return
+        dataset: Dataset = self.dataset if chosen is None else Subset(self.dataset, chosen.tolist())
         yield from DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
 
     def _loader_batches(self) -> Iterator[Any]:
@@ -133,7 +143,7 @@ class DatasetTarget:
                 batches = (move_data_to_device(batch, device) for batch in self._batches(step))
                 if self.cache_on_device and self._is_whole_dataset():
                     batches = self._cached_batches = list(batches)
-            self.gradient = distributed.sharded_mean_gradient(lambda batch: loss.summed_gradient(params, batch), batches, params)
+            self.gradient = gradient_of_mean(loss, params, batches, across_ranks=True)
             self.refreshed_at_step = step
         assert self.gradient is not None
         return self.gradient
@@ -180,7 +190,9 @@ class TrainingLossTarget:
         """Fold this step's batch gradient into the average and return the bias-corrected average."""
         if self.average is None:
             self.average = {k: torch.zeros_like(v) for k, v in batch_gradient.items()}
-        self.average = {k: self.decay * self.average[k] + (1 - self.decay) * batch_gradient[k] for k in batch_gradient}
+        average = list(self.average.values())
+        torch._foreach_mul_(average, self.decay)
+        torch._foreach_add_(average, [batch_gradient[k] for k in self.average], alpha=1 - self.decay)
         self.updates += 1
         return self.current_estimate()
 
@@ -188,7 +200,7 @@ class TrainingLossTarget:
         """The bias-corrected average as it stands (the training loss's gradient estimate at the end)."""
         assert self.average is not None, "no step recorded yet"
         correction = 1 - self.decay**self.updates
-        return {k: v / correction for k, v in self.average.items()}
+        return dict(zip(self.average, torch._foreach_div(list(self.average.values()), correction)))
 
     def state_dict(self) -> dict[str, Any]:
         return {

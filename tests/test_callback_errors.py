@@ -103,10 +103,14 @@ def test_non_sgd_optimizer_warns_once_and_says_what_is_approximated(tmp_path, ti
     assert "Adam, not SGD" in str(relevant[0].message)
 
 
-def test_unsupported_strategy(tmp_path, tiny_data):
-    strategy = DDPStrategy(process_group_backend="gloo")
-    with pytest.raises(RuntimeError, match="supports single-device training for now; got strategy DDPStrategy"):
-        _fit(tmp_path, tiny_data.loader(), DiffInCallback(targets={"s": "self"}), strategy=strategy, devices=1)
+def test_ddp_strategy_in_one_process_records_what_a_single_device_does(tmp_path, tiny_data):
+    # DDP is supported (tests/test_distributed.py runs 2 processes; sharded strategies are refused there).
+    on_ddp, single = DiffInCallback(targets={"s": "self"}), DiffInCallback(targets={"s": "self"})
+    # use_distributed_sampler=False: the same batch order as the single-device fit.
+    ddp = DDPStrategy(process_group_backend="gloo")
+    _fit(tmp_path / "ddp", tiny_data.loader(), on_ddp, strategy=ddp, devices=1, use_distributed_sampler=False)
+    _fit(tmp_path / "single", tiny_data.loader(), single)
+    torch.testing.assert_close(on_ddp.influence["s"].first_order, single.influence["s"].first_order, rtol=1e-12, atol=0)
 
 
 def test_nonfinite_contributions_are_skipped_counted_and_warned(tmp_path, tiny_data):

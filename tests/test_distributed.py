@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,8 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParalle
 from safetensors.torch import load_file
 
 from diffin_lightning import distributed
-from diffin_lightning.callback import unsupported_strategy_message
+from diffin_lightning.distributed import unsupported_strategy_message
+from diffin_lightning.engine import gradient_of_mean
 from diffin_lightning.per_sample import PerSampleLoss
 
 RUN = Path(__file__).parent / "ddp_run.py"
@@ -74,13 +74,11 @@ def _assert_same_scores(single: Path, ddp: Path) -> None:
 
 
 def test_ddp_two_processes_match_one_process_all_targets(tmp_path):
-    started = time.perf_counter()
     single, ddp = _fit_pair(tmp_path, "--targets", "val,train,self")
     _assert_same_scores(single, ddp)
     # every target kind was really recorded (and propagated drift included)
     scores = load_file(str(ddp / "propagated" / "influence.safetensors"))
     assert float(scores["val/second_order"].abs().max()) > 0 and float(scores["self/first_order"].min()) > 0
-    assert time.perf_counter() - started < 200  # measured about 25 s on 2 shared cores
 
 
 # ---------------------------------------------------------------- the full matrix (slow)
@@ -124,7 +122,7 @@ def test_ddp_resumed_from_a_checkpoint_matches_one_uninterrupted_process(tmp_pat
 
 @pytest.mark.parametrize("failing_rank", [pytest.param(1, id="child_rank"), pytest.param(0, id="rank_zero", marks=pytest.mark.slow)])
 def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path, failing_rank):
-    started = time.perf_counter()
+    # A hang would end in subprocess.TimeoutExpired; measured 15 to 30 s to the end on 2 shared cores.
     result = _run(
         tmp_path / "out", "--devices", "2", "--strategy", "ddp", "--batch-size", "2", "--fail-rank", str(failing_rank), timeout=120
     )
@@ -132,7 +130,6 @@ def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path, failin
     message = f"stopped the run on every rank because rank {failing_rank}: ValueError: DiffInCallback: sample ids must lie in [0, N)"
     for rank in (0, 1):  # both ranks raise it, each in its own traceback
         assert any(line.startswith(f"[rank{rank}]") and message in line for line in result.stderr.splitlines()), result.stderr[-3000:]
-    assert time.perf_counter() - started < 100  # no hang: measured 15 to 21 s
 
 
 # ---------------------------------------------------------------- strategies refused, and helpers in one process
@@ -158,18 +155,20 @@ def test_helpers_are_the_identity_in_one_process():
     assert sorted(sum(shards, [])) == list(range(11))
 
 
-def test_sharded_mean_gradient_equals_the_whole_mean_gradient():
+def test_mean_gradient_across_ranks_equals_the_whole_mean_gradient_in_one_process():
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2).double()
     loss = PerSampleLoss(model, lambda m, b: ((m(b["x"]) - b["y"]) ** 2).sum(-1))
     batches = [{"x": torch.randn(n, 3, dtype=torch.float64), "y": torch.randn(n, 2, dtype=torch.float64)} for n in (4, 3, 1)]
     params = loss.parameters()
     expected = loss.batch_gradient(params, batches)
-    got = distributed.sharded_mean_gradient(lambda b: loss.summed_gradient(params, b), batches, params)
+    got = gradient_of_mean(loss, params, batches, across_ranks=True)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-14, atol=0)
-    with pytest.raises(ValueError, match="no samples on any rank"):
-        distributed.sharded_mean_gradient(lambda b: loss.summed_gradient(params, b), [], params)
+    total, count = distributed.sum_with_count_over_ranks(None, 0, params)  # an empty shard contributes zeros
+    assert count == 0 and all(bool((v == 0).all()) for v in total.values())
+    with pytest.raises(ValueError, match="no samples"):
+        gradient_of_mean(loss, params, [], across_ranks=True)
 
 
 def test_a_failed_check_is_raised_as_it_is_in_one_process():

@@ -1,0 +1,169 @@
+"""Per-sample sums, each declared with how it is updated and how it combines across processes.
+
+In the manner of torchmetrics' ``add_state``: every state says what a step does to it
+(``"add"``: contributions are added at the visited ids; ``"propagate"``: the whole state is
+first multiplied by the step's propagation factor, then the contributions are added) and
+how copies held by several processes combine (``"sum"``: the ids of a step are disjoint
+across processes and the factor is the same everywhere, so every state here sums). Under
+DDP :meth:`InfluenceAccumulator.reduced` combines exactly what is declared here, when the
+files are written and when a checkpoint is saved.
+
+Example::
+
+    >>> import torch
+    >>> acc = InfluenceAccumulator(["val"], num_samples=4, device=torch.device("cpu"), dtype=torch.float64)
+    >>> sorted(acc.declared)
+    ['decayed_first', 'decayed_weight', 'first_order', 'second_order_sum', 'visits']
+    >>> acc.declared["decayed_first"].update
+    'propagate'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from diffin_lightning import distributed
+from diffin_lightning.per_sample import Params
+from diffin_lightning.step import Contribution
+
+Update = Literal["add", "propagate"]
+Reduce = Literal["sum"]
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """How one per-sample state is updated at a step and reduced across processes."""
+
+    name: str
+    update: Update
+    reduce: Reduce
+    help: str
+
+
+class InfluenceAccumulator:
+    """The per-target, per-sample sums a run accumulates (on the model's device).
+
+    Args:
+        target_names: the targets.
+        num_samples: N.
+        device: where the sums live (the model's device).
+        dtype: float64 (float32 on MPS, which lacks float64).
+    """
+
+    def __init__(self, target_names: list[str], num_samples: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.num_samples, self.device, self.dtype = num_samples, device, dtype
+        self.declared: dict[str, StateSpec] = {}
+        self.add_state("first_order", "add", "sum of (eta/|B|) <g_V, G_i> over the sample's visits (times every_n_steps)")
+        self.add_state("second_order_sum", "add", "sum of the in-run Eq. 9 terms -(t eta^2/|B|) <g_V, H_B G_i + H_i G_B>")
+        self.add_state("visits", "add", "recorded steps whose finite contribution reached the sample")
+        self.add_state("decayed_first", "propagate", "first-order sum, every earlier part carried by each later step's factor")
+        self.add_state("decayed_weight", "propagate", "sum of eta/|B| over visits, carried the same way (drift correction)")
+        # Parameter-shaped, per target: sum_t (eta_t/N) g_V(theta_t), carried by the same factors.
+        self.parameter_states: dict[str, Params] = {}
+        self.sums: dict[str, dict[str, Tensor]] = {name: self._zeros() for name in target_names}
+        self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)
+
+    def add_state(self, name: str, update: Update, help: str, reduce: Reduce = "sum") -> None:
+        """Declare a per-sample state (a zero tensor ``[N]`` per target)."""
+        self.declared[name] = StateSpec(name, update, reduce, help)
+
+    def _zeros(self) -> dict[str, Tensor]:
+        return {name: torch.zeros(self.num_samples, dtype=self.dtype, device=self.device) for name in self.declared}
+
+    def add(self, name: str, ids: Tensor, contribution: Contribution, weight: float, eta: float, batch_size: int) -> None:
+        """Add one step's contribution to target ``name`` at ``ids``; non-finite ones are skipped and counted.
+
+        ``weight`` is the number of steps the recorded step stands for. Nothing here reads
+        a value back to the host.
+        """
+        sums = self.sums[name]
+        eta_over_batch = eta / batch_size
+        first, second = contribution.first.detach(), contribution.second.detach()
+        finite = torch.isfinite(first) & torch.isfinite(second)
+        self.nonfinite += (~finite).sum()
+        mask = finite.to(self.dtype)
+        first = torch.where(finite, first, 0).to(self.dtype) * weight
+        second = torch.where(finite, second, 0).to(self.dtype) * weight
+        sums["first_order"].index_add_(0, ids, first)
+        sums["second_order_sum"].index_add_(0, ids, second)
+        sums["visits"].index_add_(0, ids, mask)
+        if contribution.factor is None:
+            return
+        # A non-finite factor (a diverging step) carries everything unchanged and adds nothing.
+        usable = torch.isfinite(contribution.factor)
+        factor = torch.where(usable, contribution.factor, 1.0).to(self.dtype)
+        keep = usable.to(self.dtype)
+        for state, values in (("decayed_first", first * keep), ("decayed_weight", mask * (eta_over_batch * weight) * keep)):
+            if self.declared[state].update == "propagate":
+                sums[state].mul_(factor)
+            sums[state].index_add_(0, ids, values)
+        assert contribution.target_gradient is not None
+        gradient = [g.detach() for g in contribution.target_gradient.values()]
+        scale = (eta / self.num_samples * weight) * keep.to(gradient[0].dtype)
+        previous = self.parameter_states.get(name)
+        if previous is None:
+            self.parameter_states[name] = dict(zip(contribution.target_gradient, torch._foreach_mul(gradient, scale)))
+        else:
+            values = list(previous.values())
+            torch._foreach_mul_(values, factor.to(values[0].dtype))
+            torch._foreach_add_(values, torch._foreach_mul(gradient, scale))
+
+    # ------------------------------------------------------------------ across processes
+
+    def reduced(self) -> InfluenceAccumulator:
+        """A copy whose per-sample states and skip count combine every rank's, as each state declares.
+
+        A collective under DDP: every rank must call it at the same point. The
+        parameter-shaped states are the same on every rank (built from global quantities)
+        and are shared, not combined. In one process, a copy of this accumulator.
+        """
+        out = InfluenceAccumulator([], self.num_samples, self.device, self.dtype)
+        out.declared = dict(self.declared)
+        flat = {f"{name}/{key}": value for name, sums in self.sums.items() for key, value in sums.items()}
+        unsupported = {spec.reduce for spec in self.declared.values()} - {"sum"}
+        if unsupported:
+            raise NotImplementedError(f"InfluenceAccumulator.reduced: no cross-rank reduction for {sorted(unsupported)}")
+        flat["__nonfinite__"] = self.nonfinite.reshape(1)
+        combined = distributed.sum_over_ranks(flat)
+        out.sums = {name: {key: combined[f"{name}/{key}"] for key in sums} for name, sums in self.sums.items()}
+        out.nonfinite = combined["__nonfinite__"].reshape(())
+        out.parameter_states = self.parameter_states
+        return out
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "sums": {name: {k: v.detach().cpu() for k, v in sums.items()} for name, sums in self.sums.items()},
+            "target_sums": {name: {k: v.detach().cpu() for k, v in s.items()} for name, s in self.parameter_states.items()},
+            "nonfinite_skipped": int(self.nonfinite),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], keep_totals: bool = True) -> None:
+        """Adopt a checkpoint's sums.
+
+        Under DDP the checkpoint holds the totals over ranks: rank zero keeps them
+        (``keep_totals``) and every other rank starts its per-sample states and skip count
+        from zero, so that the next :meth:`reduced` counts them once. Every declared state
+        sums, and the propagated ones are multiplied by the same factor on every rank, so
+        this holds for all of them.
+        """
+        self.sums = {
+            name: {
+                key: sums[key].to(device=self.device, dtype=self.dtype) if key in sums else torch.zeros(self.num_samples, dtype=self.dtype, device=self.device)
+                for key in self.declared
+            }
+            for name, sums in state.get("sums", {}).items()
+        }
+        self.parameter_states = {name: {k: v.to(self.device) for k, v in s.items()} for name, s in state.get("target_sums", {}).items()}
+        self.nonfinite = torch.tensor(int(state.get("nonfinite_skipped", 0)), dtype=torch.int64, device=self.device)
+        if not keep_totals:
+            for sums in self.sums.values():
+                for value in sums.values():
+                    value.zero_()
+            self.nonfinite.zero_()

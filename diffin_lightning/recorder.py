@@ -1,0 +1,301 @@
+"""The recording session behind the callback: targets, accumulator, engine choice, the per-step hand-off.
+
+Handed batches, ids, gradients and learning rates by the callback's hooks; never sees the
+Trainer. One :class:`InfluenceRecorder` per fit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from diffin_lightning import distributed
+from diffin_lightning.accumulator import InfluenceAccumulator
+from diffin_lightning.engine import (
+    CapturedStep,
+    RecomputedStep,
+    RngState,
+    StepGradients,
+    TrainingStepCapture,
+    capture_outputs_only,
+    gradient_of_mean,
+    relative_difference,
+    replayed_rng,
+)
+from diffin_lightning.per_sample import LossFn, Params, PerSampleLoss
+from diffin_lightning.results import RunRecord
+from diffin_lightning.settings import DiffInSettings
+from diffin_lightning.step import checkpoint_step, finite_difference_step, in_run_step
+from diffin_lightning.targets import DatasetTarget, SelfTarget, Target, TrainingLossTarget
+
+ForwardContext = Callable[[], contextlib.AbstractContextManager[Any]]
+
+# Agreement between the training step's .grad and the recomputed mean of per_sample_loss's gradient
+# on the first recorded step: float rounding of a different summation order stays far below these.
+_CHECK_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-3}
+_CHECK_TOLERANCE_MIXED = 5e-2
+
+
+class InfluenceRecorder:
+    """Turns each recorded optimizer step into per-sample contributions.
+
+    Args:
+        settings: the callback's settings.
+        targets: the target objects.
+        module: the model.
+        loss_fn: ``loss_fn(module, batch) -> Tensor[B]``.
+        record: the run's counters (shared with the callback).
+    """
+
+    def __init__(self, settings: DiffInSettings, targets: list[Target], module: nn.Module, loss_fn: LossFn, record: RunRecord) -> None:
+        self.settings, self.targets, self.module = settings, targets, module
+        self.loss = PerSampleLoss(module, loss_fn, engine=settings.dot_products)
+        # The capture path replays the training step's own random state instead of a seed.
+        self.unseeded_loss = PerSampleLoss(module, loss_fn, seed=None, engine=settings.dot_products)
+        names = [name for name, p in module.named_parameters() if p.requires_grad]
+        self.capture = TrainingStepCapture(module, names)
+        reuse = settings.reuse_training_step if settings.reuse_training_step is not None else settings.loss_fn is None
+        self.use_capture = reuse and settings.dot_products == "auto" and settings.schedule == "in_run" and self.capture.covers_all
+        self.verified = False
+        self.record = record
+        record.engine = "captured from the training step" if self.use_capture else "recomputed (torch.func)"
+        self.accumulator: InfluenceAccumulator | None = None
+        self.drift: dict[str, Tensor] = {}
+        if settings.dot_products == "auto" and not self.capture.covers_all:
+            uncovered = sorted({name.rsplit(".", 1)[0] for name in names if not _owned(module, name)})
+            rank_zero_info(
+                "DiffInCallback: per-sample quantities are recomputed with torch.func for the whole model because these "
+                f"modules hold trainable parameters outside nn.Linear: {uncovered[:8]}{' ...' if len(uncovered) > 8 else ''}."
+            )
+
+    # ------------------------------------------------------------------ per micro-batch
+
+    def begin_micro_batch(self, batch: Any, size: int, rng: RngState | None) -> None:
+        """A recorded step's micro-batch is about to run its training step."""
+        if self.use_capture:
+            self.capture.begin_micro_batch(batch, size, rng)
+            self.capture.start()
+
+    def abandon_step(self) -> None:
+        """Forget the current step's captures (a skipped step)."""
+        self.capture.stop()
+        self.capture.clear()
+
+    # ------------------------------------------------------------------ per step
+
+    def record_step(
+        self,
+        step: int,
+        eta: float,
+        batches: list[Any],
+        ids: Tensor,
+        gradients: Params | None,
+        gradient_to_mean: float,
+        backprop_scale: Tensor | float,
+        forward_context: ForwardContext,
+        mixed_precision: bool,
+    ) -> None:
+        """Accumulate one in-run step.
+
+        Args:
+            step: ``global_step`` before the update.
+            eta: learning rate.
+            batches: the step's micro-batches; ``ids`` their sample ids, concatenated.
+            gradients: the parameters' ``.grad`` (``None`` when the capture cannot be used this step).
+            gradient_to_mean: what turns ``.grad`` into the mean of per-sample gradients (``k |b| / |B|``).
+            backprop_scale: what turns a captured output gradient into that sample's own loss gradient.
+            forward_context: the precision context of the training step's forward.
+            mixed_precision: whether that context is autocast (looser first-step check).
+        """
+        assert self.accumulator is not None
+        micro_batches = list(self.capture.micro_batches)
+        self.abandon_step()
+        params = self.loss.parameters()
+        batch_size = int(ids.numel())
+        view: StepGradients | None = None
+        if self.use_capture and gradients is not None and len(micro_batches) == len(batches):
+            if gradient_to_mean != 1.0:
+                gradients = dict(zip(gradients, torch._foreach_mul(list(gradients.values()), gradient_to_mean)))
+            view = CapturedStep(self.unseeded_loss, params, micro_batches, gradients, backprop_scale, forward_context)
+            if not self.verified:
+                view = self._verify(view, micro_batches, forward_context, mixed_precision)
+        if view is None:
+            self.loss.seed = self.settings.seed * 1_000_003 + step
+            view = RecomputedStep(self.loss, params, batches, batch_size, self.settings.self_chunk_size)
+        try:
+            self._accumulate_step(view, step, eta, params, ids, batch_size)
+        finally:
+            self.loss.clear_captures()
+
+    def _verify(self, view: CapturedStep, micro_batches: list[Any], forward_context: ForwardContext, mixed: bool) -> StepGradients | None:
+        """Once: is the training step's gradient the mean of ``per_sample_loss``'s, and do the captures agree with it?"""
+        self.verified = True
+        total: Params | None = None
+        for mb in micro_batches:
+            with replayed_rng(mb.rng, next(iter(view.params.values())).device), forward_context():
+                part = gradient_of_mean(self.unseeded_loss, view.params, [mb.batch])
+            weighted = torch._foreach_mul(list(part.values()), mb.size / view.batch_size)
+            if total is None:
+                total = dict(zip(part, weighted))
+            else:
+                torch._foreach_add_(list(total.values()), weighted)
+        assert total is not None
+        # Under DDP .grad is the mean over ranks: compare it with the mean over ranks of the
+        # recomputation, and |G_B|^2 with the mean over ranks of each rank's mean <G_B, G_i>.
+        # Every rank then reaches the same verdict.
+        total = distributed.mean_over_ranks(total)
+        captured_mean = distributed.mean_over_ranks({"mean": view.gradient_dots().double().mean().reshape(1)})["mean"]
+        dtype = next(iter(view.params.values())).dtype
+        tolerance = _CHECK_TOLERANCE_MIXED if mixed else _CHECK_TOLERANCE.get(dtype, 1e-2)
+        gradient_gap = relative_difference(view.batch_gradient, total)
+        squared = sum(float((g.double() ** 2).sum()) for g in view.batch_gradient.values())
+        capture_gap = abs(float(captured_mean) - squared) / max(squared, 1e-300)
+        if gradient_gap <= tolerance and capture_gap <= max(tolerance, 1e-6):
+            return view
+        self.use_capture = False
+        self.record.engine = "recomputed (torch.func): the training step's gradient is not the mean of per_sample_loss's"
+        rank_zero_warn(
+            "DiffInCallback: the training step's gradient differs from the gradient of the mean of `per_sample_loss` "
+            f"(relative gap {gradient_gap:.2e}; captured per-sample products gap {capture_gap:.2e}; tolerance "
+            f"{tolerance:.0e}), so the callback cannot reuse the training step's backward and recomputes every "
+            "per-sample quantity instead (slower; same scores). Causes: training_step returns a sum instead of a mean, "
+            "adds a regulariser, weights samples, or uses a different loss. Make training_step return "
+            "per_sample_loss(batch).mean() to get the fast path."
+        )
+        return None
+
+    def _accumulate_step(self, view: StepGradients, step: int, eta: float, params: Params, ids: Tensor, batch_size: int) -> None:
+        assert self.accumulator is not None
+        settings = self.settings
+        device = ids.device
+        target_gradients: dict[str, Params | None] = {}
+        for target in self.targets:
+            if isinstance(target, SelfTarget):
+                target_gradients[target.name] = None
+            else:
+                batch_gradient = view.batch_gradient if isinstance(target, TrainingLossTarget) else {}
+                target_gradients[target.name] = target.target_gradient(self.loss, params, step, device, batch_gradient)
+        eps = finite_difference_step(settings.eps, params) if settings.compute_second_order else torch.zeros(())
+        if settings.compute_second_order:
+            self.record.last_eps = eps
+        # Under DDP a sample weighs its share of the global update, eta / (W |B_r|).
+        batch_size = distributed.effective_batch_size(batch_size)
+        contributions = in_run_step(
+            view,
+            step=step,
+            eta=eta,
+            batch_size=batch_size,
+            every_n_steps=settings.every_n_steps,
+            target_gradients=target_gradients,
+            compute_second_order=settings.compute_second_order,
+            eps=eps,
+            scheme=settings.finite_difference,
+        )
+        for name, contribution in contributions.items():
+            self.accumulator.add(name, ids, contribution, float(settings.every_n_steps), eta, batch_size)
+        self.record.steps_recorded += 1
+        self.record.steps_represented += settings.every_n_steps
+
+    def record_checkpoint(
+        self,
+        step: int,
+        eta: float,
+        batches: list[Any],
+        ids: Tensor,
+        weight: float,
+        training_set: Callable[[], Iterable[tuple[Any, Tensor]]],
+    ) -> None:
+        """schedule='checkpoints': score every training sample with this step's batch as the proxy batch."""
+        assert self.accumulator is not None and self.record.num_samples is not None
+        loss = self.loss
+        loss.seed = self.settings.seed * 1_000_003 + step
+        params = loss.parameters()
+        proxy = RecomputedStep(loss, params, batches, int(ids.numel()), self.settings.self_chunk_size)
+        target_gradients: dict[str, Params | None] = {}
+        for target in self.targets:
+            if isinstance(target, SelfTarget):
+                target_gradients[target.name] = None
+            elif isinstance(target, TrainingLossTarget):
+                # The full-data gradient: one pass over the training set (each rank its share).
+                target_gradients[target.name] = gradient_of_mean(loss, params, (b for b, _ in training_set()), across_ranks=True)
+            else:
+                # Checkpoints lie far apart: each one takes the target's gradient afresh.
+                target_gradients[target.name] = target.fresh_gradient(loss, params, step, ids.device)
+        eps = finite_difference_step(self.settings.eps, params)
+        self.record.last_eps = eps
+        try:
+            for sample_ids, contributions in checkpoint_step(
+                loss,
+                params,
+                proxy,
+                step=step,
+                eta=eta,
+                num_samples=self.record.num_samples,
+                target_gradients=target_gradients,
+                compute_second_order=self.settings.compute_second_order,
+                eps=eps,
+                scheme=self.settings.finite_difference,
+                training_set=training_set(),
+                self_chunk_size=self.settings.self_chunk_size,
+            ):
+                for name, contribution in contributions.items():
+                    self.accumulator.add(name, sample_ids, contribution, weight, eta, self.record.num_samples)
+        finally:
+            loss.clear_captures()
+        self.record.steps_recorded += 1
+        self.record.steps_represented += weight
+
+    # ------------------------------------------------------------------ end of fit
+
+    def compute_drift(self, step: int, device: torch.device, training_set: Iterable[tuple[Any, Tensor]]) -> None:
+        """The target-drift correction of second_order='propagated', one pass over the training set.
+
+        ``sum over visits of (eta/|B|) <g_V(theta_T) - g_V(theta_s), G_i>`` with ``G_i(theta_s)``
+        approximated by ``G_i(theta_T)``: ``decayed_weight_i <g_V(theta_T), G_i> - <sum_t (eta_t/N)
+        g_V(theta_t) (decayed), G_i>``, two per-sample dot products at the final parameters.
+        """
+        assert self.accumulator is not None
+        loss = self.loss
+        loss.seed = self.settings.seed * 1_000_003 + step
+        params = loss.parameters()
+        finals: dict[str, Params] = {}
+        for target in self.targets:
+            if target.name not in self.accumulator.parameter_states or isinstance(target, SelfTarget):
+                continue
+            if isinstance(target, DatasetTarget):
+                finals[target.name] = target.fresh_gradient(loss, params, step, device)
+            else:
+                finals[target.name] = target.current_estimate()
+        if not finals:
+            return
+        sums = self.accumulator.sums
+        drifts = {name: torch.zeros_like(sums[name]["decayed_weight"]) for name in finals}
+        # Under DDP this rank's share of the training set holds samples visited on any rank:
+        # each sample's visit weight is the sum over ranks.
+        visit_weights = {name: sums[name]["decayed_weight"] for name in finals}
+        if distributed.world_size() > 1:
+            visit_weights = distributed.sum_over_ranks(visit_weights)
+        names = list(finals)
+        directions = [finals[n] for n in names] + [self.accumulator.parameter_states[n] for n in names]
+        for batch, ids in training_set:
+            if self.capture.covers_all and self.settings.dot_products == "auto":
+                capture = capture_outputs_only(self.module, lambda p, b=batch: loss.values(p, b), params)
+                dots = torch.stack([capture.dots(direction) for direction in directions])
+            else:
+                dots = torch.stack([loss.dots(params, [batch], direction) for direction in directions])
+            for k, name in enumerate(names):
+                drift = drifts[name]
+                toward_final, toward_past = dots[k].to(drift.dtype), dots[len(names) + k].to(drift.dtype)
+                drift.index_add_(0, ids, visit_weights[name][ids] * toward_final - toward_past)
+        self.drift.update(drifts)
+
+
+def _owned(module: nn.Module, name: str) -> bool:
+    from diffin_lightning import ghost
+
+    return name in ghost.linear_owners(module)

@@ -1,0 +1,128 @@
+"""Scores and metadata read from the accumulated sums: what ``callback.influence`` returns and the files hold.
+
+Pure functions of the accumulator, the settings and the run's counters (no Trainer). The
+files themselves are written by :mod:`diffin_lightning.store`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from diffin_lightning import distributed
+from diffin_lightning.accumulator import InfluenceAccumulator
+from diffin_lightning.estimator import normalize_second_order
+from diffin_lightning.settings import SECOND_ORDER_TERMS, DiffInSettings, SecondOrderTerm
+from diffin_lightning.store import InfluenceResult, TargetInfluence
+from diffin_lightning.version import __version__
+
+
+@dataclass
+class RunRecord:
+    """The run's counters and facts that go into the metadata."""
+
+    num_samples: int | None = None
+    fingerprint: str | None = None
+    steps_recorded: int = 0
+    steps_represented: float = 0.0
+    skipped_amp_steps: int = 0
+    checkpoint_steps: list[int] = field(default_factory=list)
+    last_eps: Tensor | float | None = None
+    engine: str = "not started"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "num_samples": self.num_samples,
+            "fingerprint": self.fingerprint,
+            "steps_recorded": self.steps_recorded,
+            "steps_represented": self.steps_represented,
+            "skipped_amp_steps": self.skipped_amp_steps,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.steps_recorded = int(state.get("steps_recorded", 0))
+        self.steps_represented = float(state.get("steps_represented", 0))
+        self.skipped_amp_steps = int(state.get("skipped_amp_steps", 0))
+
+
+def check_second_order(second_order: Any, settings: DiffInSettings) -> None:
+    if second_order not in SECOND_ORDER_TERMS:
+        raise ValueError(f"`second_order` must be one of {SECOND_ORDER_TERMS}; got {second_order!r}.")
+    if second_order == "propagated" and settings.schedule == "checkpoints":
+        raise ValueError("second_order='propagated' is recorded by schedule='in_run' only; use 'paper' or 'sum'.")
+
+
+def build_result(
+    accumulator: InfluenceAccumulator,
+    drift: Mapping[str, Tensor],
+    kinds: Mapping[str, str],
+    has_second_order: Mapping[str, bool],
+    settings: DiffInSettings,
+    record: RunRecord,
+    second_order: SecondOrderTerm,
+) -> InfluenceResult:
+    """Every target's components under the named second-order term (CPU float64)."""
+    targets = {}
+    for name, sums in accumulator.sums.items():
+        first = sums["first_order"].detach().to("cpu", torch.float64)
+        if second_order == "propagated":
+            if has_second_order[name] and settings.compute_second_order:
+                decayed = sums["decayed_first"].detach().to("cpu", torch.float64)
+                correction = drift.get(name)
+                correction = torch.zeros_like(first) if correction is None else correction.detach().to("cpu", torch.float64)
+                second = decayed + correction - first
+            else:
+                second = torch.zeros_like(first)
+        else:
+            second = normalize_second_order(sums["second_order_sum"].detach().to("cpu", torch.float64), second_order, record.steps_represented)
+        targets[name] = TargetInfluence(
+            name=name,
+            kind=kinds[name],
+            first_order=first,
+            second_order=second,
+            diffin=first + second,
+            visits=sums["visits"].detach().to("cpu", torch.float64),
+        )
+    return InfluenceResult(targets=targets, metadata=metadata(accumulator, drift, settings, record, second_order, list(kinds)))
+
+
+def metadata(
+    accumulator: InfluenceAccumulator,
+    drift: Mapping[str, Tensor],
+    settings: DiffInSettings,
+    record: RunRecord,
+    second_order: SecondOrderTerm,
+    target_names: list[str],
+) -> dict[str, Any]:
+    last_eps = record.last_eps
+    return {
+        "library": "diffin_lightning",
+        "library_version": __version__,
+        "num_samples": record.num_samples,
+        "targets": target_names,
+        "fingerprint": record.fingerprint,
+        "second_order": second_order,
+        "second_order_terms_available": list(SECOND_ORDER_TERMS if settings.schedule == "in_run" else SECOND_ORDER_TERMS[1:]),
+        "propagated_drift_included": bool(drift),
+        "finite_difference": settings.finite_difference,
+        "compute_second_order": settings.compute_second_order,
+        "eps": "auto" if settings.eps is None else settings.eps,
+        "eps_last_step": None if last_eps is None else float(last_eps),
+        "every_n_steps": settings.every_n_steps,
+        "schedule": settings.schedule,
+        "num_checkpoints": settings.num_checkpoints,
+        "checkpoint_steps": record.checkpoint_steps,
+        "target_refresh_every_n_steps": settings.target_refresh_every_n_steps,
+        "steps_recorded": record.steps_recorded,
+        "steps_represented": record.steps_represented,
+        "skipped_amp_steps": record.skipped_amp_steps,
+        "nonfinite_skipped": int(accumulator.nonfinite),
+        "world_size": distributed.world_size(),
+        "per_sample_engine": record.engine,
+        "settings": settings.to_dict(),
+        "self_target_second_order": "not defined: the 'self' target is first order only, second_order is 0",
+    }

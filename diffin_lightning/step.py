@@ -1,0 +1,192 @@
+"""The per-step maths as pure functions: handed a step's per-sample quantities and tensors, never the Trainer.
+
+For an in-run step ``t`` with learning rate ``eta``, batch ``B`` and a target gradient ``g_V``
+(DESIGN.md, "The estimator"; :mod:`diffin_lightning.estimator` documents each term):
+
+- first order ``(eta/|B|) <g_V, G_i>``;
+- second order ``-(t eta^2/|B|) |g_V| (f_i(theta + eps u) - f_i(theta)) / eps`` with
+  ``f_i = <G_B, G_i>`` and ``u = g_V/|g_V|`` (forward), or the central difference;
+- the propagation factor ``clamp(1 - eta <u, H_B u>, 0, 1)^n`` of ``second_order="propagated"``,
+  its curvature from the same perturbed batch gradient.
+
+Every scalar that depends on the data (``eps``, ``|g_V|``, the curvature, the factor) stays a
+0-d tensor on the model's device: no host synchronisation in the per-step path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from diffin_lightning.engine import StepGradients
+from diffin_lightning.per_sample import Params, PerSampleLoss
+from diffin_lightning.settings import FiniteDifferenceScheme
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One target's contribution from one recorded step.
+
+    Attributes:
+        first: ``[B]`` first-order terms.
+        second: ``[B]`` second-order terms (before normalization).
+        factor: 0-d propagation factor, or ``None`` when the target has no second order.
+        target_gradient: ``g_V`` used at this step (``None`` for ``"self"``).
+    """
+
+    first: Tensor
+    second: Tensor
+    factor: Tensor | None = None
+    target_gradient: Params | None = None
+
+
+def parameters_norm(params: Params) -> Tensor:
+    """``|theta|`` as a 0-d tensor."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(params.values()))))
+
+
+def dot(a: Params, b: Params) -> Tensor:
+    """``<a, b>`` over all parameters, as a 0-d tensor."""
+    return torch.stack([torch.sum(a[name] * b[name]) for name in a]).sum()
+
+
+def finite_difference_step(eps: float | None, params: Params) -> Tensor:
+    """The finite-difference step as a 0-d tensor: ``eps``, or ``sqrt(machine eps) * max(1, |theta|)``."""
+    reference = next(iter(params.values()))
+    if eps is not None:
+        return torch.tensor(float(eps), dtype=reference.dtype, device=reference.device)
+    return torch.finfo(reference.dtype).eps ** 0.5 * parameters_norm(params).clamp_min(1.0)
+
+
+def propagation_factor(eta: float, curvature: Tensor, steps: int) -> Tensor:
+    """``clamp(1 - eta lambda, 0, 1)^steps`` as a tensor (see :func:`diffin_lightning.estimator.propagation_factor`)."""
+    return (1.0 - eta * curvature).clamp(0.0, 1.0) ** steps
+
+
+def bracket_and_curvature(
+    view: StepGradients, target_gradient: Params, eps: Tensor, scheme: FiniteDifferenceScheme
+) -> tuple[Tensor, Tensor]:
+    """``<g_V, H_B G_i + H_i G_B>`` for every sample and ``<u, H_B u>``, by one (forward) or two (central) perturbed passes.
+
+    A zero target gradient gives a zero bracket and zero curvature (the point is not moved).
+    """
+    target_norm = parameters_norm(target_gradient)
+    unit = torch._foreach_div(list(target_gradient.values()), target_norm.clamp_min(torch.finfo(target_norm.dtype).tiny))
+    names = list(target_gradient)
+    shift = dict(zip(names, torch._foreach_mul(unit, eps)))
+    direction = dict(zip(names, unit))
+    plus_gradient, f_plus = view.perturbed(shift)
+    if scheme == "forward":
+        f_reference, reference_gradient, width = view.gradient_dots(), view.batch_gradient, eps
+    else:
+        minus_gradient, f_reference = view.perturbed(dict(zip(names, torch._foreach_neg(list(shift.values())))))
+        reference_gradient, width = minus_gradient, 2 * eps
+    bracket = target_norm * (f_plus - f_reference) / width
+    difference = dict(zip(names, torch._foreach_sub([plus_gradient[n] for n in names], [reference_gradient[n] for n in names])))
+    curvature = dot(direction, difference) / width
+    return bracket, curvature
+
+
+def in_run_step(
+    view: StepGradients,
+    *,
+    step: int,
+    eta: float,
+    batch_size: int,
+    every_n_steps: int,
+    target_gradients: Mapping[str, Params | None],
+    compute_second_order: bool,
+    eps: Tensor,
+    scheme: FiniteDifferenceScheme,
+) -> dict[str, Contribution]:
+    """Every target's contribution from one in-run step.
+
+    Args:
+        view: the step's per-sample quantities.
+        step: ``t`` (Lightning's ``global_step`` before the update).
+        eta: the step's learning rate.
+        batch_size: ``|B|``.
+        every_n_steps: the steps this one stands for (the propagation factor's power).
+        target_gradients: name -> ``g_V``, or ``None`` for a ``"self"`` target.
+        compute_second_order: ``False`` gives zero second-order terms and no factor.
+        eps: the finite-difference step (0-d tensor).
+        scheme: ``"forward"`` or ``"central"``.
+    """
+    names = [name for name, gradient in target_gradients.items() if gradient is not None]
+    dots = view.dots([target_gradients[name] for name in names]) if names else None  # type: ignore[misc]
+    out: dict[str, Contribution] = {}
+    for name, gradient in target_gradients.items():
+        if gradient is None:
+            first = (eta / batch_size) * view.squared_norms()
+            out[name] = Contribution(first, torch.zeros_like(first))
+            continue
+        assert dots is not None
+        first = (eta / batch_size) * dots[names.index(name)]
+        if not compute_second_order:
+            out[name] = Contribution(first, torch.zeros_like(first))
+            continue
+        bracket, curvature = bracket_and_curvature(view, gradient, eps, scheme)
+        second = (-step * eta**2 / batch_size) * bracket
+        out[name] = Contribution(first, second, propagation_factor(eta, curvature, every_n_steps), gradient)
+    return out
+
+
+def checkpoint_step(
+    loss: PerSampleLoss,
+    params: Params,
+    proxy: StepGradients,
+    *,
+    step: int,
+    eta: float,
+    num_samples: int,
+    target_gradients: Mapping[str, Params | None],
+    compute_second_order: bool,
+    eps: Tensor,
+    scheme: FiniteDifferenceScheme,
+    training_set: Iterable[tuple[Any, Tensor]],
+    self_chunk_size: int | None,
+) -> Iterable[tuple[Tensor, dict[str, Contribution]]]:
+    """The paper's checkpoint estimator at one step: every training sample, the step's batch as proxy ``B``.
+
+    Yields ``(ids, name -> Contribution)`` per training-set batch. The perturbed batch
+    gradients of the proxy batch are computed once and shared by all training-set batches.
+    """
+    from diffin_lightning.engine import RecomputedStep
+
+    perturbed: dict[str, tuple[Tensor, list[tuple[Params, Params]], float]] = {}
+    if compute_second_order:
+        for name, gradient in target_gradients.items():
+            if gradient is None:
+                continue
+            target_norm = parameters_norm(gradient)
+            unit = {k: v / target_norm.clamp_min(torch.finfo(target_norm.dtype).tiny) for k, v in gradient.items()}
+            points = []
+            for sign in (1.0, -1.0) if scheme == "central" else (1.0,):
+                point = {k: params[k] + sign * eps * unit[k] for k in params}
+                points.append((point, proxy.perturbed({k: sign * eps * unit[k] for k in params})[0]))
+            perturbed[name] = (target_norm, points, 1.0 if scheme == "forward" else 2.0)
+    proxy_gradient = proxy.batch_gradient
+    for batch, ids in training_set:
+        samples = RecomputedStep(loss, params, [batch], int(ids.numel()), self_chunk_size)
+        f_at = loss.dots(params, [batch], proxy_gradient) if perturbed else None
+        contributions: dict[str, Contribution] = {}
+        for name, gradient in target_gradients.items():
+            if gradient is None:
+                first = (eta / num_samples) * samples.squared_norms()
+                contributions[name] = Contribution(first, torch.zeros_like(first))
+                continue
+            first = (eta / num_samples) * loss.dots(params, [batch], gradient)
+            if name not in perturbed:
+                contributions[name] = Contribution(first, torch.zeros_like(first))
+                continue
+            target_norm, points, width = perturbed[name]
+            f_plus = loss.dots(points[0][0], [batch], points[0][1])
+            f_reference = f_at if len(points) == 1 else loss.dots(points[1][0], [batch], points[1][1])
+            assert f_reference is not None
+            bracket = target_norm * (f_plus - f_reference) / (width * eps)
+            contributions[name] = Contribution(first, (-step * eta**2 / num_samples) * bracket)
+        yield ids, contributions
