@@ -31,9 +31,9 @@ def captured(model: nn.Module, losses: Callable[[Tensor], Tensor], micro_batches
     with capture.recording():
         for inputs in micro_batches:
             (losses(inputs).mean() / len(micro_batches)).backward()
-    # Every micro-batch's mean was divided by k: the sum of per-sample losses is k * B_m times that.
-    scale = len(micro_batches) * micro_batches[0].shape[0]
-    return capture, capture.per_sample(backprop_scale=scale)
+    # Every micro-batch's mean was divided by k: the sum of its per-sample losses is k * B_m times that.
+    scales = [len(micro_batches) * inputs.shape[0] for inputs in micro_batches]
+    return capture, capture.per_sample(backprop_scale=scales)
 
 
 def check_against_reference(per_sample: PerSampleDots, reference: dict[str, Tensor], directions: int = 3, seed: int = 0) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +31,7 @@ class _Pass:
 
     calls: list[_Call] = field(default_factory=list)
     received: bool = False
+    batch_size: int | None = None
 
 
 @dataclass
@@ -59,6 +60,10 @@ class LayerCapture:
     opens a new pass (gradient accumulation: forward, backward, forward, backward). Calls of
     one module within a pass (weight sharing) add up. The sample axis is dim 0 of every
     covered layer's input (batch-first models); the passes' samples concatenate in order.
+    A call whose input and output have size 1 on the sample axis while the pass already holds
+    B samples (a table shared by the batch, such as GPT-2's position embedding looked up with
+    ids ``[1, T]``) has its output expanded to B (a view: no value downstream changes) so that
+    its gradient arrives per sample.
     Activation checkpointing (forwards re-run during backward) is not supported.
 
     Args:
@@ -157,21 +162,43 @@ class LayerCapture:
         """Qualified names of the modules that carry hooks."""
         return tuple(self._covered)
 
-    def _on_forward(self, module_name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    def _on_forward(self, module_name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         if not self.enabled or not torch.is_grad_enabled():
-            return
+            return None
         entry = self._covered[module_name]
         targets = entry.rule.outputs(output)
         if not any(isinstance(target, Tensor) and target.requires_grad for target in targets):
-            return
+            return None
         if not self._passes or self._passes[-1].received:
             self._passes.append(_Pass())
         current = self._passes[-1]
+        replaced = None
+        if (
+            isinstance(output, Tensor)
+            and output.dim() > 0
+            and output.shape[0] == 1
+            and current.batch_size not in (None, 1)
+            and args
+            and isinstance(args[0], Tensor)
+            and args[0].dim() > 0
+            and args[0].shape[0] == 1
+        ):
+            # A call shared by the whole batch (GPT-2's position table looked up with ids [1, T]):
+            # its output is broadcast downstream, so its gradient arrives summed over samples.
+            # Expanding it to the batch first changes no value downstream and gives the hook
+            # each sample's gradient.
+            size = int(current.batch_size)  # type: ignore[arg-type]
+            replaced = output.expand(size, *output.shape[1:])
+            args = (args[0].expand(size, *args[0].shape[1:]), *args[1:])
+            targets = entry.rule.outputs(replaced)
+        if current.batch_size is None and isinstance(targets[0], Tensor) and targets[0].dim() > 0:
+            current.batch_size = int(targets[0].shape[0])
         call = _Call(module_name, entry.rule.activations(module, args, kwargs), [None] * len(targets))
         current.calls.append(call)
         for index, target in enumerate(targets):
             if isinstance(target, Tensor) and target.requires_grad:
                 target.register_hook(functools.partial(self._on_backward, current, call, index))
+        return replaced
 
     @staticmethod
     def _on_backward(current: _Pass, call: _Call, index: int, gradient: Tensor) -> None:
@@ -208,7 +235,7 @@ class LayerCapture:
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
-    def per_sample(self, backprop_scale: float | Tensor = 1.0) -> PerSampleDots:
+    def per_sample(self, backprop_scale: float | Tensor | Sequence[float | Tensor] = 1.0) -> PerSampleDots:
         """Per-sample products over the captured step.
 
         Call it before the optimizer changes the parameters (attention's rule recomputes its
@@ -219,18 +246,28 @@ class LayerCapture:
             backprop_scale: multiplies every captured output gradient so the rules see
                 gradients of the SUM of per-sample losses: ``B`` for a mean loss, ``k * B``
                 under accumulation over k micro-batches of a mean divided by k, ``1 / scale``
-                under AMP's loss scaling (a float or a 0-d tensor, kept on the device).
+                under AMP's loss scaling (a float or a 0-d tensor, kept on the device); or one
+                such factor per captured micro-batch (in order) when they differ, for example a
+                smaller last micro-batch under a mean loss.
         """
+        received = [current for current in self._passes if current.received]  # a forward no backward reached has nothing to attribute
+        if isinstance(backprop_scale, (list, tuple)):
+            if len(backprop_scale) != len(received):
+                raise ValueError(
+                    f"`backprop_scale` must be one factor, or one per captured micro-batch ({len(received)}); got {len(backprop_scale)} factors. "
+                    "Fix: pass a single factor when every micro-batch has the same scale."
+                )
+            scales = list(backprop_scale)
+        else:
+            scales = [backprop_scale] * len(received)
         passes, sizes = [], []
-        for current in self._passes:
-            if not current.received:
-                continue  # a forward that no backward reached (nothing to attribute)
+        for current, scale in zip(received, scales):
             by_key: dict[Any, list] = {}
             for call in current.calls:
                 if all(backprop is None for backprop in call.backprops):
                     continue
                 entry = self._covered[call.module_name]
-                backprops = [None if b is None else b * backprop_scale for b in call.backprops]
+                backprops = [None if b is None else b * scale for b in call.backprops]
                 for factors in entry.rule.factors(entry.module, call.module_name, call.activations, backprops, entry.names):
                     by_key.setdefault(factors.key, []).append(factors)
             blocks = [items[0].merge(items[1:]) if len(items) > 1 else items[0] for items in by_key.values()]
