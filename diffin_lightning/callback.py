@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -376,6 +377,10 @@ class DiffInCallback(Callback):
         sizes = {int(ids.numel()) for _, ids in pending}
         precision = trainer.precision_plugin
         mixed = isinstance(precision, MixedPrecision)
+        if mixed:
+            # The layer rules take their products in the captured tensors' dtype, and autocast leaves
+            # half-precision activations: under AMP the products come from one full-precision pass.
+            return None, 1.0, 1.0, contextlib.nullcontext, mixed
         if len(sizes) != 1:
             return None, 1.0, 1.0, precision.forward_context, mixed
         size = sizes.pop()
@@ -485,6 +490,10 @@ class DiffInCallback(Callback):
         result = self.influence
         result.metadata.update(complete=complete, global_step=trainer.global_step, epoch=trainer.current_epoch)
         self.output_path = save_influence(result, directory)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self._recorder is not None:
+            self._recorder.teardown()  # the model leaves the fit without the callback's hooks
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write(trainer, complete=True)

@@ -32,13 +32,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from diffin_lightning import distributed, ghost
+from diffin_lightning import distributed
+from diffin_lightning.dots import LayerCapture, PerSampleDots, functional_dots, functional_squared_norms, supported_layers_message
 from diffin_lightning.per_sample import Params, PerSampleLoss
 
 RngState = tuple[Tensor, Tensor | None]
@@ -89,19 +90,16 @@ def replayed_rng(state: RngState | None, device: torch.device) -> Iterator[None]
 
 
 @dataclass
-class _MicroBatch:
+class MicroBatch:
+    """One micro-batch of a step: the batch, its sample count and the random state its training step started from."""
+
     batch: Any
     size: int
-    rng: RngState | None
-    capture: ghost.GhostCapture = field(default_factory=ghost.GhostCapture)
+    rng: RngState | None = None
 
 
-class TrainingStepCapture:
-    """Hooks that record each covered layer's inputs and output gradients during the training step.
-
-    Covered today: ``nn.Linear`` layers (weights and biases), with any number of leading
-    positions. :attr:`covers_all` says whether every trainable parameter is covered, which the
-    capture path needs.
+class StepCapture:
+    """The capture hooks of :mod:`diffin_lightning.dots` on the model, switched on for recorded steps only.
 
     Args:
         module: the LightningModule.
@@ -109,118 +107,178 @@ class TrainingStepCapture:
     """
 
     def __init__(self, module: nn.Module, parameter_names: Sequence[str]) -> None:
-        self.module = module
+        self.layers = LayerCapture(module, parameter_names)
         self.parameter_names = list(parameter_names)
-        self.covers_all = ghost.supports(module, self.parameter_names)
-        self._names = {id(layer): name for name, layer in module.named_modules() if isinstance(layer, nn.Linear)}
-        self._handles: list[Any] = []
-        self.micro_batches: list[_MicroBatch] = []
+        self.covered = tuple(self.layers.covered_parameter_names)
+        self.uncovered = tuple(self.layers.uncovered_parameter_names)
+        self.micro_batches: list[MicroBatch] = []
 
-    @property
-    def recording(self) -> bool:
-        return bool(self._handles)
-
-    def start(self) -> None:
-        if self._handles:
-            return
-        for layer in self.module.modules():
-            if isinstance(layer, nn.Linear):
-                self._handles.append(layer.register_forward_hook(self._remember))
+    def begin_micro_batch(self, batch: Any, size: int, rng: RngState | None, hooks: bool = True) -> None:
+        """A recorded step's micro-batch is about to run its training step; ``hooks`` records its layers."""
+        if not self.micro_batches:
+            self.layers.clear()
+        self.micro_batches.append(MicroBatch(batch, size, rng))
+        self.layers.enabled = hooks
 
     def stop(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def begin_micro_batch(self, batch: Any, size: int, rng: RngState | None) -> None:
-        self.micro_batches.append(_MicroBatch(batch, size, rng))
+        self.layers.enabled = False
 
     def clear(self) -> None:
+        self.layers.enabled = False
+        self.layers.clear()
         self.micro_batches = []
 
-    def _remember(self, layer: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
-        # Only the training step's differentiable forward counts: no-grad forwards (other
-        # callbacks' metrics, validation) have no output gradients to pair with.
-        if not self.micro_batches or not isinstance(output, Tensor) or not output.requires_grad:
-            return
-        name = self._names[id(layer)]
-        prefix = f"{name}." if name else ""
-        weight = f"{prefix}weight"
-        if not layer.weight.requires_grad:
-            return
-        bias = f"{prefix}bias" if getattr(layer, "bias", None) is not None and layer.bias.requires_grad else None
-        # Under autocast the activations are half precision; the products are taken in the parameters' dtype.
-        dtype = layer.weight.dtype
-        use = ghost.LayerUse(weight=weight, bias=bias, inputs=inputs[0].detach().to(dtype))
-        self.micro_batches[-1].capture.uses.append(use)
-        output.register_hook(lambda gradient, use=use: setattr(use, "output_gradients", gradient.detach().to(dtype)))
+    def remove(self) -> None:
+        self.layers.remove()
+
+    def fallback_message(self) -> str | None:
+        """Which parameters go through the functional fallback and why (``None`` when all are covered)."""
+        if not self.uncovered:
+            return None
+        reasons = sorted(set(self.layers.uncovered_reasons.get(name, name) for name in self.uncovered))
+        return (
+            f"DiffInCallback: {len(self.uncovered)} of {len(self.parameter_names)} trainable parameters lie outside the "
+            f"per-layer rules and use the functional fallback (jvp, or finite differences where forward-mode AD fails): "
+            + "; ".join(reasons[:6])
+            + (" ..." if len(reasons) > 6 else "")
+            + f". Supported layers: {supported_layers_message()}."
+        )
 
 
-def _scaled(values: Tensor, scale: Tensor | float) -> Tensor:
-    return values * scale
+def capture_pass(
+    capture: StepCapture,
+    loss: PerSampleLoss,
+    point: Params,
+    micro_batches: Sequence[MicroBatch],
+    forward_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> tuple[Params, PerSampleDots]:
+    """One forward and backward of the summed per-sample losses at ``point`` with the capture on.
+
+    Each micro-batch replays its training step's random state (dropout draws its masks) and runs
+    on copies of the buffers. Returns ``(G_sum, per-sample products)``.
+    """
+    names = list(point)
+    leaves = [point[name].detach().requires_grad_(True) for name in names]
+    variables = dict(zip(names, leaves))
+    summed: list[Tensor] | None = None
+    device = leaves[0].device
+    capture.layers.clear()
+    capture.layers.enabled = True
+    try:
+        for mb in micro_batches:
+            with replayed_rng(mb.rng, device), forward_context(), torch.enable_grad():
+                losses = loss.values(variables, mb.batch)
+                part = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+            part = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, part)]
+            if summed is None:
+                summed = list(part)
+            else:
+                torch._foreach_add_(summed, part)
+    finally:
+        capture.layers.enabled = False
+    per_sample = capture.layers.per_sample(backprop_scale=1.0)
+    capture.layers.clear()
+    assert summed is not None, "capture_pass needs at least one micro-batch"
+    return dict(zip(names, summed)), per_sample
 
 
 class CapturedStep:
-    """A step's per-sample quantities from the training step's own captures and ``.grad``.
+    """A step's per-sample quantities from captured layer factors, plus the functional fallback for the rest.
 
     Args:
-        loss: the per-sample loss (the perturbed pass evaluates it).
+        capture: the hooks (the perturbed pass reuses them).
+        loss: the per-sample loss (unseeded: each pass replays its micro-batch's random state).
         params: ``theta`` (the module's trainable parameters, detached).
-        micro_batches: the step's captured micro-batches.
-        batch_gradient: ``G_B`` (from ``.grad``).
-        backprop_scale: what turns a captured output gradient into the gradient of that
-            sample's own loss (``k |b|`` for a mean loss over ``k`` accumulated micro-batches of
-            ``|b|`` samples, divided by AMP's loss scale).
+        micro_batches: the step's micro-batches.
+        per_sample: the covered layers' products at ``theta``, scaled to the samples' own gradients.
+        batch_gradient: ``G_B``.
         forward_context: the precision context the training step's forward ran in.
+        self_chunk_size: vmap chunk for the fallback's squared norms.
     """
 
     def __init__(
         self,
+        capture: StepCapture,
         loss: PerSampleLoss,
         params: Params,
-        micro_batches: list[_MicroBatch],
+        micro_batches: Sequence[MicroBatch],
+        per_sample: PerSampleDots,
         batch_gradient: Params,
-        backprop_scale: Tensor | float,
         forward_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+        self_chunk_size: int | None = None,
     ) -> None:
-        self.loss, self.params, self.micro_batches = loss, params, micro_batches
+        self.capture, self.loss, self.params = capture, loss, params
+        self.micro_batches = list(micro_batches)
+        self.per_sample = per_sample
         self.batch_gradient = batch_gradient
-        self.scale = backprop_scale
-        self.batch_size = sum(mb.size for mb in micro_batches)
+        self.batch_size = sum(mb.size for mb in self.micro_batches)
         self.forward_context = forward_context
+        self.self_chunk_size = self_chunk_size
         self._gradient_dots: Tensor | None = None
 
+    def _losses_at(self, mb: MicroBatch) -> Callable[[Params], Tensor]:
+        device = next(iter(self.params.values())).device
+
+        def losses(point: Params) -> Tensor:
+            with replayed_rng(mb.rng, device), self.forward_context():
+                return self.loss.values(point, mb.batch)
+
+        return losses
+
+    def _fallback_dots(self, point: Params, directions: Sequence[Params]) -> Tensor | None:
+        if not self.capture.uncovered:
+            return None
+        parts = [functional_dots(self._losses_at(mb), point, directions, only=self.capture.uncovered) for mb in self.micro_batches]
+        return torch.cat(parts, dim=1)
+
     def dots(self, directions: Sequence[Params]) -> Tensor:
-        rows = [torch.cat([mb.capture.dots(direction) for mb in self.micro_batches]) for direction in directions]
-        return _scaled(torch.stack(rows), self.scale)
+        out = self.per_sample.dots(directions) if self.capture.covered else None
+        fallback = self._fallback_dots(self.params, directions)
+        assert out is not None or fallback is not None
+        return fallback if out is None else (out if fallback is None else out + fallback.to(out.dtype))
 
     def gradient_dots(self) -> Tensor:
         if self._gradient_dots is None:
-            self._gradient_dots = self.dots([self.batch_gradient])[0]
+            self._gradient_dots = self._f(self.per_sample, self.params, self.batch_gradient)
         return self._gradient_dots
 
+    def _f(self, per_sample: PerSampleDots, point: Params, gradient: Params) -> Tensor:
+        """``<G_B, G_i>`` at ``point``: Gram or direct form on the covered layers, the fallback on the rest."""
+        out = None
+        if self.capture.covered:
+            summed = dict(zip(self.capture.covered, torch._foreach_mul([gradient[n] for n in self.capture.covered], float(self.batch_size))))
+            # Under DDP G_B is the global batch's: the Gram form would sum this rank's samples only
+            # (it never reads `gradient`), so the direct form, which does, is used there.
+            form = "direct" if distributed.world_size() > 1 else None
+            out = per_sample.gradient_dots(form=form, gradient=summed) / self.batch_size
+        fallback = self._fallback_dots(point, [gradient])
+        if fallback is not None:
+            out = fallback[0] if out is None else out + fallback[0].to(out.dtype)
+        assert out is not None
+        return out
+
     def squared_norms(self) -> Tensor:
-        norms = torch.cat([mb.capture.squared_norms() for mb in self.micro_batches])
-        return _scaled(norms, self.scale * self.scale if isinstance(self.scale, Tensor) else self.scale**2)
+        out = self.per_sample.squared_norms() if self.capture.covered else None
+        if self.capture.uncovered:
+            parts = []
+            for mb in self.micro_batches:
+                with replayed_rng(mb.rng, next(iter(self.params.values())).device), self.forward_context():
+                    parts.append(
+                        functional_squared_norms(
+                            lambda p, b: self.loss.values(p, b), self.params, mb.batch, only=self.capture.uncovered, chunk_size=self.self_chunk_size
+                        )
+                    )
+            fallback = torch.cat(parts)
+            out = fallback if out is None else out + fallback.to(out.dtype)
+        assert out is not None
+        return out
 
     def perturbed(self, shift: Params) -> tuple[Params, Tensor]:
-        point = dict(zip(self.params, torch._foreach_add(list(self.params.values()), list(shift.values()))))
-        summed: list[Tensor] | None = None
-        captures = []
-        device = next(iter(self.params.values())).device
-        for mb in self.micro_batches:
-            with replayed_rng(mb.rng, device), self.forward_context():
-                part, _, capture = ghost.gradient_with_capture(self.loss.module, lambda p, b=mb.batch: self.loss.values(p, b), point)
-            captures.append(capture)
-            if summed is None:
-                summed = list(part.values())
-            else:
-                torch._foreach_add_(summed, list(part.values()))
-        assert summed is not None
-        torch._foreach_div_(summed, float(self.batch_size))
-        gradient = distributed.mean_over_ranks(dict(zip(self.params, summed)))  # the global batch's, like .grad
-        f_plus = torch.cat([capture.dots(gradient) for capture in captures])
-        return gradient, f_plus
+        point = dict(zip(self.params, torch._foreach_add(list(self.params.values()), [shift[n] for n in self.params])))
+        summed, per_sample = capture_pass(self.capture, self.loss, point, self.micro_batches, self.forward_context)
+        gradient = dict(zip(summed, torch._foreach_div(list(summed.values()), float(self.batch_size))))
+        gradient = distributed.mean_over_ranks(gradient)  # the global batch's, like .grad
+        return gradient, self._f(per_sample, point, gradient)
 
 
 class RecomputedStep:
@@ -243,7 +301,7 @@ class RecomputedStep:
     @property
     def batch_gradient(self) -> Params:  # type: ignore[override]
         if self._batch_gradient is None:
-            local = self.loss.batch_gradient(self.params, self.batches, self.batch_size, keep_captures=True)
+            local = self.loss.batch_gradient(self.params, self.batches, self.batch_size)
             self._batch_gradient = distributed.mean_over_ranks(local)  # the global batch's, as DDP's step uses
         return self._batch_gradient
 
@@ -260,7 +318,7 @@ class RecomputedStep:
 
     def perturbed(self, shift: Params) -> tuple[Params, Tensor]:
         point = {name: value + shift[name] for name, value in self.params.items()}
-        gradient = distributed.mean_over_ranks(self.loss.batch_gradient(point, self.batches, self.batch_size, keep_captures=True))
+        gradient = distributed.mean_over_ranks(self.loss.batch_gradient(point, self.batches, self.batch_size))
         return gradient, self.loss.dots(point, self.batches, gradient)
 
 
@@ -345,38 +403,3 @@ def number_of_batches(dataset: Any, batch_size: int) -> int:
     """How many batches :func:`training_set_batches` yields on rank zero (the largest shard)."""
     return math.ceil(math.ceil(len(dataset) / distributed.world_size()) / batch_size)
 
-
-def capture_outputs_only(module: nn.Module, losses_at: Callable[[Params], Tensor], params: Params) -> ghost.GhostCapture:
-    """One forward and a backward that reaches every covered layer's output but computes no weight gradient.
-
-    For passes that only need per-sample dot products (the end-of-fit pass): autograd is asked
-    for the gradients of the layers' outputs, so it skips the weight-gradient products.
-    """
-    names = {id(layer): name for name, layer in module.named_modules() if isinstance(layer, nn.Linear)}
-    capture = ghost.GhostCapture()
-    outputs: list[Tensor] = []
-    handles = []
-
-    def remember(layer: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
-        name = names[id(layer)]
-        prefix = f"{name}." if name else ""
-        if f"{prefix}weight" not in params or not output.requires_grad:
-            return
-        bias = f"{prefix}bias" if getattr(layer, "bias", None) is not None and f"{prefix}bias" in params else None
-        capture.uses.append(ghost.LayerUse(weight=f"{prefix}weight", bias=bias, inputs=inputs[0].detach()))
-        outputs.append(output)
-
-    for layer in module.modules():
-        if isinstance(layer, nn.Linear):
-            handles.append(layer.register_forward_hook(remember))
-    try:
-        leaves = {name: value.detach().requires_grad_(True) for name, value in params.items()}
-        with torch.enable_grad():
-            losses = losses_at(leaves)
-            gradients = torch.autograd.grad(losses.sum(), outputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    for use, gradient in zip(capture.uses, gradients):
-        use.output_gradients = gradient.detach()
-    return capture

@@ -34,14 +34,17 @@ from torch import Tensor
 
 from diffin_lightning.per_sample import Params, PerSampleLoss, add_scaled, dot, norm
 
-FiniteDifferenceScheme = Literal["forward", "central"]
-SecondOrderTerm = Literal["propagated", "paper", "sum"]
-SECOND_ORDER_TERMS: tuple[SecondOrderTerm, ...] = ("propagated", "paper", "sum")
+from diffin_lightning.settings import (  # noqa: F401  (re-exported: the names' one home is settings.py)
+    FINITE_DIFFERENCE_SCHEMES,
+    SCHEDULES,
+    SECOND_ORDER_TERMS,
+    FiniteDifferenceScheme,
+    Schedule,
+    SecondOrderTerm,
+)
+
 Normalization = Literal["paper", "sum"]
-Schedule = Literal["in_run", "checkpoints"]
-SCHEDULES: tuple[Schedule, ...] = ("in_run", "checkpoints")
 NORMALIZATIONS: tuple[Normalization, ...] = ("paper", "sum")
-FINITE_DIFFERENCE_SCHEMES: tuple[FiniteDifferenceScheme, ...] = ("forward", "central")
 
 
 def resolve_eps(eps: float | None, params: Params) -> float:
@@ -94,7 +97,7 @@ class FiniteDifferenceBracket:
         self.direction = direction
         for sign in (1.0, -1.0) if scheme == "central" else (1.0,):
             point = add_scaled(params, direction, sign * eps)
-            self.points.append((point, loss.batch_gradient(point, gradient_batches, batch_size, keep_captures=True)))
+            self.points.append((point, loss.batch_gradient(point, gradient_batches, batch_size)))
 
     def evaluate(self, sample_batches: Sequence[Any], f_at_params: Tensor) -> Tensor:
         """The bracket for every sample of ``sample_batches``; ``f_at_params`` is ``[<G_B, G_i>]_i`` at ``theta``."""

@@ -18,19 +18,16 @@ restored afterwards, and no rounding from "add then subtract" creeps in.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.utils._pytree import tree_map
 
-from diffin_lightning import ghost
 
 Params = dict[str, Tensor]
 LossFn = Callable[[nn.Module, Any], Tensor]
-DotEngine = Literal["auto", "functional"]
-DOT_ENGINES: tuple[DotEngine, ...] = ("auto", "functional")
 
 
 class _LossModule(nn.Module):
@@ -73,9 +70,10 @@ class PerSampleLoss:
         seed: the random seed every evaluation starts from, so that dropout draws the
             same masks at ``theta`` and at the perturbed point (a finite difference of
             two different random functions would be noise). ``None`` leaves the RNG alone.
-        engine: ``"auto"`` uses ghost dot products (:mod:`diffin_lightning.ghost`) when every
-            trainable parameter sits in a Linear layer, else ``torch.func``; ``"functional"``
-            always uses ``torch.func``.
+
+    The callback's fast path reads per-sample products from captured layer factors
+    (:mod:`diffin_lightning.dots`); this class is the ``torch.func`` path
+    (``dot_products="functional"``, the checkpoint schedule) and evaluates losses for both.
 
     Example::
 
@@ -88,32 +86,13 @@ class PerSampleLoss:
         torch.Size([4])
     """
 
-    def __init__(self, module: nn.Module, loss_fn: LossFn, seed: int | None = None, engine: DotEngine = "auto") -> None:
-        if engine not in DOT_ENGINES:
-            raise ValueError(f"`engine` must be one of {DOT_ENGINES}; got {engine!r}.")
+    def __init__(self, module: nn.Module, loss_fn: LossFn, seed: int | None = None) -> None:
         self._wrapper = _LossModule(module, loss_fn)
         self.module = module
         self.seed = seed
-        self.engine = engine
-        self._ghost: bool | None = None
-        # (id(params), id(batch)) -> (params, batch, capture); holding the objects keeps their ids unique.
-        self._captures: dict[tuple[int, int], tuple[Params, Any, ghost.GhostCapture]] = {}
-
-    def uses_ghost(self, params: Params) -> bool:
-        """Whether per-sample dot products come from captured activations (every trainable parameter in a Linear)."""
-        if self._ghost is None:
-            self._ghost = self.engine == "auto" and ghost.supports(self.module, list(params))
-        return self._ghost
 
     def clear_captures(self) -> None:
-        """Forget the activations kept by ``batch_gradient(..., keep_captures=True)``."""
-        self._captures.clear()
-
-    def _capture(self, params: Params, batch: Any) -> ghost.GhostCapture | None:
-        entry = self._captures.get((id(params), id(batch)))
-        if entry is not None and entry[0] is params and entry[1] is batch:
-            return entry[2]
-        return None
+        """Nothing to forget: kept for callers written against the earlier activation cache."""
 
     def parameters(self) -> Params:
         """The trainable parameters, detached (the point the step starts from)."""
@@ -138,32 +117,24 @@ class PerSampleLoss:
         """``[l_i(params)]`` for the samples of ``batch``."""
         return self._call(params, batch)
 
-    def batch_gradient(self, params: Params, batches: Iterable[Any], total: int | None = None, keep_captures: bool = False) -> Params:
+    def batch_gradient(self, params: Params, batches: Iterable[Any], total: int | None = None) -> Params:
         """``grad (1/total) sum_{i in batches} l_i`` at ``params``.
 
         ``batches`` are the step's micro-batches (or a target's batches); ``total``
         defaults to the number of samples they hold, which makes this the mean loss's gradient.
-        With ``keep_captures`` (ghost engine), the pass's activations are kept so that later
-        :meth:`dots` and :meth:`squared_gradient_norms` at the same ``params`` and batches need no pass.
         """
         result: Params | None = None
         count = 0
         for batch in batches:
-            part, size = self._gradient_of_sum(params, batch, keep_captures)
+            part, size = self._gradient_of_sum(params, batch)
             count += size
             result = part if result is None else {k: result[k] + part[k] for k in result}
         if result is None or count == 0:
             raise ValueError("batch_gradient: `batches` yielded no samples; a gradient needs at least one.")
         return {k: v / (count if total is None else total) for k, v in result.items()}
 
-    def _gradient_of_sum(self, params: Params, batch: Any, keep_captures: bool) -> tuple[Params, int]:
-        """``(grad sum_{i in batch} l_i, |batch|)`` by the engine in use."""
-        if self.uses_ghost(params):
-            summed, losses, capture = ghost.gradient_with_capture(self.module, lambda p: self._call(p, batch), params)
-            if keep_captures:
-                self._captures[(id(params), id(batch))] = (params, batch, capture)
-            return summed, int(losses.shape[0])
-
+    def _gradient_of_sum(self, params: Params, batch: Any) -> tuple[Params, int]:
+        """``(grad sum_{i in batch} l_i, |batch|)``."""
         def sum_and_values(p: Params) -> tuple[Tensor, Tensor]:
             losses = self._call(p, batch)
             return losses.sum(), losses.detach()
@@ -175,10 +146,6 @@ class PerSampleLoss:
         """``[<direction, grad l_i(params)>]`` for every sample of every micro-batch, concatenated."""
         out = []
         for batch in batches:
-            capture = self._capture(params, batch)
-            if capture is not None:
-                out.append(capture.dots(direction))
-                continue
             _, tangent = jvp(lambda p: self._call(p, batch), (params,), (direction,))
             out.append(tangent)
         return torch.cat(out)
@@ -193,14 +160,6 @@ class PerSampleLoss:
             g = grad(one_sample_loss)(p, sample)
             return sum(torch.sum(v * v) for v in g.values())
 
-        if self.uses_ghost(params):
-            norms = []
-            for batch in batches:
-                capture = self._capture(params, batch)
-                if capture is None:
-                    capture = ghost.gradient_with_capture(self.module, lambda p: self._call(p, batch), params)[2]
-                norms.append(capture.squared_norms())
-            return torch.cat(norms)
         out = []
         for batch in batches:
             in_dims = (None, tree_map(_batch_dim_of, batch))

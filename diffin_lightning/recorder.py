@@ -18,14 +18,14 @@ from diffin_lightning import distributed
 from diffin_lightning.accumulator import InfluenceAccumulator
 from diffin_lightning.engine import (
     CapturedStep,
+    MicroBatch,
     RecomputedStep,
     RngState,
+    StepCapture,
     StepGradients,
-    TrainingStepCapture,
-    capture_outputs_only,
+    capture_pass,
     gradient_of_mean,
     relative_difference,
-    replayed_rng,
 )
 from diffin_lightning.per_sample import LossFn, Params, PerSampleLoss
 from diffin_lightning.results import RunRecord
@@ -54,37 +54,46 @@ class InfluenceRecorder:
 
     def __init__(self, settings: DiffInSettings, targets: list[Target], module: nn.Module, loss_fn: LossFn, record: RunRecord) -> None:
         self.settings, self.targets, self.module = settings, targets, module
-        self.loss = PerSampleLoss(module, loss_fn, engine=settings.dot_products)
-        # The capture path replays the training step's own random state instead of a seed.
-        self.unseeded_loss = PerSampleLoss(module, loss_fn, seed=None, engine=settings.dot_products)
+        # The torch.func path (dot_products="functional") and the checkpoint schedule seed their passes.
+        self.loss = PerSampleLoss(module, loss_fn)
+        # The capture path replays the training step's own random state instead.
+        self.unseeded_loss = PerSampleLoss(module, loss_fn, seed=None)
         names = [name for name, p in module.named_parameters() if p.requires_grad]
-        self.capture = TrainingStepCapture(module, names)
+        self.fast = settings.dot_products == "auto"
+        self.capture = StepCapture(module, names) if self.fast else None
         reuse = settings.reuse_training_step if settings.reuse_training_step is not None else settings.loss_fn is None
-        self.use_capture = reuse and settings.dot_products == "auto" and settings.schedule == "in_run" and self.capture.covers_all
+        self.use_capture = self.fast and reuse and settings.schedule == "in_run"
         self.verified = False
         self.record = record
-        record.engine = "captured from the training step" if self.use_capture else "recomputed (torch.func)"
+        record.engine = (
+            "captured from the training step"
+            if self.use_capture
+            else "captured from one recomputed forward+backward per step"
+            if self.fast
+            else "recomputed (torch.func)"
+        )
         self.accumulator: InfluenceAccumulator | None = None
         self.drift: dict[str, Tensor] = {}
-        if settings.dot_products == "auto" and not self.capture.covers_all:
-            uncovered = sorted({name.rsplit(".", 1)[0] for name in names if not _owned(module, name)})
-            rank_zero_info(
-                "DiffInCallback: per-sample quantities are recomputed with torch.func for the whole model because these "
-                f"modules hold trainable parameters outside nn.Linear: {uncovered[:8]}{' ...' if len(uncovered) > 8 else ''}."
-            )
+        message = self.capture.fallback_message() if self.capture is not None else None
+        if message:
+            rank_zero_info(message)
+
+    def teardown(self) -> None:
+        """Remove the capture hooks from the model."""
+        if self.capture is not None:
+            self.capture.remove()
 
     # ------------------------------------------------------------------ per micro-batch
 
     def begin_micro_batch(self, batch: Any, size: int, rng: RngState | None) -> None:
         """A recorded step's micro-batch is about to run its training step."""
-        if self.use_capture:
-            self.capture.begin_micro_batch(batch, size, rng)
-            self.capture.start()
+        if self.capture is not None and self.settings.schedule == "in_run":
+            self.capture.begin_micro_batch(batch, size, rng, hooks=self.use_capture)
 
     def abandon_step(self) -> None:
         """Forget the current step's captures (a skipped step)."""
-        self.capture.stop()
-        self.capture.clear()
+        if self.capture is not None:
+            self.capture.clear()
 
     # ------------------------------------------------------------------ per step
 
@@ -113,61 +122,71 @@ class InfluenceRecorder:
             mixed_precision: whether that context is autocast (looser first-step check).
         """
         assert self.accumulator is not None
-        micro_batches = list(self.capture.micro_batches)
-        self.abandon_step()
         params = self.loss.parameters()
         batch_size = int(ids.numel())
-        view: StepGradients | None = None
-        if self.use_capture and gradients is not None and len(micro_batches) == len(batches):
-            if gradient_to_mean != 1.0:
-                gradients = dict(zip(gradients, torch._foreach_mul(list(gradients.values()), gradient_to_mean)))
-            view = CapturedStep(self.unseeded_loss, params, micro_batches, gradients, backprop_scale, forward_context)
-            if not self.verified:
-                view = self._verify(view, micro_batches, forward_context, mixed_precision)
-        if view is None:
-            self.loss.seed = self.settings.seed * 1_000_003 + step
-            view = RecomputedStep(self.loss, params, batches, batch_size, self.settings.self_chunk_size)
+        view: StepGradients
         try:
+            if self.capture is None:
+                self.loss.seed = self.settings.seed * 1_000_003 + step
+                view = RecomputedStep(self.loss, params, batches, batch_size, self.settings.self_chunk_size)
+            else:
+                capture = self.capture
+                capture.stop()
+                micro_batches = list(capture.micro_batches)
+                if len(micro_batches) != len(batches):  # a step whose start was not seen (resumed mid-step)
+                    micro_batches = [MicroBatch(batch, int(part.numel())) for batch, part in zip(batches, ids.split(batch_size))]
+                if self.use_capture and gradients is not None:
+                    per_sample = capture.layers.per_sample(backprop_scale=backprop_scale)
+                    if gradient_to_mean != 1.0:
+                        gradients = dict(zip(gradients, torch._foreach_mul(list(gradients.values()), gradient_to_mean)))
+                    view = CapturedStep(
+                        capture, self.unseeded_loss, params, micro_batches, per_sample, gradients, forward_context, self.settings.self_chunk_size
+                    )
+                    if not self.verified:
+                        view = self._verify(view, forward_context, mixed_precision)
+                else:
+                    view = self._recaptured(params, micro_batches, forward_context, self.unseeded_loss)
+                capture.clear()
             self._accumulate_step(view, step, eta, params, ids, batch_size)
         finally:
             self.loss.clear_captures()
+            if self.capture is not None:
+                self.capture.clear()
 
-    def _verify(self, view: CapturedStep, micro_batches: list[Any], forward_context: ForwardContext, mixed: bool) -> StepGradients | None:
-        """Once: is the training step's gradient the mean of ``per_sample_loss``'s, and do the captures agree with it?"""
+    def _recaptured(self, params: Params, micro_batches: list[MicroBatch], forward_context: ForwardContext, loss: PerSampleLoss) -> CapturedStep:
+        """The step's products from one forward+backward of the per-sample loss with the capture on."""
+        assert self.capture is not None
+        summed, per_sample = capture_pass(self.capture, loss, params, micro_batches, forward_context)
+        size = sum(mb.size for mb in micro_batches)
+        gradient = dict(zip(summed, torch._foreach_div(list(summed.values()), float(size))))
+        gradient = distributed.mean_over_ranks(gradient)  # under DDP the global batch's, as .grad is
+        return CapturedStep(self.capture, loss, params, micro_batches, per_sample, gradient, forward_context, self.settings.self_chunk_size)
+
+    def _verify(self, view: CapturedStep, forward_context: ForwardContext, mixed: bool) -> CapturedStep:
+        """Once: is the training step's gradient the mean of ``per_sample_loss``'s, and do the captures say the same?"""
         self.verified = True
-        total: Params | None = None
-        for mb in micro_batches:
-            with replayed_rng(mb.rng, next(iter(view.params.values())).device), forward_context():
-                part = gradient_of_mean(self.unseeded_loss, view.params, [mb.batch])
-            weighted = torch._foreach_mul(list(part.values()), mb.size / view.batch_size)
-            if total is None:
-                total = dict(zip(part, weighted))
-            else:
-                torch._foreach_add_(list(total.values()), weighted)
-        assert total is not None
-        # Under DDP .grad is the mean over ranks: compare it with the mean over ranks of the
-        # recomputation, and |G_B|^2 with the mean over ranks of each rank's mean <G_B, G_i>.
-        # Every rank then reaches the same verdict.
-        total = distributed.mean_over_ranks(total)
-        captured_mean = distributed.mean_over_ranks({"mean": view.gradient_dots().double().mean().reshape(1)})["mean"]
+        recomputed = self._recaptured(view.params, view.micro_batches, forward_context, self.unseeded_loss)
         dtype = next(iter(view.params.values())).dtype
         tolerance = _CHECK_TOLERANCE_MIXED if mixed else _CHECK_TOLERANCE.get(dtype, 1e-2)
-        gradient_gap = relative_difference(view.batch_gradient, total)
-        squared = sum(float((g.double() ** 2).sum()) for g in view.batch_gradient.values())
-        capture_gap = abs(float(captured_mean) - squared) / max(squared, 1e-300)
-        if gradient_gap <= tolerance and capture_gap <= max(tolerance, 1e-6):
+        gradient_gap = relative_difference(view.batch_gradient, recomputed.batch_gradient)
+        captured, expected = view.gradient_dots().double(), recomputed.gradient_dots().double()
+        capture_gap = float((captured - expected).abs().max() / expected.abs().max().clamp_min(1e-300))
+        passed = gradient_gap <= tolerance and capture_gap <= tolerance
+        # Under DDP every rank must take the same path (their passes meet in collectives): the
+        # check passes only where it passes on every rank.
+        if distributed.sum_scalars_over_ranks([float(passed)])[0] == distributed.world_size():
             return view
         self.use_capture = False
-        self.record.engine = "recomputed (torch.func): the training step's gradient is not the mean of per_sample_loss's"
+        self.record.engine = "captured from one recomputed forward+backward per step: the training step's gradient is not the mean of per_sample_loss's"
         rank_zero_warn(
             "DiffInCallback: the training step's gradient differs from the gradient of the mean of `per_sample_loss` "
-            f"(relative gap {gradient_gap:.2e}; captured per-sample products gap {capture_gap:.2e}; tolerance "
-            f"{tolerance:.0e}), so the callback cannot reuse the training step's backward and recomputes every "
-            "per-sample quantity instead (slower; same scores). Causes: training_step returns a sum instead of a mean, "
-            "adds a regulariser, weights samples, or uses a different loss. Make training_step return "
+            f"(relative gap {gradient_gap:.2e}; per-sample products gap {capture_gap:.2e}; tolerance {tolerance:.0e}), so "
+            "the callback cannot reuse the training step's backward and runs one more forward+backward per recorded "
+            "step instead (slower; same scores). Causes: training_step returns a sum instead of a mean, adds a "
+            "regulariser, weights samples, or uses a different loss. Make training_step return "
             "per_sample_loss(batch).mean() to get the fast path."
         )
-        return None
+        return recomputed
 
     def _accumulate_step(self, view: StepGradients, step: int, eta: float, params: Params, ids: Tensor, batch_size: int) -> None:
         assert self.accumulator is not None
@@ -283,9 +302,9 @@ class InfluenceRecorder:
         names = list(finals)
         directions = [finals[n] for n in names] + [self.accumulator.parameter_states[n] for n in names]
         for batch, ids in training_set:
-            if self.capture.covers_all and self.settings.dot_products == "auto":
-                capture = capture_outputs_only(self.module, lambda p, b=batch: loss.values(p, b), params)
-                dots = torch.stack([capture.dots(direction) for direction in directions])
+            if self.capture is not None:
+                view = self._recaptured(params, [MicroBatch(batch, int(ids.numel()))], contextlib.nullcontext, loss)
+                dots = view.dots(directions)
             else:
                 dots = torch.stack([loss.dots(params, [batch], direction) for direction in directions])
             for k, name in enumerate(names):
@@ -294,8 +313,3 @@ class InfluenceRecorder:
                 drift.index_add_(0, ids, visit_weights[name][ids] * toward_final - toward_past)
         self.drift.update(drifts)
 
-
-def _owned(module: nn.Module, name: str) -> bool:
-    from diffin_lightning import ghost
-
-    return name in ghost.linear_owners(module)

@@ -1,0 +1,284 @@
+"""Hooks that capture every covered layer's inputs and output gradients during any forward+backward."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from diffin_lightning.dots.per_sample_dots import DEFAULT_MAX_MATERIALISED_ELEMENTS, PerSampleDots
+from diffin_lightning.dots.registry import LayerRule, rule_for, supported_layers_message
+
+
+@dataclass
+class _Call:
+    """One call of a covered module: what its rule kept, and its outputs' gradients once backward ran."""
+
+    module_name: str
+    activations: Any
+    backprops: list[Tensor | None]
+
+
+@dataclass
+class _Pass:
+    """The calls of one forward (one micro-batch); closed once any of its gradients arrived."""
+
+    calls: list[_Call] = field(default_factory=list)
+    received: bool = False
+    batch_size: int | None = None
+
+
+@dataclass
+class _Covered:
+    module: nn.Module
+    rule: LayerRule
+    names: dict[str, str]  # local parameter name -> global name, covered parameters only
+
+
+class LayerCapture:
+    """Captures per-sample gradient factors of every covered layer of ``module``.
+
+    On construction, forward hooks go on every module whose exact type has a rule in the
+    registry and that owns at least one requested parameter. While :attr:`enabled` (inside
+    :meth:`recording`) and autograd is on, each call keeps what its rule needs (detached
+    inputs) and registers tensor hooks on its outputs that keep the output gradients. Nothing
+    is kept while disabled.
+
+    A parameter is *covered* when every module that owns it has a rule claiming it (a weight
+    tied between an Embedding and a Linear is covered; one also owned by a module without a
+    rule is not). A parameter used outside its module's ``forward`` (for example
+    ``F.linear(x, self.layer.weight)`` in a parent) cannot be seen by any hook: keep such
+    parameters out of ``parameter_names`` or out of ruled modules.
+
+    Micro-batches: a forward call that comes after any gradient of the current pass arrived
+    opens a new pass (gradient accumulation: forward, backward, forward, backward). Calls of
+    one module within a pass (weight sharing) add up. The sample axis is dim 0 of every
+    covered layer's input (batch-first models); the passes' samples concatenate in order.
+    A call whose input and output have size 1 on the sample axis while the pass already holds
+    B samples (a table shared by the batch, such as GPT-2's position embedding looked up with
+    ids ``[1, T]``) has its output expanded to B (a view: no value downstream changes) so that
+    its gradient arrives per sample.
+    Activation checkpointing (forwards re-run during backward) is not supported.
+
+    Args:
+        module: the model (a LightningModule or any ``nn.Module``).
+        parameter_names: the trainable parameters to cover (names from
+            ``module.named_parameters()``); default every parameter with ``requires_grad``.
+        max_materialised_elements: passed to :class:`PerSampleDots` (cost model memory cap).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        parameter_names: Iterable[str] | None = None,
+        max_materialised_elements: int = DEFAULT_MAX_MATERIALISED_ELEMENTS,
+    ) -> None:
+        self.module = module
+        self.max_materialised_elements = max_materialised_elements
+        parameters = dict(module.named_parameters())
+        if parameter_names is None:
+            requested = [name for name, value in parameters.items() if value.requires_grad]
+        else:
+            requested = list(parameter_names)
+            unknown = [name for name in requested if name not in parameters]
+            if unknown:
+                raise ValueError(
+                    f"`parameter_names` must name parameters of the module (as `named_parameters()` spells them); got unknown {unknown[:5]}. "
+                    f"Fix: pass names from `[n for n, p in module.named_parameters() if p.requires_grad]`."
+                )
+        self.enabled = False
+        self._passes: list[_Pass] = []
+        self._handles: list[RemovableHandle] = []
+        self._covered: dict[str, _Covered] = {}
+        self.uncovered_reasons: dict[str, str] = {}
+        self._plan(module, parameters, requested)
+        for module_name, entry in self._covered.items():
+            hook = functools.partial(self._on_forward, module_name)
+            self._handles.append(entry.module.register_forward_hook(hook, with_kwargs=True))
+
+    def _plan(self, module: nn.Module, parameters: dict[str, nn.Parameter], requested: list[str]) -> None:
+        name_of = {id(value): name for name, value in parameters.items()}
+        owners: dict[int, list[nn.Module]] = {}
+        for _, child in module.named_modules():
+            for value in child._parameters.values():
+                if value is not None:
+                    owners.setdefault(id(value), []).append(child)
+        claimed: set[tuple[int, int]] = set()  # (parameter id, owner module id) pairs a rule answers for
+        claimed_owners: set[int] = set()  # submodules whose parameters an ancestor's rule handles
+        claims: dict[str, tuple[nn.Module, LayerRule, list[tuple[str, int]]]] = {}
+        reasons: dict[int, str] = {}
+        for module_name, child in module.named_modules():
+            if id(child) in claimed_owners:
+                continue
+            rule = rule_for(child)
+            if rule is None:
+                continue
+            reason = rule.unsupported_reason(child)
+            if reason is not None:
+                for value in child.parameters():
+                    reasons[id(value)] = f"{module_name} ({type(child).__name__}): {reason}"
+                continue
+            entries = []
+            for local in rule.parameter_names(child):
+                value = child.get_parameter(local)
+                owner = child.get_submodule(local.rpartition(".")[0]) if "." in local else child
+                claimed.add((id(value), id(owner)))
+                if owner is not child:
+                    claimed_owners.add(id(owner))
+                entries.append((local, id(value)))
+            claims[module_name] = (child, rule, entries)
+        covered: set[str] = set()
+        for name in requested:
+            value = parameters[name]
+            if not value.requires_grad:
+                raise ValueError(
+                    f"`parameter_names` must name trainable parameters (requires_grad=True); {name!r} is frozen. "
+                    "Fix: leave it out (a frozen parameter is a constant)."
+                )
+            holders = owners.get(id(value), [])
+            missing = [holder for holder in holders if (id(value), id(holder)) not in claimed]
+            if holders and not missing:
+                covered.add(name)
+            elif id(value) in reasons:
+                self.uncovered_reasons[name] = reasons[id(value)]
+            else:
+                kinds = sorted({type(holder).__name__ for holder in missing})
+                self.uncovered_reasons[name] = f"owned by {', '.join(kinds)}, which has no rule (supported: {supported_layers_message()})"
+        for module_name, (child, rule, entries) in claims.items():
+            names = {local: name_of[identity] for local, identity in entries if name_of.get(identity) in covered}
+            if names:
+                self._covered[module_name] = _Covered(child, rule, names)
+        self.covered_parameter_names: tuple[str, ...] = tuple(name for name in requested if name in covered)
+        self.uncovered_parameter_names: tuple[str, ...] = tuple(name for name in requested if name not in covered)
+
+    @property
+    def covered_module_names(self) -> tuple[str, ...]:
+        """Qualified names of the modules that carry hooks."""
+        return tuple(self._covered)
+
+    def _on_forward(self, module_name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        if not self.enabled or not torch.is_grad_enabled():
+            return None
+        entry = self._covered[module_name]
+        targets = entry.rule.outputs(output)
+        if not any(isinstance(target, Tensor) and target.requires_grad for target in targets):
+            return None
+        if not self._passes or self._passes[-1].received:
+            self._passes.append(_Pass())
+        current = self._passes[-1]
+        replaced = None
+        if (
+            isinstance(output, Tensor)
+            and output.dim() > 0
+            and output.shape[0] == 1
+            and current.batch_size not in (None, 1)
+            and args
+            and isinstance(args[0], Tensor)
+            and args[0].dim() > 0
+            and args[0].shape[0] == 1
+        ):
+            # A call shared by the whole batch (GPT-2's position table looked up with ids [1, T]):
+            # its output is broadcast downstream, so its gradient arrives summed over samples.
+            # Expanding it to the batch first changes no value downstream and gives the hook
+            # each sample's gradient.
+            size = int(current.batch_size)  # type: ignore[arg-type]
+            replaced = output.expand(size, *output.shape[1:])
+            args = (args[0].expand(size, *args[0].shape[1:]), *args[1:])
+            targets = entry.rule.outputs(replaced)
+        if current.batch_size is None and isinstance(targets[0], Tensor) and targets[0].dim() > 0:
+            current.batch_size = int(targets[0].shape[0])
+        call = _Call(module_name, entry.rule.activations(module, args, kwargs), [None] * len(targets))
+        current.calls.append(call)
+        for index, target in enumerate(targets):
+            if isinstance(target, Tensor) and target.requires_grad:
+                target.register_hook(functools.partial(self._on_backward, current, call, index))
+        return replaced
+
+    @staticmethod
+    def _on_backward(current: _Pass, call: _Call, index: int, gradient: Tensor) -> None:
+        gradient = gradient.detach()
+        previous = call.backprops[index]
+        call.backprops[index] = gradient if previous is None else previous + gradient
+        current.received = True
+
+    @contextmanager
+    def recording(self) -> Iterator[LayerCapture]:
+        """Enable capture for the forward and backward passes of one optimizer step (clears the last one)."""
+        self.clear()
+        self.enabled = True
+        try:
+            yield self
+        finally:
+            self.enabled = False
+
+    def clear(self) -> None:
+        """Forget every captured call (frees the activations)."""
+        self._passes = []
+
+    def remove(self) -> None:
+        """Remove every hook (the capture is inert afterwards)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.enabled = False
+        self.clear()
+
+    def __enter__(self) -> LayerCapture:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def per_sample(self, backprop_scale: float | Tensor | Sequence[float | Tensor] = 1.0) -> PerSampleDots:
+        """Per-sample products over the captured step.
+
+        Call it before the optimizer changes the parameters (attention's rule recomputes its
+        core from the inputs it kept and a copy of its projections; the other rules use only
+        captured tensors).
+
+        Args:
+            backprop_scale: multiplies every captured output gradient so the rules see
+                gradients of the SUM of per-sample losses: ``B`` for a mean loss, ``k * B``
+                under accumulation over k micro-batches of a mean divided by k, ``1 / scale``
+                under AMP's loss scaling (a float or a 0-d tensor, kept on the device); or one
+                such factor per captured micro-batch (in order) when they differ, for example a
+                smaller last micro-batch under a mean loss.
+        """
+        received = [current for current in self._passes if current.received]  # a forward no backward reached has nothing to attribute
+        if isinstance(backprop_scale, (list, tuple)):
+            if len(backprop_scale) != len(received):
+                raise ValueError(
+                    f"`backprop_scale` must be one factor, or one per captured micro-batch ({len(received)}); got {len(backprop_scale)} factors. "
+                    "Fix: pass a single factor when every micro-batch has the same scale."
+                )
+            scales = list(backprop_scale)
+        else:
+            scales = [backprop_scale] * len(received)
+        passes, sizes = [], []
+        for current, scale in zip(received, scales):
+            by_key: dict[Any, list] = {}
+            for call in current.calls:
+                if all(backprop is None for backprop in call.backprops):
+                    continue
+                entry = self._covered[call.module_name]
+                backprops = [None if b is None else b * scale for b in call.backprops]
+                for factors in entry.rule.factors(entry.module, call.module_name, call.activations, backprops, entry.names):
+                    by_key.setdefault(factors.key, []).append(factors)
+            blocks = [items[0].merge(items[1:]) if len(items) > 1 else items[0] for items in by_key.values()]
+            if not blocks:
+                continue
+            batch_sizes = {block.key: block.batch_size for block in blocks}
+            if len(set(batch_sizes.values())) != 1:
+                raise ValueError(
+                    "LayerCapture: every covered layer must see the samples on dim 0 (batch-first) with one batch size per forward; "
+                    f"got sizes {batch_sizes}. Fix: use batch_first layouts, or leave the odd layers' parameters out of `parameter_names`."
+                )
+            passes.append(blocks)
+            sizes.append(blocks[0].batch_size)
+        return PerSampleDots(passes, sizes, self.covered_parameter_names, self.max_materialised_elements)

@@ -1,0 +1,298 @@
+"""Per-sample products over one captured optimizer step, each layer in its cheapest form."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from diffin_lightning.dots.factors import Form, LayerFactors
+
+# Materialised per-sample gradients above this many elements (per layer and micro-batch) are
+# never chosen by the cost model (a forced form ignores the cap): 2**27 float32 = 512 MiB.
+DEFAULT_MAX_MATERIALISED_ELEMENTS = 1 << 27
+
+
+def _overlap(a: slice | None, b: slice | None) -> bool:
+    if a is None or b is None:
+        return True
+    return a.start < b.stop and b.start < a.stop
+
+
+class PerSampleDots:
+    """``<V, G_i>``, ``<G_sum, G_i>``, ``|G_i|^2`` and ``G_i`` for every sample of a captured step.
+
+    Built by :meth:`LayerCapture.per_sample`; covers exactly
+    :attr:`parameter_names` (``G_i`` here is sample i's gradient restricted to them). The
+    sample axis is the micro-batches' samples concatenated in the order they ran. For every
+    layer and quantity the cheapest form (see :mod:`~diffin_lightning.dots.factors`) by the
+    layers' cost models is used unless ``form=`` forces one.
+
+    Args:
+        passes: per micro-batch, the merged factors of every covered layer.
+        batch_sizes: samples per micro-batch.
+        parameter_names: the covered parameters.
+        max_materialised_elements: the cost model never materialises a layer's per-sample
+            gradients above this size (per micro-batch).
+    """
+
+    def __init__(
+        self,
+        passes: Sequence[Sequence[LayerFactors]],
+        batch_sizes: Sequence[int],
+        parameter_names: Sequence[str],
+        max_materialised_elements: int = DEFAULT_MAX_MATERIALISED_ELEMENTS,
+    ) -> None:
+        self.passes = [list(blocks) for blocks in passes]
+        self.batch_sizes = [int(size) for size in batch_sizes]
+        self.parameter_names = tuple(parameter_names)
+        self.max_materialised_elements = max_materialised_elements
+        self._tied = self._tied_keys()
+        self._summed: dict[str, Tensor] | None = None
+        # Per-sample gradients a layer materialised once serve every later quantity for free.
+        self._materialised: dict[tuple[int, Hashable], dict[str, Tensor]] = {}
+
+    def _gradients_of(self, index: int, block: LayerFactors) -> dict[str, Tensor]:
+        cache_key = (index, block.key)
+        if cache_key not in self._materialised:
+            self._materialised[cache_key] = block.per_sample_gradients()
+        return self._materialised[cache_key]
+
+    def _materialised_dots(self, index: int, block: LayerFactors, stacked: Mapping[str, Tensor]) -> Tensor:
+        total: Tensor | None = None
+        for name, grads in self._gradients_of(index, block).items():
+            part = stacked[name].flatten(1) @ grads.flatten(1).T
+            total = part if total is None else total + part
+        assert total is not None
+        return total
+
+    def _materialised_cost(self, index: int, block: LayerFactors, cost: float, build: float) -> float:
+        """``cost`` without the materialisation's own share when it is already cached."""
+        return cost - build if (index, block.key) in self._materialised else cost
+
+    @property
+    def sample_count(self) -> int:
+        """B_total, the samples of every captured micro-batch."""
+        return sum(self.batch_sizes)
+
+    def _tied_keys(self) -> set[Hashable]:
+        """Keys of blocks that share a parameter's rows with another block (a parameter used by two modules)."""
+        uses: dict[str, list[tuple[Hashable, slice | None]]] = {}
+        for blocks in self.passes:
+            for block in blocks:
+                for name, rows in block.slices.items():
+                    if (block.key, rows) not in uses.setdefault(name, []):
+                        uses[name].append((block.key, rows))
+        tied: set[Hashable] = set()
+        for entries in uses.values():
+            for index, (key, rows) in enumerate(entries):
+                for other_key, other_rows in entries[index + 1 :]:
+                    if other_key != key and _overlap(rows, other_rows):
+                        tied.update((key, other_key))
+        return tied
+
+    def _pick(self, block: LayerFactors, allowed: Sequence[Form], costs: Callable[[Form], float], form: Form | None) -> Form:
+        available = [f for f in allowed if f in block.forms()] or list(block.forms())
+        if form is not None:
+            return form if form in available else available[0]
+        if "materialised" in available and len(available) > 1 and block.materialised_elements() > self.max_materialised_elements:
+            available.remove("materialised")
+        return min(available, key=costs)
+
+    def _zeros(self, *shape: int) -> Tensor:
+        for blocks in self.passes:
+            for block in blocks:
+                reference = next(iter(block.summed_gradient().values()))
+                return reference.new_zeros(shape)
+        return torch.zeros(shape)
+
+    def summed_gradient(self) -> dict[str, Tensor]:
+        """``G_sum = sum_i G_i`` over every captured sample, per covered parameter that a layer reached."""
+        if self._summed is None:
+            total: dict[str, Tensor] = {}
+            for blocks in self.passes:
+                for block in blocks:
+                    for name, value in block.summed_gradient().items():
+                        total[name] = total[name] + value if name in total else value
+            self._summed = total
+        return self._summed
+
+    def _dots_costs(self, index: int, block: LayerFactors, count: int) -> Callable[[Form], float]:
+        def costs(form: Form) -> float:
+            cost = block.cost("dots", form, count)
+            return self._materialised_cost(index, block, cost, block.cost("dots", "materialised", 0)) if form == "materialised" else cost
+
+        return costs
+
+    def dots(self, directions: Sequence[Mapping[str, Tensor]], form: Literal["direct", "materialised"] | None = None) -> Tensor:
+        """``[<V_d, G_i>]`` as ``Tensor[D, B_total]``.
+
+        Args:
+            directions: D parameter-shaped dictionaries; each must hold every covered
+                parameter (extra entries, such as uncovered parameters, are ignored).
+            form: force ``"direct"`` or ``"materialised"`` for every layer that has it.
+        """
+        if form not in (None, "direct", "materialised"):
+            raise ValueError(f"`form` must be None, 'direct' or 'materialised' for dots; got {form!r}.")
+        count = len(directions)
+        needed = {name for blocks in self.passes for block in blocks for name in block.slices}
+        for index, direction in enumerate(directions):
+            missing = sorted(needed - set(direction))
+            if missing:
+                raise ValueError(
+                    f"`directions[{index}]` must hold every covered parameter; missing {missing[:5]}{' ...' if len(missing) > 5 else ''}. "
+                    "Fix: pass full parameter dictionaries (zeros where the direction has no component)."
+                )
+        stacked = {name: torch.stack([direction[name] for direction in directions]) for name in needed}
+        out = []
+        for index, (blocks, size) in enumerate(zip(self.passes, self.batch_sizes)):
+            total = self._zeros(count, size)
+            for block in blocks:
+                chosen = self._pick(block, ("direct", "materialised"), self._dots_costs(index, block, count), form)
+                part = block.dots(stacked) if chosen == "direct" else self._materialised_dots(index, block, stacked)
+                total = total + part.to(total.dtype)
+            out.append(total)
+        return torch.cat(out, dim=1) if out else self._zeros(count, 0)
+
+    def gradient_dots(self, form: Form | None = None, gradient: Mapping[str, Tensor] | None = None) -> Tensor:
+        """``[<G_sum, G_i>]`` as ``Tensor[B_total]``, ``G_sum = sum_j G_j`` over every captured micro-batch.
+
+        ``<G_B, G_i>`` for the mean-loss batch gradient is this divided by B_total. The Gram
+        form ``sum_j <G_j, G_i>`` never forms ``G_sum``; the direct and materialised forms
+        use ``gradient`` when given (for example ``.grad`` rescaled to the sum) and the
+        captured factors' sum otherwise.
+        """
+        summed = dict(gradient) if gradient is not None else None
+
+        def summed_parameters() -> dict[str, Tensor]:
+            return {name: value.unsqueeze(0) for name, value in (summed if summed is not None else self.summed_gradient()).items()}
+
+        by_key = [{block.key: block for block in blocks} for blocks in self.passes]
+        out = []
+        cached: dict[str, Tensor] | None = None
+        for index, (blocks, size) in enumerate(zip(self.passes, self.batch_sizes)):
+            total = self._zeros(size)
+            for block in blocks:
+                allowed: tuple[Form, ...] = ("direct", "materialised") if block.key in self._tied else ("direct", "gram", "materialised")
+                partners = [table[block.key] for table in by_key if block.key in table]
+                dots_costs = self._dots_costs(index, block, 1)
+
+                def costs(f: Form, b: LayerFactors = block, partners: list[LayerFactors] = partners, dots_costs=dots_costs) -> float:
+                    if f == "gram":
+                        return sum(b.cost("gram", "gram", other=p) for p in partners)
+                    # G_sum itself costs one direct pass over the factors unless the caller gave it.
+                    build = 0.0 if summed is not None or self._summed is not None else b.cost("dots", "direct", 1)
+                    return build + dots_costs(f)
+
+                chosen = self._pick(block, allowed, costs, form if form in allowed else None)
+                if chosen == "gram":
+                    part = sum(block.gram(partner).sum(dim=1) for partner in partners)
+                else:
+                    if cached is None:
+                        cached = summed_parameters()
+                    part = (block.dots(cached) if chosen == "direct" else self._materialised_dots(index, block, cached))[0]
+                total = total + part
+            out.append(total)
+        return torch.cat(out) if out else self._zeros(0)
+
+    def squared_norms(self, form: Literal["gram", "materialised"] | None = None) -> Tensor:
+        """``[|G_i|^2]`` as ``Tensor[B_total]`` (the Gram form's diagonal or materialised gradients)."""
+        if form not in (None, "gram", "materialised"):
+            raise ValueError(f"`form` must be None, 'gram' or 'materialised' for squared_norms; got {form!r}.")
+        out = []
+        for index, (blocks, size) in enumerate(zip(self.passes, self.batch_sizes)):
+            total = self._zeros(size)
+            tied: dict[str, Tensor] = {}
+            for block in blocks:
+                if block.key in self._tied:
+                    for name, value in self._gradients_of(index, block).items():
+                        tied[name] = tied[name] + value if name in tied else value
+                    continue
+
+                def costs(f: Form, b: LayerFactors = block, index: int = index) -> float:
+                    cost = b.cost("norms", f)
+                    return self._materialised_cost(index, b, cost, b.cost("dots", "materialised", 0)) if f == "materialised" else cost
+
+                chosen = self._pick(block, ("gram", "materialised"), costs, form)
+                if chosen == "gram":
+                    total = total + block.squared_norms()
+                else:
+                    total = total + sum(value.flatten(1).pow(2).sum(dim=1) for value in self._gradients_of(index, block).values())
+            for value in tied.values():
+                total = total + value.flatten(1).pow(2).sum(dim=1)
+            out.append(total)
+        return torch.cat(out) if out else self._zeros(0)
+
+    def per_sample_gradients(self) -> dict[str, Tensor]:
+        """``{name: Tensor[B_total, *param.shape]}`` for every covered parameter a layer reached (memory: B copies)."""
+        per_pass: list[dict[str, Tensor]] = []
+        for index, blocks in enumerate(self.passes):
+            totals: dict[str, Tensor] = {}
+            for block in blocks:
+                for name, value in self._gradients_of(index, block).items():
+                    totals[name] = totals[name] + value if name in totals else value
+            per_pass.append(totals)
+        names = sorted({name for totals in per_pass for name in totals})
+        out = {}
+        for name in names:
+            shape = next(totals[name].shape[1:] for totals in per_pass if name in totals)
+            out[name] = torch.cat(
+                [totals[name] if name in totals else self._zeros(size, *shape) for totals, size in zip(per_pass, self.batch_sizes)]
+            )
+        return out
+
+    def gram(self) -> Tensor:
+        """``[<G_i, G_j>]`` as ``Tensor[B_total, B_total]`` over the covered parameters."""
+        offsets = [sum(self.batch_sizes[:index]) for index in range(len(self.batch_sizes))]
+        total = self._zeros(self.sample_count, self.sample_count)
+        for p, blocks in enumerate(self.passes):
+            for q, other_blocks in enumerate(self.passes):
+                others = {block.key: block for block in other_blocks}
+                rows = slice(offsets[p], offsets[p] + self.batch_sizes[p])
+                columns = slice(offsets[q], offsets[q] + self.batch_sizes[q])
+                for block in blocks:
+                    if block.key not in self._tied and block.key in others:
+                        total[rows, columns] += block.gram(others[block.key])
+        if self._tied:
+            # Rebuild the tied parameters' full per-sample gradients (blocks add up) and take their Gram matrix.
+            flat = []
+            for blocks, size in zip(self.passes, self.batch_sizes):
+                sums: dict[str, Tensor] = {}
+                for block in blocks:
+                    if block.key in self._tied:
+                        for name, value in block.per_sample_gradients().items():
+                            sums[name] = sums[name] + value if name in sums else value
+                flat.append(sums)
+            names = sorted({name for sums in flat for name in sums})
+            for name in names:
+                shape = next(sums[name].shape[1:] for sums in flat if name in sums)
+                stacked = torch.cat([sums[name] if name in sums else self._zeros(size, *shape) for sums, size in zip(flat, self.batch_sizes)]).flatten(1)
+                total = total + stacked @ stacked.T
+        return total
+
+    def plan(self, quantity: Literal["dots", "gradient_dots", "squared_norms"], directions: int = 1) -> list[tuple[Hashable, Form, float]]:
+        """The form the cost model picks per layer block of the first micro-batch, with its estimated multiply-adds."""
+        rows = []
+        blocks = self.passes[0] if self.passes else []
+        for block in blocks:
+            dots_costs = self._dots_costs(0, block, directions)
+            if quantity == "dots":
+                allowed: tuple[Form, ...] = ("direct", "materialised")
+                costs: Callable[[Form], float] = dots_costs
+            elif quantity == "gradient_dots":
+                allowed = ("direct", "materialised") if block.key in self._tied else ("direct", "gram", "materialised")
+                partners = [p for ps in self.passes for p in ps if p.key == block.key]
+                build = 0.0 if self._summed is not None else block.cost("dots", "direct", 1)
+                costs = lambda f, b=block, partners=partners, dots_costs=dots_costs, build=build: (
+                    sum(b.cost("gram", "gram", other=p) for p in partners) if f == "gram" else build + dots_costs(f)
+                )
+            else:
+                allowed = ("gram", "materialised")
+                costs = lambda f, b=block: (
+                    self._materialised_cost(0, b, b.cost("norms", f), b.cost("dots", "materialised", 0)) if f == "materialised" else b.cost("norms", f)
+                )
+            chosen = self._pick(block, allowed, costs, None)
+            rows.append((block.key, chosen, costs(chosen)))
+        return rows

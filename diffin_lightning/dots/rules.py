@@ -1,0 +1,388 @@
+"""The built-in layer rules: one small pure rule per layer type.
+
+Every rule maps (module, what its forward hook kept, the output gradients of the summed
+per-sample losses) to :mod:`~diffin_lightning.dots.factors`; nothing here touches autograd
+state except :class:`MultiheadAttentionRule`, which recomputes the attention core once (see there).
+
+Conventions: the sample axis is dim 0 of every input and output (batch-first models);
+everything between the sample axis and the feature axis is "positions" (sequence, pixels).
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffin_lightning.dots.factors import EmbeddingFactors, LayerFactors, MaterialisedFactors, OuterProductFactors
+from diffin_lightning.dots.registry import LayerRule, register_layer_rule
+
+
+def _shape(module: nn.Module, local: str) -> tuple[int, ...]:
+    value = module.get_parameter(local)
+    return tuple(value.shape)
+
+
+def _sum_positions(tensor: Tensor, keep_trailing: int) -> Tensor:
+    """Sum every dim between the sample axis and the last ``keep_trailing`` dims."""
+    dims = tuple(range(1, tensor.dim() - keep_trailing))
+    return tensor.sum(dim=dims) if dims else tensor  # sum(dim=()) would reduce everything
+
+
+@register_layer_rule(nn.Linear)
+class LinearRule(LayerRule):
+    """``y = x W^T + b`` on inputs ``[B, d]`` or ``[B, ..., d]`` (every middle dim is a position)."""
+
+    def factors(self, module: nn.Module, module_name: str, activations: Any, backprops: Sequence[Tensor | None], names: dict[str, str]) -> list[LayerFactors]:
+        delta = backprops[0]
+        if delta is None:
+            return []
+        batch = delta.shape[0]
+        return [
+            OuterProductFactors(
+                (module_name, "linear"),
+                activations.reshape(batch, 1, -1, activations.shape[-1]),
+                delta.reshape(batch, 1, -1, delta.shape[-1]),
+                names.get("weight"),
+                _shape(module, "weight"),
+                names.get("bias"),
+                _shape(module, "bias") if module.bias is not None else (),
+            )
+        ]
+
+
+@register_layer_rule(nn.Conv1d, nn.Conv2d)
+class ConvolutionRule(LayerRule):
+    """Convolutions by unfolding: each output pixel is a position, each group a block (any stride,
+    padding, padding mode, dilation, groups; Conv1d as a Conv2d of height 1)."""
+
+    def factors(self, module: nn.Module, module_name: str, activations: Any, backprops: Sequence[Tensor | None], names: dict[str, str]) -> list[LayerFactors]:
+        delta = backprops[0]
+        if delta is None:
+            return []
+        assert isinstance(module, (nn.Conv1d, nn.Conv2d))
+        inputs = activations
+        padding: Any = module.padding
+        if module.padding_mode != "zeros":
+            inputs = F.pad(inputs, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+            padding = 0
+        elif isinstance(padding, str):
+            if padding == "same":
+                # As aten does for 'same': total dilation*(kernel-1), the odd one on the right.
+                pads: list[int] = []
+                for kernel, dilation in zip(reversed(module.kernel_size), reversed(module.dilation)):
+                    total = dilation * (kernel - 1)
+                    pads += [total // 2, total - total // 2]
+                inputs = F.pad(inputs, pads)
+            padding = 0
+        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+        if isinstance(module, nn.Conv1d):
+            inputs = inputs.unsqueeze(2)
+            kernel, stride, dilation = (1, kernel[0]), (1, stride[0]), (1, dilation[0])
+            padding = (0, padding if isinstance(padding, int) else padding[0])
+        batch, groups = inputs.shape[0], module.groups
+        columns = F.unfold(inputs, kernel, dilation=dilation, padding=padding, stride=stride)  # [B, C*kh*kw, L]
+        positions = columns.shape[-1]
+        columns = columns.reshape(batch, groups, -1, positions).transpose(2, 3)  # [B, G, L, k]
+        delta = delta.reshape(batch, groups, -1, positions).transpose(2, 3)  # [B, G, L, m]
+        return [
+            OuterProductFactors(
+                (module_name, "conv"),
+                columns,
+                delta,
+                names.get("weight"),
+                _shape(module, "weight"),
+                names.get("bias"),
+                _shape(module, "bias") if module.bias is not None else (),
+            )
+        ]
+
+
+@register_layer_rule(nn.Embedding)
+class EmbeddingRule(LayerRule):
+    """A lookup table on indices ``[B, ...]``; the ``padding_idx`` row gets no gradient (as in PyTorch)."""
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        assert isinstance(module, nn.Embedding)
+        if module.max_norm is not None:
+            return "max_norm renormalises looked-up rows in place (their gradient is not the table's)"
+        if module.scale_grad_by_freq:
+            return "scale_grad_by_freq divides gradients by batch-wide counts (not a per-sample quantity)"
+        return None
+
+    def factors(self, module: nn.Module, module_name: str, activations: Any, backprops: Sequence[Tensor | None], names: dict[str, str]) -> list[LayerFactors]:
+        delta = backprops[0]
+        if delta is None or "weight" not in names:
+            return []
+        assert isinstance(module, nn.Embedding)
+        batch = delta.shape[0]
+        indices = activations.reshape(batch, -1)
+        delta = delta.reshape(batch, -1, delta.shape[-1])
+        if module.padding_idx is not None:
+            delta = delta * (indices != module.padding_idx).unsqueeze(-1).to(delta.dtype)
+        return [EmbeddingFactors((module_name, "embedding"), indices, delta, names["weight"], module.num_embeddings)]
+
+
+def _affine_gradients(normalised: Tensor, delta: Tensor, trailing: int, names: dict[str, str]) -> dict[str, Tensor]:
+    gradients = {}
+    if "weight" in names:
+        gradients[names["weight"]] = _sum_positions(delta * normalised, trailing)
+    if "bias" in names:
+        gradients[names["bias"]] = _sum_positions(delta, trailing)
+    return gradients
+
+
+@register_layer_rule(nn.LayerNorm)
+class LayerNormRule(LayerRule):
+    """Affine parameters of LayerNorm: ``dW_i = sum_positions delta * x_hat``, ``db_i = sum_positions delta``."""
+
+    def factors(self, module: nn.Module, module_name: str, activations: Any, backprops: Sequence[Tensor | None], names: dict[str, str]) -> list[LayerFactors]:
+        delta = backprops[0]
+        if delta is None or not names:
+            return []
+        assert isinstance(module, nn.LayerNorm)
+        normalised = F.layer_norm(activations, module.normalized_shape, None, None, module.eps)
+        return [MaterialisedFactors((module_name, "norm"), _affine_gradients(normalised, delta, len(module.normalized_shape), names))]
+
+
+@register_layer_rule(nn.RMSNorm)
+class RMSNormRule(LayerRule):
+    """The scale of RMSNorm: ``dW_i = sum_positions delta * x / rms(x)``."""
+
+    def factors(self, module: nn.Module, module_name: str, activations: Any, backprops: Sequence[Tensor | None], names: dict[str, str]) -> list[LayerFactors]:
+        delta = backprops[0]
+        if delta is None or not names:
+            return []
+        assert isinstance(module, nn.RMSNorm)
+        normalised = F.rms_norm(activations, module.normalized_shape, None, module.eps)
+        return [MaterialisedFactors((module_name, "norm"), _affine_gradients(normalised, delta, len(module.normalized_shape), names))]
+
+
+@register_layer_rule(nn.GroupNorm)
+class GroupNormRule(LayerRule):
+    """Affine parameters of GroupNorm on ``[B, C, ...]``: per channel, summed over the spatial dims."""
+
+    def factors(self, module: nn.Module, module_name: str, activations: Any, backprops: Sequence[Tensor | None], names: dict[str, str]) -> list[LayerFactors]:
+        delta = backprops[0]
+        if delta is None or not names:
+            return []
+        assert isinstance(module, nn.GroupNorm)
+        normalised = F.group_norm(activations, module.num_groups, None, None, module.eps)
+        spatial = tuple(range(2, delta.dim()))
+        gradients = {}
+        if "weight" in names:
+            product = delta * normalised
+            gradients[names["weight"]] = product.sum(dim=spatial) if spatial else product
+        if "bias" in names:
+            gradients[names["bias"]] = delta.sum(dim=spatial) if spatial else delta
+        return [MaterialisedFactors((module_name, "norm"), gradients)]
+
+
+_ATTENTION_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+
+
+@register_layer_rule(nn.MultiheadAttention)
+class MultiheadAttentionRule(LayerRule):
+    """The in-projection (packed or separate) and out-projection of ``nn.MultiheadAttention``.
+
+    ``MultiheadAttention`` passes its raw parameters to ``F.multi_head_attention_forward``,
+    so no hook sees the projections' inputs and outputs. The rule keeps the call's inputs
+    (and a copy of the projection parameters), then, when asked for factors, recomputes the
+    attention core once for the whole micro-batch with the projections taken out: it
+    projects ``q, k, v`` itself, runs ``F.multi_head_attention_forward`` on them with identity
+    projection matrices (multiplying by an identity is exact in floating point), and
+    back-propagates the captured output gradient to ``q, k, v`` (reverse mode: every SDPA
+    kernel has a backward). The projections are then ordinary outer products.
+
+    Not handled (these parameters go to the fallback): attention dropout ``dropout > 0``
+    (the recomputation cannot replay the kernel's dropout mask) and ``bias_k`` / ``bias_v``
+    (``add_bias_kv=True``: appended inside the core).
+    """
+
+    def parameter_names(self, module: nn.Module) -> tuple[str, ...]:
+        assert isinstance(module, nn.MultiheadAttention)
+        names = ["in_proj_weight"] if module._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+        if module.in_proj_bias is not None:
+            names.append("in_proj_bias")
+        names.append("out_proj.weight")
+        if module.out_proj.bias is not None:
+            names.append("out_proj.bias")
+        return tuple(names)
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        assert isinstance(module, nn.MultiheadAttention)
+        if module.dropout > 0:
+            return f"attention dropout ({module.dropout}) draws a mask that the projections' recomputation cannot replay; set dropout=0.0 to cover it"
+        return None
+
+    def activations(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        bound = _ATTENTION_SIGNATURE.bind(module, *args, **kwargs)
+        bound.apply_defaults()
+        call = dict(bound.arguments)
+        call.pop("self")
+        query, key, value = call["query"], call["key"], call["value"]
+        if query.dim() != 3:
+            raise ValueError(
+                f"MultiheadAttention rule: `query` must be batched (3 dims, the sample axis first with batch_first=True); got shape {tuple(query.shape)}. "
+                "Fix: batch the inputs, or exclude this module's parameters from the capture."
+            )
+        kept = {name: (value_.detach() if isinstance(value_, Tensor) else value_) for name, value_ in call.items()}
+        kept["self_attention"] = query is key and key is value
+        kept["parameters"] = {name: module.get_parameter(name).detach().clone() for name in self.parameter_names(module)}
+        return kept
+
+    def outputs(self, output: Any) -> tuple[Tensor | None, ...]:
+        return (output[0], output[1])
+
+    def factors(self, module: nn.Module, module_name: str, activations: Any, backprops: Sequence[Tensor | None], names: dict[str, str]) -> list[LayerFactors]:
+        assert isinstance(module, nn.MultiheadAttention)
+        out_delta, weights_delta = backprops
+        if out_delta is None and weights_delta is None:
+            return []
+        kept = activations
+        params = kept["parameters"]
+        embed = module.embed_dim
+        batch_first = module.batch_first
+
+        def seq_first(tensor: Tensor) -> Tensor:
+            return tensor.transpose(0, 1) if batch_first else tensor
+
+        def batch_major(tensor: Tensor) -> Tensor:
+            return tensor if batch_first else tensor.transpose(0, 1)
+
+        inputs = [kept["query"], kept["key"], kept["value"]]
+        if module._qkv_same_embed_dim:
+            weights = list(params["in_proj_weight"].chunk(3))
+        else:
+            weights = [params["q_proj_weight"], params["k_proj_weight"], params["v_proj_weight"]]
+        biases = list(params["in_proj_bias"].chunk(3)) if "in_proj_bias" in params else [None, None, None]
+        with torch.enable_grad():
+            projected = [F.linear(x, w, b).detach().requires_grad_(True) for x, w, b in zip(inputs, weights, biases)]
+            identity = torch.eye(embed, dtype=projected[0].dtype, device=projected[0].device)
+            core, attention_weights = F.multi_head_attention_forward(
+                *(seq_first(p) for p in projected),
+                embed,
+                module.num_heads,
+                None,
+                None,
+                module.bias_k.detach() if module.bias_k is not None else None,
+                module.bias_v.detach() if module.bias_v is not None else None,
+                module.add_zero_attn,
+                0.0,
+                identity,
+                None,
+                training=module.training,
+                key_padding_mask=kept["key_padding_mask"],
+                need_weights=kept["need_weights"],
+                attn_mask=kept["attn_mask"],
+                use_separate_proj_weight=True,
+                q_proj_weight=identity,
+                k_proj_weight=identity,
+                v_proj_weight=identity,
+                average_attn_weights=kept["average_attn_weights"],
+                is_causal=kept["is_causal"],
+            )
+            roots, grads = [], []
+            if out_delta is not None:
+                roots.append(core)
+                grads.append(seq_first(out_delta) @ params["out_proj.weight"])
+            if weights_delta is not None and attention_weights is not None:
+                roots.append(attention_weights)
+                grads.append(weights_delta)
+            deltas = torch.autograd.grad(roots, projected, grads, allow_unused=True)
+        # Back to batch-major (samples on dim 0) for the factors: module layout for inputs and
+        # their gradients, sequence-first for the core's output.
+        deltas = [batch_major(torch.zeros_like(p) if d is None else d) for p, d in zip(projected, deltas)]
+        inputs = [batch_major(x) for x in inputs]
+        core_rows = core.detach().transpose(0, 1)
+        batch = deltas[0].shape[0]
+
+        def rows4(tensor: Tensor) -> Tensor:  # [B, T, d] -> [B, 1, T, d]
+            return tensor.reshape(batch, 1, -1, tensor.shape[-1])
+
+        factors: list[LayerFactors] = []
+        bias_name = names.get("in_proj_bias")
+        bias_shape = tuple(params["in_proj_bias"].shape) if "in_proj_bias" in params else ()
+        if module._qkv_same_embed_dim and kept["self_attention"]:
+            factors.append(
+                OuterProductFactors(
+                    (module_name, "in_proj"),
+                    rows4(inputs[0]),
+                    rows4(torch.cat(deltas, dim=-1)),
+                    names.get("in_proj_weight"),
+                    tuple(params["in_proj_weight"].shape),
+                    bias_name,
+                    bias_shape,
+                )
+            )
+        else:
+            for index, tag in enumerate("qkv"):
+                rows = slice(index * embed, (index + 1) * embed)
+                if module._qkv_same_embed_dim:
+                    weight_name, weight_shape, weight_rows = names.get("in_proj_weight"), tuple(params["in_proj_weight"].shape), rows
+                else:
+                    local = f"{tag}_proj_weight"
+                    weight_name, weight_shape, weight_rows = names.get(local), tuple(params[local].shape), None
+                if weight_name is None and bias_name is None:
+                    continue
+                factors.append(
+                    OuterProductFactors(
+                        (module_name, f"{tag}_proj"),
+                        rows4(inputs[index]),
+                        rows4(deltas[index]),
+                        weight_name,
+                        weight_shape,
+                        bias_name,
+                        bias_shape,
+                        rows=weight_rows,
+                        bias_rows=rows,
+                    )
+                )
+        if out_delta is not None and ("out_proj.weight" in names or "out_proj.bias" in names):
+            factors.append(
+                OuterProductFactors(
+                    (module_name, "out_proj"),
+                    rows4(core_rows),
+                    rows4(batch_major(out_delta)),
+                    names.get("out_proj.weight"),
+                    tuple(params["out_proj.weight"].shape),
+                    names.get("out_proj.bias"),
+                    tuple(params["out_proj.bias"].shape) if "out_proj.bias" in params else (),
+                )
+            )
+        return factors
+
+
+class HuggingFaceConv1DRule(LayerRule):
+    """Hugging Face GPT-2's ``Conv1D``: ``y = x W + b`` with ``W`` stored ``[in, out]``."""
+
+    def factors(self, module: nn.Module, module_name: str, activations: Any, backprops: Sequence[Tensor | None], names: dict[str, str]) -> list[LayerFactors]:
+        delta = backprops[0]
+        if delta is None:
+            return []
+        batch = delta.shape[0]
+        return [
+            OuterProductFactors(
+                (module_name, "conv1d"),
+                activations.reshape(batch, 1, -1, activations.shape[-1]),
+                delta.reshape(batch, 1, -1, delta.shape[-1]),
+                names.get("weight"),
+                _shape(module, "weight"),
+                names.get("bias"),
+                _shape(module, "bias") if getattr(module, "bias", None) is not None else (),
+                transposed=True,
+            )
+        ]
+
+
+def register_optional_rules() -> None:
+    """Register rules for third-party layers whose library is already imported (never imports it)."""
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(pytorch_utils, "Conv1D", None)
+    if conv1d is not None:
+        register_layer_rule(conv1d)(HuggingFaceConv1DRule)

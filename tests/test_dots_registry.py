@@ -1,0 +1,233 @@
+"""Every layer rule against per-sample gradients by a loop over samples (float64), in every form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from diffin_lightning.dots import LayerCapture, rule_for, supported_layer_types
+from dots_reference import captured, check_against_reference, per_sample_gradients_by_loop
+
+
+class Probe(nn.Module):
+    """One layer, then a fixed nonlinear per-sample loss of its output: ``l_i = sum(w * tanh(out_i) + out_i^2 / 2)``."""
+
+    def __init__(self, layer: nn.Module, output_shape: tuple[int, ...], call=None) -> None:
+        super().__init__()
+        self.layer = layer
+        self.call = call or (lambda layer, x: layer(x))
+        self.register_buffer("weights", torch.randn(output_shape, dtype=torch.float64))
+
+    def losses(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.call(self.layer, x)
+        return (self.weights * torch.tanh(out) + out.pow(2) / 2).flatten(1).sum(1)
+
+
+def _run(layer: nn.Module, inputs: torch.Tensor, call=None, micro_batches: int = 1) -> None:
+    layer = layer.double()
+    probe_inputs = inputs[:1]
+    out = (call or (lambda module, x: module(x)))(layer, probe_inputs)
+    probe = Probe(layer, tuple(out.shape[1:]), call)
+    names = [name for name, value in probe.named_parameters() if value.requires_grad]
+    capture, per_sample = captured(probe, probe.losses, list(inputs.chunk(micro_batches)), names)
+    assert capture.covered_parameter_names == tuple(names), capture.uncovered_reasons
+    reference = per_sample_gradients_by_loop(probe, probe.losses, inputs, names)
+    check_against_reference(per_sample, reference)
+    capture.remove()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("positions", [None, 1, 3])
+def test_linear(bias, positions):
+    torch.manual_seed(0)
+    shape = (5, 4) if positions is None else (5, positions, 4)
+    _run(nn.Linear(4, 3, bias=bias), torch.randn(shape, dtype=torch.float64))
+
+
+def test_linear_with_two_position_dims_and_frozen_bias():
+    torch.manual_seed(1)
+    layer = nn.Linear(4, 3)
+    layer.bias.requires_grad_(False)
+    _run(layer, torch.randn(4, 2, 3, 4, dtype=torch.float64))
+
+
+CONV2D_CASES = [
+    dict(kernel_size=3),
+    dict(kernel_size=3, stride=2, padding=1, bias=False),
+    dict(kernel_size=(2, 3), dilation=2, padding=(1, 2)),
+    dict(kernel_size=3, groups=2, padding=1),
+    dict(kernel_size=3, padding="same", dilation=2),
+    dict(kernel_size=2, padding="same"),
+    dict(kernel_size=3, padding=1, padding_mode="reflect"),
+    dict(kernel_size=3, padding=2, padding_mode="circular", stride=2),
+]
+
+
+@pytest.mark.parametrize("options", CONV2D_CASES, ids=[str(c) for c in CONV2D_CASES])
+def test_conv2d(options):
+    torch.manual_seed(0)
+    _run(nn.Conv2d(4, 6, **options), torch.randn(5, 4, 7, 6, dtype=torch.float64))
+
+
+CONV1D_CASES = [dict(kernel_size=3), dict(kernel_size=3, stride=2, padding=1, bias=False), dict(kernel_size=2, dilation=3, groups=2), dict(kernel_size=4, padding="same")]
+
+
+@pytest.mark.parametrize("options", CONV1D_CASES, ids=[str(c) for c in CONV1D_CASES])
+def test_conv1d(options):
+    torch.manual_seed(0)
+    _run(nn.Conv1d(4, 6, **options), torch.randn(5, 4, 9, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0, 3])
+def test_embedding(padding_idx):
+    torch.manual_seed(0)
+    indices = torch.randint(0, 7, (6, 4))
+    indices[0, :2] = 3  # a repeated row within one sample: its gradient adds up
+    layer = nn.Embedding(7, 5, padding_idx=padding_idx)
+    # The loop reference slices the index tensor; Probe's call reads it directly.
+    _run(layer, indices)
+
+
+@pytest.mark.parametrize("elementwise_affine,bias", [(True, True), (True, False)])
+def test_layer_norm(elementwise_affine, bias):
+    torch.manual_seed(0)
+    layer = nn.LayerNorm(6, elementwise_affine=elementwise_affine, bias=bias)
+    with torch.no_grad():
+        layer.weight.normal_()
+    _run(layer, torch.randn(5, 3, 6, dtype=torch.float64))
+
+
+def test_layer_norm_over_two_dims_on_flat_inputs():
+    torch.manual_seed(0)
+    _run(nn.LayerNorm((2, 3)), torch.randn(4, 2, 3, dtype=torch.float64))
+
+
+def test_rms_norm():
+    torch.manual_seed(0)
+    _run(nn.RMSNorm(6), torch.randn(5, 3, 6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape", [(5, 6, 3, 4), (5, 6)])
+def test_group_norm(shape):
+    torch.manual_seed(0)
+    layer = nn.GroupNorm(3, 6)
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    _run(layer, torch.randn(shape, dtype=torch.float64))
+
+
+def _self_attention(layer, x):
+    return layer(x, x, x, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_self_attention(bias, batch_first):
+    torch.manual_seed(0)
+    layer = nn.MultiheadAttention(8, 2, bias=bias, batch_first=batch_first)
+    if batch_first:
+        _run(layer, torch.randn(5, 3, 8, dtype=torch.float64), _self_attention)
+    else:
+        # Sequence-first attention inside a batch-first model: the rule transposes.
+        _run(layer, torch.randn(5, 3, 8, dtype=torch.float64), lambda m, x: m(x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1))[0].transpose(0, 1))
+
+
+def test_multihead_cross_attention_with_masks_and_weights():
+    torch.manual_seed(0)
+    layer = nn.MultiheadAttention(8, 2, batch_first=True, kdim=5, vdim=3)
+    memory = torch.randn(5, 4, 5, dtype=torch.float64)
+    values = torch.randn(5, 4, 3, dtype=torch.float64)
+    causal = torch.triu(torch.ones(3, 4, dtype=torch.bool), diagonal=2)
+
+    def call(module, x):
+        index = torch.arange(x.shape[0]) if x.shape[0] == 5 else _current[0]
+        out, weights = module(x, memory[index], values[index], attn_mask=causal, need_weights=True)
+        return torch.cat([out.flatten(1), weights.flatten(1)], dim=1)  # the weights reach the loss too
+
+    _current = [None]
+    inputs = torch.randn(5, 3, 8, dtype=torch.float64)
+    # The loop reference calls with one sample: tell `call` which one through the closure.
+    layer = layer.double()
+    out = call(layer, inputs)
+    probe = Probe(layer, tuple(out.shape[1:]), call)
+    names = [name for name, _ in probe.named_parameters()]
+    capture, per_sample = captured(probe, probe.losses, [inputs], names)
+    assert capture.covered_parameter_names == tuple(names)
+    rows = {name: [] for name in names}
+    for index in range(5):
+        _current[0] = torch.tensor([index])
+        gradients = torch.autograd.grad(probe.losses(inputs[index : index + 1]).sum(), [dict(probe.named_parameters())[n] for n in names])
+        for name, gradient in zip(names, gradients):
+            rows[name].append(gradient)
+    check_against_reference(per_sample, {name: torch.stack(values) for name, values in rows.items()})
+
+
+def test_multihead_packed_cross_attention_with_key_padding_mask():
+    torch.manual_seed(0)
+    layer = nn.MultiheadAttention(8, 4, batch_first=True)
+    memory = torch.randn(5, 4, 8, dtype=torch.float64)
+    padding = torch.zeros(5, 4, dtype=torch.bool)
+    padding[:, -1] = True
+    _run(layer, torch.cat([torch.randn(5, 3, 8, dtype=torch.float64), memory], dim=1),
+         lambda m, x: m(x[:, :3], x[:, 3:], x[:, 3:], key_padding_mask=padding[: x.shape[0]])[0])
+
+
+def test_huggingface_conv1d():
+    transformers = pytest.importorskip("transformers.pytorch_utils")
+    torch.manual_seed(0)
+    layer = transformers.Conv1D(6, 4)  # nf=6 outputs, nx=4 inputs
+    with torch.no_grad():
+        layer.bias.normal_()
+    assert rule_for(layer) is not None
+    assert any(name.endswith("Conv1D") for name in supported_layer_types())
+    _run(layer, torch.randn(5, 3, 4, dtype=torch.float64))
+
+
+def test_cost_model_picks_gram_for_wide_linear_and_materialised_for_conv():
+    torch.manual_seed(0)
+    wide = nn.Linear(256, 256).double()
+    with LayerCapture(wide) as capture:
+        with capture.recording():
+            wide(torch.randn(8, 256, dtype=torch.float64)).pow(2).sum().backward()
+        per_sample = capture.per_sample()
+        # B (in + out) = 4096 per pair against in * out = 65536 per sample: Gram form.
+        assert [form for _, form, _ in per_sample.plan("gradient_dots")] == ["gram"]
+        assert [form for _, form, _ in per_sample.plan("squared_norms")] == ["gram"]
+        assert [form for _, form, _ in per_sample.plan("dots", directions=3)] == ["direct"]
+    conv = nn.Conv2d(8, 16, 3, padding=1).double()
+    with LayerCapture(conv) as capture:
+        with capture.recording():
+            conv(torch.randn(8, 8, 16, 16, dtype=torch.float64)).pow(2).sum().backward()
+        per_sample = capture.per_sample()
+        # 256 positions: the Gram diagonal's P^2 (m + k) loses to materialising m k per sample ...
+        assert [form for _, form, _ in per_sample.plan("squared_norms")] == ["materialised"]
+        assert [form for _, form, _ in per_sample.plan("dots", directions=3)] == ["materialised"]
+        assert [form for _, form, _ in per_sample.plan("gradient_dots")] == ["direct"]
+        per_sample.squared_norms()
+        # ... and once materialised, every other product reuses it.
+        assert [form for _, form, _ in per_sample.plan("gradient_dots")] == ["materialised"]
+        assert [form for _, form, _ in per_sample.plan("dots", directions=1)] == ["materialised"]
+
+
+def test_unsupported_layers_are_named_with_the_registry_list():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.scale
+
+    model = nn.Sequential(nn.Linear(3, 3), Scale(), nn.Embedding(4, 3, max_norm=1.0))
+    capture = LayerCapture(model)
+    assert capture.covered_parameter_names == ("0.weight", "0.bias")
+    assert capture.uncovered_parameter_names == ("1.scale", "2.weight")
+    message = capture.uncovered_reasons["1.scale"]
+    assert "Scale" in message and "no rule" in message
+    for layer_type in supported_layer_types():
+        assert layer_type.rsplit(".", 1)[-1] in message
+    assert "max_norm" in capture.uncovered_reasons["2.weight"]
+    with pytest.raises(ValueError, match="`parameter_names` must name parameters"):
+        LayerCapture(model, ["nope"])

@@ -1,0 +1,127 @@
+"""Capture from the training step: same numbers as recomputation, the first-step check, dropout and batch norm."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from diffin_lightning import DiffInCallback, EpochSeededSampler, IndexedDataset
+from helpers import RTOL, TinyClassifier, TinyData, trainer
+
+EPS = 1e-6
+
+
+def _fit(tmp_path, model, loader, *, epochs=2, accumulate=1, **options):
+    callback = DiffInCallback(targets={"val": options.pop("val"), "train": "train", "self": "self"}, eps=EPS, **options)
+    trainer(default_root_dir=tmp_path, max_epochs=epochs, accumulate_grad_batches=accumulate, callbacks=[callback]).fit(model, loader)
+    return callback
+
+
+def _assert_same_scores(a, b, rtol=RTOL):
+    for second_order in ("sum", "propagated"):
+        left, right = a.influence_with(second_order), b.influence_with(second_order)
+        for name in left:
+            for component in ("first_order", "second_order", "diffin", "visits"):
+                expected = right[name].component(component)
+                scale = expected.abs().max().clamp_min(1e-30)
+                torch.testing.assert_close(left[name].component(component), expected, rtol=rtol, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_captured_equals_recomputed_with_unequal_micro_batches(tmp_path, accumulate):
+    """14 samples in batches of 4: the last batch holds 2, so under accumulation one step has unequal micro-batches."""
+    data = TinyData.make(num_train=14, num_val=6, seed=3)
+    runs = {}
+    for engine in ("auto", "functional"):
+        runs[engine] = _fit(
+            tmp_path / engine, TinyClassifier().double(), data.loader(batch_size=4), accumulate=accumulate, val=data.val,
+            dot_products=engine, target_refresh_every_n_steps=1,
+        )
+    assert runs["auto"]._recorder.use_capture and not runs["functional"]._recorder.use_capture
+    assert runs["auto"].influence.metadata["per_sample_engine"] == "captured from the training step"
+    _assert_same_scores(runs["auto"], runs["functional"])
+
+
+class SummedLoss(TinyClassifier):
+    def training_step(self, batch, batch_idx):
+        return self.per_sample_loss(batch).sum()  # not the mean: .grad is |B| times G_B
+
+
+def test_a_training_loss_that_is_not_the_mean_falls_back_once_with_a_warning(tmp_path, tiny_data):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fallback = _fit(tmp_path / "sum", SummedLoss(lr=0.02).double(), tiny_data.loader(), val=tiny_data.val)
+    relevant = [w for w in caught if "differs from the gradient of the mean" in str(w.message)]
+    assert len(relevant) == 1 and "returns a sum instead of a mean" in str(relevant[0].message)
+    assert not fallback._recorder.use_capture
+    assert "recomputed forward+backward" in fallback.influence.metadata["per_sample_engine"]
+    reference = _fit(tmp_path / "ref", SummedLoss(lr=0.02).double(), tiny_data.loader(), val=tiny_data.val, dot_products="functional")
+    _assert_same_scores(fallback, reference)
+
+
+class DropoutNorm(TinyClassifier):
+    """Dropout and batch norm: the extra passes must reuse the step's masks and never move the running statistics."""
+
+    def __init__(self, norm: bool) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        layers = [nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.3)]
+        if norm:
+            layers.insert(1, nn.BatchNorm1d(8))
+        self.net = nn.Sequential(*layers, nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("norm", [False, True], ids=["dropout", "dropout+batchnorm"])
+def test_dropout_masks_are_replayed_and_training_is_untouched(tmp_path, tiny_data, norm):
+    def train(with_callback):
+        model = DropoutNorm(norm).double()
+        torch.manual_seed(5)
+        # No "self" target with batch norm: its per-sample gradients need vmap, which batch statistics refuse.
+        targets = {"val": tiny_data.val} if norm else {"val": tiny_data.val, "self": "self"}
+        callbacks = [DiffInCallback(targets=targets, eps=EPS)] if with_callback else []
+        trainer(default_root_dir=tmp_path / str(with_callback), max_epochs=2, callbacks=callbacks).fit(model, tiny_data.loader())
+        return model, callbacks
+
+    plain, _ = train(False)
+    model, (callback,) = train(True)
+    for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs with the callback attached"
+    # The first-step check recomputes the gradient with the replayed random state: it only passes
+    # if the replay draws the training step's dropout masks.
+    if not norm:
+        assert callback._recorder.use_capture, callback.influence.metadata["per_sample_engine"]
+    scores = callback.influence["val"]
+    assert torch.isfinite(scores.diffin).all() and scores.second_order.abs().sum() > 0
+
+
+def test_batched_training_set_equals_the_dataloader():
+    from diffin_lightning.engine import training_set_batches
+
+    data = TinyData.make(num_train=10, num_val=2, seed=0)
+    dataset = IndexedDataset(data.train)
+    fast = list(training_set_batches(dataset, 4, torch.device("cpu")))
+    slow = list(DataLoader(dataset, batch_size=4, shuffle=False))
+    assert len(fast) == len(slow) == 3
+    for a, b in zip(fast, slow):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key])
+
+
+def test_loader_with_sampler_and_float32_model(tmp_path, tiny_data):
+    """float32: the first-step check passes at float32 tolerance and the scores are finite."""
+    x, y = tiny_data.train.tensors
+    from torch.utils.data import TensorDataset
+
+    train = IndexedDataset(TensorDataset(x.float(), y))
+    loader = DataLoader(train, batch_size=4, sampler=EpochSeededSampler(len(train)))
+    val = TensorDataset(tiny_data.val.tensors[0].float(), tiny_data.val.tensors[1])
+    callback = DiffInCallback(targets={"val": val})
+    pl_trainer = trainer(default_root_dir=tmp_path, max_epochs=2, precision="32-true", callbacks=[callback])
+    pl_trainer.fit(TinyClassifier(), loader)
+    assert callback._recorder.use_capture
+    assert torch.isfinite(callback.influence["val"].diffin).all()
