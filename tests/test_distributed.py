@@ -92,6 +92,7 @@ def test_ddp_two_processes_match_one_process_all_targets(tmp_path):
         pytest.param(("--targets", "val,train", "--every-n-steps", "2", "--refresh", "3", "--target-max-samples", "5"), id="every_2_refresh_subset"),
         pytest.param(("--targets", "val", "--accumulate", "2", "--epochs", "3"), id="accumulate_2"),
         pytest.param(("--targets", "val,train,self", "--schedule", "checkpoints", "--num-checkpoints", "3"), id="checkpoint_schedule"),
+        pytest.param(("--targets", "val,train,self", "--dot-products", "functional"), id="recomputed_functional"),
     ],
 )
 def test_ddp_matches_one_process(tmp_path, args):
