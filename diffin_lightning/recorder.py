@@ -154,7 +154,7 @@ class InfluenceRecorder:
     def _recaptured(self, params: Params, micro_batches: list[MicroBatch], forward_context: ForwardContext, loss: PerSampleLoss) -> CapturedStep:
         """The step's products from one forward+backward of the per-sample loss with the capture on."""
         assert self.capture is not None
-        summed, per_sample = capture_pass(self.capture, loss, params, micro_batches, forward_context)
+        summed, per_sample = capture_pass(self.capture, loss, list(params), None, micro_batches, forward_context)
         size = sum(mb.size for mb in micro_batches)
         gradient = dict(zip(summed, torch._foreach_div(list(summed.values()), float(size))))
         return CapturedStep(self.capture, loss, params, micro_batches, per_sample, gradient, forward_context, self.settings.self_chunk_size)
