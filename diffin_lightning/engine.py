@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -94,6 +95,25 @@ class MicroBatch:
     rng: RngState | None = None
 
 
+_CAPTURES: weakref.WeakSet[StepCapture] = weakref.WeakSet()
+
+
+@contextlib.contextmanager
+def other_captures_paused(own: StepCapture | None) -> Iterator[None]:
+    """Keep every other callback's capture out of this callback's extra passes (several callbacks on one model).
+
+    ``own`` ends disabled; the others get back the state they had.
+    """
+    states = [(capture, capture.layers.enabled) for capture in list(_CAPTURES) if capture is not own]
+    for capture, _ in states:
+        capture.layers.enabled = False
+    try:
+        yield
+    finally:
+        for capture, enabled in states:
+            capture.layers.enabled = enabled
+
+
 class StepCapture:
     """The capture hooks of :mod:`diffin_lightning.dots` on the model, switched on for recorded steps only.
 
@@ -108,6 +128,7 @@ class StepCapture:
         self.covered = tuple(self.layers.covered_parameter_names)
         self.uncovered = tuple(self.layers.uncovered_parameter_names)
         self.micro_batches: list[MicroBatch] = []
+        _CAPTURES.add(self)
 
     def begin_micro_batch(self, batch: Any, size: int, rng: RngState | None, hooks: bool = True) -> None:
         """A recorded step's micro-batch is about to run its training step; ``hooks`` records its layers."""

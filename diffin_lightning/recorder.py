@@ -23,6 +23,7 @@ from diffin_lightning.engine import (
     StepCapture,
     StepGradients,
     capture_pass,
+    other_captures_paused,
     relative_difference,
 )
 from diffin_lightning.per_sample import LossFn, Params, PerSampleLoss
@@ -122,6 +123,23 @@ class InfluenceRecorder:
         assert self.accumulator is not None
         params = self.loss.parameters()
         batch_size = int(ids.numel())
+        with other_captures_paused(self.capture):
+            self._record_step(step, eta, batches, ids, params, batch_size, gradients, gradient_to_mean, backprop_scale, forward_context, mixed_precision)
+
+    def _record_step(
+        self,
+        step: int,
+        eta: float,
+        batches: list[Any],
+        ids: Tensor,
+        params: Params,
+        batch_size: int,
+        gradients: Params | None,
+        gradient_to_mean: float,
+        backprop_scale: Tensor | float,
+        forward_context: ForwardContext,
+        mixed_precision: bool,
+    ) -> None:
         view: StepGradients
         try:
             if self.capture is None:
@@ -222,6 +240,12 @@ class InfluenceRecorder:
         training_set: Callable[[], Iterable[tuple[Any, Tensor]]],
     ) -> None:
         """schedule='checkpoints': score every training sample with this step's batch as the proxy batch."""
+        with other_captures_paused(self.capture):
+            self._record_checkpoint(step, eta, batches, ids, weight, training_set)
+
+    def _record_checkpoint(
+        self, step: int, eta: float, batches: list[Any], ids: Tensor, weight: float, training_set: Callable[[], Iterable[tuple[Any, Tensor]]]
+    ) -> None:
         assert self.accumulator is not None and self.record.num_samples is not None
         loss = self.loss
         loss.seed = self.settings.seed * 1_000_003 + step
@@ -269,6 +293,10 @@ class InfluenceRecorder:
         approximated by ``G_i(theta_T)``: ``decayed_weight_i <g_V(theta_T), G_i> - <sum_t (eta_t/N)
         g_V(theta_t) (decayed), G_i>``, two per-sample dot products at the final parameters.
         """
+        with other_captures_paused(self.capture):
+            self._compute_drift(step, device, training_set)
+
+    def _compute_drift(self, step: int, device: torch.device, training_set: Iterable[tuple[Any, Tensor]]) -> None:
         assert self.accumulator is not None
         loss = self.loss
         loss.seed = self.settings.seed * 1_000_003 + step
