@@ -73,3 +73,8 @@ def test_defaults_are_documented_in_the_callback_docstring():
 def test_checks_name_argument_rule_and_value(options, message):
     with pytest.raises((TypeError, ValueError), match=message):
         DiffInSettings(**options)
+
+
+def test_readme_option_table_is_the_generated_one():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert DiffInSettings.markdown_table() in readme, "regenerate with: python -m diffin_lightning.settings"
