@@ -348,10 +348,12 @@ def main() -> None:
     parser.add_argument("--breakdown", default=None, choices=list(workloads()), help="time the callback's parts on this workload")
     parser.add_argument("--one-epoch-end", action="store_true", help="also report the end-of-fit pass for a 1-epoch fit")
     parser.add_argument("--opacus", action="store_true", help="add Opacus GradSampleModule rows (needs the bench extra)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
     parser.add_argument("--out", default="benchmarks/results/overhead.md")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     command = "python -m benchmarks.overhead " + " ".join(
-        [f"--device {args.device}", f"--repeats {args.repeats}", f"--epochs {args.epochs}", "--workloads " + " ".join(args.workloads)]
+        [f"--device {args.device}", f"--threads {args.threads}", f"--repeats {args.repeats}", f"--epochs {args.epochs}", "--workloads " + " ".join(args.workloads)]
         + (["--settings " + " ".join(f"'{s}'" for s in args.settings)] if args.settings != list(SETTINGS) else [])
         + ([f"--breakdown {args.breakdown}"] if args.breakdown else [])
         + (["--one-epoch-end"] if args.one_epoch_end else [])
