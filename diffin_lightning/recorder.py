@@ -153,7 +153,13 @@ class InfluenceRecorder:
                 micro_batches = list(capture.micro_batches)
                 if len(micro_batches) != len(batches):  # a step whose start was not seen (resumed mid-step)
                     micro_batches = [MicroBatch(batch, int(part.numel())) for batch, part in zip(batches, ids.split(batch_size))]
-                if self.use_capture and gradients is not None:
+                reuse = self.use_capture and gradients is not None
+                if distributed.world_size() > 1:
+                    # The two paths issue different collectives: the ranks reuse the training step only together
+                    # (a rank whose micro-batches differ in size cannot, so all recapture at that step).
+                    reuse = distributed.sum_scalars_over_ranks([float(reuse)])[0] == distributed.world_size()
+                if reuse:
+                    assert gradients is not None
                     per_sample = capture.layers.per_sample(backprop_scale=backprop_scale)
                     if gradient_to_mean != 1.0:
                         gradients = dict(zip(gradients, torch._foreach_mul(list(gradients.values()), gradient_to_mean)))
