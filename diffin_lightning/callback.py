@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from diffin_lightning.data import INDEX_KEY, IndexedDataset, dataset_fingerprint
+from diffin_lightning.data import INDEX_KEY, dataset_fingerprint
 from diffin_lightning.estimator import (
     FINITE_DIFFERENCE_SCHEMES,
     SECOND_ORDER_TERMS,
@@ -344,8 +344,7 @@ class DiffInCallback(Callback):
                 "pass the dataset's length or leave num_samples=None."
             )
         self.num_samples = num_samples
-        labels = dataset.labels() if isinstance(dataset, IndexedDataset) else None
-        self.fingerprint = dataset_fingerprint(num_samples, labels)
+        self.fingerprint = dataset_fingerprint(dataset if dataset is not None else num_samples)
         self._check_optimizer(trainer)
         if self.schedule == "checkpoints":
             self.checkpoint_steps = self._plan_checkpoints(trainer)

@@ -493,7 +493,7 @@ def load_influence(
         path: the directory holding ``influence.safetensors`` and ``influence.json``,
             or either file.
         dataset: when given, the scores must have been recorded on this training set
-            (same size, ids and labels).
+            (same size, same samples in the same id order; see :func:`dataset_fingerprint`).
         fingerprint: the same check against a fingerprint string from a previous run.
 
     Raises:
@@ -518,13 +518,13 @@ def load_influence(
         targets[name] = TargetInfluence(name=name, kind=kind, **components)
     expected = fingerprint
     if dataset is not None:
-        expected = dataset_fingerprint(len(dataset), dataset.labels())
+        expected = dataset_fingerprint(dataset)
     if expected is not None and metadata.get("fingerprint") != expected:
         num_samples = metadata["num_samples"]
         raise InfluenceFileError(
             f"load_influence: {tensor_path} was recorded on a training set with fingerprint "
             f"{metadata.get('fingerprint')!r} (N={num_samples}); the data given has fingerprint {expected!r}. "
             "Scores are indexed by sample id and only mean something for the data they were recorded on: "
-            "use the same data set (same order, same labels) or re-record."
+            "use the same data set (same samples, same order) or re-record."
         )
     return InfluenceResult(targets=targets, metadata=metadata)

@@ -212,11 +212,13 @@ def test_header_is_checked_before_the_data_is_read(tmp_path):
 
 def test_refuses_another_data_set(tmp_path):
     data = IndexedDataset(TensorDataset(torch.zeros(5, 2), torch.tensor([0, 1, 0, 1, 1])))
-    save_influence(_result(fingerprint=dataset_fingerprint(5, data.labels())), tmp_path)
+    save_influence(_result(fingerprint=dataset_fingerprint(data)), tmp_path)
     assert load_influence(tmp_path, dataset=data).num_samples == 5
-    other = IndexedDataset(TensorDataset(torch.zeros(5, 2), torch.tensor([1, 1, 0, 1, 1])))
-    with pytest.raises(InfluenceFileError, match="fingerprint"):
-        load_influence(tmp_path, dataset=other)
+    other_labels = IndexedDataset(TensorDataset(torch.zeros(5, 2), torch.tensor([1, 1, 0, 1, 1])))
+    other_inputs = IndexedDataset(TensorDataset(torch.ones(5, 2), torch.tensor([0, 1, 0, 1, 1])))
+    for other in (other_labels, other_inputs):
+        with pytest.raises(InfluenceFileError, match="fingerprint"):
+            load_influence(tmp_path, dataset=other)
 
 
 def test_missing_files_say_what_to_pass(tmp_path):
