@@ -35,7 +35,7 @@ from diffin_lightning.estimator import (
     second_order_term,
 )
 from diffin_lightning.per_sample import DOT_ENGINES, DotEngine, LossFn, PerSampleLoss
-from diffin_lightning.store import InfluenceResult, TargetInfluence, save_influence
+from diffin_lightning.store import COMPONENTS, InfluenceResult, TargetInfluence, save_influence
 from diffin_lightning.targets import DatasetTarget, SelfTarget, Target, TrainingLossTarget, build_targets
 from diffin_lightning.version import __version__
 
@@ -160,7 +160,11 @@ class DiffInCallback(Callback):
             gradients (bounds memory); ``None`` does the whole batch at once.
         output_dir: where ``influence.safetensors`` and ``influence.json`` go; default
             ``trainer.log_dir`` (``default_root_dir`` without a logger).
-        save_on_checkpoint: also write the files whenever Lightning saves a checkpoint.
+        save_on_checkpoint: also write the files whenever Lightning saves a checkpoint, with
+            that checkpoint's ``global_step`` and ``epoch`` (``complete: false``). They are written
+            just after the checkpoint file, so files on disk are never ahead of the last checkpoint;
+            for the same reason a crashed run then keeps the last checkpoint's files rather than
+            writing its partial scores.
         seed: seeds the target subsets and the RNG of the extra passes, so dropout draws
             the same masks at ``theta`` and at the perturbed point.
 
@@ -278,6 +282,7 @@ class DiffInCallback(Callback):
         self._loaded_state: dict[str, Any] | None = None
         self._loss_checked = False
         self._per_sample_loss: PerSampleLoss | None = None
+        self._checkpoint_result: InfluenceResult | None = None  # see on_save_checkpoint
         self.steps_recorded = 0
         self.steps_represented = 0.0
         self.skipped_amp_steps = 0
@@ -416,6 +421,7 @@ class DiffInCallback(Callback):
         return step % self.every_n_steps == 0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._write_held_checkpoint_result(trainer)
         ids = self._sample_ids(batch, pl_module.device)
         if not self._loss_checked:
             self._check_per_sample_loss(pl_module, batch, len(ids))
@@ -546,6 +552,7 @@ class DiffInCallback(Callback):
         }
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_held_checkpoint_result(trainer)
         if self.schedule == "in_run" and self.compute_second_order and self._target_sums:
             with _rng_untouched(pl_module.device):
                 self._compute_drift(trainer, trainer.global_step)
@@ -739,12 +746,14 @@ class DiffInCallback(Callback):
             "self_target_second_order": "not defined: the 'self' target is first order only, second_order is 0",
         }
 
-    def _write(self, trainer: pl.Trainer, complete: bool) -> None:
+    def _write(self, trainer: pl.Trainer, complete: bool, result: InfluenceResult | None = None) -> None:
         if not self._sums or not trainer.is_global_zero:
             return
+        self._checkpoint_result = None  # whatever is written now supersedes a held checkpoint's scores
         directory = self.output_dir or Path(trainer.log_dir or trainer.default_root_dir)
-        result = self.influence
-        result.metadata.update(complete=complete, global_step=trainer.global_step, epoch=trainer.current_epoch)
+        if result is None:
+            result = self.influence
+            result.metadata.update(complete=complete, global_step=trainer.global_step, epoch=trainer.current_epoch)
         self.output_path = save_influence(result, directory)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -753,6 +762,11 @@ class DiffInCallback(Callback):
             rank_zero_info(f"DiffInCallback: influence written to {self.output_path}")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # A held checkpoint result may belong to a checkpoint that never reached the disk: drop it.
+        self._checkpoint_result = None
+        if self.save_on_checkpoint:
+            # The files on disk pair with the last checkpoint written; scores ahead of it would not.
+            return
         # Keep what was recorded: a crashed run still leaves its partial scores (complete=false).
         try:
             self._write(trainer, complete=False)
@@ -760,8 +774,31 @@ class DiffInCallback(Callback):
             rank_zero_warn(f"DiffInCallback: could not write partial influence after a crash: {error}")
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self.save_on_checkpoint:
-            self._write(trainer, complete=False)
+        if not self.save_on_checkpoint or not self._sums or not trainer.is_global_zero:
+            return
+        # Lightning writes the checkpoint file after this hook returns. Files written now would be
+        # ahead of the checkpoint if the process died in between, so the scores of this step are held
+        # and written at the next hook, once the checkpoint is on disk (_write_held_checkpoint_result).
+        result = self.influence
+        result = InfluenceResult(
+            targets={
+                name: TargetInfluence(target.name, target.kind, *(target.component(c).clone() for c in COMPONENTS))
+                for name, target in result.targets.items()
+            },
+            metadata=result.metadata,
+        )
+        result.metadata.update(complete=False, global_step=int(checkpoint["global_step"]), epoch=int(checkpoint["epoch"]))
+        self._checkpoint_result = result
+
+    def _write_held_checkpoint_result(self, trainer: pl.Trainer) -> None:
+        if self._checkpoint_result is not None:
+            self._write(trainer, complete=False, result=self._checkpoint_result)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_held_checkpoint_result(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_held_checkpoint_result(trainer)
 
     # ------------------------------------------------------------------ checkpoint state
 
