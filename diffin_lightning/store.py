@@ -203,11 +203,15 @@ def save_influence(result: InfluenceResult, directory: str | os.PathLike[str]) -
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        f"{name}/{component}": getattr(target, component).detach().to("cpu").contiguous()
-        for name, target in result.targets.items()
-        for component in COMPONENTS
-    }
+    tensors: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for name, target in result.targets.items():
+        for component in COMPONENTS:
+            tensor = getattr(target, component).detach().to("cpu").contiguous()
+            if tensor.untyped_storage().data_ptr() in seen:
+                tensor = tensor.clone()  # safetensors refuses tensors that share memory
+            seen.add(tensor.untyped_storage().data_ptr())
+            tensors[f"{name}/{component}"] = tensor
     metadata = dict(result.metadata)
     metadata.update(
         format_version=FORMAT_VERSION,
