@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from diffin_lightning.batch_mixing import batch_mixing_message, batch_mixing_modules
 from diffin_lightning.data import INDEX_KEY, dataset_fingerprint
 from diffin_lightning.estimator import (
     FINITE_DIFFERENCE_SCHEMES,
@@ -167,6 +168,9 @@ class DiffInCallback(Callback):
             writing its partial scores.
         seed: seeds the target subsets and the RNG of the extra passes, so dropout draws
             the same masks at ``theta`` and at the perturbed point.
+        allow_batch_mixing: accept a model with layers that mix the samples of a batch
+            (BatchNorm in train mode, see :mod:`diffin_lightning.batch_mixing`); the scores are
+            then approximate. By default such a model is refused at ``setup``.
 
     Example::
 
@@ -200,6 +204,7 @@ class DiffInCallback(Callback):
         output_dir: str | os.PathLike[str] | None = None,
         save_on_checkpoint: bool = False,
         seed: int = 0,
+        allow_batch_mixing: bool = False,
     ) -> None:
         _check_positive_int("every_n_steps", every_n_steps)
         _check_positive_int("target_refresh_every_n_steps", target_refresh_every_n_steps)
@@ -270,6 +275,7 @@ class DiffInCallback(Callback):
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.save_on_checkpoint = save_on_checkpoint
         self.seed = seed
+        self.allow_batch_mixing = allow_batch_mixing
 
         self.output_path: Path | None = None
         self.fingerprint: str | None = None
@@ -331,9 +337,17 @@ class DiffInCallback(Callback):
                 "and no `loss_fn` was given. Add the method (return the unreduced loss of each sample) or pass "
                 "loss_fn=lambda module, batch: <Tensor[B]>."
             )
+        self._check_batch_mixing(pl_module)
         for target in self.targets:
             target.check_not_empty()
         self._per_sample_loss = PerSampleLoss(pl_module, self.loss_fn or _default_loss_fn, engine=self.dot_products)
+
+    def _check_batch_mixing(self, pl_module: pl.LightningModule) -> None:
+        found = batch_mixing_modules(pl_module)
+        if found and not self.allow_batch_mixing:
+            raise RuntimeError(batch_mixing_message(found))
+        if found:
+            rank_zero_warn(batch_mixing_message(found).split(" Replace them")[0] + " Accepted (allow_batch_mixing=True).")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dataset = self._train_dataset(trainer)
