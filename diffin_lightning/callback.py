@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from diffin_lightning.batch_mixing import batch_mixing_message, batch_mixing_modules
-from diffin_lightning.data import INDEX_KEY, dataset_fingerprint
+from diffin_lightning.data import INDEX_KEY, dataset_fingerprint, inexact_resume_reason
 from diffin_lightning.estimator import (
     FINITE_DIFFERENCE_SCHEMES,
     SECOND_ORDER_TERMS,
@@ -371,11 +371,23 @@ class DiffInCallback(Callback):
         dtype = torch.float32 if device.type == "mps" else torch.float64
         if self._loaded_state is not None:
             self._adopt_loaded_state(device, dtype)
+            self._warn_if_resume_is_inexact(trainer)
         elif not self._sums:
             self._sums = {
                 target.name: {key: torch.zeros(num_samples, dtype=dtype, device=device) for key in _SUMS}
                 for target in self.targets
             }
+
+    def _warn_if_resume_is_inexact(self, trainer: pl.Trainer) -> None:
+        batches = trainer.num_training_batches
+        mid_epoch = math.isfinite(batches) and trainer.global_step % max(1, math.ceil(batches / trainer.accumulate_grad_batches)) != 0
+        reason = inexact_resume_reason(trainer.train_dataloader, mid_epoch)
+        if reason is not None:
+            rank_zero_warn(
+                f"DiffInCallback: resumed at step {trainer.global_step}, but {reason}: the scores will differ from an "
+                "uninterrupted run. Use diffin_lightning.ResumableDataLoader with an EpochSeededSampler (the bundled "
+                "data modules do), or resume from end-of-epoch checkpoints with a replayable sampler."
+            )
 
     def _plan_checkpoints(self, trainer: pl.Trainer) -> list[int]:
         total = trainer.estimated_stepping_batches
