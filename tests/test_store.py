@@ -331,6 +331,7 @@ def test_fuzzed_json_edits_are_refused_or_load_unchanged(tmp_path, pristine):
 
 def test_a_write_killed_between_its_renames_leaves_a_loadable_pair(tmp_path):
     old, new = _result(fingerprint="old"), _result(fingerprint="new")
+    new.targets["val"] = TargetInfluence("val", "dataset", *(2 * new["val"].component(c) for c in COMPONENTS))
     save_influence(old, tmp_path / "run")
     save_influence(new, tmp_path / "next")
     run, next_ = tmp_path / "run", tmp_path / "next"
