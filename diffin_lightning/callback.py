@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -34,7 +35,7 @@ from diffin_lightning.estimator import (
     resolve_eps,
     second_order_term,
 )
-from diffin_lightning.per_sample import DOT_ENGINES, DotEngine, LossFn, PerSampleLoss
+from diffin_lightning.per_sample import DOT_ENGINES, DotEngine, LossFn, PerSampleLoss, RngState, rng_state
 from diffin_lightning.store import InfluenceResult, TargetInfluence, save_influence
 from diffin_lightning.targets import DatasetTarget, SelfTarget, Target, TrainingLossTarget, build_targets
 from diffin_lightning.version import __version__
@@ -61,8 +62,25 @@ def _default_index_fn(batch: Any) -> Tensor:
     return batch[INDEX_KEY]
 
 
-def _rng_untouched(device: torch.device) -> Any:
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+@contextmanager
+def _training_untouched(module: torch.nn.Module) -> Iterator[None]:
+    """Run the callback's extra passes without a trace on training: same random numbers, same buffers.
+
+    The RNG is forked (training draws the same dropout masks and data order with or without the
+    callback), and every buffer (BatchNorm's running statistics and ``num_batches_tracked``) is put
+    back bit for bit afterwards, whatever path the passes took (``loss_fn`` called on the module
+    itself, or a functional call).
+    """
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    saved = {name: buffer.detach().clone() for name, buffer in module.named_buffers()}
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield
+    finally:
+        with torch.no_grad():
+            for name, buffer in module.named_buffers():
+                if name in saved:
+                    buffer.copy_(saved[name])
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -161,8 +179,11 @@ class DiffInCallback(Callback):
         output_dir: where ``influence.safetensors`` and ``influence.json`` go; default
             ``trainer.log_dir`` (``default_root_dir`` without a logger).
         save_on_checkpoint: also write the files whenever Lightning saves a checkpoint.
-        seed: seeds the target subsets and the RNG of the extra passes, so dropout draws
-            the same masks at ``theta`` and at the perturbed point.
+        seed: seeds the target subsets and the RNG of the passes over target batches and of the
+            end-of-fit drift pass. Passes over the step's own training batches (at ``theta`` and at
+            ``theta + eps u``) restore the RNG state the training step's forward started from, so
+            dropout draws the training step's own masks there (exactly, when the training step's
+            first random draws are its forward's, as in ``loss = self.per_sample_loss(batch).mean()``).
 
     Example::
 
@@ -274,7 +295,8 @@ class DiffInCallback(Callback):
         # and the drift correction computed from it at the end of fit.
         self._target_sums: dict[str, dict[str, Tensor]] = {}
         self._drift: dict[str, Tensor] = {}
-        self._pending: list[tuple[Any, Tensor]] = []
+        # (micro-batch, its ids, the RNG state its training forward started from)
+        self._pending: list[tuple[Any, Tensor, RngState]] = []
         self._loaded_state: dict[str, Any] | None = None
         self._loss_checked = False
         self._per_sample_loss: PerSampleLoss | None = None
@@ -421,7 +443,9 @@ class DiffInCallback(Callback):
         if not self._loss_checked:
             self._check_per_sample_loss(pl_module, batch, len(ids))
         if self._records(trainer.global_step):
-            self._pending.append((batch, ids))
+            # The training step's forward draws its dropout masks from this state; the extra passes over
+            # this micro-batch restore it, so they differentiate the network that training differentiated.
+            self._pending.append((batch, ids, rng_state(pl_module.device)))
 
     def _sample_ids(self, batch: Any, device: torch.device) -> Tensor:
         ids = self.index_fn(batch)
@@ -443,7 +467,7 @@ class DiffInCallback(Callback):
 
     def _check_per_sample_loss(self, pl_module: pl.LightningModule, batch: Any, batch_size: int) -> None:
         loss_fn = self.loss_fn or _default_loss_fn
-        with torch.no_grad(), _rng_untouched(pl_module.device):
+        with torch.no_grad(), _training_untouched(pl_module):
             losses = loss_fn(pl_module, batch)
         if not isinstance(losses, Tensor) or tuple(losses.shape) != (batch_size,):
             shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
@@ -463,7 +487,7 @@ class DiffInCallback(Callback):
             # AMP's scaler skips optimizer.step on non-finite gradients: no update, no influence.
             self.skipped_amp_steps += 1
             return
-        ids = torch.cat([sample_ids for _, sample_ids in pending])
+        ids = torch.cat([sample_ids for _, sample_ids, _ in pending])
         if ids.unique().numel() != ids.numel():
             raise ValueError(
                 f"DiffInCallback: sample ids must not repeat within an optimizer step; step {step} holds "
@@ -473,14 +497,16 @@ class DiffInCallback(Callback):
         # Training must draw the same random numbers with or without the callback (data order,
         # dropout): the extra passes and target loaders run on a forked RNG.
         assert self._per_sample_loss is not None
+        batches = [batch for batch, _, _ in pending]
+        self._per_sample_loss.replay_rng_states([(batch, state) for batch, _, state in pending])
         try:
-            with _rng_untouched(pl_module.device):
+            with _training_untouched(pl_module):
                 if self.schedule == "checkpoints":
-                    self._record_checkpoint(trainer, step, optimizer, [batch for batch, _ in pending], int(ids.numel()))
+                    self._record_checkpoint(trainer, step, optimizer, batches, int(ids.numel()))
                 else:
-                    self._record_step(step, optimizer, [batch for batch, _ in pending], ids)
+                    self._record_step(step, optimizer, batches, ids)
         finally:
-            self._per_sample_loss.clear_captures()  # the step's activations are not needed any more
+            self._per_sample_loss.clear_captures()  # the step's activations and RNG states are not needed any more
 
     @staticmethod
     def _scaler_will_skip(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool:
@@ -548,7 +574,7 @@ class DiffInCallback(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.schedule == "in_run" and self.compute_second_order and self._target_sums:
-            with _rng_untouched(pl_module.device):
+            with _training_untouched(pl_module):
                 self._compute_drift(trainer, trainer.global_step)
 
     def _compute_drift(self, trainer: pl.Trainer, step: int) -> None:
