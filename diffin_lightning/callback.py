@@ -20,7 +20,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from diffin_lightning.data import INDEX_KEY, IndexedDataset, dataset_fingerprint
+from diffin_lightning.batch_mixing import batch_mixing_message, batch_mixing_modules
+from diffin_lightning.data import INDEX_KEY, dataset_fingerprint
 from diffin_lightning.estimator import (
     FINITE_DIFFERENCE_SCHEMES,
     SECOND_ORDER_TERMS,
@@ -36,7 +37,7 @@ from diffin_lightning.estimator import (
     second_order_term,
 )
 from diffin_lightning.per_sample import DOT_ENGINES, DotEngine, LossFn, PerSampleLoss, RngState, rng_state
-from diffin_lightning.store import InfluenceResult, TargetInfluence, save_influence
+from diffin_lightning.store import COMPONENTS, InfluenceResult, TargetInfluence, save_influence
 from diffin_lightning.targets import DatasetTarget, SelfTarget, Target, TrainingLossTarget, build_targets
 from diffin_lightning.version import __version__
 
@@ -178,12 +179,19 @@ class DiffInCallback(Callback):
             gradients (bounds memory); ``None`` does the whole batch at once.
         output_dir: where ``influence.safetensors`` and ``influence.json`` go; default
             ``trainer.log_dir`` (``default_root_dir`` without a logger).
-        save_on_checkpoint: also write the files whenever Lightning saves a checkpoint.
+        save_on_checkpoint: also write the files whenever Lightning saves a checkpoint, with
+            that checkpoint's ``global_step`` and ``epoch`` (``complete: false``). They are written
+            just after the checkpoint file, so files on disk are never ahead of the last checkpoint;
+            for the same reason a crashed run then keeps the last checkpoint's files rather than
+            writing its partial scores.
         seed: seeds the target subsets and the RNG of the passes over target batches and of the
             end-of-fit drift pass. Passes over the step's own training batches (at ``theta`` and at
             ``theta + eps u``) restore the RNG state the training step's forward started from, so
             dropout draws the training step's own masks there (exactly, when the training step's
             first random draws are its forward's, as in ``loss = self.per_sample_loss(batch).mean()``).
+        allow_batch_mixing: accept a model with layers that mix the samples of a batch
+            (BatchNorm in train mode, see :mod:`diffin_lightning.batch_mixing`); the scores are
+            then approximate. By default such a model is refused at ``setup``.
 
     Example::
 
@@ -217,6 +225,7 @@ class DiffInCallback(Callback):
         output_dir: str | os.PathLike[str] | None = None,
         save_on_checkpoint: bool = False,
         seed: int = 0,
+        allow_batch_mixing: bool = False,
     ) -> None:
         _check_positive_int("every_n_steps", every_n_steps)
         _check_positive_int("target_refresh_every_n_steps", target_refresh_every_n_steps)
@@ -287,6 +296,7 @@ class DiffInCallback(Callback):
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.save_on_checkpoint = save_on_checkpoint
         self.seed = seed
+        self.allow_batch_mixing = allow_batch_mixing
 
         self.output_path: Path | None = None
         self.fingerprint: str | None = None
@@ -300,6 +310,7 @@ class DiffInCallback(Callback):
         self._loaded_state: dict[str, Any] | None = None
         self._loss_checked = False
         self._per_sample_loss: PerSampleLoss | None = None
+        self._checkpoint_result: InfluenceResult | None = None  # see on_save_checkpoint
         self.steps_recorded = 0
         self.steps_represented = 0.0
         self.skipped_amp_steps = 0
@@ -348,9 +359,17 @@ class DiffInCallback(Callback):
                 "and no `loss_fn` was given. Add the method (return the unreduced loss of each sample) or pass "
                 "loss_fn=lambda module, batch: <Tensor[B]>."
             )
+        self._check_batch_mixing(pl_module)
         for target in self.targets:
             target.check_not_empty()
         self._per_sample_loss = PerSampleLoss(pl_module, self.loss_fn or _default_loss_fn, engine=self.dot_products)
+
+    def _check_batch_mixing(self, pl_module: pl.LightningModule) -> None:
+        found = batch_mixing_modules(pl_module)
+        if found and not self.allow_batch_mixing:
+            raise RuntimeError(batch_mixing_message(found))
+        if found:
+            rank_zero_warn(batch_mixing_message(found).split(" Replace them")[0] + " Accepted (allow_batch_mixing=True).")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dataset = self._train_dataset(trainer)
@@ -366,8 +385,7 @@ class DiffInCallback(Callback):
                 "pass the dataset's length or leave num_samples=None."
             )
         self.num_samples = num_samples
-        labels = dataset.labels() if isinstance(dataset, IndexedDataset) else None
-        self.fingerprint = dataset_fingerprint(num_samples, labels)
+        self.fingerprint = dataset_fingerprint(dataset if dataset is not None else num_samples)
         self._check_optimizer(trainer)
         if self.schedule == "checkpoints":
             self.checkpoint_steps = self._plan_checkpoints(trainer)
@@ -439,6 +457,7 @@ class DiffInCallback(Callback):
         return step % self.every_n_steps == 0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._write_held_checkpoint_result(trainer)
         ids = self._sample_ids(batch, pl_module.device)
         if not self._loss_checked:
             self._check_per_sample_loss(pl_module, batch, len(ids))
@@ -573,6 +592,7 @@ class DiffInCallback(Callback):
         }
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_held_checkpoint_result(trainer)
         if self.schedule == "in_run" and self.compute_second_order and self._target_sums:
             with _training_untouched(pl_module):
                 self._compute_drift(trainer, trainer.global_step)
@@ -766,12 +786,14 @@ class DiffInCallback(Callback):
             "self_target_second_order": "not defined: the 'self' target is first order only, second_order is 0",
         }
 
-    def _write(self, trainer: pl.Trainer, complete: bool) -> None:
+    def _write(self, trainer: pl.Trainer, complete: bool, result: InfluenceResult | None = None) -> None:
         if not self._sums or not trainer.is_global_zero:
             return
+        self._checkpoint_result = None  # whatever is written now supersedes a held checkpoint's scores
         directory = self.output_dir or Path(trainer.log_dir or trainer.default_root_dir)
-        result = self.influence
-        result.metadata.update(complete=complete, global_step=trainer.global_step, epoch=trainer.current_epoch)
+        if result is None:
+            result = self.influence
+            result.metadata.update(complete=complete, global_step=trainer.global_step, epoch=trainer.current_epoch)
         self.output_path = save_influence(result, directory)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -780,6 +802,11 @@ class DiffInCallback(Callback):
             rank_zero_info(f"DiffInCallback: influence written to {self.output_path}")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # A held checkpoint result may belong to a checkpoint that never reached the disk: drop it.
+        self._checkpoint_result = None
+        if self.save_on_checkpoint:
+            # The files on disk pair with the last checkpoint written; scores ahead of it would not.
+            return
         # Keep what was recorded: a crashed run still leaves its partial scores (complete=false).
         try:
             self._write(trainer, complete=False)
@@ -787,8 +814,31 @@ class DiffInCallback(Callback):
             rank_zero_warn(f"DiffInCallback: could not write partial influence after a crash: {error}")
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self.save_on_checkpoint:
-            self._write(trainer, complete=False)
+        if not self.save_on_checkpoint or not self._sums or not trainer.is_global_zero:
+            return
+        # Lightning writes the checkpoint file after this hook returns. Files written now would be
+        # ahead of the checkpoint if the process died in between, so the scores of this step are held
+        # and written at the next hook, once the checkpoint is on disk (_write_held_checkpoint_result).
+        result = self.influence
+        result = InfluenceResult(
+            targets={
+                name: TargetInfluence(target.name, target.kind, *(target.component(c).clone() for c in COMPONENTS))
+                for name, target in result.targets.items()
+            },
+            metadata=result.metadata,
+        )
+        result.metadata.update(complete=False, global_step=int(checkpoint["global_step"]), epoch=int(checkpoint["epoch"]))
+        self._checkpoint_result = result
+
+    def _write_held_checkpoint_result(self, trainer: pl.Trainer) -> None:
+        if self._checkpoint_result is not None:
+            self._write(trainer, complete=False, result=self._checkpoint_result)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_held_checkpoint_result(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_held_checkpoint_result(trainer)
 
     # ------------------------------------------------------------------ checkpoint state
 
