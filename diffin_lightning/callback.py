@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from diffin_lightning.batch_mixing import batch_mixing_message, batch_mixing_modules
-from diffin_lightning.data import INDEX_KEY, dataset_fingerprint
+from diffin_lightning.data import INDEX_KEY, dataset_fingerprint, find_indexed_dataset
 from diffin_lightning.estimator import (
     FINITE_DIFFERENCE_SCHEMES,
     SECOND_ORDER_TERMS,
@@ -373,19 +373,32 @@ class DiffInCallback(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dataset = self._train_dataset(trainer)
-        num_samples = self.num_samples if self.num_samples is not None else (len(dataset) if dataset is not None else None)
+        # One rule for N: ids lie in [0, N). With an IndexedDataset (also under Subset wrappers) the ids
+        # are its positions, so N is its length; otherwise N is the dataset's length or num_samples.
+        # With an index_fn of one's own the ids are one's own too: then N is num_samples or the length.
+        indexed = find_indexed_dataset(dataset) if self.index_fn is _default_index_fn else None
+        id_space = len(indexed) if indexed is not None else (len(dataset) if dataset is not None else None)
+        num_samples = self.num_samples if self.num_samples is not None else id_space
         if num_samples is None:
             raise ValueError(
                 "DiffInCallback could not tell the number of training samples N: the train dataloader's "
-                "dataset has no length. Pass num_samples=N."
+                "dataset has no length. Pass num_samples=N (ids lie in [0, N))."
             )
-        if dataset is not None and self.num_samples is not None and len(dataset) != self.num_samples:
+        if indexed is not None and self.num_samples is not None and self.num_samples != len(indexed):
             raise ValueError(
-                f"`num_samples` is {self.num_samples} but the train dataloader's dataset holds {len(dataset)} samples; "
-                "pass the dataset's length or leave num_samples=None."
+                f"`num_samples` is {self.num_samples} but the training ids come from an IndexedDataset of "
+                f"{len(indexed)} samples (ids are its positions, also under a Subset). Leave num_samples=None "
+                f"or pass num_samples={len(indexed)}."
+            )
+        if indexed is None and dataset is not None and num_samples < len(dataset):
+            raise ValueError(
+                f"`num_samples` (N: ids lie in [0, N)) is {num_samples} but the train dataloader's dataset holds "
+                f"{len(dataset)} samples, each needing its own id. Pass num_samples >= {len(dataset)} (the largest "
+                "id + 1), or leave it None."
             )
         self.num_samples = num_samples
-        self.fingerprint = dataset_fingerprint(dataset if dataset is not None else num_samples)
+        # The fingerprint covers the id space: the IndexedDataset the ids index (also under a Subset).
+        self.fingerprint = dataset_fingerprint(indexed if indexed is not None else (dataset if dataset is not None else num_samples))
         self._check_optimizer(trainer)
         if self.schedule == "checkpoints":
             self.checkpoint_steps = self._plan_checkpoints(trainer)
@@ -479,8 +492,9 @@ class DiffInCallback(Callback):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_samples):
             raise ValueError(
                 f"DiffInCallback: sample ids must lie in [0, N) with N={self.num_samples}; the batch holds ids from "
-                f"{int(ids.min())} to {int(ids.max())}. Ids must be the positions of samples in the training "
-                "dataset (IndexedDataset does this), or pass num_samples=N to match your ids."
+                f"{int(ids.min())} to {int(ids.max())}. Wrap the training dataset in IndexedDataset (a Subset "
+                "goes around it: ids stay the wrapped dataset's), or, with ids of your own, pass num_samples = the "
+                f"largest id in the whole training set + 1 (at least {int(ids.max()) + 1})."
             )
         return ids
 
