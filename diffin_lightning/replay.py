@@ -381,7 +381,7 @@ def trajectory_influence(
     log_dir = Path(log_dir)
     index = read_index(log_dir)
     segments = _check_segments(index, log_dir)
-    if index.get("gradient_clip_algorithm") not in (None, "norm", "GradClipAlgorithmType.NORM"):
+    if index.get("gradient_clip_algorithm") not in (None, "norm"):
         raise TrajectoryLogError(
             f"`log_dir`: the run clipped gradients by {index['gradient_clip_algorithm']}, which is not one factor per step; "
             "the replay handles norm clipping (gradient_clip_algorithm='norm') or none."
@@ -482,7 +482,7 @@ def trajectory_influence(
             name: TargetInfluence(
                 name=name,
                 kind="dataset",
-                first_order=scores[name].cpu(),
+                first_order=scores[name].cpu().clone(),
                 second_order=torch.zeros(num_samples, dtype=torch.float64),
                 diffin=scores[name].cpu(),
                 visits=visits.clone(),

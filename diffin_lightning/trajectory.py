@@ -270,7 +270,7 @@ class TrajectoryLog(pl.Callback):
             "checkpoint_every_n_steps": self.checkpoint_every_n_steps,
             "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
             "gradient_clip_val": None if trainer.gradient_clip_val is None else float(trainer.gradient_clip_val),
-            "gradient_clip_algorithm": None if not trainer.gradient_clip_val else str(trainer.gradient_clip_algorithm),
+            "gradient_clip_algorithm": None if not trainer.gradient_clip_val else _clip_algorithm(trainer),
             "precision": str(trainer.precision),
             "optimizer": {"class": type(optimizer).__name__, "module": type(optimizer).__module__, "groups": groups},
             "parameters": parameters,
@@ -396,6 +396,12 @@ def _scaler_will_skip(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> 
     return any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for group in optimizer.param_groups for p in group["params"])
 
 
+def _clip_algorithm(trainer: pl.Trainer) -> str:
+    algorithm = trainer.gradient_clip_algorithm
+    # Lightning clips by norm when no algorithm is named.
+    return "norm" if algorithm is None else str(getattr(algorithm, "value", algorithm))
+
+
 def _clip_factor(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> float:
     """The factor Lightning's norm clipping will multiply the gradients by (1.0 without clipping).
 
@@ -403,7 +409,7 @@ def _clip_factor(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> float
     """
     if not trainer.gradient_clip_val:
         return 1.0
-    if str(trainer.gradient_clip_algorithm) not in ("norm", "GradClipAlgorithmType.NORM"):
+    if _clip_algorithm(trainer) != "norm":
         return float("nan")
     grads = [p.grad.detach() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if not grads:
@@ -481,6 +487,6 @@ def read_segment(log_dir: Path, segment: dict[str, Any], run_id: str) -> Segment
     for count in per_step:
         ids.append(micro[cursor : cursor + count])
         if rng is not None and rng_all is not None:
-            rng.append([rng_all[k] for k in range(cursor, cursor + count)])
+            rng.append([rng_all[k].clone() for k in range(cursor, cursor + count)])  # set_rng_state needs its own storage
         cursor += count
     return Segment(tensors["steps"], ids, tensors["lr"], tensors["clip"], tensors["skipped"].bool(), rng)
