@@ -14,6 +14,8 @@ from diffin_lightning.store import (
     load_influence,
     save_influence,
 )
+from diffin_lightning.replay import trajectory_influence
+from diffin_lightning.trajectory import TrajectoryLog, TrajectoryLogError
 from diffin_lightning.version import __version__
 
 __all__ = [
@@ -25,8 +27,11 @@ __all__ = [
     "ResumableDataLoader",
     "SIGN_CONVENTION",
     "TargetInfluence",
+    "TrajectoryLog",
+    "TrajectoryLogError",
     "__version__",
     "dataset_fingerprint",
     "load_influence",
     "save_influence",
+    "trajectory_influence",
 ]

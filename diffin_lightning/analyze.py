@@ -16,8 +16,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffin_lightning.cli import CONFIG_DIR, UsageError, one_line_errors
 from diffin_lightning.tasks import clean, coreset, delete, load_run
+from diffin_lightning.tasks import replay as replay_task
 
-TASKS = ("clean", "delete", "coreset")
+TASKS = ("clean", "delete", "coreset", "replay")
 
 
 def _as_list(value: Any, name: str) -> list[Any] | None:
@@ -36,6 +37,12 @@ def analyze(config: DictConfig, out_dir: Path) -> dict[str, Any]:
         raise UsageError(f"task must be one of {', '.join(TASKS)}; got {config.task!r}. Example: task=clean")
     run = load_run(OmegaConf.select(config, "run_dir", throw_on_missing=False), allowed_targets=config.get("allowed_targets"))
     print(f"Analysing {run.directory} -> {out_dir}")
+    if config.task == "replay":
+        target = OmegaConf.select(config, "target")
+        target = OmegaConf.to_container(target) if isinstance(target, ListConfig) else target
+        return replay_task.replay(run, out_dir, target=target, hvp=OmegaConf.select(config, "hvp", default="central"))
+    if config.score == "replay":  # the scores task=replay stored, read like any other
+        run, config = replay_task.with_replay_scores(run), OmegaConf.merge(config, {"score": "diffin"})
     if config.task == "clean":
         return clean(run, out_dir, target=config.target, score=config.score, show=config.show)
     if config.task == "delete":

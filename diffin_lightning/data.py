@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler, Subset, TensorDataset
@@ -28,8 +28,14 @@ class IndexedDataset(Dataset):
     - a mapping keeps its keys and gains ``"index"``;
     - anything else becomes ``{"index": i, "input": item}``.
 
+    Ids are positions in ``dataset``. Put a ``torch.utils.data.Subset`` around it (not inside)
+    to train on part of it: the ids stay those of ``dataset`` and N is ``len(dataset)``.
+
     Args:
         dataset: any map-style dataset with ``__len__``.
+        existing_index: what to do with a mapping item that already has an ``"index"`` key:
+            ``"refuse"`` (training data: the id would be ambiguous) or ``"keep"`` the item as
+            it is (targets, which need no ids).
 
     Example::
 
@@ -40,13 +46,16 @@ class IndexedDataset(Dataset):
         (['index', 'input', 'target'], 1)
     """
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: Dataset, existing_index: Literal["refuse", "keep"] = "refuse") -> None:
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise TypeError(
                 "`dataset` must be a map-style Dataset with __len__ and __getitem__; "
                 f"got {type(dataset).__name__}. Wrap an iterable dataset's items in a list first."
             )
+        if existing_index not in ("refuse", "keep"):
+            raise ValueError(f"`existing_index` must be 'refuse' or 'keep'; got {existing_index!r}.")
         self.dataset = dataset
+        self.existing_index = existing_index
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -55,9 +64,12 @@ class IndexedDataset(Dataset):
         item = self.dataset[index]
         if isinstance(item, Mapping):
             if INDEX_KEY in item:
+                if self.existing_index == "keep":
+                    return item
                 raise KeyError(
-                    f"IndexedDataset: the wrapped dataset's items already have a key {INDEX_KEY!r}; "
-                    "rename it so that the sample id is unambiguous."
+                    f"IndexedDataset: the wrapped dataset's items already have a key {INDEX_KEY!r}. If they are "
+                    "the sample ids (each sample's position in the training set), use the dataset without "
+                    "IndexedDataset: the callback reads batch['index']; otherwise rename the key."
                 )
             return {**item, INDEX_KEY: index}
         if isinstance(item, Sequence) and not isinstance(item, (str, bytes)) and len(item) == 2:
@@ -83,6 +95,13 @@ class IndexedDataset(Dataset):
                 return None
             labels.append(torch.as_tensor(target))
         return torch.stack(labels) if labels else None
+
+
+def find_indexed_dataset(dataset: Any) -> IndexedDataset | None:
+    """The :class:`IndexedDataset` that gives ``dataset``'s ids, looking through ``Subset`` wrappers."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset if isinstance(dataset, IndexedDataset) else None
 
 
 CONTENT_KEY_ATTRIBUTE = "content_key"
