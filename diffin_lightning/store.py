@@ -277,6 +277,10 @@ def _is_str_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
+def _is_count_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and _is_int(v) and v >= 0 for k, v in value.items())
+
+
 def _is_int_list(value: Any) -> bool:
     return isinstance(value, list) and all(_is_int(item) for item in value)
 
@@ -316,6 +320,10 @@ _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "skipped_amp_steps": (lambda v: _is_int(v) and v >= 0, "must be a non-negative int"),
     "nonfinite_skipped": (lambda v: _is_int(v) and v >= 0, "must be a non-negative int"),
     "complete": (lambda v: isinstance(v, bool), "must be true or false"),
+    "incomplete_reason": (lambda v: v is None or isinstance(v, str), "must be a string or null"),
+    "nonfinite_samples_skipped": (lambda v: _is_count_map(v), "must map target names to non-negative ints"),
+    "nonfinite_steps_skipped": (lambda v: _is_count_map(v), "must map target names to non-negative ints"),
+    "model_nonfinite_step": (lambda v: v is None or (_is_int(v) and v >= 0), "must be a non-negative int or null"),
     "global_step": (lambda v: _is_int(v) and v >= 0, "must be a non-negative int"),
     "epoch": (lambda v: _is_int(v) and v >= 0, "must be a non-negative int"),
 }

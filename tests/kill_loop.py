@@ -80,6 +80,19 @@ def verify(run_dir: Path) -> None:
     sys.exit(1 if problems else 0)
 
 
+def compare(reference_dir: Path, run_dir: Path) -> None:
+    """Print the largest relative difference of the final scores from the uninterrupted run's; exit 1 if not allclose."""
+    reference, final = load_influence(reference_dir / "scores"), load_influence(run_dir / "scores")
+    worst, close = 0.0, final.metadata.get("complete") is True
+    for name in reference:
+        for component in COMPONENTS:
+            expected, actual = reference[name].component(component), final[name].component(component)
+            close &= bool(torch.allclose(actual, expected, rtol=1e-9, atol=1e-12))
+            worst = max(worst, float(((actual - expected).abs() / expected.abs().clamp_min(1e-12)).max()))
+    print(json.dumps({"allclose": close, "max_relative_difference": worst, "steps_recorded": final.metadata["steps_recorded"]}))
+    sys.exit(0 if close else 1)
+
+
 def fork(function, *args, quiet: bool = True) -> tuple[int, int]:
     """Run ``function(*args)`` in a forked child; returns (pid, read end of its stdout)."""
     read, write = os.pipe()
@@ -103,12 +116,14 @@ def fork(function, *args, quiet: bool = True) -> tuple[int, int]:
     return pid, read
 
 
-def wait(pid: int, read: int) -> tuple[int, str]:
+def wait(pid: int, read: int, status: int | None = None) -> tuple[int, str]:
+    """The child's exit code and output; ``status`` when it was already reaped."""
     chunks = []
     while chunk := os.read(read, 65536):
         chunks.append(chunk)
     os.close(read)
-    _, status = os.waitpid(pid, 0)
+    if status is None:
+        _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status), b"".join(chunks).decode(errors="replace")
 
 
@@ -132,58 +147,67 @@ def main() -> None:
     assert code == 0, "the uninterrupted reference run failed"
     reference_seconds = time.perf_counter() - started
 
-    run_dir = work / "killed"
-    records = []
+    records, lineages = [], []
     while len(records) < kills:
-        mode = rng.choice(["random", "random", "on_write"])
-        delay = rng.uniform(0.0, reference_seconds)
-        pid, read = fork(train_once, run_dir, True)
-        life_start = time.perf_counter()
-        seen: list[str] = []
+        # One lineage: lives killed at random until one finishes; then its scores are compared.
+        run_dir = work / f"killed_{len(lineages)}"
+        lineage_kills = 0
         while True:
-            elapsed = time.perf_counter() - life_start
-            if mode == "on_write":
-                seen = temporaries(run_dir)
-                if seen or elapsed > 2 * reference_seconds:
-                    break
-                time.sleep(0.0005)
-            else:
-                if elapsed >= delay:
+            mode = rng.choice(["random", "random", "on_write"])
+            delay = rng.uniform(0.0, reference_seconds / 2)
+            pid, read = fork(train_once, run_dir, True)
+            life_start = time.perf_counter()
+            seen: list[str] = []
+            status = None
+            while True:
+                elapsed = time.perf_counter() - life_start
+                if mode == "on_write":
                     seen = temporaries(run_dir)
+                    if seen or elapsed > reference_seconds:
+                        break
+                    time.sleep(0.0005)
+                else:
+                    if elapsed >= delay:
+                        seen = temporaries(run_dir)
+                        break
+                    time.sleep(0.005)
+                finished, status = os.waitpid(pid, os.WNOHANG)
+                if finished:
                     break
-                time.sleep(0.005)
-            finished, _ = os.waitpid(pid, os.WNOHANG)
-            if finished:
-                break
-        os.kill(pid, signal.SIGKILL) if not finished else None
-        exit_code, _ = wait(pid, read)
-        if exit_code != -signal.SIGKILL:
-            continue  # the life ended by itself before the kill: not a kill, try again
-        verified, problems = wait(*fork(verify, run_dir))
-        newest = newest_checkpoint(run_dir / "ckpt")
-        records.append(
+                status = None
+            if status is None:
+                os.kill(pid, signal.SIGKILL)
+            exit_code, _ = wait(pid, read, status)
+            if exit_code != -signal.SIGKILL:
+                break  # the life finished by itself: this lineage is complete
+            lineage_kills += 1
+            verified, problems = wait(*fork(verify, run_dir))
+            newest = newest_checkpoint(run_dir / "ckpt")
+            records.append(
+                {
+                    "lineage": len(lineages),
+                    "mode": mode,
+                    "after_s": round(time.perf_counter() - life_start, 3),
+                    "temporaries_at_kill": seen,
+                    "loadable": verified == 0,
+                    "problems": json.loads(problems or "[]") if verified in (0, 1) else [f"verifier exit {verified}"],
+                    "newest_checkpoint": newest.name if newest else None,
+                }
+            )
+        _, comparison = wait(*fork(compare, work / "reference", run_dir))
+        lineages.append(
             {
-                "mode": mode,
-                "after_s": round(time.perf_counter() - life_start, 3),
-                "temporaries_at_kill": seen,
-                "loadable": verified == 0,
-                "problems": json.loads(problems or "[]") if verified in (0, 1) else [f"verifier exit {verified}"],
-                "newest_checkpoint": newest.name if newest else None,
+                "kills": lineage_kills,
+                "final_exit": exit_code,
+                "temporaries_left": temporaries(run_dir),
+                "comparison": json.loads(comparison) if comparison.strip() else None,
             }
         )
-
-    code, _ = wait(*fork(train_once, run_dir, True))
-    final_problems: list[str] = []
-    if code != 0:
-        final_problems.append(f"the final life exited with {code}")
-    left_over = temporaries(run_dir)
     print(
         json.dumps(
             {
                 "kills": records,
-                "final_exit": code,
-                "final_problems": final_problems,
-                "temporaries_left": left_over,
+                "lineages": lineages,
                 "seconds": round(time.perf_counter() - started, 1),
                 "reference_seconds": round(reference_seconds, 1),
             }
