@@ -358,7 +358,8 @@ class TrajectoryLog(pl.Callback):
         micro_sizes = [len(ids) for record in records for ids in record.ids]
         tensors = {
             "steps": torch.tensor([r.step for r in records], dtype=torch.int64),
-            "ids": torch.tensor([i for r in records for ids in r.ids for i in ids], dtype=torch.int64),
+            # int32 halves the log's largest per-step part; ids are < 2**31 for any data set that fits a run.
+            "ids": torch.tensor([i for r in records for ids in r.ids for i in ids], dtype=torch.int32 if self._index["num_samples"] is not None and self._index["num_samples"] < 2**31 else torch.int64),
             "micro_batches": torch.tensor([len(r.ids) for r in records], dtype=torch.int64),
             "micro_sizes": torch.tensor(micro_sizes, dtype=torch.int64),
             "lr": torch.tensor([r.lr for r in records], dtype=torch.float64),
@@ -476,7 +477,7 @@ def read_segment(log_dir: Path, segment: dict[str, Any], run_id: str) -> Segment
             f"`log_dir`: {segment['file']} belongs to run {metadata.get('run_id')!r}, the index to run {run_id!r}: "
             "files of two runs were mixed in one directory. Re-record the run into an empty directory."
         )
-    flat = tensors["ids"]
+    flat = tensors["ids"].to(torch.int64)
     sizes = tensors["micro_sizes"].tolist()
     per_step = tensors["micro_batches"].tolist()
     micro = list(torch.split(flat, sizes)) if sizes else []
