@@ -400,7 +400,7 @@ def trajectory_influence(
     device, dtype = some.device, some.dtype
     final = {n: v.to(device) for n, v in final.items()}
     tolerance_default = 1e-8 if dtype == torch.float64 else 1e-4
-    names = _check_module(module, index, final, 1e3 * tolerance_default)
+    names = _check_module(module, index, final, 1e-3)
     final = {n: final[n] for n in names}  # one parameter order everywhere (torch.func compares structures)
     hyper = _hyper_parameters(index, names)
     if loss_fn is None:
