@@ -247,6 +247,11 @@ class TrajectoryLog(pl.Callback):
             self.checkpoint_every_n_steps = max(1, math.ceil(total / AUTO_CHECKPOINTS))
         self.run_id = uuid.uuid4().hex
         optimizer = trainer.optimizers[0]
+        if not isinstance(optimizer, torch.optim.SGD):
+            rank_zero_warn(
+                f"TrajectoryLog: the optimizer is {type(optimizer).__name__}; trajectory_influence replays torch.optim.SGD "
+                "only (plain, momentum, Nesterov, weight decay) and will refuse this log. Train with SGD to replay it."
+            )
         names_of = {id(p): name for name, p in pl_module.named_parameters()}
         groups = []
         for group in optimizer.param_groups:
