@@ -35,7 +35,7 @@ def analyze(config: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Run ``config.task`` on ``config.run_dir``, writing into ``out_dir``."""
     if config.task not in TASKS:
         raise UsageError(f"task must be one of {', '.join(TASKS)}; got {config.task!r}. Example: task=clean")
-    run = load_run(OmegaConf.select(config, "run_dir", throw_on_missing=False))
+    run = load_run(OmegaConf.select(config, "run_dir", throw_on_missing=False), allowed_targets=config.get("allowed_targets"))
     print(f"Analysing {run.directory} -> {out_dir}")
     if config.task == "replay":
         target = OmegaConf.select(config, "target")

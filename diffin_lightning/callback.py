@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -19,7 +20,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from diffin_lightning.data import INDEX_KEY, IndexedDataset, dataset_fingerprint
+from diffin_lightning.batch_mixing import batch_mixing_message, batch_mixing_modules
+from diffin_lightning.data import INDEX_KEY, dataset_fingerprint, find_indexed_dataset
 from diffin_lightning.estimator import (
     FINITE_DIFFERENCE_SCHEMES,
     SECOND_ORDER_TERMS,
@@ -34,8 +36,8 @@ from diffin_lightning.estimator import (
     resolve_eps,
     second_order_term,
 )
-from diffin_lightning.per_sample import DOT_ENGINES, DotEngine, LossFn, PerSampleLoss
-from diffin_lightning.store import InfluenceResult, TargetInfluence, save_influence
+from diffin_lightning.per_sample import DOT_ENGINES, DotEngine, LossFn, PerSampleLoss, RngState, rng_state
+from diffin_lightning.store import COMPONENTS, InfluenceResult, TargetInfluence, save_influence
 from diffin_lightning.targets import DatasetTarget, SelfTarget, Target, TrainingLossTarget, build_targets
 from diffin_lightning.version import __version__
 
@@ -61,8 +63,25 @@ def _default_index_fn(batch: Any) -> Tensor:
     return batch[INDEX_KEY]
 
 
-def _rng_untouched(device: torch.device) -> Any:
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+@contextmanager
+def _training_untouched(module: torch.nn.Module) -> Iterator[None]:
+    """Run the callback's extra passes without a trace on training: same random numbers, same buffers.
+
+    The RNG is forked (training draws the same dropout masks and data order with or without the
+    callback), and every buffer (BatchNorm's running statistics and ``num_batches_tracked``) is put
+    back bit for bit afterwards, whatever path the passes took (``loss_fn`` called on the module
+    itself, or a functional call).
+    """
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    saved = {name: buffer.detach().clone() for name, buffer in module.named_buffers()}
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield
+    finally:
+        with torch.no_grad():
+            for name, buffer in module.named_buffers():
+                if name in saved:
+                    buffer.copy_(saved[name])
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -160,9 +179,19 @@ class DiffInCallback(Callback):
             gradients (bounds memory); ``None`` does the whole batch at once.
         output_dir: where ``influence.safetensors`` and ``influence.json`` go; default
             ``trainer.log_dir`` (``default_root_dir`` without a logger).
-        save_on_checkpoint: also write the files whenever Lightning saves a checkpoint.
-        seed: seeds the target subsets and the RNG of the extra passes, so dropout draws
-            the same masks at ``theta`` and at the perturbed point.
+        save_on_checkpoint: also write the files whenever Lightning saves a checkpoint, with
+            that checkpoint's ``global_step`` and ``epoch`` (``complete: false``). They are written
+            just after the checkpoint file, so files on disk are never ahead of the last checkpoint;
+            for the same reason a crashed run then keeps the last checkpoint's files rather than
+            writing its partial scores.
+        seed: seeds the target subsets and the RNG of the passes over target batches and of the
+            end-of-fit drift pass. Passes over the step's own training batches (at ``theta`` and at
+            ``theta + eps u``) restore the RNG state the training step's forward started from, so
+            dropout draws the training step's own masks there (exactly, when the training step's
+            first random draws are its forward's, as in ``loss = self.per_sample_loss(batch).mean()``).
+        allow_batch_mixing: accept a model with layers that mix the samples of a batch
+            (BatchNorm in train mode, see :mod:`diffin_lightning.batch_mixing`); the scores are
+            then approximate. By default such a model is refused at ``setup``.
 
     Example::
 
@@ -196,6 +225,7 @@ class DiffInCallback(Callback):
         output_dir: str | os.PathLike[str] | None = None,
         save_on_checkpoint: bool = False,
         seed: int = 0,
+        allow_batch_mixing: bool = False,
     ) -> None:
         _check_positive_int("every_n_steps", every_n_steps)
         _check_positive_int("target_refresh_every_n_steps", target_refresh_every_n_steps)
@@ -266,6 +296,7 @@ class DiffInCallback(Callback):
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.save_on_checkpoint = save_on_checkpoint
         self.seed = seed
+        self.allow_batch_mixing = allow_batch_mixing
 
         self.output_path: Path | None = None
         self.fingerprint: str | None = None
@@ -274,10 +305,12 @@ class DiffInCallback(Callback):
         # and the drift correction computed from it at the end of fit.
         self._target_sums: dict[str, dict[str, Tensor]] = {}
         self._drift: dict[str, Tensor] = {}
-        self._pending: list[tuple[Any, Tensor]] = []
+        # (micro-batch, its ids, the RNG state its training forward started from)
+        self._pending: list[tuple[Any, Tensor, RngState]] = []
         self._loaded_state: dict[str, Any] | None = None
         self._loss_checked = False
         self._per_sample_loss: PerSampleLoss | None = None
+        self._checkpoint_result: InfluenceResult | None = None  # see on_save_checkpoint
         self.steps_recorded = 0
         self.steps_represented = 0.0
         self.skipped_amp_steps = 0
@@ -326,26 +359,46 @@ class DiffInCallback(Callback):
                 "and no `loss_fn` was given. Add the method (return the unreduced loss of each sample) or pass "
                 "loss_fn=lambda module, batch: <Tensor[B]>."
             )
+        self._check_batch_mixing(pl_module)
         for target in self.targets:
             target.check_not_empty()
         self._per_sample_loss = PerSampleLoss(pl_module, self.loss_fn or _default_loss_fn, engine=self.dot_products)
 
+    def _check_batch_mixing(self, pl_module: pl.LightningModule) -> None:
+        found = batch_mixing_modules(pl_module)
+        if found and not self.allow_batch_mixing:
+            raise RuntimeError(batch_mixing_message(found))
+        if found:
+            rank_zero_warn(batch_mixing_message(found).split(" Replace them")[0] + " Accepted (allow_batch_mixing=True).")
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dataset = self._train_dataset(trainer)
-        num_samples = self.num_samples if self.num_samples is not None else (len(dataset) if dataset is not None else None)
+        # One rule for N: ids lie in [0, N). With an IndexedDataset (also under Subset wrappers) the ids
+        # are its positions, so N is its length; otherwise N is the dataset's length or num_samples.
+        # With an index_fn of one's own the ids are one's own too: then N is num_samples or the length.
+        indexed = find_indexed_dataset(dataset) if self.index_fn is _default_index_fn else None
+        id_space = len(indexed) if indexed is not None else (len(dataset) if dataset is not None else None)
+        num_samples = self.num_samples if self.num_samples is not None else id_space
         if num_samples is None:
             raise ValueError(
                 "DiffInCallback could not tell the number of training samples N: the train dataloader's "
-                "dataset has no length. Pass num_samples=N."
+                "dataset has no length. Pass num_samples=N (ids lie in [0, N))."
             )
-        if dataset is not None and self.num_samples is not None and len(dataset) != self.num_samples:
+        if indexed is not None and self.num_samples is not None and self.num_samples != len(indexed):
             raise ValueError(
-                f"`num_samples` is {self.num_samples} but the train dataloader's dataset holds {len(dataset)} samples; "
-                "pass the dataset's length or leave num_samples=None."
+                f"`num_samples` is {self.num_samples} but the training ids come from an IndexedDataset of "
+                f"{len(indexed)} samples (ids are its positions, also under a Subset). Leave num_samples=None "
+                f"or pass num_samples={len(indexed)}."
+            )
+        if indexed is None and dataset is not None and num_samples < len(dataset):
+            raise ValueError(
+                f"`num_samples` (N: ids lie in [0, N)) is {num_samples} but the train dataloader's dataset holds "
+                f"{len(dataset)} samples, each needing its own id. Pass num_samples >= {len(dataset)} (the largest "
+                "id + 1), or leave it None."
             )
         self.num_samples = num_samples
-        labels = dataset.labels() if isinstance(dataset, IndexedDataset) else None
-        self.fingerprint = dataset_fingerprint(num_samples, labels)
+        # The fingerprint covers the id space: the IndexedDataset the ids index (also under a Subset).
+        self.fingerprint = dataset_fingerprint(indexed if indexed is not None else (dataset if dataset is not None else num_samples))
         self._check_optimizer(trainer)
         if self.schedule == "checkpoints":
             self.checkpoint_steps = self._plan_checkpoints(trainer)
@@ -417,11 +470,14 @@ class DiffInCallback(Callback):
         return step % self.every_n_steps == 0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._write_held_checkpoint_result(trainer)
         ids = self._sample_ids(batch, pl_module.device)
         if not self._loss_checked:
             self._check_per_sample_loss(pl_module, batch, len(ids))
         if self._records(trainer.global_step):
-            self._pending.append((batch, ids))
+            # The training step's forward draws its dropout masks from this state; the extra passes over
+            # this micro-batch restore it, so they differentiate the network that training differentiated.
+            self._pending.append((batch, ids, rng_state(pl_module.device)))
 
     def _sample_ids(self, batch: Any, device: torch.device) -> Tensor:
         ids = self.index_fn(batch)
@@ -436,14 +492,15 @@ class DiffInCallback(Callback):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_samples):
             raise ValueError(
                 f"DiffInCallback: sample ids must lie in [0, N) with N={self.num_samples}; the batch holds ids from "
-                f"{int(ids.min())} to {int(ids.max())}. Ids must be the positions of samples in the training "
-                "dataset (IndexedDataset does this), or pass num_samples=N to match your ids."
+                f"{int(ids.min())} to {int(ids.max())}. Wrap the training dataset in IndexedDataset (a Subset "
+                "goes around it: ids stay the wrapped dataset's), or, with ids of your own, pass num_samples = the "
+                f"largest id in the whole training set + 1 (at least {int(ids.max()) + 1})."
             )
         return ids
 
     def _check_per_sample_loss(self, pl_module: pl.LightningModule, batch: Any, batch_size: int) -> None:
         loss_fn = self.loss_fn or _default_loss_fn
-        with torch.no_grad(), _rng_untouched(pl_module.device):
+        with torch.no_grad(), _training_untouched(pl_module):
             losses = loss_fn(pl_module, batch)
         if not isinstance(losses, Tensor) or tuple(losses.shape) != (batch_size,):
             shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
@@ -463,7 +520,7 @@ class DiffInCallback(Callback):
             # AMP's scaler skips optimizer.step on non-finite gradients: no update, no influence.
             self.skipped_amp_steps += 1
             return
-        ids = torch.cat([sample_ids for _, sample_ids in pending])
+        ids = torch.cat([sample_ids for _, sample_ids, _ in pending])
         if ids.unique().numel() != ids.numel():
             raise ValueError(
                 f"DiffInCallback: sample ids must not repeat within an optimizer step; step {step} holds "
@@ -473,14 +530,16 @@ class DiffInCallback(Callback):
         # Training must draw the same random numbers with or without the callback (data order,
         # dropout): the extra passes and target loaders run on a forked RNG.
         assert self._per_sample_loss is not None
+        batches = [batch for batch, _, _ in pending]
+        self._per_sample_loss.replay_rng_states([(batch, state) for batch, _, state in pending])
         try:
-            with _rng_untouched(pl_module.device):
+            with _training_untouched(pl_module):
                 if self.schedule == "checkpoints":
-                    self._record_checkpoint(trainer, step, optimizer, [batch for batch, _ in pending], int(ids.numel()))
+                    self._record_checkpoint(trainer, step, optimizer, batches, int(ids.numel()))
                 else:
-                    self._record_step(step, optimizer, [batch for batch, _ in pending], ids)
+                    self._record_step(step, optimizer, batches, ids)
         finally:
-            self._per_sample_loss.clear_captures()  # the step's activations are not needed any more
+            self._per_sample_loss.clear_captures()  # the step's activations and RNG states are not needed any more
 
     @staticmethod
     def _scaler_will_skip(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool:
@@ -547,8 +606,9 @@ class DiffInCallback(Callback):
         }
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_held_checkpoint_result(trainer)
         if self.schedule == "in_run" and self.compute_second_order and self._target_sums:
-            with _rng_untouched(pl_module.device):
+            with _training_untouched(pl_module):
                 self._compute_drift(trainer, trainer.global_step)
 
     def _compute_drift(self, trainer: pl.Trainer, step: int) -> None:
@@ -740,12 +800,14 @@ class DiffInCallback(Callback):
             "self_target_second_order": "not defined: the 'self' target is first order only, second_order is 0",
         }
 
-    def _write(self, trainer: pl.Trainer, complete: bool) -> None:
+    def _write(self, trainer: pl.Trainer, complete: bool, result: InfluenceResult | None = None) -> None:
         if not self._sums or not trainer.is_global_zero:
             return
+        self._checkpoint_result = None  # whatever is written now supersedes a held checkpoint's scores
         directory = self.output_dir or Path(trainer.log_dir or trainer.default_root_dir)
-        result = self.influence
-        result.metadata.update(complete=complete, global_step=trainer.global_step, epoch=trainer.current_epoch)
+        if result is None:
+            result = self.influence
+            result.metadata.update(complete=complete, global_step=trainer.global_step, epoch=trainer.current_epoch)
         self.output_path = save_influence(result, directory)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -754,6 +816,11 @@ class DiffInCallback(Callback):
             rank_zero_info(f"DiffInCallback: influence written to {self.output_path}")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # A held checkpoint result may belong to a checkpoint that never reached the disk: drop it.
+        self._checkpoint_result = None
+        if self.save_on_checkpoint:
+            # The files on disk pair with the last checkpoint written; scores ahead of it would not.
+            return
         # Keep what was recorded: a crashed run still leaves its partial scores (complete=false).
         try:
             self._write(trainer, complete=False)
@@ -761,8 +828,31 @@ class DiffInCallback(Callback):
             rank_zero_warn(f"DiffInCallback: could not write partial influence after a crash: {error}")
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self.save_on_checkpoint:
-            self._write(trainer, complete=False)
+        if not self.save_on_checkpoint or not self._sums or not trainer.is_global_zero:
+            return
+        # Lightning writes the checkpoint file after this hook returns. Files written now would be
+        # ahead of the checkpoint if the process died in between, so the scores of this step are held
+        # and written at the next hook, once the checkpoint is on disk (_write_held_checkpoint_result).
+        result = self.influence
+        result = InfluenceResult(
+            targets={
+                name: TargetInfluence(target.name, target.kind, *(target.component(c).clone() for c in COMPONENTS))
+                for name, target in result.targets.items()
+            },
+            metadata=result.metadata,
+        )
+        result.metadata.update(complete=False, global_step=int(checkpoint["global_step"]), epoch=int(checkpoint["epoch"]))
+        self._checkpoint_result = result
+
+    def _write_held_checkpoint_result(self, trainer: pl.Trainer) -> None:
+        if self._checkpoint_result is not None:
+            self._write(trainer, complete=False, result=self._checkpoint_result)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_held_checkpoint_result(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_held_checkpoint_result(trainer)
 
     # ------------------------------------------------------------------ checkpoint state
 

@@ -14,8 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffin_lightning.store import InfluenceFileError
 
-# The design card keeps configs/ at the repository's top level, beside the package.
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+# Inside the package (package data), so a wheel or `pip install .` carries them and the apps find
+# them from any directory; the top-level configs/ of the repository only points here.
+CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -31,6 +31,13 @@ Params = dict[str, Tensor]
 LossFn = Callable[[nn.Module, Any], Tensor]
 DotEngine = Literal["auto", "functional"]
 DOT_ENGINES: tuple[DotEngine, ...] = ("auto", "functional")
+# The CPU generator's state and, on a CUDA device, that device's generator state.
+RngState = tuple[Tensor, Tensor | None]
+
+
+def rng_state(device: torch.device) -> RngState:
+    """The state of the generators a forward pass on ``device`` draws from (dropout masks)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
 class _LossModule(nn.Module):
@@ -73,6 +80,7 @@ class PerSampleLoss:
         seed: the random seed every evaluation starts from, so that dropout draws the
             same masks at ``theta`` and at the perturbed point (a finite difference of
             two different random functions would be noise). ``None`` leaves the RNG alone.
+            Batches given to :meth:`replay_rng_states` start from their own recorded state instead.
         engine: ``"auto"`` uses ghost dot products (:mod:`diffin_lightning.ghost`) when every
             trainable parameter sits in a Linear layer, else ``torch.func``; ``"functional"``
             always uses ``torch.func``.
@@ -98,6 +106,8 @@ class PerSampleLoss:
         self._ghost: bool | None = None
         # (id(params), id(batch)) -> (params, batch, capture); holding the objects keeps their ids unique.
         self._captures: dict[tuple[int, int], tuple[Params, Any, ghost.GhostCapture]] = {}
+        # id(batch) -> (batch, the RNG state its training forward started from)
+        self._rng_states: dict[int, tuple[Any, RngState]] = {}
 
     def uses_ghost(self, params: Params) -> bool:
         """Whether per-sample dot products come from captured activations (every trainable parameter in a Linear)."""
@@ -106,8 +116,17 @@ class PerSampleLoss:
         return self._ghost
 
     def clear_captures(self) -> None:
-        """Forget the activations kept by ``batch_gradient(..., keep_captures=True)``."""
+        """Forget the activations kept by ``batch_gradient(..., keep_captures=True)`` and the replayed RNG states."""
         self._captures.clear()
+        self._rng_states.clear()
+
+    def replay_rng_states(self, batches_and_states: Iterable[tuple[Any, RngState]]) -> None:
+        """Evaluate each of these batches from its given RNG state (the training step's dropout masks).
+
+        Held until :meth:`clear_captures`; other batches keep starting from ``seed``.
+        """
+        for batch, state in batches_and_states:
+            self._rng_states[id(batch)] = (batch, state)
 
     def _capture(self, params: Params, batch: Any) -> ghost.GhostCapture | None:
         entry = self._captures.get((id(params), id(batch)))
@@ -123,9 +142,17 @@ class PerSampleLoss:
         # Buffers are passed as copies so that batch-norm running statistics are not
         # updated by the callback's extra passes: training must not see them.
         buffers = {f"module.{name}": b.clone() for name, b in self.module.named_buffers()}
+        device = next(iter(params.values())).device
+        replayed = self._rng_states.get(id(batch))
+        if replayed is not None and replayed[0] is batch:
+            cpu_state, cuda_state = replayed[1]
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.set_rng_state(cpu_state)
+                if cuda_state is not None:
+                    torch.cuda.set_rng_state(cuda_state, device)
+                return functional_call(self._wrapper, {**buffers, **_prefixed(params)}, (batch,), strict=False)
         if self.seed is None:
             return functional_call(self._wrapper, {**buffers, **_prefixed(params)}, (batch,), strict=False)
-        device = next(iter(params.values())).device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             # Seed only the generators in use: torch.manual_seed would also poke every lazy
             # accelerator backend, which costs milliseconds per call.

@@ -387,7 +387,7 @@ def trajectory_influence(
             "the replay handles norm clipping (gradient_clip_algorithm='norm') or none."
         )
     dataset = train_dataset if isinstance(train_dataset, IndexedDataset) else IndexedDataset(train_dataset)
-    fingerprint = dataset_fingerprint(len(dataset), dataset.labels())
+    fingerprint = dataset_fingerprint(dataset)
     if index.get("fingerprint") is not None and fingerprint != index["fingerprint"]:
         raise TrajectoryLogError(
             f"`train_dataset` has fingerprint {fingerprint!r} (N={len(dataset)}), but the log was recorded on a training "

@@ -38,7 +38,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
 
-from diffin_lightning.data import INDEX_KEY, IndexedDataset, dataset_fingerprint
+from diffin_lightning.data import INDEX_KEY, IndexedDataset, dataset_fingerprint, find_indexed_dataset
 from diffin_lightning.store import atomic_write_bytes
 from diffin_lightning.version import __version__
 
@@ -264,14 +264,13 @@ class TrajectoryLog(pl.Callback):
         }
         dataset = _train_dataset(trainer)
         num_samples = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
-        labels = dataset.labels() if isinstance(dataset, IndexedDataset) else None
         self._index = {
             "kind": "diffin_lightning.trajectory",
             "format_version": FORMAT_VERSION,
             "library_version": __version__,
             "run_id": self.run_id,
             "num_samples": num_samples,
-            "fingerprint": None if num_samples is None else dataset_fingerprint(num_samples, labels),
+            "fingerprint": None if dataset is None else dataset_fingerprint(find_indexed_dataset(dataset) or dataset),
             "checkpoint_every_n_steps": self.checkpoint_every_n_steps,
             "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
             "gradient_clip_val": None if trainer.gradient_clip_val is None else float(trainer.gradient_clip_val),

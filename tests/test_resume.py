@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins import TorchCheckpointIO
 
 from diffin_lightning import DiffInCallback, load_influence
 from helpers import TinyClassifier, trainer
@@ -78,3 +79,54 @@ def test_checkpoint_holds_the_scores_and_files_are_written_on_checkpoint(tmp_pat
     torch.testing.assert_close(state["sums"]["self"]["first_order"], callback.influence["self"].first_order)
     meta = json.loads((tmp_path / "scores" / "influence.json").read_text())
     assert meta["complete"] is True and meta["steps_recorded"] == 4
+
+
+class CrashAtStep(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+class DiesWritingCheckpoint(TorchCheckpointIO):
+    """Real checkpoint I/O that dies before writing the checkpoint of one step (a kill between hook and write)."""
+
+    def __init__(self, die_at_step: int) -> None:
+        self.die_at_step = die_at_step
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        if checkpoint["global_step"] == self.die_at_step:
+            raise RuntimeError("died while writing the checkpoint")
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
+def _checkpointed_run(tmp_path, tiny_data, *extra, plugins=None):
+    callback = DiffInCallback(targets={"val": tiny_data.val, "self": "self"}, save_on_checkpoint=True, output_dir=tmp_path / "scores")
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=3, save_top_k=-1)
+    run = trainer(default_root_dir=tmp_path, max_epochs=3, enable_checkpointing=True, callbacks=[callback, checkpoints, *extra], plugins=plugins)
+    with pytest.raises(RuntimeError):
+        run.fit(TinyClassifier().double(), tiny_data.loader())
+    return callback
+
+
+def test_files_written_with_a_checkpoint_belong_to_its_step(tmp_path, tiny_data):
+    callback = _checkpointed_run(tmp_path, tiny_data, CrashAtStep(8))  # checkpoints at steps 3 and 6
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    loaded = load_influence(tmp_path / "scores")
+    assert checkpoint["global_step"] == 6
+    assert loaded.metadata["global_step"] == 6 and loaded.metadata["complete"] is False
+    assert loaded.metadata["epoch"] == checkpoint["epoch"]
+    saved = checkpoint["callbacks"][callback.state_key]["sums"]
+    for name in ("val", "self"):
+        torch.testing.assert_close(loaded[name].first_order, saved[name]["first_order"], rtol=0, atol=0)
+        torch.testing.assert_close(loaded[name].visits, saved[name]["visits"], rtol=0, atol=0)
+
+
+def test_files_are_never_ahead_of_the_last_checkpoint(tmp_path, tiny_data):
+    # The process dies after the callback's on_save_checkpoint at step 6 but before the checkpoint
+    # reaches the disk: the files must still be those of step 3, like last.ckpt.
+    _checkpointed_run(tmp_path, tiny_data, plugins=[DiesWritingCheckpoint(die_at_step=6)])
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert load_influence(tmp_path / "scores").metadata["global_step"] == 3
