@@ -96,10 +96,14 @@ class _StepEngine:
 
     @staticmethod
     @contextlib.contextmanager
-    def _rng(state: Tensor | None) -> Iterator[None]:
-        with torch.random.fork_rng(devices=[]):
-            if state is not None:
-                torch.set_rng_state(state)
+    def _rng(state: Tensor | tuple[Tensor, Tensor] | None) -> Iterator[None]:
+        """Run with the recorded RNG state: a CPU state, or (CPU state, CUDA state) for a model on a GPU."""
+        cpu, cuda = (state if isinstance(state, tuple) else (state, None))
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda is not None else []):
+            if cpu is not None:
+                torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda)
             yield
 
     def _weight(self, batch: Any) -> int:
@@ -535,8 +539,12 @@ def _replay_segment(
             batches_cache[k] = [_batch_of(dataset, ids, device) for ids in records.ids[k]]
         return batches_cache[k]
 
-    def rng(k: int) -> list[Tensor] | None:
-        return None if records.rng is None else records.rng[k]
+    def rng(k: int) -> list[Any] | None:
+        if records.rng is None:
+            return None
+        if records.rng_cuda is not None:
+            return list(zip(records.rng[k], records.rng_cuda[k]))
+        return records.rng[k]
 
     def step_forward(k: int, state: _State) -> _State:
         clock = time.perf_counter()
