@@ -295,6 +295,7 @@ def main() -> None:
         [f"--models {' '.join(args.models)}", f"--regimes {' '.join(args.regimes)}", f"--num-ids {args.num_ids}"]
         + ([f"--estimators {args.estimators}"] if args.estimators != "all" else [])
         + ([f"--out {args.out}"] if args.out != "benchmarks/results/fidelity.md" else [])
+        + ([f"--threads {args.threads}"] if args.threads else [])
     )
     lines = [
         "# Fidelity against leave-one-out (digits, plain SGD, float64)",
