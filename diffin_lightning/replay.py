@@ -96,10 +96,14 @@ class _StepEngine:
 
     @staticmethod
     @contextlib.contextmanager
-    def _rng(state: Tensor | None) -> Iterator[None]:
-        with torch.random.fork_rng(devices=[]):
-            if state is not None:
-                torch.set_rng_state(state)
+    def _rng(state: Tensor | tuple[Tensor, Tensor] | None) -> Iterator[None]:
+        """Run with the recorded RNG state: a CPU state, or (CPU state, CUDA state) for a model on a GPU."""
+        cpu, cuda = (state if isinstance(state, tuple) else (state, None))
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda is not None else []):
+            if cpu is not None:
+                torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda)
             yield
 
     def _weight(self, batch: Any) -> int:
@@ -400,7 +404,7 @@ def trajectory_influence(
     device, dtype = some.device, some.dtype
     final = {n: v.to(device) for n, v in final.items()}
     tolerance_default = 1e-8 if dtype == torch.float64 else 1e-4
-    names = _check_module(module, index, final, 1e3 * tolerance_default)
+    names = _check_module(module, index, final, 1e-3)
     final = {n: final[n] for n in names}  # one parameter order everywhere (torch.func compares structures)
     hyper = _hyper_parameters(index, names)
     if loss_fn is None:
@@ -423,6 +427,7 @@ def trajectory_influence(
         visits = torch.zeros(num_samples, dtype=torch.float64)
         adjoints = {name: (g, {n: torch.zeros_like(v) for n, v in g.items()}) for name, g in target_gradients.items()}
         drifts: list[float] = []
+        timings = {"forward": 0.0, "adjoint": 0.0}
         from tqdm.auto import tqdm
 
         bar = tqdm(total=int(index["final_step"]), desc="replay", disable=not progress, unit="step")
@@ -440,7 +445,7 @@ def trajectory_influence(
             params = {n: start_tensors[f"param/{n}"].to(device) for n in names}
             velocity = {n: start_tensors[f"optim/{n}/momentum_buffer"].to(device) for n in names if f"optim/{n}/momentum_buffer" in start_tensors}
             drift = _replay_segment(
-                engine, dataset, records, params, velocity, end, hyper, adjoints, scores, visits, device, hvp, scale_eps, max_states_in_memory, bar
+                engine, dataset, records, params, velocity, end, hyper, adjoints, scores, visits, device, hvp, scale_eps, max_states_in_memory, bar, timings
             )
             drifts.append(drift)
             if drift > tolerance:
@@ -475,6 +480,8 @@ def trajectory_influence(
         "replay_drift_max": max(drifts) if drifts else 0.0,
         "replay_tolerance": tolerance,
         "seconds": round(time.perf_counter() - started, 3),
+        "seconds_forward_replay": round(timings["forward"], 3),
+        "seconds_adjoint": round(timings["adjoint"], 3),
         "complete": True,
     }
     result = InfluenceResult(
@@ -519,6 +526,7 @@ def _replay_segment(
     eps_scale: float,
     max_states: int,
     bar: Any,
+    timings: dict[str, float],
 ) -> float:
     """Forward through the segment (inner checkpoints), verify the end, then the adjoint backwards. Returns the drift."""
     n = len(records.steps)
@@ -531,10 +539,21 @@ def _replay_segment(
             batches_cache[k] = [_batch_of(dataset, ids, device) for ids in records.ids[k]]
         return batches_cache[k]
 
-    def rng(k: int) -> list[Tensor] | None:
-        return None if records.rng is None else records.rng[k]
+    def rng(k: int) -> list[Any] | None:
+        if records.rng is None:
+            return None
+        if records.rng_cuda is not None:
+            return list(zip(records.rng[k], records.rng_cuda[k]))
+        return records.rng[k]
 
     def step_forward(k: int, state: _State) -> _State:
+        clock = time.perf_counter()
+        try:
+            return _step_forward(k, state)
+        finally:
+            timings["forward"] += time.perf_counter() - clock
+
+    def _step_forward(k: int, state: _State) -> _State:
         if bool(records.skipped[k]):
             return _State(k + 1, state.params, state.velocity)
         gradient = engine.gradient(state.params, batches(k), rng(k))
@@ -559,7 +578,9 @@ def _replay_segment(
         while piece[-1].step_offset + 1 < stop:
             piece.append(step_forward(piece[-1].step_offset, piece[-1]))
         for state in reversed(piece):
+            clock = time.perf_counter()
             _adjoint_through_step(engine, records, state, batches, rng, hyper, adjoints, scores, visits, hvp, eps_scale)
+            timings["adjoint"] += time.perf_counter() - clock
             bar.update(1)
     return drift
 

@@ -27,7 +27,7 @@ import json
 import math
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,13 +87,17 @@ class _StepRecord:
     lr: list[float] | None = None  # per parameter group
     clip: float = 1.0
     skipped: bool = False
+    rng_cuda: list[Tensor] = field(default_factory=list)  # the model's CUDA generator per micro-batch, on a GPU
 
     def to_state(self) -> dict[str, Any]:
-        return {"step": self.step, "ids": self.ids, "rng": self.rng, "lr": self.lr, "clip": self.clip, "skipped": self.skipped}
+        return {"step": self.step, "ids": self.ids, "rng": self.rng, "lr": self.lr, "clip": self.clip, "skipped": self.skipped, "rng_cuda": self.rng_cuda}
 
     @staticmethod
     def from_state(state: dict[str, Any]) -> "_StepRecord":
-        return _StepRecord(state["step"], state["ids"], list(state.get("rng", [])), state.get("lr"), float(state.get("clip", 1.0)), bool(state.get("skipped", False)))
+        return _StepRecord(
+            state["step"], state["ids"], list(state.get("rng", [])), state.get("lr"), float(state.get("clip", 1.0)),
+            bool(state.get("skipped", False)), list(state.get("rng_cuda", [])),
+        )
 
 
 class TrajectoryLog(pl.Callback):
@@ -173,6 +177,8 @@ class TrajectoryLog(pl.Callback):
         self._open.ids.append(ids.tolist())
         if self._rng_on:
             self._open.rng.append(torch.get_rng_state())
+            if pl_module.device.type == "cuda":  # dropout on a GPU draws from the device's generator
+                self._open.rng_cuda.append(torch.cuda.get_rng_state(pl_module.device))
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         if not trainer.is_global_zero or self._open is None:
@@ -247,6 +253,11 @@ class TrajectoryLog(pl.Callback):
             self.checkpoint_every_n_steps = max(1, math.ceil(total / AUTO_CHECKPOINTS))
         self.run_id = uuid.uuid4().hex
         optimizer = trainer.optimizers[0]
+        if not isinstance(optimizer, torch.optim.SGD):
+            rank_zero_warn(
+                f"TrajectoryLog: the optimizer is {type(optimizer).__name__}; trajectory_influence replays torch.optim.SGD "
+                "only (plain, momentum, Nesterov, weight decay) and will refuse this log. Train with SGD to replay it."
+            )
         names_of = {id(p): name for name, p in pl_module.named_parameters()}
         groups = []
         for group in optimizer.param_groups:
@@ -357,7 +368,8 @@ class TrajectoryLog(pl.Callback):
         micro_sizes = [len(ids) for record in records for ids in record.ids]
         tensors = {
             "steps": torch.tensor([r.step for r in records], dtype=torch.int64),
-            "ids": torch.tensor([i for r in records for ids in r.ids for i in ids], dtype=torch.int64),
+            # int32 halves the log's largest per-step part; ids are < 2**31 for any data set that fits a run.
+            "ids": torch.tensor([i for r in records for ids in r.ids for i in ids], dtype=torch.int32 if self._index["num_samples"] is not None and self._index["num_samples"] < 2**31 else torch.int64),
             "micro_batches": torch.tensor([len(r.ids) for r in records], dtype=torch.int64),
             "micro_sizes": torch.tensor(micro_sizes, dtype=torch.int64),
             "lr": torch.tensor([r.lr for r in records], dtype=torch.float64),
@@ -366,6 +378,8 @@ class TrajectoryLog(pl.Callback):
         }
         if self._rng_on:
             tensors["rng"] = torch.stack([state for r in records for state in r.rng])
+            if any(r.rng_cuda for r in records):
+                tensors["rng_cuda"] = torch.stack([state for r in records for state in r.rng_cuda])
         atomic_write_bytes(self.output_dir / steps_file(first), save_safetensors_bytes(tensors, metadata={"run_id": str(self.run_id)}))
         segments = [s for s in self._index["segments"] if s["start"] != first]
         segments.append({"start": first, "num_steps": len(records), "file": steps_file(first)})
@@ -431,6 +445,7 @@ class Segment:
     clip: Tensor
     skipped: Tensor
     rng: list[list[Tensor]] | None
+    rng_cuda: list[list[Tensor]] | None = None
 
 
 def read_index(log_dir: str | Path, argument: str = "log_dir") -> dict[str, Any]:
@@ -475,17 +490,21 @@ def read_segment(log_dir: Path, segment: dict[str, Any], run_id: str) -> Segment
             f"`log_dir`: {segment['file']} belongs to run {metadata.get('run_id')!r}, the index to run {run_id!r}: "
             "files of two runs were mixed in one directory. Re-record the run into an empty directory."
         )
-    flat = tensors["ids"]
+    flat = tensors["ids"].to(torch.int64)
     sizes = tensors["micro_sizes"].tolist()
     per_step = tensors["micro_batches"].tolist()
     micro = list(torch.split(flat, sizes)) if sizes else []
-    rng_all = tensors.get("rng")
+    rng_all, cuda_all = tensors.get("rng"), tensors.get("rng_cuda")
     ids: list[list[Tensor]] = []
     rng: list[list[Tensor]] | None = [] if rng_all is not None else None
+    rng_cuda: list[list[Tensor]] | None = [] if cuda_all is not None else None
     cursor = 0
     for count in per_step:
         ids.append(micro[cursor : cursor + count])
+        # set_rng_state needs a tensor with its own storage, not a row of the stacked one.
         if rng is not None and rng_all is not None:
-            rng.append([rng_all[k].clone() for k in range(cursor, cursor + count)])  # set_rng_state needs its own storage
+            rng.append([rng_all[k].clone() for k in range(cursor, cursor + count)])
+        if rng_cuda is not None and cuda_all is not None:
+            rng_cuda.append([cuda_all[k].clone() for k in range(cursor, cursor + count)])
         cursor += count
-    return Segment(tensors["steps"], ids, tensors["lr"], tensors["clip"], tensors["skipped"].bool(), rng)
+    return Segment(tensors["steps"], ids, tensors["lr"], tensors["clip"], tensors["skipped"].bool(), rng, rng_cuda)

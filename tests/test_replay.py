@@ -251,7 +251,8 @@ def test_bad_inputs_are_refused_with_one_clear_error_and_nothing_written(tmp_pat
 
 def test_an_optimizer_the_replay_cannot_handle_is_refused_by_name(tmp_path, tiny_data):
     model = TinyClassifier(optimizer="adam").double()
-    trainer(max_epochs=1, callbacks=[TrajectoryLog(output_dir=tmp_path / "log")]).fit(model, tiny_data.loader())
+    with pytest.warns(UserWarning, match="the optimizer is Adam; trajectory_influence replays torch.optim.SGD only"):
+        trainer(max_epochs=1, callbacks=[TrajectoryLog(output_dir=tmp_path / "log")]).fit(model, tiny_data.loader())
     with pytest.raises(TrajectoryLogError, match=r"optimizer torch\.optim\.adam\.Adam, which the replay cannot handle: it supports torch\.optim\.SGD"):
         trajectory_influence(model, tmp_path / "log", tiny_data.train, {"val": tiny_data.val}, output_dir=tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
