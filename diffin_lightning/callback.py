@@ -761,7 +761,8 @@ class DiffInCallback(Callback):
             "targets": [target.name for target in self.targets],
             "fingerprint": self.fingerprint,
             "second_order": second_order,
-            "second_order_terms_available": list(SECOND_ORDER_TERMS if self.schedule == "in_run" else SECOND_ORDER_TERMS[1:]),
+            # exactly what the tensor file holds: one second-order term (influence_with(name) gives the others in memory)
+            "second_order_terms_available": [second_order],
             "propagated_drift_included": bool(self._drift),
             "finite_difference": self.finite_difference,
             "compute_second_order": self.compute_second_order,
