@@ -19,6 +19,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from diffin_lightning.data import INDEX_KEY, dataset_fingerprint, find_indexed_dataset
 from diffin_lightning.estimator import (
@@ -670,7 +671,12 @@ class DiffInCallback(Callback):
                 "DiffInCallback scores every training sample (schedule='checkpoints', or the end-of-fit pass of "
                 "second_order='propagated') and needs a train dataloader whose dataset has a length."
             )
-        for batch in DataLoader(dataset, batch_size=self.target_batch_size, shuffle=False):
+        loader = DataLoader(dataset, batch_size=self.target_batch_size, shuffle=False)
+        # A bar of its own (where the trainer shows one): this pass over the whole training set would
+        # otherwise look like a hang after the last epoch's bar.
+        shown = trainer.progress_bar_callback is not None and trainer.is_global_zero
+        description = "DiffIn: end-of-fit drift pass" if self.schedule == "in_run" else f"DiffIn: checkpoint at step {trainer.global_step}"
+        for batch in tqdm(loader, desc=description, unit="batch", disable=not shown, leave=True):
             batch = move_data_to_device(batch, device)
             yield batch, self._sample_ids(batch, device)
 
