@@ -199,6 +199,7 @@ def test_kill_loop(tmp_path):
     finished = subprocess.run([sys.executable, str(script), str(tmp_path), "--kills", "30", "--seed", "0"], capture_output=True, text=True, env=env, timeout=3000)
     assert finished.returncode == 0, finished.stderr[-3000:]
     report = json.loads(finished.stdout.strip().splitlines()[-1])
+    (tmp_path / "report.json").write_text(json.dumps(report, indent=1))  # the figures the README quotes
     kills = report["kills"]
     assert len(kills) >= 30
     assert all(kill["loadable"] for kill in kills), [kill for kill in kills if not kill["loadable"]]
