@@ -192,7 +192,7 @@ def test_a_plain_loader_resumed_mid_epoch_warns_once(tmp_path, tiny_data):
 def test_kill_loop(tmp_path):
     """At least 30 SIGKILLs at random points and on writes; every file loads after each; final scores equal.
 
-    Took 252 s on 2 shared CPU cores (46 kills over 4 lineages; see README, "Faults and resume").
+    Took 262 s on 2 shared CPU cores (38 kills over 6 runs, 17 of them mid-write; README, "Faults and resume").
     """
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "PYTHONWARNINGS": "ignore"}
     script = Path(__file__).parent / "kill_loop.py"
