@@ -906,6 +906,11 @@ class DiffInCallback(Callback):
         self.output_path = save_influence(result, directory)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._loaded_state is not None:
+            # Resumed from a checkpoint taken after the last step: Lightning skips the training loop
+            # (no on_train_start, no on_train_end), so the restored scores are adopted and finished here.
+            self.on_train_start(trainer, pl_module)
+            self.on_train_end(trainer, pl_module)
         self._write(trainer, complete=True)
         if self.output_path is not None:
             rank_zero_info(f"DiffInCallback: influence written to {self.output_path}")
