@@ -21,7 +21,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from diffin_lightning.data import INDEX_KEY, dataset_fingerprint, find_indexed_dataset
+from diffin_lightning.batch_mixing import batch_mixing_message, batch_mixing_modules
+from diffin_lightning.data import INDEX_KEY, dataset_fingerprint, find_indexed_dataset, inexact_resume_reason
 from diffin_lightning.estimator import (
     FINITE_DIFFERENCE_SCHEMES,
     SECOND_ORDER_TERMS,
@@ -37,7 +38,7 @@ from diffin_lightning.estimator import (
     second_order_term,
 )
 from diffin_lightning.per_sample import DOT_ENGINES, DotEngine, LossFn, PerSampleLoss, RngState, rng_state
-from diffin_lightning.store import InfluenceResult, TargetInfluence, save_influence
+from diffin_lightning.store import COMPONENTS, InfluenceResult, TargetInfluence, save_influence
 from diffin_lightning.targets import DatasetTarget, SelfTarget, Target, TrainingLossTarget, build_targets
 from diffin_lightning.version import __version__
 
@@ -82,6 +83,10 @@ def _training_untouched(module: torch.nn.Module) -> Iterator[None]:
             for name, buffer in module.named_buffers():
                 if name in saved:
                     buffer.copy_(saved[name])
+
+
+def _all_finite(tensors: Mapping[str, Tensor]) -> bool:
+    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors.values())
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -179,12 +184,19 @@ class DiffInCallback(Callback):
             gradients (bounds memory); ``None`` does the whole batch at once.
         output_dir: where ``influence.safetensors`` and ``influence.json`` go; default
             ``trainer.log_dir`` (``default_root_dir`` without a logger).
-        save_on_checkpoint: also write the files whenever Lightning saves a checkpoint.
+        save_on_checkpoint: also write the files whenever Lightning saves a checkpoint, with
+            that checkpoint's ``global_step`` and ``epoch`` (``complete: false``). They are written
+            just after the checkpoint file, so files on disk are never ahead of the last checkpoint;
+            for the same reason a crashed run then keeps the last checkpoint's files rather than
+            writing its partial scores.
         seed: seeds the target subsets and the RNG of the passes over target batches and of the
             end-of-fit drift pass. Passes over the step's own training batches (at ``theta`` and at
             ``theta + eps u``) restore the RNG state the training step's forward started from, so
             dropout draws the training step's own masks there (exactly, when the training step's
             first random draws are its forward's, as in ``loss = self.per_sample_loss(batch).mean()``).
+        allow_batch_mixing: accept a model with layers that mix the samples of a batch
+            (BatchNorm in train mode, see :mod:`diffin_lightning.batch_mixing`); the scores are
+            then approximate. By default such a model is refused at ``setup``.
 
     Example::
 
@@ -218,6 +230,7 @@ class DiffInCallback(Callback):
         output_dir: str | os.PathLike[str] | None = None,
         save_on_checkpoint: bool = False,
         seed: int = 0,
+        allow_batch_mixing: bool = False,
     ) -> None:
         _check_positive_int("every_n_steps", every_n_steps)
         _check_positive_int("target_refresh_every_n_steps", target_refresh_every_n_steps)
@@ -288,6 +301,7 @@ class DiffInCallback(Callback):
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.save_on_checkpoint = save_on_checkpoint
         self.seed = seed
+        self.allow_batch_mixing = allow_batch_mixing
 
         self.output_path: Path | None = None
         self.fingerprint: str | None = None
@@ -301,10 +315,15 @@ class DiffInCallback(Callback):
         self._loaded_state: dict[str, Any] | None = None
         self._loss_checked = False
         self._per_sample_loss: PerSampleLoss | None = None
+        self._checkpoint_result: InfluenceResult | None = None  # see on_save_checkpoint
         self.steps_recorded = 0
         self.steps_represented = 0.0
         self.skipped_amp_steps = 0
         self.nonfinite_skipped = 0
+        self.nonfinite_samples_skipped: dict[str, int] = {}  # per target: (sample, step) pairs skipped
+        self.nonfinite_steps_skipped: dict[str, int] = {}  # per target: steps skipped for a non-finite step quantity
+        self.model_nonfinite_step: int | None = None  # first step whose parameters were non-finite
+        self._warned: set[tuple[str, str]] = set()
         self.last_eps: float | None = None
 
     # ------------------------------------------------------------------ setup
@@ -349,9 +368,17 @@ class DiffInCallback(Callback):
                 "and no `loss_fn` was given. Add the method (return the unreduced loss of each sample) or pass "
                 "loss_fn=lambda module, batch: <Tensor[B]>."
             )
+        self._check_batch_mixing(pl_module)
         for target in self.targets:
             target.check_not_empty()
         self._per_sample_loss = PerSampleLoss(pl_module, self.loss_fn or _default_loss_fn, engine=self.dot_products)
+
+    def _check_batch_mixing(self, pl_module: pl.LightningModule) -> None:
+        found = batch_mixing_modules(pl_module)
+        if found and not self.allow_batch_mixing:
+            raise RuntimeError(batch_mixing_message(found))
+        if found:
+            rank_zero_warn(batch_mixing_message(found).split(" Replace them")[0] + " Accepted (allow_batch_mixing=True).")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dataset = self._train_dataset(trainer)
@@ -379,8 +406,8 @@ class DiffInCallback(Callback):
                 "id + 1), or leave it None."
             )
         self.num_samples = num_samples
-        labels = indexed.labels() if indexed is not None else None
-        self.fingerprint = dataset_fingerprint(num_samples, labels)
+        # The fingerprint covers the id space: the IndexedDataset the ids index (also under a Subset).
+        self.fingerprint = dataset_fingerprint(indexed if indexed is not None else (dataset if dataset is not None else num_samples))
         self._check_optimizer(trainer)
         if self.schedule == "checkpoints":
             self.checkpoint_steps = self._plan_checkpoints(trainer)
@@ -388,11 +415,23 @@ class DiffInCallback(Callback):
         dtype = torch.float32 if device.type == "mps" else torch.float64
         if self._loaded_state is not None:
             self._adopt_loaded_state(device, dtype)
+            self._warn_if_resume_is_inexact(trainer)
         elif not self._sums:
             self._sums = {
                 target.name: {key: torch.zeros(num_samples, dtype=dtype, device=device) for key in _SUMS}
                 for target in self.targets
             }
+
+    def _warn_if_resume_is_inexact(self, trainer: pl.Trainer) -> None:
+        batches = trainer.num_training_batches
+        mid_epoch = math.isfinite(batches) and trainer.global_step % max(1, math.ceil(batches / trainer.accumulate_grad_batches)) != 0
+        reason = inexact_resume_reason(trainer.train_dataloader, mid_epoch)
+        if reason is not None:
+            rank_zero_warn(
+                f"DiffInCallback: resumed at step {trainer.global_step}, but {reason}: the scores will differ from an "
+                "uninterrupted run. Use diffin_lightning.ResumableDataLoader with an EpochSeededSampler (the bundled "
+                "data modules do), or resume from end-of-epoch checkpoints with a replayable sampler."
+            )
 
     def _plan_checkpoints(self, trainer: pl.Trainer) -> list[int]:
         total = trainer.estimated_stepping_batches
@@ -452,6 +491,7 @@ class DiffInCallback(Callback):
         return step % self.every_n_steps == 0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._write_held_checkpoint_result(trainer)
         ids = self._sample_ids(batch, pl_module.device)
         if not self._loss_checked:
             self._check_per_sample_loss(pl_module, batch, len(ids))
@@ -539,15 +579,35 @@ class DiffInCallback(Callback):
         loss.seed = self.seed * 1_000_003 + step
         context = _StepContext(loss, loss.parameters(), batches, int(ids.numel()))
         eta = float(optimizer.param_groups[0]["lr"])
+        self.steps_recorded += 1
+        self.steps_represented += self.every_n_steps
+        # Step-level quantities: a non-finite one leaves nothing of this step that can be trusted.
+        if not _all_finite(context.params):
+            self._note_nonfinite_model(step)
+        if self.model_nonfinite_step is not None or not math.isfinite(eta):
+            what = "the model's parameters" if self.model_nonfinite_step is not None else f"the learning rate ({eta})"
+            for target in self.targets:
+                self._skip_step(target.name, step, what)
+            return
         eps = resolve_eps(self.eps, context.params)
         self.last_eps = eps
+        batch_gradient_finite: bool | None = None
         for target in self.targets:
             propagation = None
             if isinstance(target, SelfTarget):
                 first = first_order_term(eta, context.batch_size, self._squared_gradient_norms(target, context))
                 second = torch.zeros_like(first)
             else:
+                if batch_gradient_finite is None:
+                    batch_gradient_finite = _all_finite(context.batch_gradient)
+                if not batch_gradient_finite:
+                    # Checked before the target sees it: the 'train' target folds G_B into its running average.
+                    self._skip_step(target.name, step, "the batch gradient G_B")
+                    continue
                 target_gradient = target.target_gradient(loss, context.params, step, ids.device, context.batch_gradient)
+                if not _all_finite(target_gradient):
+                    self._skip_step(target.name, step, "the target gradient g_V")
+                    continue
                 first = first_order_term(eta, context.batch_size, loss.dots(context.params, batches, target_gradient))
                 propagation = None
                 if self.compute_second_order:
@@ -557,14 +617,36 @@ class DiffInCallback(Callback):
                     bracket = finite_difference.evaluate(batches, context.f_at_params)
                     second = second_order_term(eta, step, context.batch_size, bracket)
                     curvature = finite_difference.curvature(context.batch_gradient)
+                    if not math.isfinite(curvature):
+                        # propagation_factor would clamp NaN to 0 and wipe every earlier contribution.
+                        self._skip_step(target.name, step, "the curvature along g_V")
+                        continue
                     propagation = _Propagation(
                         propagation_factor(eta, curvature, self.every_n_steps), eta / context.batch_size, eta, target_gradient
                     )
                 else:
                     second = torch.zeros_like(first)
             self._accumulate(target.name, step, ids, first, second, float(self.every_n_steps), propagation)
-        self.steps_recorded += 1
-        self.steps_represented += self.every_n_steps
+
+    def _skip_step(self, name: str, step: int, what: str) -> None:
+        """A non-finite step- or target-level quantity: this step gives target ``name`` nothing; counted."""
+        self.nonfinite_steps_skipped[name] = self.nonfinite_steps_skipped.get(name, 0) + 1
+        if (name, what) not in self._warned:
+            self._warned.add((name, what))
+            rank_zero_warn(
+                f"DiffInCallback: {what} is non-finite at step {step}: the step is skipped for target {name!r} "
+                "(nothing of it reaches the scores; later such steps are skipped without a warning and counted in the "
+                "metadata's 'nonfinite_steps_skipped'). A diverging loss, an inf learning rate or an eps too small "
+                "for the dtype can cause this."
+            )
+
+    def _note_nonfinite_model(self, step: int) -> None:
+        if self.model_nonfinite_step is None:
+            self.model_nonfinite_step = step
+            rank_zero_warn(
+                f"DiffInCallback: the model's parameters are non-finite at step {step}; no later step can be scored. "
+                "The files will say complete: false with the reason. Lower the learning rate or guard the loss."
+            )
 
     def _propagate(self, name: str, ids: Tensor, first: Tensor, weight: float, propagation: _Propagation) -> None:
         """Carry every earlier contribution through this step, then add this step's (second_order='propagated').
@@ -587,6 +669,11 @@ class DiffInCallback(Callback):
         }
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_held_checkpoint_result(trainer)
+        if self._sums and not _all_finite(dict(pl_module.named_parameters())):
+            self._note_nonfinite_model(trainer.global_step)
+        if self.model_nonfinite_step is not None:
+            return  # no drift correction from a non-finite model: the files say complete: false
         if self.schedule == "in_run" and self.compute_second_order and self._target_sums:
             with _training_untouched(pl_module):
                 self._compute_drift(trainer, trainer.global_step)
@@ -611,13 +698,23 @@ class DiffInCallback(Callback):
                 final_gradients[target.name] = target.fresh_gradient(loss, params, step, device)
             else:
                 final_gradients[target.name] = target.current_estimate()
+        for name in [name for name, gradient in final_gradients.items() if not _all_finite(gradient)]:
+            del final_gradients[name]  # no drift correction without a finite final target gradient
+            self._skip_step(name, step, "the final target gradient of the drift correction")
         drifts = {name: torch.zeros_like(self._sums[name]["decayed_weight"]) for name in final_gradients}
         for batch, ids in self._training_set_batches(trainer, device):
             for name, final_gradient in final_gradients.items():
                 drift = drifts[name]
                 toward_final = loss.dots(params, [batch], final_gradient).to(drift.dtype)
                 toward_past = loss.dots(params, [batch], self._target_sums[name]).to(drift.dtype)
-                drift.index_add_(0, ids, self._sums[name]["decayed_weight"][ids] * toward_final - toward_past)
+                correction = self._sums[name]["decayed_weight"][ids] * toward_final - toward_past
+                finite = torch.isfinite(correction)
+                if not bool(finite.all()):
+                    skipped = int((~finite).sum())
+                    self.nonfinite_skipped += skipped
+                    self.nonfinite_samples_skipped[name] = self.nonfinite_samples_skipped.get(name, 0) + skipped
+                    ids, correction = ids[finite], correction[finite]
+                drift.index_add_(0, ids, correction)
         self._drift.update(drifts)
 
     def _record_checkpoint(self, trainer: pl.Trainer, step: int, optimizer: torch.optim.Optimizer, proxy_batches: list[Any], proxy_size: int) -> None:
@@ -699,11 +796,15 @@ class DiffInCallback(Callback):
         if not bool(finite.all()):
             skipped = int((~finite).sum())
             self.nonfinite_skipped += skipped
-            rank_zero_warn(
-                f"DiffInCallback: {skipped} non-finite contribution(s) to target {name!r} at step {step} were "
-                "skipped (the totals are unaffected; the count is in the metadata as 'nonfinite_skipped'). "
-                "A diverging loss or an eps too small for the dtype can cause this."
-            )
+            self.nonfinite_samples_skipped[name] = self.nonfinite_samples_skipped.get(name, 0) + skipped
+            if (name, "samples") not in self._warned:
+                self._warned.add((name, "samples"))
+                rank_zero_warn(
+                    f"DiffInCallback: {skipped} sample(s) of step {step} have a non-finite contribution to target "
+                    f"{name!r}: those samples get nothing from this step, the others are kept (later ones are skipped "
+                    "without a warning and counted in the metadata's 'nonfinite_samples_skipped'). A NaN per-sample "
+                    "loss or gradient, or an eps too small for the dtype, can cause this."
+                )
             ids, first, second = ids[finite], first[finite], second[finite]
         dtype = sums["first_order"].dtype
         sums["first_order"].index_add_(0, ids, first.detach().to(dtype) * weight)
@@ -783,23 +884,43 @@ class DiffInCallback(Callback):
             "steps_represented": self.steps_represented,
             "skipped_amp_steps": self.skipped_amp_steps,
             "nonfinite_skipped": self.nonfinite_skipped,
+            "nonfinite_samples_skipped": dict(self.nonfinite_samples_skipped),
+            "nonfinite_steps_skipped": dict(self.nonfinite_steps_skipped),
+            "model_nonfinite_step": self.model_nonfinite_step,
             "self_target_second_order": "not defined: the 'self' target is first order only, second_order is 0",
         }
 
-    def _write(self, trainer: pl.Trainer, complete: bool) -> None:
+    def _write(self, trainer: pl.Trainer, complete: bool, result: InfluenceResult | None = None) -> None:
         if not self._sums or not trainer.is_global_zero:
             return
+        self._checkpoint_result = None  # whatever is written now supersedes a held checkpoint's scores
         directory = self.output_dir or Path(trainer.log_dir or trainer.default_root_dir)
-        result = self.influence
-        result.metadata.update(complete=complete, global_step=trainer.global_step, epoch=trainer.current_epoch)
+        if result is None:
+            result = self.influence
+            reason = None
+            if self.model_nonfinite_step is not None:
+                complete, reason = False, f"the model's parameters became non-finite at step {self.model_nonfinite_step}; later steps were not scored"
+            elif not complete:
+                reason = "training did not finish"
+            result.metadata.update(complete=complete, incomplete_reason=reason, global_step=trainer.global_step, epoch=trainer.current_epoch)
         self.output_path = save_influence(result, directory)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._loaded_state is not None:
+            # Resumed from a checkpoint taken after the last step: Lightning skips the training loop
+            # (no on_train_start, no on_train_end), so the restored scores are adopted and finished here.
+            self.on_train_start(trainer, pl_module)
+            self.on_train_end(trainer, pl_module)
         self._write(trainer, complete=True)
         if self.output_path is not None:
             rank_zero_info(f"DiffInCallback: influence written to {self.output_path}")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # A held checkpoint result may belong to a checkpoint that never reached the disk: drop it.
+        self._checkpoint_result = None
+        if self.save_on_checkpoint:
+            # The files on disk pair with the last checkpoint written; scores ahead of it would not.
+            return
         # Keep what was recorded: a crashed run still leaves its partial scores (complete=false).
         try:
             self._write(trainer, complete=False)
@@ -807,8 +928,31 @@ class DiffInCallback(Callback):
             rank_zero_warn(f"DiffInCallback: could not write partial influence after a crash: {error}")
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self.save_on_checkpoint:
-            self._write(trainer, complete=False)
+        if not self.save_on_checkpoint or not self._sums or not trainer.is_global_zero:
+            return
+        # Lightning writes the checkpoint file after this hook returns. Files written now would be
+        # ahead of the checkpoint if the process died in between, so the scores of this step are held
+        # and written at the next hook, once the checkpoint is on disk (_write_held_checkpoint_result).
+        result = self.influence
+        result = InfluenceResult(
+            targets={
+                name: TargetInfluence(target.name, target.kind, *(target.component(c).clone() for c in COMPONENTS))
+                for name, target in result.targets.items()
+            },
+            metadata=result.metadata,
+        )
+        result.metadata.update(complete=False, global_step=int(checkpoint["global_step"]), epoch=int(checkpoint["epoch"]))
+        self._checkpoint_result = result
+
+    def _write_held_checkpoint_result(self, trainer: pl.Trainer) -> None:
+        if self._checkpoint_result is not None:
+            self._write(trainer, complete=False, result=self._checkpoint_result)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_held_checkpoint_result(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_held_checkpoint_result(trainer)
 
     # ------------------------------------------------------------------ checkpoint state
 
@@ -820,6 +964,9 @@ class DiffInCallback(Callback):
             "steps_represented": self.steps_represented,
             "skipped_amp_steps": self.skipped_amp_steps,
             "nonfinite_skipped": self.nonfinite_skipped,
+            "nonfinite_samples_skipped": dict(self.nonfinite_samples_skipped),
+            "nonfinite_steps_skipped": dict(self.nonfinite_steps_skipped),
+            "model_nonfinite_step": self.model_nonfinite_step,
             "sums": {name: {k: v.detach().cpu() for k, v in sums.items()} for name, sums in self._sums.items()},
             "targets": {target.name: target.state_dict() for target in self.targets},
             "target_sums": {name: {k: v.detach().cpu() for k, v in sums.items()} for name, sums in self._target_sums.items()},
@@ -860,6 +1007,10 @@ class DiffInCallback(Callback):
         self.steps_represented = float(state.get("steps_represented", 0))
         self.skipped_amp_steps = int(state.get("skipped_amp_steps", 0))
         self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
+        self.nonfinite_samples_skipped = {str(k): int(v) for k, v in state.get("nonfinite_samples_skipped", {}).items()}
+        self.nonfinite_steps_skipped = {str(k): int(v) for k, v in state.get("nonfinite_steps_skipped", {}).items()}
+        step = state.get("model_nonfinite_step")
+        self.model_nonfinite_step = None if step is None else int(step)
         self._target_sums = {
             name: {k: v.to(device) for k, v in sums.items()} for name, sums in state.get("target_sums", {}).items()
         }

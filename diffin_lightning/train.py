@@ -26,6 +26,7 @@ from diffin_lightning.callback import DiffInCallback
 from diffin_lightning.cli import CONFIG_DIR, UsageError, build_datamodule, build_model, built, one_line_errors, resolved_yaml
 from diffin_lightning.dynamics import TrainingDynamicsCallback
 from diffin_lightning.store import atomic_write_bytes
+from diffin_lightning.trajectory import TrajectoryLog
 
 SPLIT_TARGETS = {"val": "val_dataset", "test": "test_dataset"}
 
@@ -71,13 +72,18 @@ def train(config: DictConfig, run_dir: Path) -> dict[str, Any]:
     influence = build_influence_callback(config.influence, datamodule, run_dir)
     dynamics = TrainingDynamicsCallback(el2n_epoch=config.dynamics.el2n_epoch, output_dir=run_dir)
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True)
+    trajectory = OmegaConf.select(config, "trajectory", default=None)
+    extra = []
+    if trajectory is not None and trajectory.enabled:
+        # task=replay reads <run_dir>/trajectory (diffin_lightning.tasks.replay.TRAJECTORY_DIR).
+        extra.append(TrajectoryLog(output_dir=run_dir / "trajectory", checkpoint_every_n_steps=trajectory.checkpoint_every_n_steps))
     trainer = built(
         "trainer",
         config.trainer,
         lambda: instantiate(
             config.trainer,
             default_root_dir=str(run_dir),
-            callbacks=[influence, dynamics, checkpoints],
+            callbacks=[influence, dynamics, checkpoints, *extra],
             logger=CSVLogger(str(run_dir), name="logs"),
         ),
     )
