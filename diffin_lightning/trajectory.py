@@ -27,6 +27,7 @@ import json
 import math
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,10 @@ class TrajectoryLog(pl.Callback):
         self._restored: dict[str, Any] | None = None
         self._rng_on = False
         self._names: list[str] = []
+        # Files are written by one background thread, in submission order: the fsync of an atomic
+        # write costs milliseconds, which would otherwise stall the training loop at every checkpoint.
+        self._writer: ThreadPoolExecutor | None = None
+        self._writes: list[Future] = []
 
     @property
     def state_key(self) -> str:
@@ -197,11 +202,24 @@ class TrajectoryLog(pl.Callback):
         self._flush_segment()
         tensors = {f"param/{name}": p.detach().cpu().contiguous() for name, p in pl_module.named_parameters() if p.requires_grad}
         tensors.update({f"buffer/{name}": b.detach().cpu().contiguous() for name, b in pl_module.named_buffers()})
-        atomic_write_bytes(self.output_dir / FINAL_FILE, save_safetensors_bytes(tensors))  # type: ignore[operator]
+        self._write(self.output_dir / FINAL_FILE, save_safetensors_bytes(tensors))  # type: ignore[operator]
         self._index.update(complete=True, final_step=int(trainer.global_step), final_file=FINAL_FILE)
         self._write_index()
+        self._drain()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._drain(raise_errors=False)  # what was submitted before the failure reaches the disk
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._drain(raise_errors=False)
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
 
     def state_dict(self) -> dict[str, Any]:
+        # Lightning is saving a checkpoint: the log's files up to this point must be on disk first,
+        # since a fit resumed from that checkpoint continues from them.
+        self._drain()
         return {
             "run_id": self.run_id,
             "checkpoint_every_n_steps": self.checkpoint_every_n_steps,
@@ -354,7 +372,7 @@ class TrajectoryLog(pl.Callback):
             for device, state in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"rng/cuda{device}"] = state
         metadata = {"step": str(step), "run_id": str(self.run_id), "optimizer_scalars": json.dumps(scalars)}
-        atomic_write_bytes(self.output_dir / checkpoint_file(step), save_safetensors_bytes(tensors, metadata=metadata))
+        self._write(self.output_dir / checkpoint_file(step), save_safetensors_bytes(tensors, metadata=metadata))
         self._index["checkpoints"] = sorted(set(self._index["checkpoints"]) | {step})
         self._write_index()
 
@@ -380,16 +398,38 @@ class TrajectoryLog(pl.Callback):
             tensors["rng"] = torch.stack([state for r in records for state in r.rng])
             if any(r.rng_cuda for r in records):
                 tensors["rng_cuda"] = torch.stack([state for r in records for state in r.rng_cuda])
-        atomic_write_bytes(self.output_dir / steps_file(first), save_safetensors_bytes(tensors, metadata={"run_id": str(self.run_id)}))
+        self._write(self.output_dir / steps_file(first), save_safetensors_bytes(tensors, metadata={"run_id": str(self.run_id)}))
         segments = [s for s in self._index["segments"] if s["start"] != first]
         segments.append({"start": first, "num_steps": len(records), "file": steps_file(first)})
         self._index["segments"] = sorted(segments, key=lambda s: s["start"])
-        self._pending = []
-        self._write_index()
+        self._pending = []  # the index is written with the checkpoint that follows, or at the end
 
     def _write_index(self) -> None:
         assert self._index is not None and self.output_dir is not None
-        atomic_write_bytes(self.output_dir / INDEX_FILE, (json.dumps(self._index, indent=2, sort_keys=True) + "\n").encode())
+        # Serialised now: the index keeps changing while the writer thread works.
+        self._write(self.output_dir / INDEX_FILE, (json.dumps(self._index, indent=2, sort_keys=True) + "\n").encode())
+
+    def _write(self, path: Path, payload: bytes) -> None:
+        """Atomic write (temporary file, fsync, rename) on the writer thread, after every earlier one."""
+        self._raise_failed_writes()
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trajectory-log")
+        self._writes.append(self._writer.submit(atomic_write_bytes, path, payload))
+
+    def _raise_failed_writes(self) -> None:
+        done = [w for w in self._writes if w.done()]
+        self._writes = [w for w in self._writes if not w.done()]
+        for write in done:
+            write.result()  # re-raises the writer's error (disk full, permissions) in the training thread
+
+    def _drain(self, raise_errors: bool = True) -> None:
+        writes, self._writes = self._writes, []
+        for write in writes:
+            try:
+                write.result()
+            except Exception:
+                if raise_errors:
+                    raise
 
 
 def _train_dataset(trainer: pl.Trainer) -> Any:
