@@ -76,6 +76,8 @@ from diffin_lightning.version import __version__
 HvpMode = Literal["central", "exact"]
 HVP_MODES: tuple[HvpMode, ...] = ("central", "exact")
 SUPPORTED_OPTIMIZERS = ("torch.optim.SGD (plain, momentum, dampening, Nesterov, weight decay)",)
+AUTO_STATE_BYTES = 1 << 30  # the auto max_states_in_memory: parameter sets that fit in 1 GiB
+MAX_AUTO_STATES = 4096
 SIGN_NOTE = "replay: the exact SGD-influence; first_order and diffin both hold it, second_order is 0"
 
 
@@ -327,7 +329,7 @@ def trajectory_influence(
     hvp: HvpMode = "central",
     eps: float | None = None,
     output_dir: str | Path | None = None,
-    max_states_in_memory: int = 64,
+    max_states_in_memory: int | None = None,
     replay_tolerance: float | None = None,
     target_batch_size: int = 256,
     progress: bool = True,
@@ -351,7 +353,8 @@ def trajectory_influence(
             ``influence.json``), after every check has passed.
         max_states_in_memory: at most this many parameter sets of a segment are held at once; longer
             segments are re-checkpointed inside (every ``ceil(sqrt(n))`` steps) and each piece is
-            replayed again on the way back.
+            replayed again on the way back (one more forward pass per step). ``None``: as many as
+            fit in 1 GiB (at least 2, at most 4096).
         replay_tolerance: the largest relative distance ``|theta_replayed - theta_logged| / |theta_logged|``
             at the end of a segment before a warning; default 1e-8 in float64, 1e-4 in float32.
         target_batch_size: batch size for Dataset targets.
@@ -378,8 +381,8 @@ def trajectory_influence(
         raise TrajectoryLogError(f"`hvp` must be one of {HVP_MODES}; got {hvp!r}.")
     if eps is not None and not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
         raise TrajectoryLogError(f"`eps` must be a positive finite number or None (auto); got {eps!r}.")
-    if not isinstance(max_states_in_memory, int) or max_states_in_memory < 2:
-        raise TrajectoryLogError(f"`max_states_in_memory` must be an int >= 2; got {max_states_in_memory!r}.")
+    if max_states_in_memory is not None and (isinstance(max_states_in_memory, bool) or not isinstance(max_states_in_memory, int) or max_states_in_memory < 2):
+        raise TrajectoryLogError(f"`max_states_in_memory` must be an int >= 2 or None (auto); got {max_states_in_memory!r}.")
     if not isinstance(targets, Mapping) or not targets:
         raise TrajectoryLogError(f"`targets` must be a non-empty mapping of name -> Dataset, DataLoader or list of test points; got {type(targets).__name__}.")
     log_dir = Path(log_dir)
@@ -412,6 +415,10 @@ def trajectory_influence(
             raise TrajectoryLogError("`loss_fn` is required when `module` has no `per_sample_loss(batch)` method; pass loss_fn(module, batch) -> Tensor[B].")
         loss_fn = lambda m, batch: m.per_sample_loss(batch)  # noqa: E731
     tolerance = tolerance_default if replay_tolerance is None else replay_tolerance
+    if max_states_in_memory is None:
+        # A stored state is the parameters plus, with momentum, the velocity.
+        state_bytes = sum(v.numel() * v.element_size() for v in final.values()) * (2 if any(h.momentum for h in hyper.values()) else 1)
+        max_states_in_memory = int(min(MAX_AUTO_STATES, max(2, AUTO_STATE_BYTES // max(1, state_bytes))))
     engine = _StepEngine(module, loss_fn, int(index["accumulate_grad_batches"]))
 
     was_training = module.training

@@ -8,7 +8,9 @@ so that a replay draws the same dropout masks). Every ``checkpoint_every_n_steps
 writes the parameters, buffers, optimizer state and RNG state; at the end of fit the final
 parameters. :func:`diffin_lightning.replay.trajectory_influence` reads it after training.
 
-Files (all written atomically: temporary file, fsync, rename; none executes code on load)::
+Files (all written atomically: temporary file, fsync, rename, by one background thread in order, so
+the fsyncs do not stall training; drained before Lightning saves a checkpoint and at the end of fit;
+none executes code on load)::
 
     trajectory.json                   the index: run id, training-set fingerprint, parameter names,
                                       optimizer and its hyper-parameters, checkpoints, segments
@@ -46,8 +48,9 @@ from diffin_lightning.version import __version__
 FORMAT_VERSION = 1
 INDEX_FILE = "trajectory.json"
 FINAL_FILE = "final.safetensors"
-# A typical run (auto interval) keeps this many parameter checkpoints plus the final parameters.
-AUTO_CHECKPOINTS = 4
+# A typical run (auto interval) keeps this many parameter checkpoints plus the final parameters:
+# with the per-step ids (4 bytes per sample visit), the log is about three times the model.
+AUTO_CHECKPOINTS = 2
 # Optimizer hyper-parameters the replay reads; the rest are kept for the record only.
 _HYPER_KEYS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize", "betas", "eps", "amsgrad")
 
@@ -107,10 +110,10 @@ class TrajectoryLog(pl.Callback):
     Args:
         output_dir: the log's directory; default ``<trainer.log_dir or default_root_dir>/trajectory``.
         checkpoint_every_n_steps: K, the optimizer steps between parameter checkpoints. ``None``
-            picks ``ceil(total steps / 4)`` at the start of fit, so a run keeps about four
-            checkpoints plus the final parameters (the log is about five times the model, plus
-            optimizer state). Smaller K costs disk and speeds nothing up in the replay; it only
-            bounds how far a float32 replay drifts before it is re-anchored.
+            picks ``ceil(total steps / 2)`` at the start of fit: checkpoints at the start and half
+            way, plus the final parameters (about three times the model, plus optimizer state and
+            4 bytes per sample visit). Smaller K costs disk and speeds nothing up in the replay; it
+            only bounds how far a float32 replay drifts before it is re-anchored.
         index_fn: ``index_fn(batch) -> Tensor[B]`` of sample ids; default ``batch["index"]``.
         record_rng: ``"auto"`` records each micro-batch's RNG state when the model has dropout
             (about 5 kB per micro-batch on the CPU), so the replay draws the same masks; ``True``
