@@ -150,6 +150,38 @@ class _StepEngine:
         minus = self.gradient({n: params[n] - (eps / scale) * vector[n] for n in params}, batches, rng)
         return {n: (plus[n] - minus[n]) * (scale / (2 * eps)) for n in params}
 
+    def central_hvp_and_dots(self, params: Params, batches: Sequence[Any], rng: Sequence[Tensor] | None, vector: Params, eps: float) -> tuple[Params, Tensor]:
+        """``H_B vector`` and ``[<vector, G_i>]`` from the same two passes at ``params +- eps * vector/|vector|``.
+
+        The per-sample losses of those passes give the dot products by the same central difference,
+        so a model without ghost products needs no forward-mode pass per target (error O(eps^2)).
+        """
+        scale = float(norm(vector))
+        if scale == 0.0 or not math.isfinite(scale):
+            size = sum(int(b[INDEX_KEY].shape[0]) for b in batches)
+            return {n: torch.zeros_like(v) for n, v in vector.items()}, torch.zeros(size, dtype=next(iter(params.values())).dtype, device=next(iter(params.values())).device)
+        sides = []
+        for sign in (1.0, -1.0):
+            point = {n: params[n] + (sign * eps / scale) * vector[n] for n in params}
+            total: Params | None = None
+            losses = []
+            for k, batch in enumerate(batches):
+                weight = self._weight(batch)
+
+                def weighted_sum(p: Params, batch: Any = batch, weight: int = weight) -> tuple[Tensor, Tensor]:
+                    values = self.loss.values(p, batch)
+                    return values.sum() / weight, values.detach()
+
+                with self._rng(rng[k] if rng else None):
+                    part, values = grad(weighted_sum, has_aux=True)(point)
+                total = part if total is None else {n: total[n] + part[n] for n in total}
+                losses.append(values)
+            assert total is not None
+            sides.append((total, torch.cat(losses)))
+        (plus, plus_losses), (minus, minus_losses) = sides
+        curvature = {n: (plus[n] - minus[n]) * (scale / (2 * eps)) for n in params}
+        return curvature, (plus_losses - minus_losses) * (scale / (2 * eps))
+
     def clear(self) -> None:
         self.loss.clear_captures()
 
@@ -615,14 +647,19 @@ def _adjoint_through_step(
     ids = torch.cat(list(records.ids[k])).to(scores[next(iter(scores))].device)
     weights = torch.cat([torch.full((len(m),), 1.0 / (engine.accumulate * len(m)), dtype=torch.float64) for m in records.ids[k]]).to(ids.device)
     visits.index_add_(0, ids.cpu(), torch.ones(len(ids), dtype=torch.float64))
-    if engine.uses_ghost(theta):
+    ghost = engine.uses_ghost(theta)
+    if ghost:
         engine.gradient(theta, step_batches, step_rng, keep_captures=True)  # one pass shared by every target's dot products
     eps = eps_scale * max(1.0, float(norm(theta)))
     for name, (a_theta, a_velocity) in adjoints.items():
         q, new_velocity = _adjoint_step(a_theta, a_velocity, lr, hyper, has_velocity)
-        dots = engine.dots(theta, step_batches, step_rng, q).to(torch.float64)
-        scores[name].index_add_(0, ids, -clip * weights * dots)
-        curvature = engine.hvp(theta, step_batches, step_rng, q, hvp, eps)
+        if hvp == "central" and not ghost:
+            # No ghost products: the dot products ride on the finite difference's two passes.
+            curvature, dots = engine.central_hvp_and_dots(theta, step_batches, step_rng, q, eps)
+        else:
+            dots = engine.dots(theta, step_batches, step_rng, q)
+            curvature = engine.hvp(theta, step_batches, step_rng, q, hvp, eps)
+        scores[name].index_add_(0, ids, -clip * weights * dots.to(torch.float64))
         new_theta = {n: a_theta[n] + clip * curvature[n] + hyper[n].weight_decay * q[n] for n in a_theta}
         adjoints[name] = (new_theta, new_velocity)
     engine.clear()
