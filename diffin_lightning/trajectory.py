@@ -52,7 +52,7 @@ FINAL_FILE = "final.safetensors"
 # with the per-step ids (4 bytes per sample visit), the log is about three times the model.
 AUTO_CHECKPOINTS = 2
 # Optimizer hyper-parameters the replay reads; the rest are kept for the record only.
-_HYPER_KEYS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize", "betas", "eps", "amsgrad")
+_HYPER_KEYS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize", "betas", "eps", "amsgrad", "decoupled_weight_decay")
 
 
 class TrajectoryLogError(ValueError):
@@ -274,10 +274,10 @@ class TrajectoryLog(pl.Callback):
             self.checkpoint_every_n_steps = max(1, math.ceil(total / AUTO_CHECKPOINTS))
         self.run_id = uuid.uuid4().hex
         optimizer = trainer.optimizers[0]
-        if not isinstance(optimizer, torch.optim.SGD):
+        if type(optimizer) not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
             rank_zero_warn(
-                f"TrajectoryLog: the optimizer is {type(optimizer).__name__}; trajectory_influence replays torch.optim.SGD "
-                "only (plain, momentum, Nesterov, weight decay) and will refuse this log. Train with SGD to replay it."
+                f"TrajectoryLog: the optimizer is {type(optimizer).__name__}; trajectory_influence replays torch.optim.SGD, "
+                "Adam and AdamW only and will refuse this log. Train with one of those to replay it."
             )
         names_of = {id(p): name for name, p in pl_module.named_parameters()}
         groups = []
