@@ -5,7 +5,7 @@ positive = sample i helped the target, negative = harmful.
 """
 
 from diffin_lightning.callback import DiffInCallback
-from diffin_lightning.data import EpochSeededSampler, IndexedDataset, dataset_fingerprint
+from diffin_lightning.data import EpochSeededSampler, IndexedDataset, ResumableDataLoader, dataset_fingerprint
 from diffin_lightning.store import (
     SIGN_CONVENTION,
     InfluenceFileError,
@@ -24,6 +24,7 @@ __all__ = [
     "IndexedDataset",
     "InfluenceFileError",
     "InfluenceResult",
+    "ResumableDataLoader",
     "SIGN_CONVENTION",
     "TargetInfluence",
     "TrajectoryLog",

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from diffin_lightning.batch_mixing import batch_mixing_message, batch_mixing_modules
-from diffin_lightning.data import INDEX_KEY, dataset_fingerprint, find_indexed_dataset
+from diffin_lightning.data import INDEX_KEY, dataset_fingerprint, find_indexed_dataset, inexact_resume_reason
 from diffin_lightning.estimator import (
     FINITE_DIFFERENCE_SCHEMES,
     SECOND_ORDER_TERMS,
@@ -82,6 +82,10 @@ def _training_untouched(module: torch.nn.Module) -> Iterator[None]:
             for name, buffer in module.named_buffers():
                 if name in saved:
                     buffer.copy_(saved[name])
+
+
+def _all_finite(tensors: Mapping[str, Tensor]) -> bool:
+    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors.values())
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -315,6 +319,10 @@ class DiffInCallback(Callback):
         self.steps_represented = 0.0
         self.skipped_amp_steps = 0
         self.nonfinite_skipped = 0
+        self.nonfinite_samples_skipped: dict[str, int] = {}  # per target: (sample, step) pairs skipped
+        self.nonfinite_steps_skipped: dict[str, int] = {}  # per target: steps skipped for a non-finite step quantity
+        self.model_nonfinite_step: int | None = None  # first step whose parameters were non-finite
+        self._warned: set[tuple[str, str]] = set()
         self.last_eps: float | None = None
 
     # ------------------------------------------------------------------ setup
@@ -406,11 +414,23 @@ class DiffInCallback(Callback):
         dtype = torch.float32 if device.type == "mps" else torch.float64
         if self._loaded_state is not None:
             self._adopt_loaded_state(device, dtype)
+            self._warn_if_resume_is_inexact(trainer)
         elif not self._sums:
             self._sums = {
                 target.name: {key: torch.zeros(num_samples, dtype=dtype, device=device) for key in _SUMS}
                 for target in self.targets
             }
+
+    def _warn_if_resume_is_inexact(self, trainer: pl.Trainer) -> None:
+        batches = trainer.num_training_batches
+        mid_epoch = math.isfinite(batches) and trainer.global_step % max(1, math.ceil(batches / trainer.accumulate_grad_batches)) != 0
+        reason = inexact_resume_reason(trainer.train_dataloader, mid_epoch)
+        if reason is not None:
+            rank_zero_warn(
+                f"DiffInCallback: resumed at step {trainer.global_step}, but {reason}: the scores will differ from an "
+                "uninterrupted run. Use diffin_lightning.ResumableDataLoader with an EpochSeededSampler (the bundled "
+                "data modules do), or resume from end-of-epoch checkpoints with a replayable sampler."
+            )
 
     def _plan_checkpoints(self, trainer: pl.Trainer) -> list[int]:
         total = trainer.estimated_stepping_batches
@@ -558,15 +578,35 @@ class DiffInCallback(Callback):
         loss.seed = self.seed * 1_000_003 + step
         context = _StepContext(loss, loss.parameters(), batches, int(ids.numel()))
         eta = float(optimizer.param_groups[0]["lr"])
+        self.steps_recorded += 1
+        self.steps_represented += self.every_n_steps
+        # Step-level quantities: a non-finite one leaves nothing of this step that can be trusted.
+        if not _all_finite(context.params):
+            self._note_nonfinite_model(step)
+        if self.model_nonfinite_step is not None or not math.isfinite(eta):
+            what = "the model's parameters" if self.model_nonfinite_step is not None else f"the learning rate ({eta})"
+            for target in self.targets:
+                self._skip_step(target.name, step, what)
+            return
         eps = resolve_eps(self.eps, context.params)
         self.last_eps = eps
+        batch_gradient_finite: bool | None = None
         for target in self.targets:
             propagation = None
             if isinstance(target, SelfTarget):
                 first = first_order_term(eta, context.batch_size, self._squared_gradient_norms(target, context))
                 second = torch.zeros_like(first)
             else:
+                if batch_gradient_finite is None:
+                    batch_gradient_finite = _all_finite(context.batch_gradient)
+                if not batch_gradient_finite:
+                    # Checked before the target sees it: the 'train' target folds G_B into its running average.
+                    self._skip_step(target.name, step, "the batch gradient G_B")
+                    continue
                 target_gradient = target.target_gradient(loss, context.params, step, ids.device, context.batch_gradient)
+                if not _all_finite(target_gradient):
+                    self._skip_step(target.name, step, "the target gradient g_V")
+                    continue
                 first = first_order_term(eta, context.batch_size, loss.dots(context.params, batches, target_gradient))
                 propagation = None
                 if self.compute_second_order:
@@ -576,14 +616,36 @@ class DiffInCallback(Callback):
                     bracket = finite_difference.evaluate(batches, context.f_at_params)
                     second = second_order_term(eta, step, context.batch_size, bracket)
                     curvature = finite_difference.curvature(context.batch_gradient)
+                    if not math.isfinite(curvature):
+                        # propagation_factor would clamp NaN to 0 and wipe every earlier contribution.
+                        self._skip_step(target.name, step, "the curvature along g_V")
+                        continue
                     propagation = _Propagation(
                         propagation_factor(eta, curvature, self.every_n_steps), eta / context.batch_size, eta, target_gradient
                     )
                 else:
                     second = torch.zeros_like(first)
             self._accumulate(target.name, step, ids, first, second, float(self.every_n_steps), propagation)
-        self.steps_recorded += 1
-        self.steps_represented += self.every_n_steps
+
+    def _skip_step(self, name: str, step: int, what: str) -> None:
+        """A non-finite step- or target-level quantity: this step gives target ``name`` nothing; counted."""
+        self.nonfinite_steps_skipped[name] = self.nonfinite_steps_skipped.get(name, 0) + 1
+        if (name, what) not in self._warned:
+            self._warned.add((name, what))
+            rank_zero_warn(
+                f"DiffInCallback: {what} is non-finite at step {step}: the step is skipped for target {name!r} "
+                "(nothing of it reaches the scores; later such steps are skipped without a warning and counted in the "
+                "metadata's 'nonfinite_steps_skipped'). A diverging loss, an inf learning rate or an eps too small "
+                "for the dtype can cause this."
+            )
+
+    def _note_nonfinite_model(self, step: int) -> None:
+        if self.model_nonfinite_step is None:
+            self.model_nonfinite_step = step
+            rank_zero_warn(
+                f"DiffInCallback: the model's parameters are non-finite at step {step}; no later step can be scored. "
+                "The files will say complete: false with the reason. Lower the learning rate or guard the loss."
+            )
 
     def _propagate(self, name: str, ids: Tensor, first: Tensor, weight: float, propagation: _Propagation) -> None:
         """Carry every earlier contribution through this step, then add this step's (second_order='propagated').
@@ -607,6 +669,10 @@ class DiffInCallback(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write_held_checkpoint_result(trainer)
+        if self._sums and not _all_finite(dict(pl_module.named_parameters())):
+            self._note_nonfinite_model(trainer.global_step)
+        if self.model_nonfinite_step is not None:
+            return  # no drift correction from a non-finite model: the files say complete: false
         if self.schedule == "in_run" and self.compute_second_order and self._target_sums:
             with _training_untouched(pl_module):
                 self._compute_drift(trainer, trainer.global_step)
@@ -631,13 +697,23 @@ class DiffInCallback(Callback):
                 final_gradients[target.name] = target.fresh_gradient(loss, params, step, device)
             else:
                 final_gradients[target.name] = target.current_estimate()
+        for name in [name for name, gradient in final_gradients.items() if not _all_finite(gradient)]:
+            del final_gradients[name]  # no drift correction without a finite final target gradient
+            self._skip_step(name, step, "the final target gradient of the drift correction")
         drifts = {name: torch.zeros_like(self._sums[name]["decayed_weight"]) for name in final_gradients}
         for batch, ids in self._training_set_batches(trainer, device):
             for name, final_gradient in final_gradients.items():
                 drift = drifts[name]
                 toward_final = loss.dots(params, [batch], final_gradient).to(drift.dtype)
                 toward_past = loss.dots(params, [batch], self._target_sums[name]).to(drift.dtype)
-                drift.index_add_(0, ids, self._sums[name]["decayed_weight"][ids] * toward_final - toward_past)
+                correction = self._sums[name]["decayed_weight"][ids] * toward_final - toward_past
+                finite = torch.isfinite(correction)
+                if not bool(finite.all()):
+                    skipped = int((~finite).sum())
+                    self.nonfinite_skipped += skipped
+                    self.nonfinite_samples_skipped[name] = self.nonfinite_samples_skipped.get(name, 0) + skipped
+                    ids, correction = ids[finite], correction[finite]
+                drift.index_add_(0, ids, correction)
         self._drift.update(drifts)
 
     def _record_checkpoint(self, trainer: pl.Trainer, step: int, optimizer: torch.optim.Optimizer, proxy_batches: list[Any], proxy_size: int) -> None:
@@ -714,11 +790,15 @@ class DiffInCallback(Callback):
         if not bool(finite.all()):
             skipped = int((~finite).sum())
             self.nonfinite_skipped += skipped
-            rank_zero_warn(
-                f"DiffInCallback: {skipped} non-finite contribution(s) to target {name!r} at step {step} were "
-                "skipped (the totals are unaffected; the count is in the metadata as 'nonfinite_skipped'). "
-                "A diverging loss or an eps too small for the dtype can cause this."
-            )
+            self.nonfinite_samples_skipped[name] = self.nonfinite_samples_skipped.get(name, 0) + skipped
+            if (name, "samples") not in self._warned:
+                self._warned.add((name, "samples"))
+                rank_zero_warn(
+                    f"DiffInCallback: {skipped} sample(s) of step {step} have a non-finite contribution to target "
+                    f"{name!r}: those samples get nothing from this step, the others are kept (later ones are skipped "
+                    "without a warning and counted in the metadata's 'nonfinite_samples_skipped'). A NaN per-sample "
+                    "loss or gradient, or an eps too small for the dtype, can cause this."
+                )
             ids, first, second = ids[finite], first[finite], second[finite]
         dtype = sums["first_order"].dtype
         sums["first_order"].index_add_(0, ids, first.detach().to(dtype) * weight)
@@ -797,6 +877,9 @@ class DiffInCallback(Callback):
             "steps_represented": self.steps_represented,
             "skipped_amp_steps": self.skipped_amp_steps,
             "nonfinite_skipped": self.nonfinite_skipped,
+            "nonfinite_samples_skipped": dict(self.nonfinite_samples_skipped),
+            "nonfinite_steps_skipped": dict(self.nonfinite_steps_skipped),
+            "model_nonfinite_step": self.model_nonfinite_step,
             "self_target_second_order": "not defined: the 'self' target is first order only, second_order is 0",
         }
 
@@ -807,7 +890,12 @@ class DiffInCallback(Callback):
         directory = self.output_dir or Path(trainer.log_dir or trainer.default_root_dir)
         if result is None:
             result = self.influence
-            result.metadata.update(complete=complete, global_step=trainer.global_step, epoch=trainer.current_epoch)
+            reason = None
+            if self.model_nonfinite_step is not None:
+                complete, reason = False, f"the model's parameters became non-finite at step {self.model_nonfinite_step}; later steps were not scored"
+            elif not complete:
+                reason = "training did not finish"
+            result.metadata.update(complete=complete, incomplete_reason=reason, global_step=trainer.global_step, epoch=trainer.current_epoch)
         self.output_path = save_influence(result, directory)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -864,6 +952,9 @@ class DiffInCallback(Callback):
             "steps_represented": self.steps_represented,
             "skipped_amp_steps": self.skipped_amp_steps,
             "nonfinite_skipped": self.nonfinite_skipped,
+            "nonfinite_samples_skipped": dict(self.nonfinite_samples_skipped),
+            "nonfinite_steps_skipped": dict(self.nonfinite_steps_skipped),
+            "model_nonfinite_step": self.model_nonfinite_step,
             "sums": {name: {k: v.detach().cpu() for k, v in sums.items()} for name, sums in self._sums.items()},
             "targets": {target.name: target.state_dict() for target in self.targets},
             "target_sums": {name: {k: v.detach().cpu() for k, v in sums.items()} for name, sums in self._target_sums.items()},
@@ -904,6 +995,10 @@ class DiffInCallback(Callback):
         self.steps_represented = float(state.get("steps_represented", 0))
         self.skipped_amp_steps = int(state.get("skipped_amp_steps", 0))
         self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
+        self.nonfinite_samples_skipped = {str(k): int(v) for k, v in state.get("nonfinite_samples_skipped", {}).items()}
+        self.nonfinite_steps_skipped = {str(k): int(v) for k, v in state.get("nonfinite_steps_skipped", {}).items()}
+        step = state.get("model_nonfinite_step")
+        self.model_nonfinite_step = None if step is None else int(step)
         self._target_sums = {
             name: {k: v.to(device) for k, v in sums.items()} for name, sums in state.get("target_sums", {}).items()
         }

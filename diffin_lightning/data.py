@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler, Subset, TensorDataset
 
 INDEX_KEY = "index"
 
@@ -299,3 +299,110 @@ class EpochSeededSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class _SkippingBatchSampler(BatchSampler):
+    """A BatchSampler that drops the first ``skip`` batches of its next pass (indices only, no data read)."""
+
+    def __init__(self, sampler: Sampler[int], batch_size: int, drop_last: bool) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self.skip = self.skip, 0
+        for position, batch in enumerate(super().__iter__()):
+            if position >= skip:
+                yield batch
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position within the epoch travels in Lightning checkpoints.
+
+    Lightning saves the ``state_dict()`` of a train dataloader that has one and restores it
+    on resume. A run resumed from a checkpoint taken in the middle of an epoch then goes on
+    with the next batch of that epoch, exactly as the uninterrupted run did, instead of
+    starting the epoch's data again (a plain DataLoader: the first batches are trained twice).
+    The position is a count of batches delivered; on resume the batch sampler skips that many
+    batches of indices, reading no data. Exact when the sampler's order depends only on its
+    epoch (:class:`EpochSeededSampler`, a sequential order), not on a global random state.
+
+    Args:
+        dataset: the training dataset.
+        batch_size: samples per batch.
+        sampler: the order of the ids; default sequential. Use :class:`EpochSeededSampler`
+            to shuffle replayably.
+        drop_last: drop the last incomplete batch.
+        **kwargs: any other ``DataLoader`` argument (``num_workers``, ``collate_fn``, ...).
+
+    Example::
+
+        >>> loader = ResumableDataLoader(list(range(10)), batch_size=4, sampler=EpochSeededSampler(10, seed=0))
+        >>> first = next(iter(loader)).tolist()
+        >>> state = loader.state_dict()
+        >>> state["batches"]
+        1
+        >>> resumed = ResumableDataLoader(list(range(10)), batch_size=4, sampler=EpochSeededSampler(10, seed=0))
+        >>> resumed.load_state_dict(state)
+        >>> [b.tolist() for b in resumed] == [b.tolist() for b in loader][1:]
+        True
+    """
+
+    def __init__(
+        self, dataset: Dataset, batch_size: int = 1, sampler: Sampler[int] | None = None, drop_last: bool = False, **kwargs: Any
+    ) -> None:
+        if "batch_sampler" in kwargs or "shuffle" in kwargs:
+            raise ValueError(
+                "ResumableDataLoader builds its own batch sampler and takes no `shuffle`; pass "
+                "sampler=EpochSeededSampler(len(dataset), seed=...) for a replayable shuffle."
+            )
+        if sampler is None:
+            sampler = SequentialSampler(dataset)  # type: ignore[arg-type]
+        super().__init__(dataset, batch_sampler=_SkippingBatchSampler(sampler, batch_size, drop_last), **kwargs)
+        self._delivered = 0
+        self._resume: dict[str, Any] | None = None
+
+    def _epoch(self) -> int | None:
+        return getattr(self.batch_sampler.sampler, "epoch", None)  # type: ignore[union-attr]
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        resume, self._resume = self._resume, None
+        start = 0
+        if resume is not None and resume.get("epoch") == self._epoch() and 0 < int(resume.get("batches", 0)) < len(self):
+            start = int(resume["batches"])
+        self.batch_sampler.skip = start  # type: ignore[union-attr]
+        self._delivered = start
+        for batch in super().__iter__():
+            self._delivered += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"epoch", "batches"}``: the sampler's epoch and how many batches of it were delivered."""
+        return {"epoch": self._epoch(), "batches": self._delivered}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Resume the next pass after ``state_dict["batches"]`` batches, if it is the same epoch."""
+        self._resume = dict(state_dict)
+
+
+def inexact_resume_reason(loader: Any, mid_epoch: bool) -> str | None:
+    """Why a run resumed with this train ``loader`` cannot continue exactly as it would have, or None.
+
+    Args:
+        loader: the train dataloader Lightning iterates.
+        mid_epoch: the checkpoint was taken inside an epoch (a step-based checkpoint).
+    """
+    stateful = callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    sampler = getattr(batch_sampler, "sampler", None) or getattr(loader, "sampler", None)
+    if isinstance(sampler, RandomSampler) and sampler.generator is None:
+        return (
+            "the train dataloader shuffles with the global random state (shuffle=True), which a checkpoint does not "
+            "restore, so the resumed run visits the samples in another order"
+        )
+    if mid_epoch and not stateful:
+        return (
+            "the checkpoint was taken in the middle of an epoch and the train dataloader cannot restore its position "
+            "(no state_dict/load_state_dict), so Lightning starts the epoch's data again and its first batches are "
+            "trained twice"
+        )
+    return None

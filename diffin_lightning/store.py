@@ -37,6 +37,8 @@ METADATA_CHECKSUM_FIELD = "metadata_sha256"
 TARGET_KINDS: tuple[str, ...] = ("dataset", "train", "self")
 TENSOR_FILE = "influence.safetensors"
 METADATA_FILE = "influence.json"
+# The metadata of a write in progress; see save_influence.
+PENDING_METADATA_FILE = ".influence.json.pending"
 COMPONENTS: tuple[str, ...] = ("first_order", "second_order", "diffin", "visits")
 SIGN_CONVENTION = (
     "influence(i) approximates L_V(theta_T without i) - L_V(theta_T): "
@@ -236,10 +238,15 @@ def save_influence(result: InfluenceResult, directory: str | os.PathLike[str]) -
     payload = save_safetensors_bytes(tensors)
     metadata["tensor_sha256"] = hashlib.sha256(payload).hexdigest()
     metadata[METADATA_CHECKSUM_FIELD] = _metadata_checksum(metadata)
-    # Tensors first, then the metadata that vouches for them: a reader that finds the
-    # new JSON always finds the tensors it describes.
+    # Two files cannot be replaced in one atomic step. The new metadata is first put in place
+    # under PENDING_METADATA_FILE, then the tensors, then the metadata under its own name. A
+    # process killed between the last two renames leaves the new tensors with the old
+    # metadata; the reader then finds the metadata that vouches for them in the pending file.
+    text = (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode()
+    atomic_write_bytes(directory / PENDING_METADATA_FILE, text)
     atomic_write_bytes(directory / TENSOR_FILE, payload)
-    atomic_write_bytes(directory / METADATA_FILE, (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode())
+    os.replace(directory / PENDING_METADATA_FILE, directory / METADATA_FILE)
+    _fsync_directory(directory)
     return directory / TENSOR_FILE
 
 
@@ -268,6 +275,10 @@ def _is_number(value: Any) -> bool:
 
 def _is_str_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _is_count_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and _is_int(v) and v >= 0 for k, v in value.items())
 
 
 def _is_int_list(value: Any) -> bool:
@@ -309,6 +320,10 @@ _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "skipped_amp_steps": (lambda v: _is_int(v) and v >= 0, "must be a non-negative int"),
     "nonfinite_skipped": (lambda v: _is_int(v) and v >= 0, "must be a non-negative int"),
     "complete": (lambda v: isinstance(v, bool), "must be true or false"),
+    "incomplete_reason": (lambda v: v is None or isinstance(v, str), "must be a string or null"),
+    "nonfinite_samples_skipped": (lambda v: _is_count_map(v), "must map target names to non-negative ints"),
+    "nonfinite_steps_skipped": (lambda v: _is_count_map(v), "must map target names to non-negative ints"),
+    "model_nonfinite_step": (lambda v: v is None or (_is_int(v) and v >= 0), "must be a non-negative int or null"),
     "global_step": (lambda v: _is_int(v) and v >= 0, "must be a non-negative int"),
     "epoch": (lambda v: _is_int(v) and v >= 0, "must be a non-negative int"),
 }
@@ -374,13 +389,42 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32}
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-def _read_tensor_file(file: Path, metadata: dict[str, Any]) -> dict[str, Tensor]:
-    """Check the safetensors header against the metadata, then read, hash and map the tensors.
-
-    The file is read once into one buffer; the tensors are views into it (no second copy).
-    """
+def _check_header(file: Path, header: dict[str, Any], data_size: int, metadata: dict[str, Any]) -> None:
+    """The safetensors header against the metadata: names, dtypes, shapes, offsets inside the file."""
     num_samples = metadata["num_samples"]
     expected_keys = {f"{name}/{component}" for name in metadata["target_kinds"] for component in COMPONENTS}
+    if set(header) != expected_keys:
+        missing, extra = sorted(expected_keys - set(header)), sorted(set(header) - expected_keys)
+        raise _refuse(file, "the tensor names", f"do not match the metadata's targets (missing {missing[:4]}, unexpected {extra[:4]})")
+    spans = []
+    for key, entry in header.items():
+        if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPES:
+            raise _refuse(file, f"tensor {key!r}", f"must be float64 or float32; got {_short(entry)}")
+        if entry.get("shape") != [num_samples]:
+            raise _refuse(
+                file, f"tensor {key!r}", f"has shape {_short(entry.get('shape'))}; the metadata says N={num_samples}, so it must be [{num_samples}]"
+            )
+        offsets = entry.get("data_offsets")
+        itemsize = _DTYPES[entry["dtype"]].itemsize
+        if not (
+            isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+            and 0 <= offsets[0] and offsets[1] - offsets[0] == num_samples * itemsize and offsets[1] <= data_size
+        ):
+            raise _refuse(file, f"tensor {key!r}", f"has data offsets {_short(offsets)} outside the file's {data_size} data bytes")
+        spans.append((offsets[0], offsets[1]))
+    spans.sort()
+    if any(end > start for (_, end), (start, _) in zip(spans, spans[1:])):
+        raise _refuse(file, "the header", "has tensors whose data overlap")
+
+
+def _read_tensor_file(file: Path, candidates: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Check the safetensors header against the metadata, then read, hash and map the tensors.
+
+    ``candidates`` are the metadata that may describe this file (the metadata file, and the
+    metadata of an interrupted write, see :func:`save_influence`); the one whose checksum the
+    file matches is returned with the tensors. The file is read once into one buffer; the
+    tensors are views into it (no second copy).
+    """
     try:
         stream = file.open("rb")
     except OSError as error:
@@ -400,53 +444,41 @@ def _read_tensor_file(file: Path, metadata: dict[str, Any]) -> dict[str, Tensor]
         if not isinstance(header, dict):
             raise _refuse(file, "the header", f"must be a JSON object; got {type(header).__name__}")
         header.pop("__metadata__", None)
-        if set(header) != expected_keys:
-            missing, extra = sorted(expected_keys - set(header)), sorted(set(header) - expected_keys)
-            raise _refuse(
-                file, "the tensor names", f"do not match the metadata's targets (missing {missing[:4]}, unexpected {extra[:4]})"
-            )
-        data_size = size - 8 - header_length
-        spans = []
-        for key, entry in header.items():
-            if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPES:
-                raise _refuse(file, f"tensor {key!r}", f"must be float64 or float32; got {_short(entry)}")
-            if entry.get("shape") != [num_samples]:
-                raise _refuse(
-                    file, f"tensor {key!r}", f"has shape {_short(entry.get('shape'))}; the metadata says N={num_samples}, so it must be [{num_samples}]"
-                )
-            offsets = entry.get("data_offsets")
-            itemsize = _DTYPES[entry["dtype"]].itemsize
-            if not (
-                isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
-                and 0 <= offsets[0] and offsets[1] - offsets[0] == num_samples * itemsize and offsets[1] <= data_size
-            ):
-                raise _refuse(file, f"tensor {key!r}", f"has data offsets {_short(offsets)} outside the file's {data_size} data bytes")
-            spans.append((offsets[0], offsets[1]))
-        spans.sort()
-        if any(end > start for (_, end), (start, _) in zip(spans, spans[1:])):
-            raise _refuse(file, "the header", "has tensors whose data overlap")
+        fitting, first_error = [], None
+        for metadata in candidates:
+            try:
+                _check_header(file, header, size - 8 - header_length, metadata)
+                fitting.append(metadata)
+            except InfluenceFileError as error:
+                first_error = first_error or error
+        if not fitting:
+            assert first_error is not None
+            raise first_error
         # Only now the data: one buffer, hashed, then viewed.
         stream.seek(0)
         buffer = bytearray(size)
         if stream.readinto(buffer) != size:
             raise _refuse(file, "the file", "changed size while being read")
     digest = hashlib.sha256(buffer).hexdigest()
-    if digest != metadata["tensor_sha256"]:
+    matching = [metadata for metadata in fitting if metadata["tensor_sha256"] == digest]
+    if not matching:
         raise _refuse(
             file,
             "the content",
             f"does not match the checksum 'tensor_sha256' in {METADATA_FILE}; the pair comes from different runs "
             "or the tensor file is damaged",
         )
+    metadata = matching[0]
     tensors = {}
     for key, entry in header.items():
         dtype = _DTYPES[entry["dtype"]]
         begin = 8 + header_length + entry["data_offsets"][0]
+        count = metadata["num_samples"]
         if begin % dtype.itemsize:  # a valid but unaligned file (another writer): copy this tensor
-            tensors[key] = torch.frombuffer(bytearray(buffer[begin : begin + num_samples * dtype.itemsize]), dtype=dtype)
+            tensors[key] = torch.frombuffer(bytearray(buffer[begin : begin + count * dtype.itemsize]), dtype=dtype)
         else:
-            tensors[key] = torch.frombuffer(buffer, dtype=dtype, count=num_samples, offset=begin)
-    return tensors
+            tensors[key] = torch.frombuffer(buffer, dtype=dtype, count=count, offset=begin)
+    return metadata, tensors
 
 
 def _check_values(name: str, components: Mapping[str, Tensor], file: Path) -> None:
@@ -513,8 +545,15 @@ def load_influence(
                 f"load_influence: {needed} does not exist. Pass the directory the callback wrote "
                 f"(its `output_path`), which holds {TENSOR_FILE} and {METADATA_FILE}."
             )
-    metadata = _read_metadata(metadata_path)
-    tensors = _read_tensor_file(tensor_path, metadata)
+    candidates = [_read_metadata(metadata_path)]
+    pending = directory / PENDING_METADATA_FILE
+    if pending.is_file():
+        # A write killed between its two renames: the tensor file may already be the new one.
+        try:
+            candidates.append(_read_metadata(pending))
+        except InfluenceFileError:
+            pass  # a damaged record of an interrupted write is no evidence of anything
+    metadata, tensors = _read_tensor_file(tensor_path, candidates)
     targets: dict[str, TargetInfluence] = {}
     for name, kind in metadata["target_kinds"].items():
         components = {component: tensors[f"{name}/{component}"] for component in COMPONENTS}

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins import TorchCheckpointIO
 
-from diffin_lightning import DiffInCallback, load_influence
+from diffin_lightning import DiffInCallback, EpochSeededSampler, IndexedDataset, ResumableDataLoader, load_influence
 from helpers import TinyClassifier, trainer
 
 
@@ -130,3 +131,54 @@ def test_files_are_never_ahead_of_the_last_checkpoint(tmp_path, tiny_data):
     _checkpointed_run(tmp_path, tiny_data, plugins=[DiesWritingCheckpoint(die_at_step=6)])
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3
     assert load_influence(tmp_path / "scores").metadata["global_step"] == 3
+
+
+def _resumable_loader(tiny_data):
+    indexed = IndexedDataset(tiny_data.train)
+    return ResumableDataLoader(indexed, batch_size=4, sampler=EpochSeededSampler(len(indexed), seed=0))
+
+
+@pytest.mark.parametrize("every_n_train_steps, crash_at", [(3, 7), (5, 11), (4, 9)])  # mid-epoch, mid-epoch, epoch end
+def test_resume_from_a_step_checkpoint_mid_epoch_equals_uninterrupted(tmp_path, tiny_data, every_n_train_steps, crash_at):
+    epochs = 4  # 4 steps per epoch
+    reference = _callback(tiny_data)
+    trainer(default_root_dir=tmp_path / "full", max_epochs=epochs, callbacks=[reference]).fit(TinyClassifier().double(), _resumable_loader(tiny_data))
+
+    checkpoints = tmp_path / "ckpt"
+    step_checkpoints = ModelCheckpoint(dirpath=checkpoints, save_last=True, every_n_train_steps=every_n_train_steps)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer(
+            default_root_dir=tmp_path / "crash", max_epochs=epochs, enable_checkpointing=True,
+            callbacks=[_callback(tiny_data), step_checkpoints, CrashAtStep(crash_at)],
+        ).fit(TinyClassifier().double(), _resumable_loader(tiny_data))
+    saved_step = torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"]
+    assert saved_step == crash_at - crash_at % every_n_train_steps
+
+    resumed = _callback(tiny_data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no inexact-resume warning: this one is exact
+        warnings.filterwarnings("ignore", module="lightning.*")
+        trainer(default_root_dir=tmp_path / "resumed", max_epochs=epochs, callbacks=[resumed]).fit(
+            TinyClassifier().double(), _resumable_loader(tiny_data), ckpt_path=checkpoints / "last.ckpt"
+        )
+    assert resumed.steps_recorded == reference.steps_recorded
+    expected, actual = reference.influence, resumed.influence
+    for name in expected:
+        for component in ("first_order", "second_order", "diffin", "visits"):
+            torch.testing.assert_close(actual[name].component(component), expected[name].component(component), rtol=1e-9, atol=1e-12)
+
+
+def test_a_plain_loader_resumed_mid_epoch_warns_once(tmp_path, tiny_data):
+    checkpoints = tmp_path / "ckpt"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer(
+            default_root_dir=tmp_path, max_epochs=3, enable_checkpointing=True,
+            callbacks=[_callback(tiny_data), ModelCheckpoint(dirpath=checkpoints, save_last=True, every_n_train_steps=3), CrashAtStep(7)],
+        ).fit(TinyClassifier().double(), tiny_data.loader())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(default_root_dir=tmp_path, max_epochs=3, callbacks=[_callback(tiny_data)]).fit(
+            TinyClassifier().double(), tiny_data.loader(), ckpt_path=checkpoints / "last.ckpt"
+        )
+    ours = [w for w in caught if "DiffInCallback: resumed at step 6" in str(w.message)]
+    assert len(ours) == 1 and "trained twice" in str(ours[0].message) and "ResumableDataLoader" in str(ours[0].message)

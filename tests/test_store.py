@@ -329,6 +329,28 @@ def test_fuzzed_json_edits_are_refused_or_load_unchanged(tmp_path, pristine):
     check()
 
 
+def test_a_write_killed_between_its_renames_leaves_a_loadable_pair(tmp_path):
+    old, new = _result(fingerprint="old"), _result(fingerprint="new")
+    new.targets["val"] = TargetInfluence("val", "dataset", *(2 * new["val"].component(c) for c in COMPONENTS))
+    save_influence(old, tmp_path / "run")
+    save_influence(new, tmp_path / "next")
+    run, next_ = tmp_path / "run", tmp_path / "next"
+    # Killed after the pending metadata landed, before the tensors: the old pair is intact.
+    (run / ".influence.json.pending").write_bytes((next_ / "influence.json").read_bytes())
+    assert load_influence(run).metadata["fingerprint"] == "old"
+    # Killed after the tensors landed, before the metadata's rename: the pending metadata vouches for them.
+    (run / "influence.safetensors").write_bytes((next_ / "influence.safetensors").read_bytes())
+    assert load_influence(run).metadata["fingerprint"] == "new"
+    _assert_equal_results(load_influence(run), new)
+    # A damaged pending file is no evidence: the mismatch is refused.
+    (run / ".influence.json.pending").write_bytes(b"{")
+    with pytest.raises(InfluenceFileError, match="does not match the checksum 'tensor_sha256'"):
+        load_influence(run)
+    # The next write completes the story.
+    save_influence(new, run)
+    assert not (run / ".influence.json.pending").exists() and load_influence(run).metadata["fingerprint"] == "new"
+
+
 # ---------------------------------------------------------------- temporary files and permissions
 
 

@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from diffin_lightning.data import EpochSeededSampler, IndexedDataset
+from diffin_lightning.data import EpochSeededSampler, IndexedDataset, ResumableDataLoader
 
 
 class KeptIdsSampler(EpochSeededSampler):
@@ -75,7 +75,8 @@ class ClassificationDataModule(pl.LightningDataModule):
             sampler = EpochSeededSampler(len(self.train_dataset), seed=self.shuffle_seed)
         else:
             sampler = KeptIdsSampler(self.keep_ids, seed=self.shuffle_seed)
-        return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler)
+        # Resumable: a run resumed from a mid-epoch checkpoint goes on with the epoch's next batch.
+        return ResumableDataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(IndexedDataset(self.val_dataset), batch_size=512)
