@@ -73,7 +73,9 @@ def make_model(kind: str, datamodule: DigitsDataModule, lr: float) -> pl.Lightni
     pl.seed_everything(0, verbose=False)
     if kind == "cnn":
         return CNNClassifier(**datamodule.model_kwargs(), channels=(4, 8), lr=lr)
-    return MLPClassifier(**datamodule.model_kwargs(), hidden_dims=(32,), lr=lr)
+    # mlp_dropout: the same MLP with dropout 0.2 after the hidden layer; truth and the exact
+    # SGD-influence replay each step's training masks and measure L_V in eval mode (no dropout).
+    return MLPClassifier(**datamodule.model_kwargs(), hidden_dims=(32,), lr=lr, dropout=0.2 if kind == "mlp_dropout" else 0.0)
 
 
 def train_with_estimators(kind: str, regime: Regime, label_noise: float, workdir: Path, in_run: bool = True, double: bool = True):
@@ -210,16 +212,24 @@ def replay_float32(kind: str, regime: Regime, label_noise: float, workdir: Path)
     return trajectory_influence(model, workdir / "float32" / "trajectory", datamodule.train_dataset, {"val": datamodule.val_dataset}, progress=False)["val"].diffin
 
 
-def all_scores(datamodule, model, recorder, callbacks, workdir, kind: str, regime: Regime, label_noise: float, in_run: bool = True) -> dict[str, Tensor]:
+def all_scores(
+    datamodule, model, recorder, callbacks, workdir, kind: str, regime: Regime, label_noise: float, in_run: bool = True, with_captum: bool = True
+) -> dict[str, Tensor]:
     train = datamodule.train_dataset.dataset.tensors
     target = datamodule.val_dataset.tensors
     scores: dict[str, Tensor] = {}
     if in_run:
         scores = {name: read() for name, read in _rows(callbacks).items()}
-        scores["Captum TracInCP, 5 checkpoints"] = captum_tracin(model, recorder, train, target, 5, workdir)
+        if with_captum:
+            scores["Captum TracInCP, 5 checkpoints"] = captum_tracin(model, recorder, train, target, 5, workdir)
     scores["kronfluence EK-FAC, final model"] = kronfluence_ekfac(model, train, target, workdir)
     scores["exact SGD-influence (Hara et al.)"] = exact_sgd_influence(
-        functional_cross_entropy(model), recorder.steps, recorder.final, train, target
+        functional_cross_entropy(model, training=True),
+        recorder.steps,
+        recorder.final,
+        train,
+        target,
+        target_loss=functional_cross_entropy(model, training=False),
     )
     started = time.perf_counter()
     scores["replay (trajectory_influence), float64, central FD"] = trajectory_influence(
@@ -230,7 +240,9 @@ def all_scores(datamodule, model, recorder, callbacks, workdir, kind: str, regim
     return scores
 
 
-def run_regime(kind: str, regime: Regime, num_ids: int, plot_dir: Path | None, in_run: bool = True) -> tuple[dict, dict, float]:
+def run_regime(
+    kind: str, regime: Regime, num_ids: int, plot_dir: Path | None, in_run: bool = True, with_captum: bool = True
+) -> tuple[dict, dict, float]:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         workdir = Path(scratch)
@@ -239,15 +251,22 @@ def run_regime(kind: str, regime: Regime, num_ids: int, plot_dir: Path | None, i
         target = datamodule.val_dataset.tensors
         n = len(train[1])
         ids = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:num_ids]
-        truth, _ = leave_one_out_truth(functional_cross_entropy(model), recorder.steps, train, target, ids.tolist())
-        scores = all_scores(datamodule, model, recorder, callbacks, workdir / "clean", kind, regime, 0.0, in_run)
+        truth, _ = leave_one_out_truth(
+            functional_cross_entropy(model, training=True),
+            recorder.steps,
+            train,
+            target,
+            ids.tolist(),
+            target_loss=functional_cross_entropy(model, training=False),
+        )
+        scores = all_scores(datamodule, model, recorder, callbacks, workdir / "clean", kind, regime, 0.0, in_run, with_captum)
         fidelity = correlation_rows(truth, scores, ids)
         if plot_dir is not None:
             prefix = "fidelity" if in_run else "fidelity_posthoc"
             scatter(plot_dir / f"{prefix}_{kind}_{regime.name}.png", truth, scores, ids, f"{kind}, {regime.name}")
 
         noisy = train_with_estimators(kind, regime, 0.1, workdir / "noisy", in_run=in_run)
-        mislabel = mislabel_rows(all_scores(*noisy, workdir / "noisy", kind, regime, 0.1, in_run), noisy[0].corrupted)
+        mislabel = mislabel_rows(all_scores(*noisy, workdir / "noisy", kind, regime, 0.1, in_run, with_captum), noisy[0].corrupted)
     return fidelity, mislabel, time.perf_counter() - started
 
 
@@ -276,7 +295,7 @@ def scatter(path: Path, truth: Tensor, scores: dict[str, Tensor], ids: Tensor, t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Influence fidelity against leave-one-out on digits.")
-    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn", "mlp_dropout"])
     parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     parser.add_argument("--num-ids", type=int, default=100)
     parser.add_argument("--out", default="benchmarks/results/fidelity.md")
@@ -285,6 +304,7 @@ def main() -> None:
         help="post-hoc: only the rows computed after training (exact SGD-influence, replay, kronfluence), without the in-run callbacks and Captum",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--no-captum", action="store_true", help="leave out the TracInCP row (no Captum needed)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -296,6 +316,7 @@ def main() -> None:
         + ([f"--estimators {args.estimators}"] if args.estimators != "all" else [])
         + ([f"--out {args.out}"] if args.out != "benchmarks/results/fidelity.md" else [])
         + ([f"--threads {args.threads}"] if args.threads else [])
+        + (["--no-captum"] if args.no_captum else [])
     )
     lines = [
         "# Fidelity against leave-one-out (digits, plain SGD, float64)",
@@ -311,7 +332,9 @@ def main() -> None:
     for kind in args.models:
         for name in args.regimes:
             regime = REGIMES[name]
-            fidelity, mislabel, seconds = run_regime(kind, regime, args.num_ids, out.parent, in_run=args.estimators == "all")
+            fidelity, mislabel, seconds = run_regime(
+                kind, regime, args.num_ids, out.parent, in_run=args.estimators == "all", with_captum=not args.no_captum
+            )
             lines += [
                 f"## {kind}, {name}: {regime.epochs} epochs, lr {regime.lr}, batch 64 ({seconds:.0f} s)",
                 "",

@@ -19,6 +19,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from diffin_lightning.batch_mixing import batch_mixing_message, batch_mixing_modules
 from diffin_lightning.data import INDEX_KEY, dataset_fingerprint, find_indexed_dataset, inexact_resume_reason
@@ -767,7 +768,12 @@ class DiffInCallback(Callback):
                 "DiffInCallback scores every training sample (schedule='checkpoints', or the end-of-fit pass of "
                 "second_order='propagated') and needs a train dataloader whose dataset has a length."
             )
-        for batch in DataLoader(dataset, batch_size=self.target_batch_size, shuffle=False):
+        loader = DataLoader(dataset, batch_size=self.target_batch_size, shuffle=False)
+        # A bar of its own (where the trainer shows one): this pass over the whole training set would
+        # otherwise look like a hang after the last epoch's bar.
+        shown = trainer.progress_bar_callback is not None and trainer.is_global_zero
+        description = "DiffIn: end-of-fit drift pass" if self.schedule == "in_run" else f"DiffIn: checkpoint at step {trainer.global_step}"
+        for batch in tqdm(loader, desc=description, unit="batch", disable=not shown, leave=True):
             batch = move_data_to_device(batch, device)
             yield batch, self._sample_ids(batch, device)
 
@@ -862,7 +868,8 @@ class DiffInCallback(Callback):
             "targets": [target.name for target in self.targets],
             "fingerprint": self.fingerprint,
             "second_order": second_order,
-            "second_order_terms_available": list(SECOND_ORDER_TERMS if self.schedule == "in_run" else SECOND_ORDER_TERMS[1:]),
+            # exactly what the tensor file holds: one second-order term (influence_with(name) gives the others in memory)
+            "second_order_terms_available": [second_order],
             "propagated_drift_included": bool(self._drift),
             "finite_difference": self.finite_difference,
             "compute_second_order": self.compute_second_order,
@@ -899,6 +906,11 @@ class DiffInCallback(Callback):
         self.output_path = save_influence(result, directory)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._loaded_state is not None:
+            # Resumed from a checkpoint taken after the last step: Lightning skips the training loop
+            # (no on_train_start, no on_train_end), so the restored scores are adopted and finished here.
+            self.on_train_start(trainer, pl_module)
+            self.on_train_end(trainer, pl_module)
         self._write(trainer, complete=True)
         if self.output_path is not None:
             rank_zero_info(f"DiffInCallback: influence written to {self.output_path}")

@@ -350,14 +350,15 @@ class ResumableDataLoader(DataLoader):
     def __init__(
         self, dataset: Dataset, batch_size: int = 1, sampler: Sampler[int] | None = None, drop_last: bool = False, **kwargs: Any
     ) -> None:
-        if "batch_sampler" in kwargs or "shuffle" in kwargs:
+        batch_sampler = kwargs.pop("batch_sampler", None)
+        if kwargs.pop("shuffle", None) or (batch_sampler is not None and not isinstance(batch_sampler, _SkippingBatchSampler)):
             raise ValueError(
                 "ResumableDataLoader builds its own batch sampler and takes no `shuffle`; pass "
                 "sampler=EpochSeededSampler(len(dataset), seed=...) for a replayable shuffle."
             )
-        if sampler is None:
-            sampler = SequentialSampler(dataset)  # type: ignore[arg-type]
-        super().__init__(dataset, batch_sampler=_SkippingBatchSampler(sampler, batch_size, drop_last), **kwargs)
+        if batch_sampler is None:  # (Lightning re-creates the loader with its own skipping batch sampler, e.g. under DDP)
+            batch_sampler = _SkippingBatchSampler(sampler if sampler is not None else SequentialSampler(dataset), batch_size, drop_last)  # type: ignore[arg-type]
+        super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
         self._delivered = 0
         self._resume: dict[str, Any] | None = None
 

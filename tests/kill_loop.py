@@ -7,7 +7,7 @@ training life is a forked child (a fresh interpreter per life would spend most o
 importing torch). This process itself runs no torch op before forking, so the children's
 thread pools start clean.
 
-A life resumes from the newest checkpoint (step-based every 2 steps, or epoch-end, whichever
+A life resumes from the newest checkpoint (step-based every 7 steps, or epoch-end at steps 15 and 30, whichever
 has the higher step) and writes the influence files with every checkpoint. After every kill a
 verifier child loads every influence file and every checkpoint. At the end one life runs to
 completion and its scores are compared (float64) with a run that was never interrupted.
@@ -54,7 +54,7 @@ def train_once(run_dir: Path, checkpoints: bool) -> None:
     callbacks: list = [callback]
     if checkpoints:
         callbacks += [
-            ModelCheckpoint(dirpath=run_dir / "ckpt", filename="{step}-step", every_n_train_steps=2, save_top_k=-1, auto_insert_metric_name=False),
+            ModelCheckpoint(dirpath=run_dir / "ckpt", filename="{step}-step", every_n_train_steps=7, save_top_k=-1, auto_insert_metric_name=False),
             ModelCheckpoint(dirpath=run_dir / "ckpt", filename="{step}-epoch", every_n_epochs=1, save_top_k=-1, auto_insert_metric_name=False),
         ]
     resume = newest_checkpoint(run_dir / "ckpt") if checkpoints else None
@@ -127,14 +127,26 @@ def wait(pid: int, read: int, status: int | None = None) -> tuple[int, str]:
     return os.waitstatus_to_exitcode(status), b"".join(chunks).decode(errors="replace")
 
 
-def temporaries(run_dir: Path) -> list[str]:
+def temporaries(run_dir: Path, pid: int | None = None) -> list[str]:
+    """Temporary files in the run's directories; with ``pid``, only those that process is writing now."""
     names = []
     for directory in (run_dir / "scores", run_dir / "ckpt"):
         try:
-            names += [entry.name for entry in os.scandir(directory) if entry.name.endswith(".tmp") or ".tmp" in entry.name]
+            names += [entry.name for entry in os.scandir(directory) if ".tmp" in entry.name]
         except FileNotFoundError:
             pass
+    if pid is not None:
+        names = [name for name in names if f".{pid}." in name]
     return names
+
+
+def pending_metadata(run_dir: Path, since: float) -> bool:
+    """True between the pending metadata's arrival and its rename (in this life, written after ``since``,
+    a wall-clock time): a kill now splits the two-file write."""
+    try:
+        return (run_dir / "scores" / ".influence.json.pending").stat().st_mtime >= since
+    except FileNotFoundError:
+        return False
 
 
 def main() -> None:
@@ -156,19 +168,19 @@ def main() -> None:
             mode = rng.choice(["random", "random", "on_write"])
             delay = rng.uniform(0.0, reference_seconds / 2)
             pid, read = fork(train_once, run_dir, True)
-            life_start = time.perf_counter()
+            life_start, life_wall = time.perf_counter(), time.time()
             seen: list[str] = []
             status = None
             while True:
                 elapsed = time.perf_counter() - life_start
                 if mode == "on_write":
-                    seen = temporaries(run_dir)
-                    if seen or elapsed > reference_seconds:
+                    seen = temporaries(run_dir, pid)
+                    if seen or pending_metadata(run_dir, life_wall) or elapsed > reference_seconds:
                         break
                     time.sleep(0.0005)
                 else:
                     if elapsed >= delay:
-                        seen = temporaries(run_dir)
+                        seen = temporaries(run_dir, pid)
                         break
                     time.sleep(0.005)
                 finished, status = os.waitpid(pid, os.WNOHANG)
@@ -177,6 +189,7 @@ def main() -> None:
                 status = None
             if status is None:
                 os.kill(pid, signal.SIGKILL)
+                pending = pending_metadata(run_dir, life_wall)
             exit_code, _ = wait(pid, read, status)
             if exit_code != -signal.SIGKILL:
                 break  # the life finished by itself: this lineage is complete
@@ -188,7 +201,8 @@ def main() -> None:
                     "lineage": len(lineages),
                     "mode": mode,
                     "after_s": round(time.perf_counter() - life_start, 3),
-                    "temporaries_at_kill": seen,
+                    "writing_at_kill": seen,  # this life's own temporary files: killed mid-write
+                    "pending_metadata_at_kill": pending,  # killed between the pair's renames
                     "loadable": verified == 0,
                     "problems": json.loads(problems or "[]") if verified in (0, 1) else [f"verifier exit {verified}"],
                     "newest_checkpoint": newest.name if newest else None,

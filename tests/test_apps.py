@@ -46,7 +46,10 @@ def test_train_writes_everything(tiny_run):
 def test_clean(tiny_run, tmp_path, capsys):
     summary = analyze(_config("analyze", ["task=clean", f"run_dir={tiny_run}"]), tmp_path)
     lines = (tmp_path / "suspects.csv").read_text().splitlines()
-    assert lines[0] == "rank,id,score,label,prediction,corrupted" and len(lines) == 129
+    assert lines[0] == "rank,id,score,label,original_label,prediction,corrupted" and len(lines) == 129
+    for line in lines[1:]:  # a corrupted label differs from the original, a clean one equals it
+        _, _, _, label, original, _, corrupted = line.split(",")
+        assert (label != original) == (corrupted == "1")
     assert (tmp_path / "clean.png").stat().st_size > 1000
     assert 0 <= summary["auroc"] <= 1 and set(summary["recall"]) == {"5%", "10%", "20%"}
     assert "Recall of corrupted labels" in capsys.readouterr().out
@@ -94,7 +97,8 @@ def test_bad_analysis_arguments(tiny_run, tmp_path, overrides, message):
 
 
 def _cli(module, *args, cwd):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    # PYTHONPATH names this tree: a relative "." would mean cwd, and another install of the package could answer
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
 
 

@@ -115,3 +115,32 @@ def test_epoch_seeded_order_is_replayable_and_changes_per_epoch():
     assert list(EpochSeededSampler(5, shuffle=False)) == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="`num_samples` must be a positive int"):
         EpochSeededSampler(0)
+
+
+def test_resumable_loader_skips_delivered_batches_and_survives_lightnings_distributed_rebuild():
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import DistributedSampler
+
+    from diffin_lightning import ResumableDataLoader
+
+    loader = ResumableDataLoader(list(range(10)), batch_size=4, sampler=EpochSeededSampler(10, seed=0))
+    loader.batch_sampler.sampler.set_epoch(1)
+    epoch_one = [b.tolist() for b in loader]
+    iterator = iter(loader)
+    next(iterator)
+    state = loader.state_dict()
+    assert state == {"epoch": 1, "batches": 1}
+    resumed = ResumableDataLoader(list(range(10)), batch_size=4, sampler=EpochSeededSampler(10, seed=0))
+    resumed.batch_sampler.sampler.set_epoch(1)
+    resumed.load_state_dict(state)
+    assert [b.tolist() for b in resumed] == epoch_one[1:]
+    assert [b.tolist() for b in resumed] == epoch_one, "the skip applies to one pass only"
+    other_epoch = ResumableDataLoader(list(range(10)), batch_size=4, sampler=EpochSeededSampler(10, seed=0))
+    other_epoch.load_state_dict(state)  # saved in epoch 1, iterated in epoch 0: nothing skipped
+    assert len(list(other_epoch)) == 3
+    with pytest.raises(ValueError, match="takes no `shuffle`"):
+        ResumableDataLoader(list(range(10)), batch_size=4, shuffle=True)
+    # Lightning rebuilds a train loader with a DistributedSampler under DDP; it must stay resumable.
+    rebuilt = _update_dataloader(loader, DistributedSampler(list(range(10)), num_replicas=2, rank=0, shuffle=False))
+    assert type(rebuilt) is ResumableDataLoader and [b.tolist() for b in rebuilt] == [[0, 2, 4, 6], [8]]
+    assert rebuilt.state_dict() == {"epoch": 0, "batches": 2}

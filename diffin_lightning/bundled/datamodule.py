@@ -43,6 +43,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         batch_size: int,
         shuffle_seed: int,
         keep_ids: Sequence[int] | None = None,
+        original_labels: Tensor | None = None,
     ) -> None:
         super().__init__()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -52,6 +53,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.test_dataset = test
         self.num_classes = num_classes
         self.corrupted = corrupted
+        self.original_labels = original_labels  # the train labels before corruption, where known
         self.batch_size = batch_size
         self.shuffle_seed = shuffle_seed
         self.keep_ids = None if keep_ids is None else sorted(int(i) for i in keep_ids)
