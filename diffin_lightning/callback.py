@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,7 @@ class DiffInCallback(Callback):
             cache_on_device=settings.cache_target_on_device,
         )
         self.index_fn = settings.index_fn or _default_index_fn
-        self.output_dir = None if settings.output_dir is None else Path(settings.output_dir)
+        self.output_dir: os.PathLike[str] | None = None if settings.output_dir is None else Path(settings.output_dir)
         self.output_path: Path | None = None
         self.record = RunRecord(num_samples=settings.num_samples)
         self._recorder: InfluenceRecorder | None = None
@@ -454,7 +455,7 @@ class DiffInCallback(Callback):
         if progress is not None and trainer.progress_bar_callback is not None and trainer.is_global_zero:
             from tqdm.auto import tqdm
 
-            batches = tqdm(batches, total=number_of_batches(dataset, size), desc=progress, leave=False, dynamic_ncols=True)
+            batches = tqdm(batches, total=number_of_batches(dataset, size), desc=progress, unit="batch", leave=True, dynamic_ncols=True)
         for batch in batches:
             yield batch, self._sample_ids(batch, device)
 
@@ -470,7 +471,7 @@ class DiffInCallback(Callback):
             device = pl_module.device
             with replayed_rng(None, device):
                 self._recorder.compute_drift(
-                    trainer.global_step, device, self._training_set(trainer, device, progress="DiffIn end-of-fit pass")
+                    trainer.global_step, device, self._training_set(trainer, device, progress="DiffIn: end-of-fit drift pass")
                 )
         for name, count in self.nonfinite_samples_skipped.items():
             rank_zero_warn(
