@@ -6,6 +6,7 @@ positive = sample i helped the target, negative = harmful.
 
 from diffin_lightning.callback import DiffInCallback
 from diffin_lightning.data import EpochSeededSampler, IndexedDataset, dataset_fingerprint
+from diffin_lightning.ranking import Ranked, select, top_k
 from diffin_lightning.store import (
     SIGN_CONVENTION,
     InfluenceFileError,
@@ -22,10 +23,13 @@ __all__ = [
     "IndexedDataset",
     "InfluenceFileError",
     "InfluenceResult",
+    "Ranked",
     "SIGN_CONVENTION",
     "TargetInfluence",
     "__version__",
     "dataset_fingerprint",
     "load_influence",
     "save_influence",
+    "select",
+    "top_k",
 ]

@@ -414,7 +414,7 @@ class DiffInCallback(Callback):
                 "DiffInCallback scores every training sample (schedule='checkpoints', or the end-of-fit pass of "
                 "second_order='propagated') and needs a train dataloader whose dataset has a length."
             )
-        size = self.settings.target_batch_size
+        size = self.settings.training_set_batch_size or self.settings.target_batch_size
         batches = training_set_batches(dataset, size, device)
         if progress is not None and trainer.progress_bar_callback is not None and trainer.is_global_zero:
             from tqdm.auto import tqdm

@@ -15,13 +15,13 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
+import torch
+from safetensors import safe_open
 from torch import Tensor
 
 from diffin_lightning.data import IndexedDataset, dataset_fingerprint
@@ -90,10 +90,15 @@ class InfluenceResult(Mapping[str, TargetInfluence]):
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    atomic_write_stream(path, lambda stream: stream.write(payload))
+
+
+def atomic_write_stream(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Call ``write(stream)`` on a temporary file next to ``path``, flush it to disk, rename it over ``path``."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
@@ -102,27 +107,85 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
         raise
 
 
+# safetensors' dtype names; the format is a little-endian u64 header length, a JSON header
+# (name -> dtype, shape, [begin, end) byte offsets into the data), then the raw bytes.
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32"}
+_HASH_CHUNK = 1 << 24
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, Tensor]) -> str:
+    """Write ``tensors`` as a safetensors file atomically, streaming each tensor's memory; returns the file's SHA-256.
+
+    safetensors' own ``save`` builds the whole file in memory (and ``save_file`` a bytes copy of
+    every tensor first): at N = 10M that is one or two more copies of all the scores. Here each
+    tensor's bytes go from its own memory to the file (no copy on little-endian CPUs for
+    contiguous CPU tensors) and the checksum is taken on the way.
+    """
+    import sys
+
+    header: dict[str, Any] = {}
+    offset = 0
+    arrays = []
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"write_safetensors: tensor {name!r} has dtype {tensor.dtype}; supported: {sorted(map(str, _SAFETENSORS_DTYPES))}.")
+        tensor = tensor.detach().to("cpu").contiguous()
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+        # bfloat16 has no numpy dtype: view its bytes as int16 (same bits).
+        view = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
+        arrays.append(view.numpy().reshape(-1))
+    if sys.byteorder != "little":
+        arrays = [array.byteswap() for array in arrays]
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # safetensors aligns the data to 8 bytes
+    prefix = len(encoded).to_bytes(8, "little") + encoded
+    digest = hashlib.sha256()
+
+    def write(stream: BinaryIO) -> None:
+        for part in (prefix, *arrays):
+            buffer = memoryview(part).cast("B")
+            digest.update(buffer)
+            stream.write(buffer)
+
+    atomic_write_stream(path, write)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file read in 16 MiB chunks (never the whole file in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def save_influence(result: InfluenceResult, directory: str | os.PathLike[str]) -> Path:
-    """Write ``result`` atomically into ``directory``; returns the tensor file's path."""
+    """Write ``result`` atomically into ``directory``; returns the tensor file's path.
+
+    Memory: the tensors stream from the result's own memory to the file (no extra copy of
+    the scores on CPU; one copy per tensor, one at a time, for tensors on an accelerator).
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {
-        f"{name}/{component}": getattr(target, component).detach().to("cpu").contiguous()
+        f"{name}/{component}": getattr(target, component)
         for name, target in result.targets.items()
         for component in COMPONENTS
     }
-    payload = save_safetensors_bytes(tensors)
     metadata = dict(result.metadata)
+    # Tensors first, then the metadata that vouches for them: a reader that finds the
+    # new JSON always finds the tensors it describes.
+    checksum = write_safetensors(directory / TENSOR_FILE, tensors)
     metadata.update(
         format_version=FORMAT_VERSION,
         sign_convention=SIGN_CONVENTION,
         target_kinds={name: target.kind for name, target in result.targets.items()},
         tensor_file=TENSOR_FILE,
-        tensor_sha256=hashlib.sha256(payload).hexdigest(),
+        tensor_sha256=checksum,
     )
-    # Tensors first, then the metadata that vouches for them: a reader that finds the
-    # new JSON always finds the tensors it describes.
-    atomic_write_bytes(directory / TENSOR_FILE, payload)
     atomic_write_bytes(directory / METADATA_FILE, (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode())
     return directory / TENSOR_FILE
 
@@ -132,25 +195,8 @@ def _resolve_directory(path: str | os.PathLike[str]) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def load_influence(
-    path: str | os.PathLike[str],
-    *,
-    dataset: IndexedDataset | None = None,
-    fingerprint: str | None = None,
-) -> InfluenceResult:
-    """Read an influence result written by the callback, refusing files that do not fit.
-
-    Args:
-        path: the directory holding ``influence.safetensors`` and ``influence.json``,
-            or either file.
-        dataset: when given, the scores must have been recorded on this training set
-            (same size, ids and labels).
-        fingerprint: the same check against a fingerprint string from a previous run.
-
-    Raises:
-        InfluenceFileError: a file is missing, of another format version, does not match
-            its metadata, has tensors of the wrong shape, or belongs to another data set.
-    """
+def read_metadata(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
+    """``(tensor file path, metadata)`` of a result directory (or either of its files), checked for format version."""
     directory = _resolve_directory(path)
     tensor_path, metadata_path = directory / TENSOR_FILE, directory / METADATA_FILE
     for needed in (tensor_path, metadata_path):
@@ -170,38 +216,88 @@ def load_influence(
             f"{FORMAT_VERSION}. Re-record the run, or install the diffin_lightning version named in its "
             f"'library_version' ({metadata.get('library_version')!r})."
         )
-    payload = tensor_path.read_bytes()
-    if hashlib.sha256(payload).hexdigest() != metadata.get("tensor_sha256"):
+    return tensor_path, metadata
+
+
+def check_checksum(tensor_path: Path, metadata: Mapping[str, Any]) -> None:
+    """Refuse a tensor file whose SHA-256 is not the one its metadata records (read in chunks)."""
+    if file_sha256(tensor_path) != metadata.get("tensor_sha256"):
         raise InfluenceFileError(
-            f"load_influence: {tensor_path} does not match the checksum in {metadata_path}; the pair comes "
-            "from different runs or the tensor file is damaged. Re-export both files together."
+            f"load_influence: {tensor_path} does not match the checksum in {tensor_path.parent / METADATA_FILE}; the pair "
+            "comes from different runs or the tensor file is damaged. Re-export both files together."
         )
-    tensors = load_safetensors_bytes(payload)
+
+
+def read_scores(tensor_path: Path, metadata: Mapping[str, Any], keys: list[str]) -> dict[str, Tensor]:
+    """The named ``[N]`` tensors of a tensor file, each read once from the file (no other tensor is read).
+
+    ``safe_open`` maps the file and copies each requested tensor out of it: memory holds the
+    tensors asked for, never a second copy of the file.
+    """
     num_samples = int(metadata["num_samples"])
-    targets: dict[str, TargetInfluence] = {}
-    for name, kind in metadata["target_kinds"].items():
-        components: dict[str, Tensor] = {}
-        for component in COMPONENTS:
-            key = f"{name}/{component}"
-            if key not in tensors:
-                raise InfluenceFileError(f"load_influence: {tensor_path} lacks tensor {key!r} named by its metadata.")
-            if tuple(tensors[key].shape) != (num_samples,):
-                raise InfluenceFileError(
-                    f"load_influence: tensor {key!r} in {tensor_path} has shape {tuple(tensors[key].shape)}; "
-                    f"the metadata says N={num_samples}, so it must be ({num_samples},)."
-                )
-            components[component] = tensors[key]
-        targets[name] = TargetInfluence(name=name, kind=kind, **components)
+    out: dict[str, Tensor] = {}
+    try:
+        with safe_open(str(tensor_path), framework="pt") as handle:
+            available = set(handle.keys())
+            for key in keys:
+                if key not in available:
+                    raise InfluenceFileError(f"load_influence: {tensor_path} lacks tensor {key!r} named by its metadata.")
+                shape = tuple(handle.get_slice(key).get_shape())
+                if shape != (num_samples,):
+                    raise InfluenceFileError(
+                        f"load_influence: tensor {key!r} in {tensor_path} has shape {shape}; "
+                        f"the metadata says N={num_samples}, so it must be ({num_samples},)."
+                    )
+                out[key] = handle.get_tensor(key)
+    except InfluenceFileError:
+        raise
+    except Exception as error:  # safetensors raises its own error type for a malformed file
+        raise InfluenceFileError(f"load_influence: {tensor_path} is not a readable safetensors file ({error}).") from error
+    return out
+
+
+def check_fingerprint(tensor_path: Path, metadata: Mapping[str, Any], dataset: IndexedDataset | None, fingerprint: str | None) -> None:
     expected = fingerprint
     if dataset is not None:
         expected = dataset_fingerprint(len(dataset), dataset.labels())
     if expected is not None and metadata.get("fingerprint") != expected:
         raise InfluenceFileError(
             f"load_influence: {tensor_path} was recorded on a training set with fingerprint "
-            f"{metadata.get('fingerprint')!r} (N={num_samples}); the data given has fingerprint {expected!r}. "
+            f"{metadata.get('fingerprint')!r} (N={metadata.get('num_samples')}); the data given has fingerprint {expected!r}. "
             "Scores are indexed by sample id and only mean something for the data they were recorded on: "
             "use the same data set (same order, same labels) or re-record."
         )
+
+
+def load_influence(
+    path: str | os.PathLike[str],
+    *,
+    dataset: IndexedDataset | None = None,
+    fingerprint: str | None = None,
+) -> InfluenceResult:
+    """Read an influence result written by the callback, refusing files that do not fit.
+
+    Memory: the checksum is taken over the file in 16 MiB chunks and each tensor is copied
+    once out of the mapped file, so loading holds the scores once (no second copy).
+
+    Args:
+        path: the directory holding ``influence.safetensors`` and ``influence.json``,
+            or either file.
+        dataset: when given, the scores must have been recorded on this training set
+            (same size, ids and labels).
+        fingerprint: the same check against a fingerprint string from a previous run.
+
+    Raises:
+        InfluenceFileError: a file is missing, of another format version, does not match
+            its metadata, has tensors of the wrong shape, or belongs to another data set.
+    """
+    tensor_path, metadata = read_metadata(path)
+    check_checksum(tensor_path, metadata)
+    kinds: dict[str, str] = metadata["target_kinds"]
+    tensors = read_scores(tensor_path, metadata, [f"{name}/{component}" for name in kinds for component in COMPONENTS])
+    targets = {
+        name: TargetInfluence(name=name, kind=kind, **{component: tensors[f"{name}/{component}"] for component in COMPONENTS})
+        for name, kind in kinds.items()
+    }
+    check_fingerprint(tensor_path, metadata, dataset, fingerprint)
     return InfluenceResult(targets=targets, metadata=metadata)
-
-
