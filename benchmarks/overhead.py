@@ -93,8 +93,8 @@ Workload = tuple[str, Callable[[], Any], Callable[[Any], pl.LightningModule]]
 def workloads() -> dict[str, Workload]:
     return {
         "mlp": (
-            "MLP 256-1024-1024-10, synthetic N=8192, batch 256",
-            lambda: SyntheticDataModule(num_samples=8192, dim=256, num_classes=10, batch_size=256),
+            "MLP 256-1024-1024-10, synthetic N=4096, batch 256",
+            lambda: SyntheticDataModule(num_samples=4096, dim=256, num_classes=10, batch_size=256),
             lambda data: MLPClassifier(**data.model_kwargs(), hidden_dims=(1024, 1024)),
         ),
         "cnn": (
@@ -103,8 +103,8 @@ def workloads() -> dict[str, Workload]:
             lambda data: CNNClassifier(**data.model_kwargs()),
         ),
         "transformer": (
-            "TransformerEncoder 2x64 (4 heads), 32 tokens, N=4096, batch 128",
-            lambda: token_data(),
+            "TransformerEncoder 2x64 (4 heads), 32 tokens, N=2048, batch 128",
+            lambda: token_data(num_samples=2048),
             lambda data: TokenClassifier(),
         ),
     }
@@ -238,7 +238,8 @@ def compare(workload: Workload, device: str, epochs: int, repeats: int, settings
     runs: dict[str, list[dict[str, float]]] = defaultdict(list)
     labels = ["plain", *settings] + (["Opacus GradSampleModule (no callback)"] if opacus else [])
     fit_once(workload, device, 1, None)  # warm-up: imports, allocator, kernels
-    for _ in range(repeats):
+    for repeat in range(repeats):
+        print(f"  {workload[0]}: repeat {repeat + 1}/{repeats}", flush=True)
         for label in labels:
             if label == "plain":
                 runs[label].append(fit_once(workload, device, epochs, None))
@@ -348,10 +349,12 @@ def main() -> None:
     parser.add_argument("--breakdown", default=None, choices=list(workloads()), help="time the callback's parts on this workload")
     parser.add_argument("--one-epoch-end", action="store_true", help="also report the end-of-fit pass for a 1-epoch fit")
     parser.add_argument("--opacus", action="store_true", help="add Opacus GradSampleModule rows (needs the bench extra)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
     parser.add_argument("--out", default="benchmarks/results/overhead.md")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     command = "python -m benchmarks.overhead " + " ".join(
-        [f"--device {args.device}", f"--repeats {args.repeats}", f"--epochs {args.epochs}", "--workloads " + " ".join(args.workloads)]
+        [f"--device {args.device}", f"--threads {args.threads}", f"--repeats {args.repeats}", f"--epochs {args.epochs}", "--workloads " + " ".join(args.workloads)]
         + (["--settings " + " ".join(f"'{s}'" for s in args.settings)] if args.settings != list(SETTINGS) else [])
         + ([f"--breakdown {args.breakdown}"] if args.breakdown else [])
         + (["--one-epoch-end"] if args.one_epoch_end else [])

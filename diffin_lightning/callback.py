@@ -162,6 +162,9 @@ class DiffInCallback(Callback):
             finite_difference=s.finite_difference,
             compute_second_order=s.compute_second_order,
             eps=s.eps,
+            target_refresh_every_n_steps=s.target_refresh_every_n_steps,
+            target_max_samples=s.target_max_samples,
+            seed=s.seed,
         )
 
     # ------------------------------------------------------------------ setup

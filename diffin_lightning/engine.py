@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -98,6 +99,25 @@ class MicroBatch:
     rng: RngState | None = None
 
 
+_CAPTURES: weakref.WeakSet[StepCapture] = weakref.WeakSet()
+
+
+@contextlib.contextmanager
+def other_captures_paused(own: StepCapture | None) -> Iterator[None]:
+    """Keep every other callback's capture out of this callback's extra passes (several callbacks on one model).
+
+    ``own`` ends disabled; the others get back the state they had.
+    """
+    states = [(capture, capture.layers.enabled) for capture in list(_CAPTURES) if capture is not own]
+    for capture, _ in states:
+        capture.layers.enabled = False
+    try:
+        yield
+    finally:
+        for capture, enabled in states:
+            capture.layers.enabled = enabled
+
+
 class StepCapture:
     """The capture hooks of :mod:`diffin_lightning.dots` on the model, switched on for recorded steps only.
 
@@ -112,6 +132,7 @@ class StepCapture:
         self.covered = tuple(self.layers.covered_parameter_names)
         self.uncovered = tuple(self.layers.uncovered_parameter_names)
         self.micro_batches: list[MicroBatch] = []
+        _CAPTURES.add(self)
 
     def begin_micro_batch(self, batch: Any, size: int, rng: RngState | None, hooks: bool = True) -> None:
         """A recorded step's micro-batch is about to run its training step; ``hooks`` records its layers."""
@@ -145,38 +166,66 @@ class StepCapture:
         )
 
 
+@contextlib.contextmanager
+def module_moved_to(module: nn.Module, shift: Params | None) -> Iterator[dict[str, Tensor]]:
+    """The module's own parameters moved by ``shift`` in place, and its parameters and buffers restored bit for bit after.
+
+    The capture rules read parameters from the modules (attention's rule copies its
+    projections), so the extra passes run the module itself rather than a functional
+    copy. Buffers (batch-norm statistics) are restored too: training never sees these passes.
+    """
+    parameters = dict(module.named_parameters())
+    buffers = [b for b in module.buffers()]
+    saved_buffers = [b.clone() for b in buffers]
+    names = [] if shift is None else list(shift)
+    saved = [parameters[name].detach().clone() for name in names]
+    try:
+        if names:
+            with torch.no_grad():
+                torch._foreach_add_([parameters[name] for name in names], [shift[name] for name in names])  # type: ignore[index]
+        yield parameters
+    finally:
+        with torch.no_grad():
+            if names:
+                torch._foreach_copy_([parameters[name] for name in names], saved)
+            if buffers:
+                torch._foreach_copy_(buffers, saved_buffers)
+
+
 def capture_pass(
     capture: StepCapture,
     loss: PerSampleLoss,
-    point: Params,
+    names: Sequence[str],
+    shift: Params | None,
     micro_batches: Sequence[MicroBatch],
     forward_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> tuple[Params, PerSampleDots]:
-    """One forward and backward of the summed per-sample losses at ``point`` with the capture on.
+    """One forward and backward of the summed per-sample losses at ``theta + shift`` with the capture on.
 
-    Each micro-batch replays its training step's random state (dropout draws its masks) and runs
-    on copies of the buffers. Returns ``(G_sum, per-sample products)``.
+    Each micro-batch replays its training step's random state (dropout draws its masks). Returns
+    ``(G_sum, per-sample products)`` for the trainable parameters ``names``; the parameters'
+    ``.grad`` is never touched (``torch.autograd.grad``).
     """
-    names = list(point)
-    leaves = [point[name].detach().requires_grad_(True) for name in names]
-    variables = dict(zip(names, leaves))
     summed: list[Tensor] | None = None
-    device = leaves[0].device
-    capture.layers.clear()
-    capture.layers.enabled = True
-    try:
-        for mb in micro_batches:
-            with replayed_rng(mb.rng, device), forward_context(), torch.enable_grad():
-                losses = loss.values(variables, mb.batch)
-                part = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
-            part = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, part)]
-            if summed is None:
-                summed = list(part)
-            else:
-                torch._foreach_add_(summed, part)
-    finally:
-        capture.layers.enabled = False
-    per_sample = capture.layers.per_sample(backprop_scale=1.0)
+    with module_moved_to(loss.module, shift) as parameters:
+        leaves = [parameters[name] for name in names]
+        device = leaves[0].device
+        capture.layers.clear()
+        capture.layers.enabled = True
+        try:
+            for mb in micro_batches:
+                with replayed_rng(mb.rng, device), forward_context(), torch.enable_grad():
+                    losses = loss.module_values(mb.batch)
+                    part = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+                part = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, part)]
+                if summed is None:
+                    summed = list(part)
+                else:
+                    torch._foreach_add_(summed, part)
+        finally:
+            capture.layers.enabled = False
+        # Before the parameters move back: attention's rule keeps a copy of its projections.
+        per_sample = capture.layers.per_sample(backprop_scale=1.0)
     capture.layers.clear()
     assert summed is not None, "capture_pass needs at least one micro-batch"
     return dict(zip(names, summed)), per_sample
@@ -274,8 +323,10 @@ class CapturedStep:
         return out
 
     def perturbed(self, shift: Params) -> tuple[Params, Tensor]:
-        point = dict(zip(self.params, torch._foreach_add(list(self.params.values()), [shift[n] for n in self.params])))
-        summed, per_sample = capture_pass(self.capture, self.loss, point, self.micro_batches, self.forward_context)
+        summed, per_sample = capture_pass(self.capture, self.loss, list(self.params), shift, self.micro_batches, self.forward_context)
+        point = self.params
+        if self.capture.uncovered:
+            point = dict(zip(self.params, torch._foreach_add(list(self.params.values()), [shift[n] for n in self.params])))
         gradient = dict(zip(summed, torch._foreach_div(list(summed.values()), float(self.batch_size))))
         gradient = distributed.mean_over_ranks(gradient)  # the global batch's, like .grad
         return gradient, self._f(per_sample, point, gradient)

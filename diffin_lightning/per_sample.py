@@ -113,6 +113,17 @@ class PerSampleLoss:
                 torch.cuda.manual_seed(self.seed)
             return functional_call(self._wrapper, {**buffers, **_prefixed(params)}, (batch,), strict=False)
 
+    def module_values(self, batch: Any) -> Tensor:
+        """``[l_i]`` of the module as it is (its own parameters; the caller restores anything the pass changes)."""
+        if self.seed is None:
+            return self._wrapper(batch)
+        device = next(self.module.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.default_generator.manual_seed(self.seed)
+            if device.type == "cuda":
+                torch.cuda.manual_seed(self.seed)
+            return self._wrapper(batch)
+
     def values(self, params: Params, batch: Any) -> Tensor:
         """``[l_i(params)]`` for the samples of ``batch``."""
         return self._call(params, batch)

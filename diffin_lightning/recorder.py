@@ -25,6 +25,7 @@ from diffin_lightning.engine import (
     StepGradients,
     capture_pass,
     gradient_of_mean,
+    other_captures_paused,
     relative_difference,
 )
 from diffin_lightning.per_sample import LossFn, Params, PerSampleLoss
@@ -124,6 +125,23 @@ class InfluenceRecorder:
         assert self.accumulator is not None
         params = self.loss.parameters()
         batch_size = int(ids.numel())
+        with other_captures_paused(self.capture):
+            self._record_step(step, eta, batches, ids, params, batch_size, gradients, gradient_to_mean, backprop_scale, forward_context, mixed_precision)
+
+    def _record_step(
+        self,
+        step: int,
+        eta: float,
+        batches: list[Any],
+        ids: Tensor,
+        params: Params,
+        batch_size: int,
+        gradients: Params | None,
+        gradient_to_mean: float,
+        backprop_scale: Tensor | float,
+        forward_context: ForwardContext,
+        mixed_precision: bool,
+    ) -> None:
         view: StepGradients
         try:
             if self.capture is None:
@@ -156,7 +174,7 @@ class InfluenceRecorder:
     def _recaptured(self, params: Params, micro_batches: list[MicroBatch], forward_context: ForwardContext, loss: PerSampleLoss) -> CapturedStep:
         """The step's products from one forward+backward of the per-sample loss with the capture on."""
         assert self.capture is not None
-        summed, per_sample = capture_pass(self.capture, loss, params, micro_batches, forward_context)
+        summed, per_sample = capture_pass(self.capture, loss, list(params), None, micro_batches, forward_context)
         size = sum(mb.size for mb in micro_batches)
         gradient = dict(zip(summed, torch._foreach_div(list(summed.values()), float(size))))
         gradient = distributed.mean_over_ranks(gradient)  # under DDP the global batch's, as .grad is
@@ -230,6 +248,12 @@ class InfluenceRecorder:
         training_set: Callable[[], Iterable[tuple[Any, Tensor]]],
     ) -> None:
         """schedule='checkpoints': score every training sample with this step's batch as the proxy batch."""
+        with other_captures_paused(self.capture):
+            self._record_checkpoint(step, eta, batches, ids, weight, training_set)
+
+    def _record_checkpoint(
+        self, step: int, eta: float, batches: list[Any], ids: Tensor, weight: float, training_set: Callable[[], Iterable[tuple[Any, Tensor]]]
+    ) -> None:
         assert self.accumulator is not None and self.record.num_samples is not None
         loss = self.loss
         loss.seed = self.settings.seed * 1_000_003 + step
@@ -278,6 +302,10 @@ class InfluenceRecorder:
         approximated by ``G_i(theta_T)``: ``decayed_weight_i <g_V(theta_T), G_i> - <sum_t (eta_t/N)
         g_V(theta_t) (decayed), G_i>``, two per-sample dot products at the final parameters.
         """
+        with other_captures_paused(self.capture):
+            self._compute_drift(step, device, training_set)
+
+    def _compute_drift(self, step: int, device: torch.device, training_set: Iterable[tuple[Any, Tensor]]) -> None:
         assert self.accumulator is not None
         loss = self.loss
         loss.seed = self.settings.seed * 1_000_003 + step

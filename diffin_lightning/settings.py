@@ -199,6 +199,16 @@ class DiffInSettings:
         return {f.name: f.metadata["help"] for f in fields(cls)}
 
     @classmethod
+    def markdown_table(cls) -> str:
+        """The README's option table, generated from the fields (``python -m diffin_lightning.settings``)."""
+        rows = ["| option | default | meaning |", "| --- | --- | --- |"]
+        for f in fields(cls):
+            default = "auto" if f.default is None and f.name in ("eps", "second_order", "reuse_training_step") else f.default
+            text = f.metadata["help"].replace("|", "\\|")
+            rows.append(f"| `{f.name}` | `{default}` | {text} |")
+        return "\n".join(rows)
+
+    @classmethod
     def defaults(cls) -> dict[str, Any]:
         return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
 
@@ -211,3 +221,7 @@ def _check_positive_int(name: str, value: Any) -> None:
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {choices}; got {value!r}.")
+
+
+if __name__ == "__main__":
+    print(DiffInSettings.markdown_table())

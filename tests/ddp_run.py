@@ -6,7 +6,8 @@ cannot live inside the pytest process: the test runs this file in a subprocess.
     python tests/ddp_run.py --strategy ddp --devices 2 --batch-size 2 --out DIR [--targets val,train,self] ...
 
 Every rank draws its batches from the same EpochSeededSampler, which Lightning wraps in
-a ``DistributedSamplerWrapper`` (for training always with ``shuffle=True``, seed 0): its
+a ``DistributedSamplerWrapper`` (for training always with ``shuffle=True``, seeded with
+``PL_GLOBAL_SEED`` or 0): its
 positions are permuted per epoch and rank r takes permuted positions r, r+W, ... A
 one-process run (``--devices 1``) with batch size W*b over the same wrapper with one
 replica therefore sees, at every step, the union of the ranks' batches: the same global
@@ -94,7 +95,9 @@ def main() -> None:
     sampler = EpochSeededSampler(len(indexed), seed=0)
     if args.devices == 1:
         # What Lightning builds around the sampler under DDP, with one replica (Lightning leaves it as it is).
-        sampler = DistributedSamplerWrapper(sampler, num_replicas=1, rank=0, shuffle=True, seed=0)
+        # Lightning seeds its DistributedSampler with PL_GLOBAL_SEED (0 when unset); the same here.
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        sampler = DistributedSamplerWrapper(sampler, num_replicas=1, rank=0, shuffle=True, seed=seed)
     loader = DataLoader(indexed, batch_size=args.batch_size, sampler=sampler)
     spec = {"val": data.val, "train": "train", "self": "self"}
     targets = {name: spec[name] for name in args.targets.split(",")}

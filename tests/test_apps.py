@@ -96,7 +96,10 @@ def test_bad_analysis_arguments(tiny_run, tmp_path, overrides, message):
 
 def _cli(module, *args, cwd):
     # This checkout's package, whatever the working directory and the installed copy.
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    # Not the launch variables a DDP test in this process may have left (a child would reuse its port).
+    launch = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in launch}
+    env.update(PYTHONWARNINGS="ignore", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
 
 

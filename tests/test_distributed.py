@@ -33,8 +33,14 @@ FIRST_ORDER_RTOL = 1e-12
 SECOND_ORDER_RTOL = 1e-8
 
 
+# A process group made earlier in the pytest process (a DDPStrategy test) leaves these set, and its
+# store still listens on MASTER_PORT: a child that inherited them would fail with EADDRINUSE.
+LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+
+
 def _run(out: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    env.update(PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
     return subprocess.run(
         [sys.executable, str(RUN), "--out", str(out), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=out.parent
     )

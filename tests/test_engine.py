@@ -125,3 +125,16 @@ def test_loader_with_sampler_and_float32_model(tmp_path, tiny_data):
     pl_trainer.fit(TinyClassifier(), loader)
     assert callback._recorder.use_capture
     assert torch.isfinite(callback.influence["val"].diffin).all()
+
+
+def test_two_callbacks_on_one_model_do_not_see_each_others_passes(tmp_path, tiny_data):
+    def callback(scheme):
+        return DiffInCallback(targets={"val": tiny_data.val, "self": "self"}, eps=EPS, finite_difference=scheme)
+
+    together = [callback("forward"), callback("central")]
+    trainer(default_root_dir=tmp_path / "both", max_epochs=2, callbacks=together).fit(TinyClassifier().double(), tiny_data.loader())
+    for index, scheme in enumerate(("forward", "central")):
+        alone = callback(scheme)
+        trainer(default_root_dir=tmp_path / scheme, max_epochs=2, callbacks=[alone]).fit(TinyClassifier().double(), tiny_data.loader())
+        assert together[index]._recorder.use_capture
+        _assert_same_scores(together[index], alone)

@@ -1,0 +1,57 @@
+"""The accumulator's declared states and their updates, against a hand-written float64 reference."""
+
+from __future__ import annotations
+
+import torch
+
+from diffin_lightning.accumulator import InfluenceAccumulator
+from diffin_lightning.step import Contribution, propagation_factor
+
+
+def test_add_and_propagate_match_the_recurrence():
+    n, cpu = 6, torch.device("cpu")
+    acc = InfluenceAccumulator(["val"], n, cpu, torch.float64)
+    assert {name for name, spec in acc.declared.items() if spec.update == "propagate"} == {"decayed_first", "decayed_weight"}
+    assert all(spec.reduce == "sum" for spec in acc.declared.values())
+    g = torch.Generator().manual_seed(0)
+    expected = {key: torch.zeros(n, dtype=torch.float64) for key in acc.declared}
+    target_sum = torch.zeros(3, dtype=torch.float64)
+    for step, ids in enumerate([[0, 2], [1, 2, 5], [4]]):
+        ids = torch.tensor(ids)
+        first, second = torch.randn(len(ids), generator=g, dtype=torch.float64), torch.randn(len(ids), generator=g, dtype=torch.float64)
+        factor = torch.tensor(0.5 + 0.1 * step, dtype=torch.float64)
+        gradient = {"w": torch.randn(3, generator=g, dtype=torch.float64)}
+        eta, weight = 0.1 * (step + 1), 2.0
+        acc.add("val", ids, Contribution(first, second, factor, gradient), weight, eta, len(ids))
+        expected["first_order"][ids] += weight * first
+        expected["second_order_sum"][ids] += weight * second
+        expected["visits"][ids] += 1
+        expected["decayed_first"] = factor * expected["decayed_first"]
+        expected["decayed_first"][ids] += weight * first
+        expected["decayed_weight"] = factor * expected["decayed_weight"]
+        expected["decayed_weight"][ids] += weight * eta / len(ids)
+        target_sum = factor * target_sum + weight * eta / n * gradient["w"]
+    for key, value in expected.items():
+        torch.testing.assert_close(acc.sums["val"][key], value, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(acc.parameter_states["val"]["w"], target_sum, rtol=1e-12, atol=1e-15)
+
+
+def test_nonfinite_contributions_are_skipped_and_counted_on_the_device():
+    acc = InfluenceAccumulator(["s"], 4, torch.device("cpu"), torch.float64)
+    first = torch.tensor([1.0, float("nan"), 2.0], dtype=torch.float64)
+    acc.add("s", torch.tensor([0, 1, 3]), Contribution(first, torch.zeros(3, dtype=torch.float64)), 1.0, 0.1, 3)
+    assert isinstance(acc.nonfinite, torch.Tensor) and int(acc.nonfinite) == 1
+    assert acc.sums["s"]["visits"].tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert acc.sums["s"]["first_order"].tolist() == [1.0, 0.0, 0.0, 2.0]
+
+
+def test_a_nonfinite_factor_carries_everything_unchanged():
+    acc = InfluenceAccumulator(["v"], 3, torch.device("cpu"), torch.float64)
+    gradient = {"w": torch.ones(2, dtype=torch.float64)}
+    one = torch.ones(1, dtype=torch.float64)
+    acc.add("v", torch.tensor([0]), Contribution(one, 0 * one, torch.tensor(0.5, dtype=torch.float64), gradient), 1.0, 1.0, 1)
+    before = {k: v.clone() for k, v in acc.sums["v"].items()}
+    acc.add("v", torch.tensor([1]), Contribution(one, 0 * one, torch.tensor(float("nan"), dtype=torch.float64), gradient), 1.0, 1.0, 1)
+    torch.testing.assert_close(acc.sums["v"]["decayed_first"], before["decayed_first"])
+    torch.testing.assert_close(acc.parameter_states["v"]["w"], gradient["w"] / 3)
+    assert propagation_factor(0.1, torch.tensor(-3.0), 2) == 1.0  # the tensor form clamps like the float form

@@ -1,0 +1,80 @@
+"""DiffInSettings: one place for the options, their help, their checks and their metadata."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from diffin_lightning import DiffInCallback
+from diffin_lightning.settings import DiffInSettings
+
+
+def test_every_option_has_help_text_and_a_json_value():
+    settings = DiffInSettings(loss_fn=lambda m, b: None, output_dir=Path("/tmp/x"))
+    for f in fields(DiffInSettings):
+        assert len(f.metadata["help"]) > 20, f.name
+    as_dict = settings.to_dict()
+    json.dumps(as_dict)  # JSON-able: it goes into influence.json
+    assert set(as_dict) == {f.name for f in fields(DiffInSettings)}
+    assert as_dict["output_dir"] == "/tmp/x" and "lambda" in as_dict["loss_fn"]
+    assert as_dict["second_order"] == "propagated"
+
+
+def test_unknown_option_names_it_and_lists_the_known_ones():
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['every_n_step'\].*every_n_steps"):
+        DiffInCallback(targets={"s": "self"}, every_n_step=3)
+
+
+def test_the_callback_keeps_its_keyword_arguments_and_saves_the_settings(tmp_path, tiny_data):
+    from helpers import TinyClassifier, trainer
+
+    callback = DiffInCallback(targets={"val": tiny_data.val}, every_n_steps=2, eps=1e-6, target_refresh_every_n_steps=3)
+    assert callback.every_n_steps == 2 and callback.settings.target_refresh_every_n_steps == 3
+    trainer(default_root_dir=tmp_path, max_epochs=1, callbacks=[callback]).fit(TinyClassifier().double(), tiny_data.loader())
+    saved = json.loads((tmp_path / "influence.json").read_text())
+    assert saved["settings"]["every_n_steps"] == 2 and saved["settings"]["eps"] == 1e-6
+    assert saved["settings"]["target_refresh_every_n_steps"] == 3
+
+
+def test_hydra_config_names_exactly_the_settings():
+    """configs/influence/*.yaml may only use option names the settings know (no second list by hand)."""
+    import yaml
+
+    known = {f.name for f in fields(DiffInSettings)} | {"_target_", "targets", "defaults"}
+    for path in (Path(__file__).parent.parent / "configs" / "influence").glob("*.yaml"):
+        config = yaml.safe_load(path.read_text())
+        assert set(config) <= known, (path.name, set(config) - known)
+    # The base config states the library's defaults (the app only turns on writing at checkpoints).
+    base = yaml.safe_load((Path(__file__).parent.parent / "configs" / "influence" / "diffin.yaml").read_text())
+    defaults = {**DiffInSettings.defaults(), "second_order": DiffInSettings().resolved_second_order}
+    differing = {k for k, v in base.items() if k in defaults and v != defaults[k]}
+    assert differing == {"save_on_checkpoint"}, differing
+
+
+def test_defaults_are_documented_in_the_callback_docstring():
+    assert "DiffInSettings" in inspect.getdoc(DiffInCallback)
+    assert DiffInSettings.defaults()["target_refresh_every_n_steps"] == 10
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"target_max_samples": 0}, "`target_max_samples` must be a positive int; got 0"),
+        ({"reuse_training_step": "yes"}, "`reuse_training_step` must be True, False or None"),
+        ({"dot_products": "ghost"}, "`dot_products` must be one of"),
+        ({"loss_fn": 3}, "`loss_fn` must be callable or None; got int"),
+        ({"schedule": "checkpoints", "num_checkpoints": 2, "every_n_steps": 2}, "`every_n_steps` must be 1 with schedule='checkpoints'"),
+    ],
+)
+def test_checks_name_argument_rule_and_value(options, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        DiffInSettings(**options)
+
+
+def test_readme_option_table_is_the_generated_one():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert DiffInSettings.markdown_table() in readme, "regenerate with: python -m diffin_lightning.settings"
