@@ -15,16 +15,15 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from diffin_lightning.data import IndexedDataset, dataset_fingerprint
+from diffin_lightning.tensor_file import file_sha256, read_tensors, safetensors_parts, sha256_of
 
 FORMAT_VERSION = 1
 TENSOR_FILE = "influence.safetensors"
@@ -89,16 +88,13 @@ class InfluenceResult(Mapping[str, TargetInfluence]):
         return int(self.metadata["num_samples"])
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    atomic_write_stream(path, lambda stream: stream.write(payload))
-
-
-def atomic_write_stream(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """Call ``write(stream)`` on a temporary file next to ``path``, flush it to disk, rename it over ``path``."""
+def atomic_write_bytes(path: Path, payload: bytes | Sequence[memoryview]) -> None:
+    """Write ``payload`` (bytes, or buffers written one after another) to a temporary file, fsync, rename over ``path``."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as stream:
-            write(stream)
+            for part in [payload] if isinstance(payload, bytes) else payload:
+                stream.write(part)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
@@ -107,66 +103,12 @@ def atomic_write_stream(path: Path, write: Callable[[BinaryIO], Any]) -> None:
         raise
 
 
-# safetensors' dtype names; the format is a little-endian u64 header length, a JSON header
-# (name -> dtype, shape, [begin, end) byte offsets into the data), then the raw bytes.
-_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32"}
-_HASH_CHUNK = 1 << 24
-
-
-def write_safetensors(path: Path, tensors: Mapping[str, Tensor]) -> str:
-    """Write ``tensors`` as a safetensors file atomically, streaming each tensor's memory; returns the file's SHA-256.
-
-    safetensors' own ``save`` builds the whole file in memory (and ``save_file`` a bytes copy of
-    every tensor first): at N = 10M that is one or two more copies of all the scores. Here each
-    tensor's bytes go from its own memory to the file (no copy on little-endian CPUs for
-    contiguous CPU tensors) and the checksum is taken on the way.
-    """
-    import sys
-
-    header: dict[str, Any] = {}
-    offset = 0
-    arrays = []
-    for name, tensor in tensors.items():
-        if tensor.dtype not in _SAFETENSORS_DTYPES:
-            raise TypeError(f"write_safetensors: tensor {name!r} has dtype {tensor.dtype}; supported: {sorted(map(str, _SAFETENSORS_DTYPES))}.")
-        tensor = tensor.detach().to("cpu").contiguous()
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-        # bfloat16 has no numpy dtype: view its bytes as int16 (same bits).
-        view = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
-        arrays.append(view.numpy().reshape(-1))
-    if sys.byteorder != "little":
-        arrays = [array.byteswap() for array in arrays]
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # safetensors aligns the data to 8 bytes
-    prefix = len(encoded).to_bytes(8, "little") + encoded
-    digest = hashlib.sha256()
-
-    def write(stream: BinaryIO) -> None:
-        for part in (prefix, *arrays):
-            buffer = memoryview(part).cast("B")
-            digest.update(buffer)
-            stream.write(buffer)
-
-    atomic_write_stream(path, write)
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file read in 16 MiB chunks (never the whole file in memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_influence(result: InfluenceResult, directory: str | os.PathLike[str]) -> Path:
     """Write ``result`` atomically into ``directory``; returns the tensor file's path.
 
     Memory: the tensors stream from the result's own memory to the file (no extra copy of
-    the scores on CPU; one copy per tensor, one at a time, for tensors on an accelerator).
+    the scores for contiguous CPU tensors, which ``callback.influence`` gives; tensors elsewhere
+    are copied to the CPU first: one copy).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -178,7 +120,9 @@ def save_influence(result: InfluenceResult, directory: str | os.PathLike[str]) -
     metadata = dict(result.metadata)
     # Tensors first, then the metadata that vouches for them: a reader that finds the
     # new JSON always finds the tensors it describes.
-    checksum = write_safetensors(directory / TENSOR_FILE, tensors)
+    parts = safetensors_parts(tensors)  # buffers over the tensors' memory: no copy of the scores
+    checksum = sha256_of(parts)
+    atomic_write_bytes(directory / TENSOR_FILE, parts)
     metadata.update(
         format_version=FORMAT_VERSION,
         sign_convention=SIGN_CONVENTION,
@@ -231,29 +175,23 @@ def check_checksum(tensor_path: Path, metadata: Mapping[str, Any]) -> None:
 def read_scores(tensor_path: Path, metadata: Mapping[str, Any], keys: list[str]) -> dict[str, Tensor]:
     """The named ``[N]`` tensors of a tensor file, each read once from the file (no other tensor is read).
 
-    ``safe_open`` maps the file and copies each requested tensor out of it: memory holds the
-    tensors asked for, never a second copy of the file.
+    Read through ``safe_open``, which maps the file: memory holds the tensors asked for,
+    never the file's bytes as well.
     """
     num_samples = int(metadata["num_samples"])
-    out: dict[str, Tensor] = {}
     try:
-        with safe_open(str(tensor_path), framework="pt") as handle:
-            available = set(handle.keys())
-            for key in keys:
-                if key not in available:
-                    raise InfluenceFileError(f"load_influence: {tensor_path} lacks tensor {key!r} named by its metadata.")
-                shape = tuple(handle.get_slice(key).get_shape())
-                if shape != (num_samples,):
-                    raise InfluenceFileError(
-                        f"load_influence: tensor {key!r} in {tensor_path} has shape {shape}; "
-                        f"the metadata says N={num_samples}, so it must be ({num_samples},)."
-                    )
-                out[key] = handle.get_tensor(key)
-    except InfluenceFileError:
-        raise
+        tensors, available = read_tensors(tensor_path, keys)
     except Exception as error:  # safetensors raises its own error type for a malformed file
         raise InfluenceFileError(f"load_influence: {tensor_path} is not a readable safetensors file ({error}).") from error
-    return out
+    for key in keys:
+        if key not in available:
+            raise InfluenceFileError(f"load_influence: {tensor_path} lacks tensor {key!r} named by its metadata.")
+        if tuple(tensors[key].shape) != (num_samples,):
+            raise InfluenceFileError(
+                f"load_influence: tensor {key!r} in {tensor_path} has shape {tuple(tensors[key].shape)}; "
+                f"the metadata says N={num_samples}, so it must be ({num_samples},)."
+            )
+    return tensors
 
 
 def check_fingerprint(tensor_path: Path, metadata: Mapping[str, Any], dataset: IndexedDataset | None, fingerprint: str | None) -> None:
@@ -277,8 +215,8 @@ def load_influence(
 ) -> InfluenceResult:
     """Read an influence result written by the callback, refusing files that do not fit.
 
-    Memory: the checksum is taken over the file in 16 MiB chunks and each tensor is copied
-    once out of the mapped file, so loading holds the scores once (no second copy).
+    Memory: the checksum is taken over the file in 16 MiB chunks and each tensor is read
+    once through the mapped file, so loading holds the scores once (no second copy).
 
     Args:
         path: the directory holding ``influence.safetensors`` and ``influence.json``,

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from diffin_lightning import InfluenceFileError, InfluenceResult, TargetInfluence, load_influence, save_influence, select, top_k
-from diffin_lightning.store import write_safetensors
+from diffin_lightning.store import atomic_write_bytes
+from diffin_lightning.tensor_file import safetensors_parts, sha256_of
 
 
 def _result(n: int = 200) -> InfluenceResult:
@@ -102,8 +103,11 @@ def test_streamed_file_is_a_safetensors_file_and_its_checksum_is_the_files(tmp_p
         "d/i64": torch.arange(5),
         "e/strided": torch.randn(4, 6, dtype=torch.float64)[:, ::2],
         "f/empty": torch.zeros(0),
+        "g/bool": torch.tensor([True, False, True]),
     }
-    checksum = write_safetensors(tmp_path / "t.safetensors", tensors)
+    parts = safetensors_parts(tensors)
+    atomic_write_bytes(tmp_path / "t.safetensors", parts)
+    checksum = sha256_of(parts)
     assert checksum == hashlib.sha256((tmp_path / "t.safetensors").read_bytes()).hexdigest()
     loaded = load_file(tmp_path / "t.safetensors")
     assert sorted(loaded) == sorted(tensors)
