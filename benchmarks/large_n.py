@@ -1,7 +1,7 @@
 """Large N: a tiny Linear model, 50 optimizer steps, N training samples; what the callback costs.
 
     python -m benchmarks.large_n [--sizes 1000000 10000000] [--repeats 3] [--steps 50] \
-        [--out benchmarks/results/large_n.md]
+        [--training-set-batch-size 65536] [--out benchmarks/results/large_n.md]
     python -m benchmarks.large_n --quick          # N = 100k, 1 repeat, no file
 
 For each N the plain fit and the fit with ``DiffInCallback(targets={"val": ..., "train":
@@ -64,7 +64,7 @@ def make_data(num_samples: int, num_val: int = 2048, seed: int = 0) -> tuple[Ten
     return TensorDataset(inputs[:num_samples], labels[:num_samples]), TensorDataset(inputs[num_samples:], labels[num_samples:])
 
 
-def fit_once(train: TensorDataset, val: TensorDataset, steps: int, with_callback: bool, output_dir: str) -> dict[str, float]:
+def fit_once(train: TensorDataset, val: TensorDataset, steps: int, with_callback: bool, output_dir: str, pass_batch: int | None = 65536) -> dict[str, float]:
     pl.seed_everything(0, verbose=False)
     indexed = IndexedDataset(train)
     loader = DataLoader(indexed, batch_size=BATCH_SIZE, sampler=EpochSeededSampler(len(indexed), seed=0))
@@ -72,7 +72,7 @@ def fit_once(train: TensorDataset, val: TensorDataset, steps: int, with_callback
     callbacks: list[pl.Callback] = [timer]
     callback = None
     if with_callback:
-        callback = DiffInCallback(targets={"val": val, "train": "train"}, training_set_batch_size=65536, output_dir=output_dir)
+        callback = DiffInCallback(targets={"val": val, "train": "train"}, training_set_batch_size=pass_batch, output_dir=output_dir)
         callbacks.append(callback)
     callbacks.append(_EndOfFitStop(timer))
     trainer = pl.Trainer(
@@ -109,18 +109,22 @@ def _median(runs: list[dict[str, float]], key: str) -> float:
     return statistics.median(run[key] for run in runs)
 
 
-def measure(num_samples: int, steps: int, repeats: int) -> str:
+def measure(num_samples: int, steps: int, repeats: int, pass_batch: int | None = 65536) -> str:
     train, val = make_data(num_samples)
     directory = tempfile.mkdtemp(prefix="diffin_large_n_")
     plain: list[dict[str, float]] = []
     with_cb: list[dict[str, float]] = []
     try:
         for _ in range(repeats):
-            plain.append(fit_once(train, val, steps, False, directory))
-            with_cb.append(fit_once(train, val, steps, True, directory))
+            plain.append(fit_once(train, val, steps, False, directory, pass_batch))
+            with_cb.append(fit_once(train, val, steps, True, directory, pass_batch))
             print(f"N={num_samples:,}: plain {plain[-1]} | callback {with_cb[-1]}", flush=True)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+    return format_row(num_samples, steps, plain, with_cb)
+
+
+def format_row(num_samples: int, steps: int, plain: list[dict[str, float]], with_cb: list[dict[str, float]]) -> str:
     mib = 1024.0**2
     fit, drift = _median(with_cb, "wall"), _median(with_cb, "drift")
     # One plain epoch, extrapolated from the plain fit's time per step (an over-estimate of nothing:
@@ -148,17 +152,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="N = 100k, one repeat, nothing written")
+    parser.add_argument("--training-set-batch-size", type=int, default=65536, help="0 = the default (target_batch_size, 256)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.repeats = [100_000], 1
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
-    rows = [measure(n, args.steps, args.repeats) for n in args.sizes]
+    pass_batch = args.training_set_batch_size or None
+    rows = [measure(n, args.steps, args.repeats, pass_batch) for n in args.sizes]
     load = os.getloadavg()
     text = "\n".join(
         [
             f"Tiny Linear ({INPUT_DIM} -> {NUM_CLASSES}), batch {BATCH_SIZE}, max_steps={args.steps}, targets val (2048 samples) + train, "
-            f"defaults (Diff-In, propagated: end-of-fit drift pass over all N), training_set_batch_size=65536. Medians of {args.repeats} "
+            f"defaults (Diff-In, propagated: end-of-fit drift pass over all N), training_set_batch_size={pass_batch or 'default (256)'}. Medians of {args.repeats} "
             f"alternating runs, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, load average at the end "
             f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (a shared machine: compare ratios, not absolute times).",
             "",
