@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="N = 100k, one repeat, nothing written")
-    parser.add_argument("--training-set-batch-size", type=int, default=65536, help="0 = the default (target_batch_size, 256)")
+    parser.add_argument("--training-set-batch-size", type=int, default=65536, help="0 = the automatic default (training_set_batch_size=None)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.quick:
@@ -164,7 +164,7 @@ def main() -> None:
     text = "\n".join(
         [
             f"Tiny Linear ({INPUT_DIM} -> {NUM_CLASSES}), batch {BATCH_SIZE}, max_steps={args.steps}, targets val (2048 samples) + train, "
-            f"defaults (Diff-In, propagated: end-of-fit drift pass over all N), training_set_batch_size={pass_batch or 'default (256)'}. Medians of {args.repeats} "
+            f"defaults (Diff-In, propagated: end-of-fit drift pass over all N), training_set_batch_size={pass_batch or 'automatic'}. Medians of {args.repeats} "
             f"alternating runs, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, load average at the end "
             f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (a shared machine: compare ratios, not absolute times).",
             "",

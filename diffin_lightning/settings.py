@@ -61,13 +61,13 @@ class DiffInSettings:
         default=DEFAULT_TARGET_REFRESH_EVERY_N_STEPS,
     )
     target_batch_size: int = _help(
-        "Samples per forward when computing a dataset target's gradient (and in the passes over the training set unless training_set_batch_size is set).",
+        "Samples per forward when computing a dataset target's gradient (and the least batch of the passes over the training set).",
         default=256,
     )
     training_set_batch_size: int | None = _help(
         "Samples per batch of the passes over the whole training set (the end-of-fit drift pass, the checkpoint "
-        "schedule's passes); None uses target_batch_size. For a small model and large N, raise it (e.g. 65536): "
-        "fewer, larger vectorised batches; memory grows with it.",
+        "schedule's passes). None: about 2**24 / (trainable parameters), within [target_batch_size, 65536] (a tiny "
+        "model reads large vectorised batches; a model of 65k parameters or more uses target_batch_size). Memory grows with it.",
         default=None,
     )
     target_max_samples: int | None = _help(

@@ -1,7 +1,7 @@
 """Two million sample ids, a tiny float64 model, a real Trainer.fit: the callback's large-N paths end to end.
 
-The fit runs the in-run steps, the end-of-fit drift pass over all 2M samples (in batches of
-2**18, sliced from the tensors), the streamed write and the mapped load; every component is
+The fit runs the in-run steps, the end-of-fit drift pass over all 2M samples (in the automatic
+batch of 65536 for this 39-parameter model, sliced from the tensors), the streamed write and the mapped load; every component is
 checked against a brute-force per-sample float64 reference on the visited ids and on a few
 never-visited ids (whose scores come from the drift pass alone), and everywhere else by
 properties that hold for every id (visits equal the recorded batches' counts, first-order
@@ -15,6 +15,7 @@ import time
 import torch
 
 from diffin_lightning import DiffInCallback, load_influence, select, top_k
+from diffin_lightning.engine import pass_batch_size
 from helpers import RTOL, TinyClassifier, TinyData, TrajectoryRecorder, finite_difference_brackets, leaf_params, mean_gradient, sample_gradients, shifted, trainer
 
 NUM_SAMPLES = 2_000_000
@@ -88,9 +89,9 @@ def test_two_million_ids_match_the_reference_and_rank(tmp_path):
         eps=EPS,
         target_refresh_every_n_steps=1,
         train_target_decay=DECAY,
-        training_set_batch_size=2**18,
         output_dir=tmp_path,
     )
+    assert pass_batch_size(sum(p.numel() for p in model.parameters()), callback.settings.target_batch_size) == 65536
     trainer(default_root_dir=tmp_path, max_steps=STEPS, callbacks=[recorder, callback]).fit(model, data.loader(batch_size=BATCH))
     fit_seconds = time.perf_counter() - started
     print(f"2M ids: data and fit {fit_seconds:.1f} s")
