@@ -5,7 +5,7 @@ positive = sample i helped the target, negative = harmful.
 """
 
 from diffin_lightning.callback import DiffInCallback
-from diffin_lightning.data import EpochSeededSampler, IndexedDataset, dataset_fingerprint
+from diffin_lightning.data import EpochSeededSampler, IndexedDataset, ResumableDataLoader, dataset_fingerprint
 from diffin_lightning.ranking import Ranked, select, top_k
 from diffin_lightning.store import (
     SIGN_CONVENTION,
@@ -15,6 +15,8 @@ from diffin_lightning.store import (
     load_influence,
     save_influence,
 )
+from diffin_lightning.replay import trajectory_influence
+from diffin_lightning.trajectory import TrajectoryLog, TrajectoryLogError
 from diffin_lightning.version import __version__
 
 __all__ = [
@@ -24,12 +26,16 @@ __all__ = [
     "InfluenceFileError",
     "InfluenceResult",
     "Ranked",
+    "ResumableDataLoader",
     "SIGN_CONVENTION",
     "TargetInfluence",
+    "TrajectoryLog",
+    "TrajectoryLogError",
     "__version__",
     "dataset_fingerprint",
     "load_influence",
     "save_influence",
+    "trajectory_influence",
     "select",
     "top_k",
 ]

@@ -66,7 +66,13 @@ class InfluenceAccumulator:
         # Parameter-shaped, per target: sum_t (eta_t/N) g_V(theta_t), carried by the same factors.
         self.parameter_states: dict[str, Params] = {}
         self.sums: dict[str, dict[str, Tensor]] = {name: self._zeros() for name in target_names}
-        self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)
+        # Per target: (sample, step) contributions skipped for being non-finite, counted on the device.
+        self.nonfinite_samples = {name: torch.zeros((), dtype=torch.int64, device=device) for name in target_names}
+
+    @property
+    def nonfinite(self) -> Tensor:
+        """All targets' skipped (sample, step) contributions."""
+        return torch.stack(list(self.nonfinite_samples.values())).sum()
 
     def add_state(self, name: str, update: Update, help: str, reduce: Reduce = "sum") -> None:
         """Declare a per-sample state (a zero tensor ``[N]`` per target)."""
@@ -85,7 +91,7 @@ class InfluenceAccumulator:
         eta_over_batch = eta / batch_size
         first, second = contribution.first.detach(), contribution.second.detach()
         finite = torch.isfinite(first) & torch.isfinite(second)
-        self.nonfinite += (~finite).sum()
+        self.nonfinite_samples[name] += (~finite).sum()
         mask = finite.to(self.dtype)
         first = torch.where(finite, first, 0).to(self.dtype) * weight
         second = torch.where(finite, second, 0).to(self.dtype) * weight
@@ -128,10 +134,10 @@ class InfluenceAccumulator:
         unsupported = {spec.reduce for spec in self.declared.values()} - {"sum"}
         if unsupported:
             raise NotImplementedError(f"InfluenceAccumulator.reduced: no cross-rank reduction for {sorted(unsupported)}")
-        flat["__nonfinite__"] = self.nonfinite.reshape(1)
+        flat.update({f"__nonfinite__/{name}": count.reshape(1) for name, count in self.nonfinite_samples.items()})
         combined = distributed.sum_over_ranks(flat)
         out.sums = {name: {key: combined[f"{name}/{key}"] for key in sums} for name, sums in self.sums.items()}
-        out.nonfinite = combined["__nonfinite__"].reshape(())
+        out.nonfinite_samples = {name: combined[f"__nonfinite__/{name}"].reshape(()) for name in self.nonfinite_samples}
         out.parameter_states = self.parameter_states
         return out
 
@@ -142,6 +148,7 @@ class InfluenceAccumulator:
             "sums": {name: {k: v.detach().cpu() for k, v in sums.items()} for name, sums in self.sums.items()},
             "target_sums": {name: {k: v.detach().cpu() for k, v in s.items()} for name, s in self.parameter_states.items()},
             "nonfinite_skipped": int(self.nonfinite),
+            "nonfinite_samples_skipped": {name: int(count) for name, count in self.nonfinite_samples.items() if int(count)},
         }
 
     def load_state_dict(self, state: Mapping[str, Any], keep_totals: bool = True) -> None:
@@ -161,9 +168,15 @@ class InfluenceAccumulator:
             for name, sums in state.get("sums", {}).items()
         }
         self.parameter_states = {name: {k: v.to(self.device) for k, v in s.items()} for name, s in state.get("target_sums", {}).items()}
-        self.nonfinite = torch.tensor(int(state.get("nonfinite_skipped", 0)), dtype=torch.int64, device=self.device)
+        counts = {str(k): int(v) for k, v in state.get("nonfinite_samples_skipped", {}).items()}
+        self.nonfinite_samples = {
+            name: torch.tensor(counts.get(name, 0), dtype=torch.int64, device=self.device) for name in self.sums
+        }
+        if not counts and int(state.get("nonfinite_skipped", 0)) and self.sums:  # an older checkpoint: one total
+            self.nonfinite_samples[next(iter(self.sums))] += int(state["nonfinite_skipped"])
         if not keep_totals:
             for sums in self.sums.values():
                 for value in sums.values():
                     value.zero_()
-            self.nonfinite.zero_()
+            for count in self.nonfinite_samples.values():
+                count.zero_()

@@ -25,12 +25,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from diffin_lightning import distributed
 from diffin_lightning.accumulator import InfluenceAccumulator
-from diffin_lightning.data import INDEX_KEY, IndexedDataset, dataset_fingerprint
+from diffin_lightning.batch_mixing import batch_mixing_message, batch_mixing_modules
+from diffin_lightning.data import INDEX_KEY, dataset_fingerprint, find_indexed_dataset, inexact_resume_reason
 from diffin_lightning.engine import number_of_batches, pass_batch_size, replayed_rng, save_rng_state, training_set_batches
 from diffin_lightning.recorder import InfluenceRecorder
 from diffin_lightning.results import RunRecord, build_result, check_second_order
 from diffin_lightning.settings import DiffInSettings, SecondOrderTerm
-from diffin_lightning.store import TENSOR_FILE, InfluenceResult, save_influence
+from diffin_lightning.store import COMPONENTS, TENSOR_FILE, InfluenceResult, TargetInfluence, save_influence
 from diffin_lightning.targets import DatasetTarget, SelfTarget, Target, TrainingLossTarget, build_targets
 
 
@@ -114,6 +115,7 @@ class DiffInCallback(Callback):
         self._loss_checked = False
         self._ids_checked = False
         self._total_steps = 0
+        self._checkpoint_result: InfluenceResult | None = None  # see on_save_checkpoint
 
     # ------------------------------------------------------------------ read-only views
 
@@ -144,6 +146,20 @@ class DiffInCallback(Callback):
     @property
     def nonfinite_skipped(self) -> int:
         return 0 if self._accumulator is None else int(self._accumulator.nonfinite)
+
+    @property
+    def nonfinite_samples_skipped(self) -> dict[str, int]:
+        if self._accumulator is None:
+            return {}
+        return {name: int(count) for name, count in self._accumulator.nonfinite_samples.items() if int(count)}
+
+    @property
+    def nonfinite_steps_skipped(self) -> dict[str, int]:
+        return dict(self.record.nonfinite_steps_skipped)
+
+    @property
+    def model_nonfinite_step(self) -> int | None:
+        return self.record.model_nonfinite_step
 
     @property
     def _sums(self) -> dict[str, dict[str, Tensor]]:
@@ -191,6 +207,11 @@ class DiffInCallback(Callback):
                 "and no `loss_fn` was given. Add the method (return the unreduced loss of each sample) or pass "
                 "loss_fn=lambda module, batch: <Tensor[B]>."
             )
+        found = batch_mixing_modules(pl_module)
+        if found and not self.settings.allow_batch_mixing:
+            raise RuntimeError(batch_mixing_message(found))
+        if found:
+            rank_zero_warn(batch_mixing_message(found).split(" Replace them")[0] + " Accepted (allow_batch_mixing=True).")
         for target in self.targets:
             target.check_not_empty()
         self._recorder = InfluenceRecorder(self.settings, self.targets, pl_module, self.settings.loss_fn or _default_loss_fn, self.record)
@@ -198,20 +219,32 @@ class DiffInCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dataset = self._train_dataset(trainer)
         configured = self.settings.num_samples
-        num_samples = configured if configured is not None else (len(dataset) if dataset is not None else None)
+        # One rule for N: ids lie in [0, N). With an IndexedDataset (also under Subset wrappers) the ids
+        # are its positions, so N is its length; otherwise N is the dataset's length or num_samples.
+        # With an index_fn of one's own the ids are one's own too: then N is num_samples or the length.
+        indexed = find_indexed_dataset(dataset) if self.index_fn is _default_index_fn else None
+        id_space = len(indexed) if indexed is not None else (len(dataset) if dataset is not None else None)
+        num_samples = configured if configured is not None else id_space
         if num_samples is None:
             raise ValueError(
                 "DiffInCallback could not tell the number of training samples N: the train dataloader's "
-                "dataset has no length. Pass num_samples=N."
+                "dataset has no length. Pass num_samples=N (ids lie in [0, N))."
             )
-        if dataset is not None and configured is not None and len(dataset) != configured:
+        if indexed is not None and configured is not None and configured != len(indexed):
             raise ValueError(
-                f"`num_samples` is {configured} but the train dataloader's dataset holds {len(dataset)} samples; "
-                "pass the dataset's length or leave num_samples=None."
+                f"`num_samples` is {configured} but the training ids come from an IndexedDataset of "
+                f"{len(indexed)} samples (ids are its positions, also under a Subset). Leave num_samples=None "
+                f"or pass num_samples={len(indexed)}."
+            )
+        if indexed is None and dataset is not None and num_samples < len(dataset):
+            raise ValueError(
+                f"`num_samples` (N: ids lie in [0, N)) is {num_samples} but the train dataloader's dataset holds "
+                f"{len(dataset)} samples, each needing its own id. Pass num_samples >= {len(dataset)} (the largest "
+                "id + 1), or leave it None."
             )
         self.record.num_samples = num_samples
-        labels = dataset.labels() if isinstance(dataset, IndexedDataset) else None
-        self.record.fingerprint = dataset_fingerprint(num_samples, labels)
+        # The fingerprint covers the id space: the IndexedDataset the ids index (also under a Subset).
+        self.record.fingerprint = dataset_fingerprint(indexed if indexed is not None else (dataset if dataset is not None else num_samples))
         self._check_optimizer(trainer)
         if self.settings.schedule == "checkpoints":
             self.record.checkpoint_steps = self._plan_checkpoints(trainer)
@@ -221,8 +254,20 @@ class DiffInCallback(Callback):
             self._accumulator = InfluenceAccumulator([t.name for t in self.targets], num_samples, device, dtype)
         if self._loaded_state is not None:
             self._adopt_loaded_state(device)
+            self._warn_if_resume_is_inexact(trainer)
         assert self._recorder is not None
         self._recorder.accumulator = self._accumulator
+
+    def _warn_if_resume_is_inexact(self, trainer: pl.Trainer) -> None:
+        batches = trainer.num_training_batches
+        mid_epoch = math.isfinite(batches) and trainer.global_step % max(1, math.ceil(batches / trainer.accumulate_grad_batches)) != 0
+        reason = inexact_resume_reason(trainer.train_dataloader, mid_epoch)
+        if reason is not None:
+            rank_zero_warn(
+                f"DiffInCallback: resumed at step {trainer.global_step}, but {reason}: the scores will differ from an "
+                "uninterrupted run. Use diffin_lightning.ResumableDataLoader with an EpochSeededSampler (the bundled "
+                "data modules do), or resume from end-of-epoch checkpoints with a replayable sampler."
+            )
 
     def _plan_checkpoints(self, trainer: pl.Trainer) -> list[int]:
         total = trainer.estimated_stepping_batches
@@ -276,6 +321,7 @@ class DiffInCallback(Callback):
         return step % self.settings.every_n_steps == 0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._write_held_checkpoint_result(trainer)
         try:
             ids = self._sample_ids(batch, pl_module.device)
             if not self._loss_checked:
@@ -309,8 +355,9 @@ class DiffInCallback(Callback):
             if int(ids.min()) < 0 or int(ids.max()) >= n:
                 raise ValueError(
                     f"DiffInCallback: sample ids must lie in [0, N) with N={n}; the batch holds ids from "
-                    f"{int(ids.min())} to {int(ids.max())}. Ids must be the positions of samples in the training "
-                    "dataset (IndexedDataset does this), or pass num_samples=N to match your ids."
+                    f"{int(ids.min())} to {int(ids.max())}. Wrap the training dataset in IndexedDataset (a Subset "
+                    "goes around it: ids stay the wrapped dataset's), or, with ids of your own, pass num_samples = the "
+                    f"largest id in the whole training set + 1 (at least {int(ids.max()) + 1})."
                 )
         return ids
 
@@ -430,7 +477,12 @@ class DiffInCallback(Callback):
             yield batch, self._sample_ids(batch, device)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_held_checkpoint_result(trainer)
         s = self.settings
+        if self._accumulator is not None and self._recorder is not None:
+            self._recorder.check_model_finite(trainer.global_step)
+        if self.record.model_nonfinite_step is not None:
+            return  # no drift correction from a non-finite model: the files say complete: false
         if s.schedule == "in_run" and s.compute_second_order and self._accumulator is not None and self._accumulator.parameter_states:
             assert self._recorder is not None
             device = pl_module.device
@@ -438,11 +490,11 @@ class DiffInCallback(Callback):
                 self._recorder.compute_drift(
                     trainer.global_step, device, self._training_set(trainer, device, progress="DiffIn end-of-fit pass")
                 )
-        if self.nonfinite_skipped:
+        for name, count in self.nonfinite_samples_skipped.items():
             rank_zero_warn(
-                f"DiffInCallback: {self.nonfinite_skipped} non-finite contribution(s) were skipped (the totals are "
-                "unaffected; the count is in the metadata as 'nonfinite_skipped'). A diverging loss or an eps too "
-                "small for the dtype can cause this."
+                f"DiffInCallback: {count} (sample, step) non-finite contribution(s) to target {name!r} were skipped: "
+                "those samples got nothing from those steps, the others were kept (counted in the metadata's "
+                "'nonfinite_samples_skipped'). A NaN per-sample loss or gradient, or an eps too small for the dtype, can cause this."
             )
 
     # ------------------------------------------------------------------ results
@@ -483,18 +535,30 @@ class DiffInCallback(Callback):
         self._reduced = (self._accumulator.reduced(), distributed.sum_over_ranks(drift) if drift else {})
         return self._reduced
 
-    def _write(self, trainer: pl.Trainer, complete: bool) -> None:
-        """Write the files from global rank zero; under DDP every rank must call it, to sum the ranks' states."""
+    def _write(self, trainer: pl.Trainer, complete: bool, result: InfluenceResult | None = None) -> None:
+        """Write the files from global rank zero.
+
+        Without ``result``, under DDP every rank must call it, to sum the ranks' states; a held
+        ``result`` (already summed, at its checkpoint) is written by rank zero alone.
+        """
         if self._accumulator is None:
             return
-        if distributed.world_size() > 1:
+        if result is None and distributed.world_size() > 1:
             self._reduce_over_ranks()
         directory = self.output_dir or Path(trainer.log_dir or trainer.default_root_dir)
         if not trainer.is_global_zero:
             self.output_path = directory / TENSOR_FILE  # where rank zero writes them
             return
-        result = self.influence
-        result.metadata.update(complete=complete, global_step=trainer.global_step, epoch=trainer.current_epoch)
+        self._checkpoint_result = None  # whatever is written now supersedes a held checkpoint's scores
+        if result is None:
+            result = self.influence
+            reason = None
+            if self.record.model_nonfinite_step is not None:
+                complete = False
+                reason = f"the model's parameters became non-finite at step {self.record.model_nonfinite_step}; later steps were not scored"
+            elif not complete:
+                reason = "training did not finish"
+            result.metadata.update(complete=complete, incomplete_reason=reason, global_step=trainer.global_step, epoch=trainer.current_epoch)
         self.output_path = save_influence(result, directory)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -502,6 +566,11 @@ class DiffInCallback(Callback):
             self._recorder.teardown()  # the model leaves the fit without the callback's hooks
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._loaded_state is not None:
+            # Resumed from a checkpoint taken after the last step: Lightning skips the training loop
+            # (no on_train_start, no on_train_end), so the restored scores are adopted and finished here.
+            self.on_train_start(trainer, pl_module)
+            self.on_train_end(trainer, pl_module)
         self._write(trainer, complete=True)
         if self.output_path is not None:
             rank_zero_info(f"DiffInCallback: influence written to {self.output_path}")
@@ -509,6 +578,11 @@ class DiffInCallback(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self._recorder is not None:
             self._recorder.abandon_step()
+        # A held checkpoint result may belong to a checkpoint that never reached the disk: drop it.
+        self._checkpoint_result = None
+        if self.settings.save_on_checkpoint:
+            # The files on disk pair with the last checkpoint written; scores ahead of it would not.
+            return
         # Keep what was recorded: a crashed run still leaves its partial scores (complete=false).
         if distributed.world_size() > 1:
             # Summing the ranks' states is a collective, and the other ranks may be anywhere (or
@@ -525,8 +599,35 @@ class DiffInCallback(Callback):
             rank_zero_warn(f"DiffInCallback: could not write partial influence after a crash: {error}")
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self.settings.save_on_checkpoint:
-            self._write(trainer, complete=False)
+        if not self.settings.save_on_checkpoint or self._accumulator is None:
+            return
+        if distributed.world_size() > 1:
+            self._reduce_over_ranks()  # every rank builds the checkpoint: the held scores are the totals over ranks
+        if not trainer.is_global_zero:
+            return
+        # Lightning writes the checkpoint file after this hook returns. Files written now would be
+        # ahead of the checkpoint if the process died in between, so the scores of this step are held
+        # and written at the next hook, once the checkpoint is on disk (_write_held_checkpoint_result).
+        result = self.influence
+        result = InfluenceResult(
+            targets={
+                name: TargetInfluence(target.name, target.kind, *(target.component(c).clone() for c in COMPONENTS))
+                for name, target in result.targets.items()
+            },
+            metadata=result.metadata,
+        )
+        result.metadata.update(complete=False, global_step=int(checkpoint["global_step"]), epoch=int(checkpoint["epoch"]))
+        self._checkpoint_result = result
+
+    def _write_held_checkpoint_result(self, trainer: pl.Trainer) -> None:
+        if self._checkpoint_result is not None:
+            self._write(trainer, complete=False, result=self._checkpoint_result)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_held_checkpoint_result(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_held_checkpoint_result(trainer)
 
     # ------------------------------------------------------------------ checkpoint state
 
@@ -539,7 +640,7 @@ class DiffInCallback(Callback):
             accumulator = self._reduce_over_ranks()[0] if distributed.world_size() > 1 else self._accumulator
             state.update(accumulator.state_dict())
         else:
-            state.update(sums={}, target_sums={}, nonfinite_skipped=0)
+            state.update(sums={}, target_sums={}, nonfinite_skipped=0, nonfinite_samples_skipped={})
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

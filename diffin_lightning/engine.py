@@ -264,6 +264,7 @@ class CapturedStep:
         self.forward_context = forward_context
         self.self_chunk_size = self_chunk_size
         self._gradient_dots: Tensor | None = None
+        self.from_training_step = False  # set by the recorder when the factors are the training step's own
 
     def _losses_at(self, mb: MicroBatch) -> Callable[[Params], Tensor]:
         device = next(iter(self.params.values())).device

@@ -28,6 +28,13 @@ from torch.utils._pytree import tree_map
 
 Params = dict[str, Tensor]
 LossFn = Callable[[nn.Module, Any], Tensor]
+# The CPU generator's state and, on a CUDA device, that device's generator state.
+RngState = tuple[Tensor, Tensor | None]
+
+
+def rng_state(device: torch.device) -> RngState:
+    """The state of the generators a forward pass on ``device`` draws from (dropout masks)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
 class _LossModule(nn.Module):
@@ -70,6 +77,7 @@ class PerSampleLoss:
         seed: the random seed every evaluation starts from, so that dropout draws the
             same masks at ``theta`` and at the perturbed point (a finite difference of
             two different random functions would be noise). ``None`` leaves the RNG alone.
+            Batches given to :meth:`replay_rng_states` start from their own recorded state instead.
 
     The callback's fast path reads per-sample products from captured layer factors
     (:mod:`diffin_lightning.dots`); this class is the ``torch.func`` path
@@ -90,9 +98,20 @@ class PerSampleLoss:
         self._wrapper = _LossModule(module, loss_fn)
         self.module = module
         self.seed = seed
+        # id(batch) -> (batch, the RNG state its training forward started from)
+        self._rng_states: dict[int, tuple[Any, RngState]] = {}
 
     def clear_captures(self) -> None:
-        """Nothing to forget: kept for callers written against the earlier activation cache."""
+        """Forget the replayed RNG states."""
+        self._rng_states.clear()
+
+    def replay_rng_states(self, batches_and_states: Iterable[tuple[Any, RngState]]) -> None:
+        """Evaluate each of these batches from its given RNG state (the training step's dropout masks).
+
+        Held until :meth:`clear_captures`; other batches keep starting from ``seed``.
+        """
+        for batch, state in batches_and_states:
+            self._rng_states[id(batch)] = (batch, state)
 
     def parameters(self) -> Params:
         """The trainable parameters, detached (the point the step starts from)."""
@@ -102,9 +121,17 @@ class PerSampleLoss:
         # Buffers are passed as copies so that batch-norm running statistics are not
         # updated by the callback's extra passes: training must not see them.
         buffers = {f"module.{name}": b.clone() for name, b in self.module.named_buffers()}
+        device = next(iter(params.values())).device
+        replayed = self._rng_states.get(id(batch))
+        if replayed is not None and replayed[0] is batch:
+            cpu_state, cuda_state = replayed[1]
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.set_rng_state(cpu_state)
+                if cuda_state is not None:
+                    torch.cuda.set_rng_state(cuda_state, device)
+                return functional_call(self._wrapper, {**buffers, **_prefixed(params)}, (batch,), strict=False)
         if self.seed is None:
             return functional_call(self._wrapper, {**buffers, **_prefixed(params)}, (batch,), strict=False)
-        device = next(iter(params.values())).device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             # Seed only the generators in use: torch.manual_seed would also poke every lazy
             # accelerator backend, which costs milliseconds per call.
@@ -128,11 +155,16 @@ class PerSampleLoss:
         """``[l_i(params)]`` for the samples of ``batch``."""
         return self._call(params, batch)
 
-    def batch_gradient(self, params: Params, batches: Iterable[Any], total: int | None = None) -> Params:
+    def uses_ghost(self, params: Params) -> bool:
+        """Always ``False``: the Linear-only activation cache is gone (the dots package replaced it); kept for callers."""
+        return False
+
+    def batch_gradient(self, params: Params, batches: Iterable[Any], total: int | None = None, keep_captures: bool = False) -> Params:
         """``grad (1/total) sum_{i in batches} l_i`` at ``params``.
 
         ``batches`` are the step's micro-batches (or a target's batches); ``total``
         defaults to the number of samples they hold, which makes this the mean loss's gradient.
+        ``keep_captures`` is accepted and ignored (nothing is cached any more).
         """
         result: Params | None = None
         count = 0

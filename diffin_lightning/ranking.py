@@ -12,12 +12,13 @@ order) and ``largest=True`` the most helpful (the coreset order).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from diffin_lightning.store import COMPONENTS, InfluenceResult, check_checksum, read_metadata, read_scores
+from diffin_lightning.store import COMPONENTS, InfluenceResult, read_one_tensor
 
 ResultSource = InfluenceResult | str | os.PathLike[str]
 
@@ -36,14 +37,23 @@ def _scores(source: ResultSource, target: str, component: str, verify_checksum: 
         if target not in source.targets:
             raise KeyError(f"`target` {target!r} is not in this result; it has {sorted(source.targets)}.")
         return source[target].component(component)
-    tensor_path, metadata = read_metadata(source)
-    kinds = metadata.get("target_kinds", {})
-    if target not in kinds:
-        raise KeyError(f"`target` {target!r} is not in {tensor_path}; it has {sorted(kinds)}.")
-    if verify_checksum:
-        check_checksum(tensor_path, metadata)
-    key = f"{target}/{component}"
-    return read_scores(tensor_path, metadata, [key])[key]
+    directory = Path(source)
+    metadata_file = directory if directory.is_dir() else directory.parent
+    kinds = _target_kinds(metadata_file)
+    if kinds is not None and target not in kinds:
+        raise KeyError(f"`target` {target!r} is not in {metadata_file}; it has {sorted(kinds)}.")
+    return read_one_tensor(source, f"{target}/{component}", verify_checksum=verify_checksum)[1]
+
+
+def _target_kinds(directory: Path) -> dict[str, str] | None:
+    """The metadata's targets, read before the checked read so a wrong name gets its own message."""
+    import json
+
+    try:
+        kinds = json.loads((directory / "influence.json").read_text()).get("target_kinds")
+    except (OSError, ValueError, AttributeError):
+        return None  # read_one_tensor explains what is wrong with the file
+    return kinds if isinstance(kinds, dict) else None
 
 
 def top_k(

@@ -7,6 +7,7 @@ Trainer. One :class:`InfluenceRecorder` per fit.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -31,7 +32,7 @@ from diffin_lightning.engine import (
 from diffin_lightning.per_sample import LossFn, Params, PerSampleLoss
 from diffin_lightning.results import RunRecord
 from diffin_lightning.settings import DiffInSettings
-from diffin_lightning.step import checkpoint_step, finite_difference_step, in_run_step
+from diffin_lightning.step import Contribution, checkpoint_step, finite_difference_step, in_run_step
 from diffin_lightning.targets import DatasetTarget, SelfTarget, Target, TrainingLossTarget
 
 ForwardContext = Callable[[], contextlib.AbstractContextManager[Any]]
@@ -75,24 +76,37 @@ class InfluenceRecorder:
         )
         self.accumulator: InfluenceAccumulator | None = None
         self.drift: dict[str, Tensor] = {}
+        self.step_losses: list[Tensor] = []
+        self._wrapped_loss = False
+        self._in_training_step = False
+        self._warned: set[tuple[str, str]] = set()
+        if self.use_capture:
+            self.record_training_losses()
         message = self.capture.fallback_message() if self.capture is not None else None
         if message:
             rank_zero_info(message)
 
     def teardown(self) -> None:
-        """Remove the capture hooks from the model."""
+        """Remove the capture hooks and the loss wrapper from the model."""
         if self.capture is not None:
             self.capture.remove()
+        if self._wrapped_loss:
+            del self.module.per_sample_loss
+            self._wrapped_loss = False
 
     # ------------------------------------------------------------------ per micro-batch
 
     def begin_micro_batch(self, batch: Any, size: int, rng: RngState | None) -> None:
         """A recorded step's micro-batch is about to run its training step."""
         if self.capture is not None and self.settings.schedule == "in_run":
+            if not self.capture.micro_batches:
+                self.step_losses = []
             self.capture.begin_micro_batch(batch, size, rng, hooks=self.use_capture)
+            self._in_training_step = True
 
     def abandon_step(self) -> None:
         """Forget the current step's captures (a skipped step)."""
+        self._in_training_step = False
         if self.capture is not None:
             self.capture.clear()
 
@@ -123,6 +137,16 @@ class InfluenceRecorder:
             mixed_precision: whether that context is autocast (looser first-step check).
         """
         assert self.accumulator is not None
+        self._in_training_step = False
+        self.record.steps_recorded += 1
+        self.record.steps_represented += self.settings.every_n_steps
+        # Step-level quantities: a non-finite one leaves nothing of this step that can be trusted.
+        if not self.check_model_finite(step) or not math.isfinite(eta):
+            what = "the model's parameters" if self.record.model_nonfinite_step is not None else f"the learning rate ({eta})"
+            for target in self.targets:
+                self.skip_step(target.name, step, what)
+            self.abandon_step()
+            return
         params = self.loss.parameters()
         batch_size = int(ids.numel())
         with other_captures_paused(self.capture):
@@ -153,13 +177,20 @@ class InfluenceRecorder:
                 micro_batches = list(capture.micro_batches)
                 if len(micro_batches) != len(batches):  # a step whose start was not seen (resumed mid-step)
                     micro_batches = [MicroBatch(batch, int(part.numel())) for batch, part in zip(batches, ids.split(batch_size))]
-                if self.use_capture and gradients is not None:
+                reuse = self.use_capture and gradients is not None
+                if distributed.world_size() > 1:
+                    # The two paths issue different collectives: the ranks reuse the training step only together
+                    # (a rank whose micro-batches differ in size cannot, so all recapture at that step).
+                    reuse = distributed.sum_scalars_over_ranks([float(reuse)])[0] == distributed.world_size()
+                if reuse:
+                    assert gradients is not None
                     per_sample = capture.layers.per_sample(backprop_scale=backprop_scale)
                     if gradient_to_mean != 1.0:
                         gradients = dict(zip(gradients, torch._foreach_mul(list(gradients.values()), gradient_to_mean)))
                     view = CapturedStep(
                         capture, self.unseeded_loss, params, micro_batches, per_sample, gradients, forward_context, self.settings.self_chunk_size
                     )
+                    view.from_training_step = True
                     if not self.verified:
                         view = self._verify(view, forward_context, mixed_precision)
                 else:
@@ -210,13 +241,42 @@ class InfluenceRecorder:
         assert self.accumulator is not None
         settings = self.settings
         device = ids.device
+        # Per-sample losses the training step itself computed (capture path): a non-finite one makes this
+        # step's G_B, as the mean of per_sample_loss defines it, non-finite, even where training dropped it.
+        losses = self.step_losses if isinstance(view, CapturedStep) and view.from_training_step else None
+        bad_samples = None if not losses else ~torch.isfinite(torch.cat(losses))
+        needs_batch_gradient = any(not isinstance(t, SelfTarget) for t in self.targets)
+        batch_gradient_finite = True
+        if needs_batch_gradient:
+            # One host synchronisation: G_B (and the step's losses) finite. Checked before any target sees
+            # G_B: the 'train' target folds it into its running average.
+            checks = [torch.isfinite(g).all() for g in view.batch_gradient.values()]
+            if bad_samples is not None:
+                checks.append(~bad_samples.any())
+            batch_gradient_finite = bool(torch.stack(checks).all())
+            if distributed.world_size() > 1:
+                # The per-sample losses are this rank's: the ranks skip together (a target's refresh is a collective).
+                agreed = distributed.sum_scalars_over_ranks([float(batch_gradient_finite)])[0]
+                batch_gradient_finite = agreed == distributed.world_size()
         target_gradients: dict[str, Params | None] = {}
         for target in self.targets:
             if isinstance(target, SelfTarget):
                 target_gradients[target.name] = None
-            else:
-                batch_gradient = view.batch_gradient if isinstance(target, TrainingLossTarget) else {}
-                target_gradients[target.name] = target.target_gradient(self.loss, params, step, device, batch_gradient)
+                continue
+            if not batch_gradient_finite:
+                self.skip_step(target.name, step, "the batch gradient G_B")
+                continue
+            refreshed_before = getattr(target, "refreshed_at_step", None)
+            batch_gradient = view.batch_gradient if isinstance(target, TrainingLossTarget) else {}
+            gradient = target.target_gradient(self.loss, params, step, device, batch_gradient)
+            # A dataset target's gradient changes only at a refresh: checked then (or every step for 'train').
+            if getattr(target, "refreshed_at_step", None) != refreshed_before or isinstance(target, TrainingLossTarget):
+                if not _all_finite(gradient):
+                    self.skip_step(target.name, step, "the target gradient g_V")
+                    if isinstance(target, DatasetTarget):
+                        target.refreshed_at_step = None  # refresh again next step
+                    continue
+            target_gradients[target.name] = gradient
         eps = finite_difference_step(settings.eps, params) if settings.compute_second_order else torch.zeros(())
         if settings.compute_second_order:
             self.record.last_eps = eps
@@ -233,10 +293,63 @@ class InfluenceRecorder:
             eps=eps,
             scheme=settings.finite_difference,
         )
+        factors = [c.factor for c in contributions.values() if c.factor is not None]
+        factors_finite = torch.stack([torch.isfinite(f) for f in factors]).tolist() if factors else []
         for name, contribution in contributions.items():
+            if contribution.factor is not None and not factors_finite.pop(0):
+                # A NaN curvature would clamp the factor to 0 and wipe every earlier contribution.
+                self.skip_step(name, step, "the curvature along g_V")
+                continue
+            if bad_samples is not None:
+                nan = torch.full_like(contribution.first, float("nan"))
+                contribution = Contribution(
+                    torch.where(bad_samples, nan, contribution.first),
+                    contribution.second,
+                    contribution.factor,
+                    contribution.target_gradient,
+                )
             self.accumulator.add(name, ids, contribution, float(settings.every_n_steps), eta, batch_size)
-        self.record.steps_recorded += 1
-        self.record.steps_represented += settings.every_n_steps
+
+    def skip_step(self, name: str, step: int, what: str) -> None:
+        """A non-finite step- or target-level quantity: this step gives target ``name`` nothing; counted."""
+        skipped = self.record.nonfinite_steps_skipped
+        skipped[name] = skipped.get(name, 0) + 1
+        if (name, what) not in self._warned:
+            self._warned.add((name, what))
+            rank_zero_warn(
+                f"DiffInCallback: {what} is non-finite at step {step}: the step is skipped for target {name!r} "
+                "(nothing of it reaches the scores; later such steps are skipped without a warning and counted in the "
+                "metadata's 'nonfinite_steps_skipped'). A diverging loss, an inf learning rate or an eps too small "
+                "for the dtype can cause this."
+            )
+
+    def check_model_finite(self, step: int) -> bool:
+        """Whether the parameters are finite (once they are not, no later step is scored)."""
+        if self.record.model_nonfinite_step is None and not _all_finite(self.loss.parameters()):
+            self.record.model_nonfinite_step = step
+            rank_zero_warn(
+                f"DiffInCallback: the model's parameters are non-finite at step {step}; no later step can be scored. "
+                "The files will say complete: false with the reason. Lower the learning rate or guard the loss."
+            )
+        return self.record.model_nonfinite_step is None
+
+    # ------------------------------------------------------------------ the training step's own losses
+
+    def record_training_losses(self) -> None:
+        """Wrap the module's ``per_sample_loss`` so the training step's own per-sample losses are kept (recorded steps only)."""
+        module = self.module
+        original = getattr(type(module), "per_sample_loss", None)
+        if original is None or self.settings.loss_fn is not None or "per_sample_loss" in vars(module):
+            return
+
+        def per_sample_loss(*args: Any, **kwargs: Any) -> Any:
+            losses = original(module, *args, **kwargs)
+            if self._in_training_step and torch.is_grad_enabled() and isinstance(losses, Tensor):
+                self.step_losses.append(losses.detach())
+            return losses
+
+        module.per_sample_loss = per_sample_loss  # type: ignore[method-assign]
+        self._wrapped_loss = True
 
     def record_checkpoint(
         self,
@@ -318,6 +431,9 @@ class InfluenceRecorder:
                 finals[target.name] = target.fresh_gradient(loss, params, step, device)
             else:
                 finals[target.name] = target.current_estimate()
+        for name in [name for name, gradient in finals.items() if not _all_finite(gradient)]:
+            del finals[name]  # no drift correction without a finite final target gradient
+            self.skip_step(name, step, "the final target gradient of the drift correction")
         if not finals:
             return
         sums = self.accumulator.sums
@@ -338,6 +454,13 @@ class InfluenceRecorder:
             for k, name in enumerate(names):
                 drift = drifts[name]
                 toward_final, toward_past = dots[k].to(drift.dtype), dots[len(names) + k].to(drift.dtype)
-                drift.index_add_(0, ids, visit_weights[name][ids] * toward_final - toward_past)
+                correction = visit_weights[name][ids] * toward_final - toward_past
+                finite = torch.isfinite(correction)
+                self.accumulator.nonfinite_samples[name] += (~finite).sum()
+                drift.index_add_(0, ids, torch.where(finite, correction, 0))
         self.drift.update(drifts)
 
+
+
+def _all_finite(tensors: dict[str, Tensor]) -> bool:
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors.values()]).all()) if tensors else True

@@ -33,6 +33,8 @@ class RunRecord:
     checkpoint_steps: list[int] = field(default_factory=list)
     last_eps: Tensor | float | None = None
     engine: str = "not started"
+    nonfinite_steps_skipped: dict[str, int] = field(default_factory=dict)
+    model_nonfinite_step: int | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -41,12 +43,17 @@ class RunRecord:
             "steps_recorded": self.steps_recorded,
             "steps_represented": self.steps_represented,
             "skipped_amp_steps": self.skipped_amp_steps,
+            "nonfinite_steps_skipped": dict(self.nonfinite_steps_skipped),
+            "model_nonfinite_step": self.model_nonfinite_step,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.steps_recorded = int(state.get("steps_recorded", 0))
         self.steps_represented = float(state.get("steps_represented", 0))
         self.skipped_amp_steps = int(state.get("skipped_amp_steps", 0))
+        self.nonfinite_steps_skipped = {str(k): int(v) for k, v in state.get("nonfinite_steps_skipped", {}).items()}
+        step = state.get("model_nonfinite_step")
+        self.model_nonfinite_step = None if step is None else int(step)
 
 
 def check_second_order(second_order: Any, settings: DiffInSettings) -> None:
@@ -106,7 +113,8 @@ def metadata(
         "targets": target_names,
         "fingerprint": record.fingerprint,
         "second_order": second_order,
-        "second_order_terms_available": list(SECOND_ORDER_TERMS if settings.schedule == "in_run" else SECOND_ORDER_TERMS[1:]),
+        # exactly what the tensor file holds: one second-order term (influence_with(name) gives the others in memory)
+        "second_order_terms_available": [second_order],
         "propagated_drift_included": bool(drift),
         "finite_difference": settings.finite_difference,
         "compute_second_order": settings.compute_second_order,
@@ -121,6 +129,9 @@ def metadata(
         "steps_represented": record.steps_represented,
         "skipped_amp_steps": record.skipped_amp_steps,
         "nonfinite_skipped": int(accumulator.nonfinite),
+        "nonfinite_samples_skipped": {name: int(count) for name, count in accumulator.nonfinite_samples.items() if int(count)},
+        "nonfinite_steps_skipped": dict(record.nonfinite_steps_skipped),
+        "model_nonfinite_step": record.model_nonfinite_step,
         "world_size": distributed.world_size(),
         "per_sample_engine": record.engine,
         "settings": settings.to_dict(),

@@ -116,8 +116,21 @@ class DiffInSettings:
         "Where influence.safetensors and influence.json go; default trainer.log_dir (default_root_dir without a logger).",
         default=None,
     )
-    save_on_checkpoint: bool = _help("Also write the influence files whenever Lightning saves a checkpoint.", default=False)
-    seed: int = _help("Seeds the target subsets and, on the torch.func path, the extra passes' RNG.", default=0)
+    save_on_checkpoint: bool = _help(
+        "Also write the influence files whenever Lightning saves a checkpoint, with that checkpoint's global_step and "
+        "epoch, just after the checkpoint file lands: the files on disk are never ahead of the last checkpoint.",
+        default=False,
+    )
+    seed: int = _help(
+        "Seeds the target subsets and the RNG of the passes over target batches and of the end-of-fit pass; passes over "
+        "a step's own training batches replay the training step's RNG state (its dropout masks).",
+        default=0,
+    )
+    allow_batch_mixing: bool = _help(
+        "Accept a model with layers that mix a batch's samples (BatchNorm in train mode); refused at setup otherwise. "
+        "The scores are then approximate.",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         for name in ("every_n_steps", "target_refresh_every_n_steps", "target_batch_size"):

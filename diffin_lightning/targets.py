@@ -36,7 +36,8 @@ class DatasetTarget:
     Args:
         name: the target's name in the results.
         data: a map-style ``Dataset`` (wrapped in :class:`IndexedDataset` unless it
-            already is one, so its batches have the training batches' structure) or a
+            already is one, so its batches have the training batches' structure; items that
+            already carry an ``"index"`` key are kept as they are: targets need no ids) or a
             ``DataLoader`` used as it is.
         batch_size: batch size for a ``Dataset`` target.
         max_samples: at most this many samples per refresh of ``g_V``. For a Dataset, a
@@ -72,7 +73,7 @@ class DatasetTarget:
             self.dataset: Dataset | None = None
         else:
             self.loader = None
-            self.dataset = data if isinstance(data, IndexedDataset) else IndexedDataset(data)
+            self.dataset = data if isinstance(data, IndexedDataset) else IndexedDataset(data, existing_index="keep")
         self.batch_size = batch_size
         self.max_samples = max_samples
         self.refresh_every_n_steps = refresh_every_n_steps

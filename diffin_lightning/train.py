@@ -24,9 +24,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from diffin_lightning.callback import DiffInCallback
-from diffin_lightning.cli import CONFIG_DIR, UsageError, build_datamodule, build_model, one_line_errors, resolved_yaml
+from diffin_lightning.cli import CONFIG_DIR, UsageError, build_datamodule, build_model, built, one_line_errors, resolved_yaml
 from diffin_lightning.dynamics import TrainingDynamicsCallback
 from diffin_lightning.store import atomic_write_bytes
+from diffin_lightning.trajectory import TrajectoryLog
 
 SPLIT_TARGETS = {"val": "val_dataset", "test": "test_dataset"}
 
@@ -67,16 +68,25 @@ def train(config: DictConfig, run_dir: Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / "config.yaml", resolved_yaml(config).encode())
     pl.seed_everything(config.seed, workers=True, verbose=False)
-    datamodule = build_datamodule(config.data)
-    model = build_model(config.model, datamodule)
+    datamodule = built("data", config.data, lambda: build_datamodule(config.data))
+    model = built("model", config.model, lambda: build_model(config.model, datamodule))
     influence = build_influence_callback(config.influence, datamodule, run_dir)
     dynamics = TrainingDynamicsCallback(el2n_epoch=config.dynamics.el2n_epoch, output_dir=run_dir)
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True)
-    trainer = instantiate(
+    trajectory = OmegaConf.select(config, "trajectory", default=None)
+    extra = []
+    if trajectory is not None and trajectory.enabled:
+        # task=replay reads <run_dir>/trajectory (diffin_lightning.tasks.replay.TRAJECTORY_DIR).
+        extra.append(TrajectoryLog(output_dir=run_dir / "trajectory", checkpoint_every_n_steps=trajectory.checkpoint_every_n_steps))
+    trainer = built(
+        "trainer",
         config.trainer,
-        default_root_dir=str(run_dir),
-        callbacks=[influence, dynamics, checkpoints],
-        logger=CSVLogger(str(run_dir), name="logs"),
+        lambda: instantiate(
+            config.trainer,
+            default_root_dir=str(run_dir),
+            callbacks=[influence, dynamics, checkpoints, *extra],
+            logger=CSVLogger(str(run_dir), name="logs"),
+        ),
     )
     try:
         # Before fit: a multi-process strategy would launch its workers first and fail in each of them.
@@ -85,22 +95,35 @@ def train(config: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise UsageError(f"trainer: {error} (e.g. trainer=cpu, trainer=gpu or trainer=ddp)") from error
     started = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=config.ckpt_path)
+    last_checkpoint = run_dir / "checkpoints" / "last.ckpt"
     summary = {
         "run_dir": str(run_dir),
         "fit_seconds": round(time.perf_counter() - started, 3),
         "global_step": trainer.global_step,
-        "influence": str(influence.output_path),
-        "dynamics": str(dynamics.output_path),
-        "last_checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+        # JSON null, never the string "None", for a file that was not written
+        "influence": _existing(influence.output_path),
+        "dynamics": _existing(dynamics.output_path),
+        "last_checkpoint": _existing(last_checkpoint),
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
     }
-    if trainer.is_global_zero:  # under DDP every rank runs this function; one writes
-        atomic_write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    if not trainer.is_global_zero:
+        return summary  # under DDP every rank runs this function; rank zero writes (and checks) what it wrote
+    atomic_write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    if summary["influence"] is None:
+        raise UsageError(
+            f"the run made {trainer.global_step} optimizer steps and recorded no influence (trainer.max_epochs="
+            f"{config.trainer.get('max_epochs')}, trainer.max_steps={config.trainer.get('max_steps', -1)}), so "
+            f"{run_dir} holds no influence files for analyze. Train for at least one step, e.g. trainer.max_epochs=1."
+        )
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def _existing(path: Path | None) -> str | None:
+    return str(path) if path is not None and Path(path).exists() else None
+
+
 @one_line_errors
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(config: DictConfig) -> None:
     summary = train(config, Path(HydraConfig.get().runtime.output_dir))
     if rank_zero_only.rank == 0:

@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/setup-venv
-.venv/bin/python -m diffin_lightning.train trainer.enable_progress_bar=false hydra.run.dir=runs/examples/coreset_curve
+.venv/bin/python -m diffin_lightning.train hydra.run.dir=runs/examples/coreset_curve
 .venv/bin/python -m diffin_lightning.analyze task=coreset run_dir=runs/examples/coreset_curve target=val class_balanced=true \
   "p=[0.1,0.2,0.3,0.5,0.7]" "seeds=[0,1,2]" verify=true hydra.run.dir=runs/examples/coreset_curve/coreset

@@ -44,7 +44,7 @@ def main() -> None:
     val = TensorDataset(x[1400:], y[1400:])
 
     callback = DiffInCallback(targets={"val": val, "self": "self"}, output_dir="runs/own_script")
-    trainer = L.Trainer(max_epochs=30, callbacks=[callback], logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = L.Trainer(max_epochs=30, callbacks=[callback], logger=False, enable_checkpointing=False)
     trainer.fit(DigitsMLP(), DataLoader(train, batch_size=64, shuffle=True))
 
     scores = load_influence(callback.output_path, dataset=train)

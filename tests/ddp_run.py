@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--ckpt-path", default=None)
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--dot-products", default="auto")
+    parser.add_argument("--save-on-checkpoint", action="store_true")
     parser.add_argument("--fail-rank", type=int, default=None)
     parser.add_argument("--fail-step", type=int, default=2)
     args = parser.parse_args()
@@ -112,6 +113,7 @@ def main() -> None:
         second_order="paper" if args.schedule == "checkpoints" else None,
         eps=1e-6,
         dot_products=args.dot_products,
+        save_on_checkpoint=args.save_on_checkpoint,
         output_dir=args.out / "files",
         index_fn=None if args.fail_rank is None else FailingIds(args.fail_rank, args.fail_step),
     )

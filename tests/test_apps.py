@@ -47,7 +47,10 @@ def test_train_writes_everything(tiny_run):
 def test_clean(tiny_run, tmp_path, capsys):
     summary = analyze(_config("analyze", ["task=clean", f"run_dir={tiny_run}"]), tmp_path)
     lines = (tmp_path / "suspects.csv").read_text().splitlines()
-    assert lines[0] == "rank,id,score,label,prediction,corrupted" and len(lines) == 129
+    assert lines[0] == "rank,id,score,label,original_label,prediction,corrupted" and len(lines) == 129
+    for line in lines[1:]:  # a corrupted label differs from the original, a clean one equals it
+        _, _, _, label, original, _, corrupted = line.split(",")
+        assert (label != original) == (corrupted == "1")
     assert (tmp_path / "clean.png").stat().st_size > 1000
     assert 0 <= summary["auroc"] <= 1 and set(summary["recall"]) == {"5%", "10%", "20%"}
     assert "Recall of corrupted labels" in capsys.readouterr().out
@@ -95,11 +98,11 @@ def test_bad_analysis_arguments(tiny_run, tmp_path, overrides, message):
 
 
 def _cli(module, *args, cwd):
-    # This checkout's package, whatever the working directory and the installed copy.
+    # PYTHONPATH names this tree: a relative "." would mean cwd, and another install of the package could answer.
     # Not the launch variables a DDP test in this process may have left (a child would reuse its port).
     launch = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
     env = {k: v for k, v in os.environ.items() if k not in launch}
-    env.update(PYTHONWARNINGS="ignore", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env.update(PYTHONWARNINGS="ignore", PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
 
 

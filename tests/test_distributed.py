@@ -12,6 +12,7 @@ relative to the largest score.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -116,9 +117,13 @@ def test_ddp_resumed_from_a_checkpoint_matches_one_uninterrupted_process(tmp_pat
     single = tmp_path / "single"
     assert _run(single, "--devices", "1", "--batch-size", "4").returncode == 0
     first = tmp_path / "first"
-    stopped = _run(first, "--devices", "2", "--strategy", "ddp", "--batch-size", "2", "--max-steps", "4", "--checkpoint-every", "4")
+    stopped = _run(
+        first, "--devices", "2", "--strategy", "ddp", "--batch-size", "2", "--max-steps", "4", "--checkpoint-every", "4", "--save-on-checkpoint"
+    )
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     checkpoint = first / "checkpoints" / "last.ckpt"
+    # save_on_checkpoint under DDP: rank zero wrote the totals over ranks for the checkpoint's step
+    assert json.loads((first / "files" / "influence.json").read_text())["global_step"] == 4
     resumed = _run(tmp_path / "resumed", "--devices", "2", "--strategy", "ddp", "--batch-size", "2", "--ckpt-path", str(checkpoint))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same_scores(single, tmp_path / "resumed")

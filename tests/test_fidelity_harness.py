@@ -72,3 +72,18 @@ def test_exact_sgd_influence_is_the_derivative_of_the_replay(tmp_path, tiny_data
     derivative = (losses[1:] - losses[0]) / delta
     exact = exact_sgd_influence(loss, recorder.steps, recorder.final, (x, y), target)
     assert float((exact - derivative).norm() / derivative.norm()) < 1e-3
+
+
+def test_replay_of_a_dropout_run_draws_the_training_masks(tmp_path, tiny_data):
+    """With dropout, the replay restores each step's RNG state: the full-weights replay is the Lightning run."""
+    from test_callback_side_effects import DropoutClassifier
+
+    model = DropoutClassifier().double()
+    recorder = TrajectoryRecorder()
+    torch.manual_seed(5)
+    trainer(default_root_dir=tmp_path, max_epochs=2, callbacks=[recorder]).fit(model, tiny_data.loader())
+    x, y = tiny_data.train.tensors
+    loss = functional_cross_entropy(model, training=True)
+    final = replay_sgd(loss, recorder.steps, x, y, torch.ones(2, len(y), dtype=torch.float64))
+    assert parameters_close({k: v[0] for k, v in final.items()}, recorder.final, rtol=1e-10)
+    assert parameters_close({k: v[1] for k, v in final.items()}, recorder.final, rtol=1e-10)

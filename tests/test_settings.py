@@ -45,11 +45,11 @@ def test_hydra_config_names_exactly_the_settings():
     import yaml
 
     known = {f.name for f in fields(DiffInSettings)} | {"_target_", "targets", "defaults"}
-    for path in (Path(__file__).parent.parent / "configs" / "influence").glob("*.yaml"):
+    for path in (Path(__file__).parent.parent / "diffin_lightning" / "configs" / "influence").glob("*.yaml"):
         config = yaml.safe_load(path.read_text())
         assert set(config) <= known, (path.name, set(config) - known)
     # The base config states the library's defaults (the app only turns on writing at checkpoints).
-    base = yaml.safe_load((Path(__file__).parent.parent / "configs" / "influence" / "diffin.yaml").read_text())
+    base = yaml.safe_load((Path(__file__).parent.parent / "diffin_lightning" / "configs" / "influence" / "diffin.yaml").read_text())
     defaults = {**DiffInSettings.defaults(), "second_order": DiffInSettings().resolved_second_order}
     differing = {k for k, v in base.items() if k in defaults and v != defaults[k]}
     assert differing == {"save_on_checkpoint"}, differing

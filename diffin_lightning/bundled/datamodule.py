@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from diffin_lightning.data import EpochSeededSampler, IndexedDataset
+from diffin_lightning.data import EpochSeededSampler, IndexedDataset, ResumableDataLoader
 
 
 class KeptIdsSampler(EpochSeededSampler):
@@ -43,6 +43,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         batch_size: int,
         shuffle_seed: int,
         keep_ids: Sequence[int] | None = None,
+        original_labels: Tensor | None = None,
     ) -> None:
         super().__init__()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -52,6 +53,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.test_dataset = test
         self.num_classes = num_classes
         self.corrupted = corrupted
+        self.original_labels = original_labels  # the train labels before corruption, where known
         self.batch_size = batch_size
         self.shuffle_seed = shuffle_seed
         self.keep_ids = None if keep_ids is None else sorted(int(i) for i in keep_ids)
@@ -75,7 +77,8 @@ class ClassificationDataModule(pl.LightningDataModule):
             sampler = EpochSeededSampler(len(self.train_dataset), seed=self.shuffle_seed)
         else:
             sampler = KeptIdsSampler(self.keep_ids, seed=self.shuffle_seed)
-        return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler)
+        # Resumable: a run resumed from a mid-epoch checkpoint goes on with the epoch's next batch.
+        return ResumableDataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(IndexedDataset(self.val_dataset), batch_size=512)

@@ -130,4 +130,5 @@ class DigitsDataModule(ClassificationDataModule):
             batch_size=batch_size,
             shuffle_seed=shuffle_seed,
             keep_ids=keep_ids,
+            original_labels=splits.clean_train_labels,
         )

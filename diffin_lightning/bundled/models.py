@@ -59,6 +59,7 @@ class MLPClassifier(Classifier):
         num_classes: output classes.
         hidden_dims: widths of the hidden layers.
         lr, momentum, weight_decay: SGD settings (momentum and weight decay 0 keep the maths exact).
+        dropout: dropout probability after each hidden layer (0: none).
     """
 
     def __init__(
@@ -69,13 +70,18 @@ class MLPClassifier(Classifier):
         lr: float = 0.1,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__(lr, momentum, weight_decay)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1); got {dropout!r}. Use 0 for no dropout.")
         self.save_hyperparameters()
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)
         for hidden in hidden_dims:
             layers += [nn.Linear(width, hidden), nn.Tanh()]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
             width = hidden
         layers.append(nn.Linear(width, num_classes))
         self.net = nn.Sequential(*layers)
@@ -103,7 +109,7 @@ class CNNClassifier(Classifier):
         super().__init__(lr, momentum, weight_decay)
         self.save_hyperparameters()
         if len(input_shape) != 3:
-            raise ValueError(f"`input_shape` must be [C, H, W] for CNNClassifier; got {list(input_shape)}. Use data.image=true.")
+            raise ValueError(f"`input_shape` must be [C, H, W] for CNNClassifier; got {list(input_shape)}. Use a data module that gives [C, H, W] samples: data=digits data.image=true.")
         c, h, w = input_shape
         self.net = nn.Sequential(
             nn.Conv2d(c, channels[0], 3, padding=1),

@@ -61,4 +61,5 @@ class SyntheticDataModule(ClassificationDataModule):
             batch_size=batch_size,
             shuffle_seed=shuffle_seed,
             keep_ids=keep_ids,
+            original_labels=labels[:num_samples],
         )

@@ -32,10 +32,14 @@ def clean(run: TrainedRun, out_dir: Path, target: str | None = None, score: str 
     labels = run.train_labels
     predictions = predictions_on_train(run)
     corrupted = run.corrupted
-    header = ["rank", "id", "score", "label", "prediction"] + (["corrupted"] if corrupted is not None else [])
+    original = getattr(run.datamodule, "original_labels", None)  # where the data module knows them
+    header = ["rank", "id", "score", "label"] + (["original_label"] if original is not None else []) + ["prediction"]
+    header += ["corrupted"] if corrupted is not None else []
     rows = []
     for rank, sample in enumerate(order.tolist(), start=1):
-        row = [rank, sample, f"{float(scores[sample]):.6g}", int(labels[sample]), int(predictions[sample])]
+        row = [rank, sample, f"{float(scores[sample]):.6g}", int(labels[sample])]
+        row += [int(original[sample])] if original is not None else []
+        row += [int(predictions[sample])]
         rows.append(row + ([int(corrupted[sample])] if corrupted is not None else []))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "suspects.csv", header, rows)

@@ -65,4 +65,4 @@ def retrain(run: TrainedRun, keep_ids: Sequence[int] | None, seed: int | None = 
 
 def progress(jobs: Iterable[Any], description: str, total: int | None = None) -> Iterable[Any]:
     """A progress bar over retraining jobs (stderr), so long work says what it does."""
-    return tqdm(jobs, desc=description, total=total, unit="retrain", leave=False)
+    return tqdm(jobs, desc=description, total=total, unit="retrain", leave=True)

@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 from hydra.utils import get_class
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 
 from diffin_lightning.cli import UsageError, build_datamodule
+from diffin_lightning.safe_config import check_run_config
 from diffin_lightning.store import METADATA_FILE, TENSOR_FILE, InfluenceResult, load_influence
 
 SCORES = ("diffin", "first_order", "second_order")
@@ -59,8 +60,14 @@ class TrainedRun:
         return getattr(self.datamodule, "corrupted", None)
 
 
-def load_run(run_dir: str | Path | None) -> TrainedRun:
-    """Open a train run's directory, refusing one without influence files or recorded on other data."""
+def load_run(run_dir: str | Path | None, *, allowed_targets: Any = None) -> TrainedRun:
+    """Open a train run's directory, refusing one without influence files or recorded on other data.
+
+    The directory's ``config.yaml`` may only name ``_target_``s inside the allow-list of
+    :mod:`diffin_lightning.safe_config` (this package, the Lightning trainer classes, and the
+    modules in ``allowed_targets`` or ``$DIFFIN_ALLOWED_TARGETS``): it is checked before anything
+    is built from it.
+    """
     if run_dir in (None, "", "???"):
         raise UsageError("run_dir is required: pass run_dir=<a train run's output directory>.")
     directory = Path(str(run_dir)).expanduser()
@@ -72,8 +79,7 @@ def load_run(run_dir: str | Path | None) -> TrainedRun:
                 f"run_dir {directory} has no {needed}: point run_dir at the directory that diffin_lightning.train "
                 "printed at the end of its run."
             )
-    config = OmegaConf.load(directory / "config.yaml")
-    assert isinstance(config, DictConfig)
+    config = check_run_config(directory / "config.yaml", allowed=allowed_targets)
     datamodule = build_datamodule(config.data)
     train_dataset = getattr(datamodule, "train_dataset", None)
     if train_dataset is None:

@@ -1,0 +1,141 @@
+"""Non-finite values: skipped where they arise, counted, and never reach a running sum or a saved score."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from diffin_lightning import DiffInCallback, load_influence
+from helpers import TinyClassifier, trainer
+
+COMPONENTS = ("first_order", "second_order", "diffin", "visits")
+
+
+def _nan_gradient(logits, mask):
+    """The same values; the masked rows' gradient becomes NaN (d sqrt(u)/du at u = 0 times du/dlogits = 0).
+
+    Plain tensor ops, so it works under autograd, vmap and jvp alike.
+    """
+    rows = mask[:, None]
+    inside = torch.where(rows, logits * 0.0, torch.ones_like(logits))
+    return logits + torch.sqrt(inside) - torch.where(rows, 0.0, 1.0)
+
+
+class FaultyClassifier(TinyClassifier):
+    """Injects NaN losses or NaN gradients for chosen (step, sample id) pairs.
+
+    Training stays alive the way careful users keep it alive: the training loss averages
+    the finite per-sample losses, and non-finite gradient entries are zeroed before the step.
+    """
+
+    def __init__(self, nan_loss: dict[int, list[int]] | None = None, nan_gradient: dict[int, list[int]] | None = None) -> None:
+        super().__init__()
+        self.nan_loss, self.nan_gradient = nan_loss or {}, nan_gradient or {}
+
+    def _mask(self, faults, batch):
+        return torch.isin(batch["index"], torch.tensor(faults.get(self.global_step, []), dtype=torch.long))
+
+    def per_sample_loss(self, batch):
+        logits = self(batch["input"])
+        if self.nan_gradient:
+            logits = _nan_gradient(logits, self._mask(self.nan_gradient, batch))
+        losses = torch.nn.functional.cross_entropy(logits, batch["target"], reduction="none")
+        if self.nan_loss:
+            losses = losses * torch.where(self._mask(self.nan_loss, batch), float("nan"), 1.0)
+        return losses
+
+    def training_step(self, batch, batch_idx):
+        losses = self.per_sample_loss(batch)
+        return losses[torch.isfinite(losses)].mean()
+
+    def on_before_optimizer_step(self, optimizer):
+        for parameter in self.parameters():
+            if parameter.grad is not None:
+                parameter.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _callback(tiny_data, tmp_path):
+    return DiffInCallback(targets={"val": tiny_data.val, "train": "train", "self": "self"}, eps=1e-6, output_dir=tmp_path / "scores")
+
+
+def _faults_in_batches(tiny_data, steps, per_step):
+    """(step -> ids) that lie in the batch each step actually draws (4 steps per epoch, order from the sampler)."""
+    sampler = tiny_data.loader().sampler
+    faults = {}
+    for step in steps:
+        epoch, position = divmod(step, 4)
+        faults[step] = sampler.order(epoch)[position * 4 : position * 4 + per_step]
+    return faults
+
+
+def _assert_all_finite(result):
+    for name in result:
+        for component in COMPONENTS:
+            assert torch.isfinite(result[name].component(component)).all(), (name, component)
+
+
+@pytest.mark.parametrize("fault", ["nan_loss", "nan_gradient"])
+def test_nan_losses_and_gradients_are_skipped_and_counted(tmp_path, tiny_data, fault):
+    faults = _faults_in_batches(tiny_data, steps=[1, 4, 6], per_step=2)  # 3 steps, 2 bad samples each
+    callback = _callback(tiny_data, tmp_path)
+    trainer(default_root_dir=tmp_path, max_epochs=2, callbacks=[callback]).fit(FaultyClassifier(**{fault: faults}).double(), tiny_data.loader())
+    result = load_influence(tmp_path / "scores")
+    _assert_all_finite(result)
+    meta = result.metadata
+    # G_B is the mean over the batch: one bad sample makes it non-finite, so the step is skipped for the
+    # targets that need it; the 'self' target needs only each sample's own gradient and skips the bad samples.
+    assert meta["nonfinite_steps_skipped"] == {"val": 3, "train": 3}
+    assert meta["nonfinite_samples_skipped"] == {"self": 6}
+    assert meta["complete"] is True and meta["model_nonfinite_step"] is None and meta["propagated_drift_included"] is True
+    visits = result["val"].visits
+    assert visits.sum() == 4 * (8 - 3)  # 8 steps of 4 samples, 3 steps skipped
+    assert result["self"].visits.sum() == 4 * 8 - 6
+    bad = torch.tensor(sorted({i for ids in faults.values() for i in ids}))
+    assert (result["self"].visits[bad] < 2).all()  # each visited twice in 2 epochs, once with a fault
+
+
+def test_an_inf_learning_rate_ends_scoring_and_says_why(tmp_path, tiny_data):
+    class InfLearningRate(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 5:
+                for group in trainer.optimizers[0].param_groups:
+                    group["lr"] = math.inf
+
+    callback = _callback(tiny_data, tmp_path)
+    with pytest.warns(UserWarning, match="non-finite"):
+        trainer(default_root_dir=tmp_path, max_epochs=2, callbacks=[InfLearningRate(), callback]).fit(TinyClassifier().double(), tiny_data.loader())
+    result = load_influence(tmp_path / "scores")
+    _assert_all_finite(result)
+    meta = result.metadata
+    assert meta["complete"] is False and "non-finite at step 6" in meta["incomplete_reason"]
+    assert meta["model_nonfinite_step"] == 6
+    # Step 5 (inf learning rate) and steps 6, 7 (non-finite model) are skipped for every target.
+    assert meta["nonfinite_steps_skipped"] == {"val": 3, "train": 3, "self": 3}
+    assert meta["propagated_drift_included"] is False
+
+    # Nothing before the fault was lost: the first five steps' scores equal a run that stops there.
+    reference = _callback(tiny_data, tmp_path / "reference")
+    trainer(default_root_dir=tmp_path / "reference", max_steps=5, callbacks=[reference]).fit(TinyClassifier().double(), tiny_data.loader())
+    expected = reference.influence_with("sum")  # the plain sum over steps: no normalization by the step count
+    actual = callback.influence_with("sum")
+    for name in expected:
+        for component in ("first_order", "second_order", "visits"):
+            torch.testing.assert_close(actual[name].component(component), expected[name].component(component), rtol=1e-9, atol=1e-12)
+
+
+def test_the_propagated_history_survives_a_nan_curvature(tmp_path, tiny_data):
+    """The issue's case: a NaN at one step used to clamp the propagation factor to 0 and wipe all history."""
+    faults = _faults_in_batches(tiny_data, steps=[6], per_step=1)
+    faulty, clean = _callback(tiny_data, tmp_path / "a"), _callback(tiny_data, tmp_path / "b")
+    trainer(default_root_dir=tmp_path / "a", max_epochs=2, callbacks=[faulty]).fit(FaultyClassifier(nan_loss=faults).double(), tiny_data.loader())
+    trainer(default_root_dir=tmp_path / "b", max_steps=6, callbacks=[clean]).fit(FaultyClassifier(nan_loss=faults).double(), tiny_data.loader())
+    decayed_before = clean._sums["val"]["decayed_first"]
+    # The history up to step 6 was carried on, not zeroed: the samples seen only before step 6 keep a
+    # non-zero decayed first-order sum.
+    seen_before = clean.influence["val"].visits > 0
+    assert (faulty._sums["val"]["decayed_first"][seen_before] != 0).all()
+    assert decayed_before.abs().sum() > 0
+    _assert_all_finite(faulty.influence)
