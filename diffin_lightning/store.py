@@ -484,33 +484,48 @@ def _read_tensor_file(file: Path, candidates: list[dict[str, Any]]) -> tuple[dic
     return metadata, tensors
 
 
+_CHECK_CHUNK = 1 << 20  # values checked a slice at a time: temporaries of 1M values, not of N
+
+
 def _check_values(name: str, components: Mapping[str, Tensor], file: Path) -> None:
     """Finite scores, whole non-negative visits, and diffin = first_order + second_order."""
     for component in COMPONENTS:
         values = components[component]
         if values.dim() != 1 or not values.dtype.is_floating_point:
             raise _refuse(file, f"tensor '{name}/{component}'", f"must be a 1-d float tensor; got {values.dtype} {tuple(values.shape)}")
-        bad = ~torch.isfinite(values)
-        if bool(bad.any()):
-            raise _refuse(
-                file,
-                f"tensor '{name}/{component}'",
-                f"holds {int(bad.sum())} non-finite value(s) (first at sample {int(bad.nonzero()[0])})",
-                "A diverged run cannot be scored: fix the training (learning rate, eps) and re-record.",
-            )
+        for start in range(0, values.numel(), _CHECK_CHUNK):
+            bad = ~torch.isfinite(values[start : start + _CHECK_CHUNK])
+            if bool(bad.any()):
+                total_bad = int((~torch.isfinite(values)).sum())
+                raise _refuse(
+                    file,
+                    f"tensor '{name}/{component}'",
+                    f"holds {total_bad} non-finite value(s) (first at sample {start + int(bad.nonzero()[0])})",
+                    "A diverged run cannot be scored: fix the training (learning rate, eps) and re-record.",
+                )
     visits = components["visits"]
-    if bool((visits < 0).any()) or not torch.equal(visits, visits.round()):
-        raise _refuse(file, f"tensor '{name}/visits'", "must hold whole non-negative counts")
     first, second, diffin = components["first_order"], components["second_order"], components["diffin"]
-    total = first.double() + second.double()
-    tolerance = 4 * torch.finfo(diffin.dtype).eps * (first.double().abs() + second.double().abs() + total.abs())
-    error = (diffin.double() - total).abs()
-    if bool((error > tolerance).any()):
-        worst = int(error.argmax())
+    worst_excess, worst = 0.0, -1
+    for start in range(0, visits.numel(), _CHECK_CHUNK):
+        part = slice(start, start + _CHECK_CHUNK)
+        v = visits[part]
+        if bool((v < 0).any()) or not torch.equal(v, v.round()):
+            raise _refuse(file, f"tensor '{name}/visits'", "must hold whole non-negative counts")
+        f, s_, d = first[part].double(), second[part].double(), diffin[part]
+        total = f + s_
+        tolerance = 4 * torch.finfo(d.dtype).eps * (f.abs() + s_.abs() + total.abs())
+        error = (d.double() - total).abs()
+        excess = error - tolerance
+        if bool((excess > 0).any()):
+            index = int(error.argmax())
+            if worst < 0 or float(error[index]) > worst_excess:
+                worst_excess, worst = float(error[index]), start + index
+    if worst >= 0:
+        total_worst = float(first[worst].double() + second[worst].double())
         raise _refuse(
             file,
             f"tensor '{name}/diffin'",
-            f"must equal first_order + second_order; at sample {worst} it is {float(diffin[worst])!r}, the sum is {float(total[worst])!r}",
+            f"must equal first_order + second_order; at sample {worst} it is {float(diffin[worst])!r}, the sum is {total_worst!r}",
         )
 
 
