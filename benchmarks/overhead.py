@@ -93,8 +93,8 @@ Workload = tuple[str, Callable[[], Any], Callable[[Any], pl.LightningModule]]
 def workloads() -> dict[str, Workload]:
     return {
         "mlp": (
-            "MLP 256-1024-1024-10, synthetic N=4096, batch 256",
-            lambda: SyntheticDataModule(num_samples=4096, dim=256, num_classes=10, batch_size=256),
+            "MLP 256-1024-1024-10, synthetic N=2048, batch 256",
+            lambda: SyntheticDataModule(num_samples=2048, dim=256, num_classes=10, batch_size=256),
             lambda data: MLPClassifier(**data.model_kwargs(), hidden_dims=(1024, 1024)),
         ),
         "cnn": (
@@ -103,8 +103,8 @@ def workloads() -> dict[str, Workload]:
             lambda data: CNNClassifier(**data.model_kwargs()),
         ),
         "transformer": (
-            "TransformerEncoder 2x64 (4 heads), 32 tokens, N=2048, batch 128",
-            lambda: token_data(num_samples=2048),
+            "TransformerEncoder 2x64 (4 heads), 32 tokens, N=1024, batch 128",
+            lambda: token_data(num_samples=1024),
             lambda data: TokenClassifier(),
         ),
     }

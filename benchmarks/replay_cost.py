@@ -95,7 +95,7 @@ def main() -> None:
         "",
         f"Command: `.venv/bin/{command}`; torch threads: {args.threads}; median of {args.repeats} alternating repeats.",
         "Digits (1,078 training samples), float32, SGD lr 0.3, batch 64; replay: central finite-difference HVPs,",
-        "default checkpoint interval (about 4 checkpoints per run). Ratios are to the plain fit of the same repeat set.",
+        "default checkpoint interval (checkpoints at the start and half way, plus the final parameters). Ratios are to the plain fit of the same repeat set.",
         "",
     ]
     for kind in args.models:

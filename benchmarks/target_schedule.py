@@ -79,9 +79,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["mlp"], choices=["mlp", "cnn"])
     parser.add_argument("--regimes", nargs="+", default=["short_cool", "long_hot"], choices=list(REGIMES))
     parser.add_argument("--num-ids", type=int, default=100)
+    parser.add_argument("--refresh", type=int, nargs="+", default=None, help="only these refresh intervals (whole target)")
     parser.add_argument("--out", default="benchmarks/results/target_schedule.md")
     args = parser.parse_args()
+    if args.refresh:
+        SCHEDULES[:] = [(refresh, None) for refresh in args.refresh]
     command = f"python -m benchmarks.target_schedule --models {' '.join(args.models)} --regimes {' '.join(args.regimes)} --num-ids {args.num_ids}"
+    if args.refresh:
+        command += f" --refresh {' '.join(map(str, args.refresh))}"
     lines = [
         "# Target refresh schedule: fidelity against leave-one-out versus cost",
         "",

@@ -1,4 +1,4 @@
-"""Where the per-sample quantities of a step come from: the training step itself, or a recomputation.
+"""Where the per-sample quantities of a step come from: the training step itself, or one recomputed pass.
 
 The estimator (``diffin_lightning.step``) needs, for the samples ``i`` of an optimizer step
 at the parameters ``theta`` it starts from:
@@ -8,23 +8,21 @@ at the parameters ``theta`` it starts from:
 - ``<G_B, G_i>`` (``f_i``, whose finite difference is the Diff-In bracket) and ``|G_i|^2``;
 - the same ``G_B`` and ``f_i`` at a perturbed point ``theta + eps u``.
 
-:class:`CapturedStep` reads the first three from Lightning's own training step: module
-hooks record each supported layer's inputs and output gradients during the real forward
-and backward (only on recorded steps), and ``G_B`` is the parameters' ``.grad`` as
-``on_before_optimizer_step`` sees it (all micro-batches, unscaled by AMP). The only extra
-forward+backward is the one at the perturbed point; it restores the random state each
-micro-batch's training step started from, so dropout draws the training step's masks,
-and it runs on copies of the buffers, so batch-norm statistics never see it.
+:class:`CapturedStep` reads them from layer factors captured by :mod:`diffin_lightning.dots`
+(each covered layer's inputs and output gradients; per layer the cheapest of the direct,
+Gram and materialised forms), plus ``functional_dots`` for the parameters no rule covers and
+only those. The factors come either from Lightning's own training step (hooks switched on
+for recorded steps only; ``G_B`` is ``.grad`` as ``on_before_optimizer_step`` sees it) or from
+:func:`capture_pass`, one forward+backward of the per-sample loss. Every extra pass runs the
+module itself with its parameters moved in place and restored bit for bit, its buffers
+restored, and each micro-batch's random state replayed, so dropout draws the training
+step's own masks and batch-norm statistics never see the pass.
 
-:class:`RecomputedStep` recomputes everything with :class:`~diffin_lightning.per_sample.PerSampleLoss`
-(``torch.func``, seeded RNG): the path for models whose layers the capture does not cover,
-for ``dot_products="functional"``, and for training steps whose loss is not the mean of
-``per_sample_loss`` (checked once, numerically, on the first recorded step).
-
-Both hand the estimator the same :class:`StepGradients` interface. Under DDP each rank's
-view holds its own shard's samples, while the batch gradients at ``theta`` and at the
-perturbed point are the global batch's (``.grad`` already is; the recomputed and perturbed
-ones are averaged over ranks, as DDP averages ``.grad``).
+:class:`RecomputedStep` is the all-``torch.func`` path (``dot_products="functional"``).
+Both give the estimator the :class:`StepGradients` interface. Under DDP each rank's view
+holds its own shard's samples, while the batch gradients at ``theta`` and at the perturbed
+point are the global batch's (``.grad`` already is; the recomputed and perturbed ones are
+averaged over ranks, as DDP averages ``.grad``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """Post-hoc replay: the exact SGD-influence (Hara et al. 2019) on any target, from a trajectory log.
 
+Optimizers: torch.optim.SGD (below) and Adam / AdamW (:func:`_adam_adjoint_step`).
+
 :func:`trajectory_influence` reads what :class:`~diffin_lightning.trajectory.TrajectoryLog`
 recorded and, segment by segment from the last to the first, replays the segment forward
 from its checkpoint, checks that it arrives where the run arrived, and carries one adjoint
@@ -37,8 +39,9 @@ For plain SGD (mu = 0, wd = 0, c = 1) this is ``u_t = u_{t+1} - eta H_B u_{t+1}`
 <u_{t+1}, G_i(theta_t)>``, Hara et al.'s SGD-influence. ``H_B q`` is one Hessian-vector product
 per step and target: by a central finite difference of two batch gradients (default), or exactly
 by forward-over-reverse (``hvp="exact"``). ``<q, G_i>`` for every i comes from the per-sample
-dot-product engine (:class:`~diffin_lightning.per_sample.PerSampleLoss`: ghost products for
-all-Linear models, ``torch.func.jvp`` otherwise). The clipping factor is taken as recorded: its
+dot-product engine (:class:`~diffin_lightning.per_sample.PerSampleLoss`) for all-Linear models (ghost
+products), otherwise from the per-sample losses of the central difference's two passes,
+``|q| (l_i(theta + eps q^) - l_i(theta - eps q^)) / (2 eps)``, or ``torch.func.jvp`` with ``hvp="exact"``. The clipping factor is taken as recorded: its
 own dependence on the parameters is not differentiated (exact without clipping).
 """
 
@@ -75,7 +78,12 @@ from diffin_lightning.version import __version__
 
 HvpMode = Literal["central", "exact"]
 HVP_MODES: tuple[HvpMode, ...] = ("central", "exact")
-SUPPORTED_OPTIMIZERS = ("torch.optim.SGD (plain, momentum, dampening, Nesterov, weight decay)",)
+SUPPORTED_OPTIMIZERS = (
+    "torch.optim.SGD (plain, momentum, dampening, Nesterov, weight decay)",
+    "torch.optim.Adam and AdamW (without amsgrad)",
+)
+AUTO_STATE_BYTES = 1 << 30  # the auto max_states_in_memory: parameter sets that fit in 1 GiB
+MAX_AUTO_STATES = 4096
 SIGN_NOTE = "replay: the exact SGD-influence; first_order and diffin both hold it, second_order is 0"
 
 
@@ -148,6 +156,38 @@ class _StepEngine:
         minus = self.gradient({n: params[n] - (eps / scale) * vector[n] for n in params}, batches, rng)
         return {n: (plus[n] - minus[n]) * (scale / (2 * eps)) for n in params}
 
+    def central_hvp_and_dots(self, params: Params, batches: Sequence[Any], rng: Sequence[Tensor] | None, vector: Params, eps: float) -> tuple[Params, Tensor]:
+        """``H_B vector`` and ``[<vector, G_i>]`` from the same two passes at ``params +- eps * vector/|vector|``.
+
+        The per-sample losses of those passes give the dot products by the same central difference,
+        so a model without ghost products needs no forward-mode pass per target (error O(eps^2)).
+        """
+        scale = float(norm(vector))
+        if scale == 0.0 or not math.isfinite(scale):
+            size = sum(int(b[INDEX_KEY].shape[0]) for b in batches)
+            return {n: torch.zeros_like(v) for n, v in vector.items()}, torch.zeros(size, dtype=next(iter(params.values())).dtype, device=next(iter(params.values())).device)
+        sides = []
+        for sign in (1.0, -1.0):
+            point = {n: params[n] + (sign * eps / scale) * vector[n] for n in params}
+            total: Params | None = None
+            losses = []
+            for k, batch in enumerate(batches):
+                weight = self._weight(batch)
+
+                def weighted_sum(p: Params, batch: Any = batch, weight: int = weight) -> tuple[Tensor, Tensor]:
+                    values = self.loss.values(p, batch)
+                    return values.sum() / weight, values.detach()
+
+                with self._rng(rng[k] if rng else None):
+                    part, values = grad(weighted_sum, has_aux=True)(point)
+                total = part if total is None else {n: total[n] + part[n] for n in total}
+                losses.append(values)
+            assert total is not None
+            sides.append((total, torch.cat(losses)))
+        (plus, plus_losses), (minus, minus_losses) = sides
+        curvature = {n: (plus[n] - minus[n]) * (scale / (2 * eps)) for n in params}
+        return curvature, (plus_losses - minus_losses) * (scale / (2 * eps))
+
     def clear(self) -> None:
         self.loss.clear_captures()
 
@@ -162,26 +202,37 @@ class _Hyper:
     dampening: float
     nesterov: bool
     weight_decay: float
+    kind: str = "sgd"  # "sgd", "adam" (L2 weight decay) or "adamw" (decoupled weight decay)
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
 
 
 def _hyper_parameters(index: dict[str, Any], names: Sequence[str]) -> dict[str, _Hyper]:
     optimizer = index["optimizer"]
-    if optimizer["class"] != "SGD" or not str(optimizer["module"]).startswith("torch.optim"):
+    if optimizer["class"] not in ("SGD", "Adam", "AdamW") or not str(optimizer["module"]).startswith("torch.optim"):
         raise TrajectoryLogError(
             f"`log_dir`: the run used optimizer {optimizer['module']}.{optimizer['class']}, which the replay cannot "
-            f"handle: it supports {', '.join(SUPPORTED_OPTIMIZERS)}. Adam and AdamW are not supported yet: train "
-            "with torch.optim.SGD to replay, or use DiffInCallback's in-run scores for this run."
+            f"handle: it supports {', '.join(SUPPORTED_OPTIMIZERS)}. Train with one of those to replay, or use "
+            "DiffInCallback's in-run scores for this run."
         )
     hyper: dict[str, _Hyper] = {}
     for number, group in enumerate(optimizer["groups"]):
         h = group["hyper"]
-        if h.get("maximize"):
+        if h.get("maximize") or h.get("amsgrad"):
             raise TrajectoryLogError(
-                "`log_dir`: the run's SGD has maximize=True, which the replay does not handle; the supported optimizer "
-                f"is {SUPPORTED_OPTIMIZERS[0]} minimising its loss."
+                f"`log_dir`: the run's {optimizer['class']} has {'maximize' if h.get('maximize') else 'amsgrad'}=True, which the "
+                f"replay does not handle; it supports {', '.join(SUPPORTED_OPTIMIZERS)}."
             )
+        kind = "sgd"
+        if optimizer["class"] in ("Adam", "AdamW"):
+            kind = "adamw" if optimizer["class"] == "AdamW" or h.get("decoupled_weight_decay") else "adam"
+        betas = h.get("betas", (0.9, 0.999))
         for name in group["params"]:
-            hyper[name] = _Hyper(number, float(h.get("momentum", 0.0)), float(h.get("dampening", 0.0)), bool(h.get("nesterov", False)), float(h.get("weight_decay", 0.0)))
+            hyper[name] = _Hyper(
+                number, float(h.get("momentum", 0.0)), float(h.get("dampening", 0.0)), bool(h.get("nesterov", False)), float(h.get("weight_decay", 0.0)),
+                kind, float(betas[0]), float(betas[1]), float(h.get("eps", 1e-8)),
+            )
     missing = [name for name in names if name not in hyper]
     if missing:
         raise TrajectoryLogError(f"`log_dir`: trainable parameters {missing} are in no optimizer group of the log; the replay needs every one to be optimised.")
@@ -205,6 +256,64 @@ def _sgd_step(params: Params, velocity: Params, gradient: Params, lr: Sequence[f
     return new_params, new_velocity
 
 
+def _adam_step(
+    params: Params, moments: dict[str, tuple[Tensor, Tensor]], gradient: Params, lr: Sequence[float], hyper: Mapping[str, _Hyper], clip: float, step: int
+) -> tuple[Params, dict[str, tuple[Tensor, Tensor]]]:
+    """One step of torch.optim.Adam / AdamW (single-tensor form), functionally; ``step`` counts this step."""
+    new_params, new_moments = {}, {}
+    for name, theta in params.items():
+        h = hyper[name]
+        eta = lr[h.group]
+        g = gradient[name] * clip if clip != 1.0 else gradient[name]
+        if h.kind == "adamw":
+            theta = theta.mul(1 - eta * h.weight_decay)
+        elif h.weight_decay != 0:
+            g = g.add(theta, alpha=h.weight_decay)
+        m, v = moments.get(name, (torch.zeros_like(theta), torch.zeros_like(theta)))
+        m = m.lerp(g, 1 - h.beta1)
+        v = v.mul(h.beta2).addcmul(g, g, value=1 - h.beta2)
+        denom = (v.sqrt() / (1 - h.beta2**step) ** 0.5).add(h.eps)
+        new_params[name] = theta.addcdiv(m, denom, value=-eta / (1 - h.beta1**step))
+        new_moments[name] = (m, v)
+    return new_params, new_moments
+
+
+def _adam_adjoint_step(
+    a_theta: Params, a_moments: Mapping[str, Any], theta: Params, gradient: Params, moments: Mapping[str, tuple[Tensor, Tensor]],
+    lr: Sequence[float], hyper: Mapping[str, _Hyper], clip: float, step: int,
+) -> tuple[Params, dict[str, tuple[Tensor, Tensor]], Params]:
+    """Adam's adjoint through one step: ``(q, (a_m, a_v), a_theta without the H q term)``.
+
+    With ``g = c G_B + wd theta`` (L2) the step is ``m' = b1 m + (1-b1) g``, ``v' = b2 v + (1-b2) g^2``,
+    ``theta' = d theta - s m' / (sqrt(v'/bc2) + eps)`` (``d = 1 - lr wd`` for AdamW, else 1; ``s = lr/bc1``).
+    Linearised: ``A_m = a_m' + (d theta'/d m') a_theta'``, ``A_v = a_v' + (d theta'/d v') a_theta'``, then
+    ``a_m = b1 A_m``, ``a_v = b2 A_v``, the coefficient of ``delta g`` is ``q = (1-b1) A_m + 2 (1-b2) g A_v``,
+    and ``a_theta = d a_theta' + c H_B q (+ wd q for L2)``; sample i of the step gets ``-c w_i <q, G_i>``.
+    """
+    q, new_moments, direct = {}, {}, {}
+    for name, a in a_theta.items():
+        h = hyper[name]
+        eta = lr[h.group]
+        g = gradient[name] * clip if clip != 1.0 else gradient[name]
+        if h.kind == "adam" and h.weight_decay != 0:
+            g = g.add(theta[name], alpha=h.weight_decay)
+        m_prev, v_prev = moments.get(name, (torch.zeros_like(a), torch.zeros_like(a)))
+        m = m_prev.lerp(g, 1 - h.beta1)
+        v = v_prev.mul(h.beta2).addcmul(g, g, value=1 - h.beta2)
+        bc1, bc2_sqrt = 1 - h.beta1**step, (1 - h.beta2**step) ** 0.5
+        root = v.sqrt()
+        denom = root / bc2_sqrt + h.eps
+        d_m = -(eta / bc1) / denom
+        # d sqrt(v)/dv = 1/(2 sqrt v); where v = 0 the gradient entry was 0 and so is m: no dependence.
+        d_v = torch.where(root > 0, (eta / bc1) * m / denom**2 / (bc2_sqrt * 2 * root.clamp_min(torch.finfo(root.dtype).tiny)), torch.zeros_like(root))
+        a_m, a_v = a_moments.get(name, (torch.zeros_like(a), torch.zeros_like(a)))
+        big_m, big_v = a_m + d_m * a, a_v + d_v * a
+        new_moments[name] = (h.beta1 * big_m, h.beta2 * big_v)
+        q[name] = (1 - h.beta1) * big_m + 2 * (1 - h.beta2) * g * big_v
+        direct[name] = a * (1 - eta * h.weight_decay) if h.kind == "adamw" else a
+    return q, new_moments, direct
+
+
 def _adjoint_step(
     a_theta: Params, a_velocity: Params, lr: Sequence[float], hyper: Mapping[str, _Hyper], has_velocity: bool
 ) -> tuple[Params, Params]:
@@ -218,11 +327,12 @@ def _adjoint_step(
             new_velocity[name] = torch.zeros_like(a)
             continue
         mu_e, c_e = (h.momentum, 1 - h.dampening) if has_velocity else (0.0, 1.0)
+        a_v = a_velocity.get(name, torch.zeros_like(a))
         if h.nesterov:
-            r = a_velocity[name] - eta * h.momentum * a
+            r = a_v - eta * h.momentum * a
             q[name] = c_e * r - eta * a
         else:
-            r = a_velocity[name] - eta * a
+            r = a_v - eta * a
             q[name] = c_e * r
         new_velocity[name] = mu_e * r
     return q, new_velocity
@@ -327,7 +437,7 @@ def trajectory_influence(
     hvp: HvpMode = "central",
     eps: float | None = None,
     output_dir: str | Path | None = None,
-    max_states_in_memory: int = 64,
+    max_states_in_memory: int | None = None,
     replay_tolerance: float | None = None,
     target_batch_size: int = 256,
     progress: bool = True,
@@ -351,7 +461,8 @@ def trajectory_influence(
             ``influence.json``), after every check has passed.
         max_states_in_memory: at most this many parameter sets of a segment are held at once; longer
             segments are re-checkpointed inside (every ``ceil(sqrt(n))`` steps) and each piece is
-            replayed again on the way back.
+            replayed again on the way back (one more forward pass per step). ``None``: as many as
+            fit in 1 GiB (at least 2, at most 4096).
         replay_tolerance: the largest relative distance ``|theta_replayed - theta_logged| / |theta_logged|``
             at the end of a segment before a warning; default 1e-8 in float64, 1e-4 in float32.
         target_batch_size: batch size for Dataset targets.
@@ -378,8 +489,8 @@ def trajectory_influence(
         raise TrajectoryLogError(f"`hvp` must be one of {HVP_MODES}; got {hvp!r}.")
     if eps is not None and not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
         raise TrajectoryLogError(f"`eps` must be a positive finite number or None (auto); got {eps!r}.")
-    if not isinstance(max_states_in_memory, int) or max_states_in_memory < 2:
-        raise TrajectoryLogError(f"`max_states_in_memory` must be an int >= 2; got {max_states_in_memory!r}.")
+    if max_states_in_memory is not None and (isinstance(max_states_in_memory, bool) or not isinstance(max_states_in_memory, int) or max_states_in_memory < 2):
+        raise TrajectoryLogError(f"`max_states_in_memory` must be an int >= 2 or None (auto); got {max_states_in_memory!r}.")
     if not isinstance(targets, Mapping) or not targets:
         raise TrajectoryLogError(f"`targets` must be a non-empty mapping of name -> Dataset, DataLoader or list of test points; got {type(targets).__name__}.")
     log_dir = Path(log_dir)
@@ -412,6 +523,11 @@ def trajectory_influence(
             raise TrajectoryLogError("`loss_fn` is required when `module` has no `per_sample_loss(batch)` method; pass loss_fn(module, batch) -> Tensor[B].")
         loss_fn = lambda m, batch: m.per_sample_loss(batch)  # noqa: E731
     tolerance = tolerance_default if replay_tolerance is None else replay_tolerance
+    if max_states_in_memory is None:
+        # A stored state is the parameters plus, with momentum, the velocity.
+        factor = 3 if any(h.kind != "sgd" for h in hyper.values()) else 2 if any(h.momentum for h in hyper.values()) else 1
+        state_bytes = sum(v.numel() * v.element_size() for v in final.values()) * factor
+        max_states_in_memory = int(min(MAX_AUTO_STATES, max(2, AUTO_STATE_BYTES // max(1, state_bytes))))
     engine = _StepEngine(module, loss_fn, int(index["accumulate_grad_batches"]))
 
     was_training = module.training
@@ -425,7 +541,7 @@ def trajectory_influence(
         num_samples = len(dataset)
         scores = {name: torch.zeros(num_samples, dtype=torch.float64, device=device) for name in targets}
         visits = torch.zeros(num_samples, dtype=torch.float64)
-        adjoints = {name: (g, {n: torch.zeros_like(v) for n, v in g.items()}) for name, g in target_gradients.items()}
+        adjoints: dict[str, tuple[Params, Any]] = {name: (g, {}) for name, g in target_gradients.items()}  # optimizer-state adjoints start at 0
         drifts: list[float] = []
         timings = {"forward": 0.0, "adjoint": 0.0}
         from tqdm.auto import tqdm
@@ -443,9 +559,19 @@ def trajectory_influence(
                 end = final
             records = read_segment(log_dir, segment, index["run_id"])
             params = {n: start_tensors[f"param/{n}"].to(device) for n in names}
-            velocity = {n: start_tensors[f"optim/{n}/momentum_buffer"].to(device) for n in names if f"optim/{n}/momentum_buffer" in start_tensors}
+            velocity: dict[str, Any] = {n: start_tensors[f"optim/{n}/momentum_buffer"].to(device) for n in names if f"optim/{n}/momentum_buffer" in start_tensors}
+            optimizer_steps = 0
+            if next(iter(hyper.values())).kind != "sgd":
+                velocity = {
+                    n: (start_tensors[f"optim/{n}/exp_avg"].to(device), start_tensors[f"optim/{n}/exp_avg_sq"].to(device))
+                    for n in names
+                    if f"optim/{n}/exp_avg" in start_tensors
+                }
+                steps_logged = [int(start_tensors[f"optim/{n}/step"]) for n in names if f"optim/{n}/step" in start_tensors]
+                optimizer_steps = steps_logged[0] if steps_logged else 0
             drift = _replay_segment(
-                engine, dataset, records, params, velocity, end, hyper, adjoints, scores, visits, device, hvp, scale_eps, max_states_in_memory, bar, timings
+                engine, dataset, records, params, velocity, end, hyper, adjoints, scores, visits, device, hvp, scale_eps, max_states_in_memory, bar, timings,
+                optimizer_steps,
             )
             drifts.append(drift)
             if drift > tolerance:
@@ -507,7 +633,8 @@ def trajectory_influence(
 class _State:
     step_offset: int  # position inside the segment
     params: Params
-    velocity: Params
+    velocity: Params  # SGD: momentum buffers; Adam: name -> (exp_avg, exp_avg_sq)
+    optimizer_steps: int = 0  # Adam's step count before this state's step
 
 
 def _replay_segment(
@@ -527,6 +654,7 @@ def _replay_segment(
     max_states: int,
     bar: Any,
     timings: dict[str, float],
+    optimizer_steps: int = 0,
 ) -> float:
     """Forward through the segment (inner checkpoints), verify the end, then the adjoint backwards. Returns the drift."""
     n = len(records.steps)
@@ -555,13 +683,18 @@ def _replay_segment(
 
     def _step_forward(k: int, state: _State) -> _State:
         if bool(records.skipped[k]):
-            return _State(k + 1, state.params, state.velocity)
+            return _State(k + 1, state.params, state.velocity, state.optimizer_steps)
         gradient = engine.gradient(state.params, batches(k), rng(k))
-        new_params, new_velocity = _sgd_step(state.params, state.velocity, gradient, records.lr[k].tolist(), hyper, float(records.clip[k]))
+        lr, clip = records.lr[k].tolist(), float(records.clip[k])
+        if adam:
+            new_params, new_moments = _adam_step(state.params, state.velocity, gradient, lr, hyper, clip, state.optimizer_steps + 1)
+            return _State(k + 1, new_params, new_moments, state.optimizer_steps + 1)  # type: ignore[arg-type]
+        new_params, new_velocity = _sgd_step(state.params, state.velocity, gradient, lr, hyper, clip)
         return _State(k + 1, new_params, new_velocity)
 
+    adam = next(iter(hyper.values())).kind != "sgd"
     # Level 1: the inner checkpoints, every `stride` steps (every step for a short segment).
-    state = _State(0, params, velocity)
+    state = _State(0, params, velocity, optimizer_steps)
     inner: list[_State] = []
     for k in range(n):
         if k % stride == 0:
@@ -608,14 +741,28 @@ def _adjoint_through_step(
     ids = torch.cat(list(records.ids[k])).to(scores[next(iter(scores))].device)
     weights = torch.cat([torch.full((len(m),), 1.0 / (engine.accumulate * len(m)), dtype=torch.float64) for m in records.ids[k]]).to(ids.device)
     visits.index_add_(0, ids.cpu(), torch.ones(len(ids), dtype=torch.float64))
-    if engine.uses_ghost(theta):
-        engine.gradient(theta, step_batches, step_rng, keep_captures=True)  # one pass shared by every target's dot products
+    ghost = engine.uses_ghost(theta)
+    adam = next(iter(hyper.values())).kind != "sgd"
+    gradient: Params | None = None
+    if ghost or adam:
+        # One pass shared by every target: the ghost dot products' activations, and Adam's gradient.
+        gradient = engine.gradient(theta, step_batches, step_rng, keep_captures=ghost)
     eps = eps_scale * max(1.0, float(norm(theta)))
     for name, (a_theta, a_velocity) in adjoints.items():
-        q, new_velocity = _adjoint_step(a_theta, a_velocity, lr, hyper, has_velocity)
-        dots = engine.dots(theta, step_batches, step_rng, q).to(torch.float64)
-        scores[name].index_add_(0, ids, -clip * weights * dots)
-        curvature = engine.hvp(theta, step_batches, step_rng, q, hvp, eps)
-        new_theta = {n: a_theta[n] + clip * curvature[n] + hyper[n].weight_decay * q[n] for n in a_theta}
+        if adam:
+            assert gradient is not None
+            q, new_velocity, a_direct = _adam_adjoint_step(a_theta, a_velocity, theta, gradient, state.velocity, lr, hyper, clip, state.optimizer_steps + 1)  # type: ignore[assignment,arg-type]
+        else:
+            q, new_velocity = _adjoint_step(a_theta, a_velocity, lr, hyper, has_velocity)
+            a_direct = a_theta
+        if hvp == "central" and not ghost:
+            # No ghost products: the dot products ride on the finite difference's two passes.
+            curvature, dots = engine.central_hvp_and_dots(theta, step_batches, step_rng, q, eps)
+        else:
+            dots = engine.dots(theta, step_batches, step_rng, q)
+            curvature = engine.hvp(theta, step_batches, step_rng, q, hvp, eps)
+        scores[name].index_add_(0, ids, -clip * weights * dots.to(torch.float64))
+        # The L2 weight decay of SGD and Adam adds wd * theta to the gradient; AdamW's is in a_direct.
+        new_theta = {n: a_direct[n] + clip * curvature[n] + (hyper[n].weight_decay * q[n] if hyper[n].kind != "adamw" else 0.0) for n in a_theta}
         adjoints[name] = (new_theta, new_velocity)
     engine.clear()

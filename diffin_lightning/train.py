@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from diffin_lightning.callback import DiffInCallback
@@ -88,6 +89,15 @@ def train(config: DictConfig, run_dir: Path) -> dict[str, Any]:
             logger=CSVLogger(str(run_dir), name="logs"),
         ),
     )
+    logs = [callback for callback in trainer.callbacks if isinstance(callback, TrajectoryLog)]
+    if logs and trainer.world_size > 1:
+        # The trajectory log records one process's steps; under DDP the influence callback still runs.
+        for log in logs:
+            trainer.callbacks.remove(log)
+        rank_zero_warn(
+            f"trajectory: the trajectory log (task=replay) records single-device runs only; with world_size="
+            f"{trainer.world_size} it is left out of this run (trajectory.enabled=false silences this)."
+        )
     try:
         # Before fit: a multi-process strategy would launch its workers first and fail in each of them.
         DiffInCallback.check_strategy(trainer)

@@ -8,7 +8,9 @@ so that a replay draws the same dropout masks). Every ``checkpoint_every_n_steps
 writes the parameters, buffers, optimizer state and RNG state; at the end of fit the final
 parameters. :func:`diffin_lightning.replay.trajectory_influence` reads it after training.
 
-Files (all written atomically: temporary file, fsync, rename; none executes code on load)::
+Files (all written atomically: temporary file, fsync, rename, by one background thread in order, so
+the fsyncs do not stall training; drained before Lightning saves a checkpoint and at the end of fit;
+none executes code on load)::
 
     trajectory.json                   the index: run id, training-set fingerprint, parameter names,
                                       optimizer and its hyper-parameters, checkpoints, segments
@@ -27,6 +29,7 @@ import json
 import math
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,10 +48,11 @@ from diffin_lightning.version import __version__
 FORMAT_VERSION = 1
 INDEX_FILE = "trajectory.json"
 FINAL_FILE = "final.safetensors"
-# A typical run (auto interval) keeps this many parameter checkpoints plus the final parameters.
-AUTO_CHECKPOINTS = 4
+# A typical run (auto interval) keeps this many parameter checkpoints plus the final parameters:
+# with the per-step ids (4 bytes per sample visit), the log is about three times the model.
+AUTO_CHECKPOINTS = 2
 # Optimizer hyper-parameters the replay reads; the rest are kept for the record only.
-_HYPER_KEYS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize", "betas", "eps", "amsgrad")
+_HYPER_KEYS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize", "betas", "eps", "amsgrad", "decoupled_weight_decay")
 
 
 class TrajectoryLogError(ValueError):
@@ -106,10 +110,10 @@ class TrajectoryLog(pl.Callback):
     Args:
         output_dir: the log's directory; default ``<trainer.log_dir or default_root_dir>/trajectory``.
         checkpoint_every_n_steps: K, the optimizer steps between parameter checkpoints. ``None``
-            picks ``ceil(total steps / 4)`` at the start of fit, so a run keeps about four
-            checkpoints plus the final parameters (the log is about five times the model, plus
-            optimizer state). Smaller K costs disk and speeds nothing up in the replay; it only
-            bounds how far a float32 replay drifts before it is re-anchored.
+            picks ``ceil(total steps / 2)`` at the start of fit: checkpoints at the start and half
+            way, plus the final parameters (about three times the model, plus optimizer state and
+            4 bytes per sample visit). Smaller K costs disk and speeds nothing up in the replay; it
+            only bounds how far a float32 replay drifts before it is re-anchored.
         index_fn: ``index_fn(batch) -> Tensor[B]`` of sample ids; default ``batch["index"]``.
         record_rng: ``"auto"`` records each micro-batch's RNG state when the model has dropout
             (about 5 kB per micro-batch on the CPU), so the replay draws the same masks; ``True``
@@ -146,6 +150,10 @@ class TrajectoryLog(pl.Callback):
         self._restored: dict[str, Any] | None = None
         self._rng_on = False
         self._names: list[str] = []
+        # Files are written by one background thread, in submission order: the fsync of an atomic
+        # write costs milliseconds, which would otherwise stall the training loop at every checkpoint.
+        self._writer: ThreadPoolExecutor | None = None
+        self._writes: list[Future] = []
 
     @property
     def state_key(self) -> str:
@@ -197,11 +205,24 @@ class TrajectoryLog(pl.Callback):
         self._flush_segment()
         tensors = {f"param/{name}": p.detach().cpu().contiguous() for name, p in pl_module.named_parameters() if p.requires_grad}
         tensors.update({f"buffer/{name}": b.detach().cpu().contiguous() for name, b in pl_module.named_buffers()})
-        atomic_write_bytes(self.output_dir / FINAL_FILE, save_safetensors_bytes(tensors))  # type: ignore[operator]
+        self._write(self.output_dir / FINAL_FILE, save_safetensors_bytes(tensors))  # type: ignore[operator]
         self._index.update(complete=True, final_step=int(trainer.global_step), final_file=FINAL_FILE)
         self._write_index()
+        self._drain()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._drain(raise_errors=False)  # what was submitted before the failure reaches the disk
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._drain(raise_errors=False)
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
 
     def state_dict(self) -> dict[str, Any]:
+        # Lightning is saving a checkpoint: the log's files up to this point must be on disk first,
+        # since a fit resumed from that checkpoint continues from them.
+        self._drain()
         return {
             "run_id": self.run_id,
             "checkpoint_every_n_steps": self.checkpoint_every_n_steps,
@@ -253,10 +274,10 @@ class TrajectoryLog(pl.Callback):
             self.checkpoint_every_n_steps = max(1, math.ceil(total / AUTO_CHECKPOINTS))
         self.run_id = uuid.uuid4().hex
         optimizer = trainer.optimizers[0]
-        if not isinstance(optimizer, torch.optim.SGD):
+        if type(optimizer) not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
             rank_zero_warn(
-                f"TrajectoryLog: the optimizer is {type(optimizer).__name__}; trajectory_influence replays torch.optim.SGD "
-                "only (plain, momentum, Nesterov, weight decay) and will refuse this log. Train with SGD to replay it."
+                f"TrajectoryLog: the optimizer is {type(optimizer).__name__}; trajectory_influence replays torch.optim.SGD, "
+                "Adam and AdamW only and will refuse this log. Train with one of those to replay it."
             )
         names_of = {id(p): name for name, p in pl_module.named_parameters()}
         groups = []
@@ -354,7 +375,7 @@ class TrajectoryLog(pl.Callback):
             for device, state in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"rng/cuda{device}"] = state
         metadata = {"step": str(step), "run_id": str(self.run_id), "optimizer_scalars": json.dumps(scalars)}
-        atomic_write_bytes(self.output_dir / checkpoint_file(step), save_safetensors_bytes(tensors, metadata=metadata))
+        self._write(self.output_dir / checkpoint_file(step), save_safetensors_bytes(tensors, metadata=metadata))
         self._index["checkpoints"] = sorted(set(self._index["checkpoints"]) | {step})
         self._write_index()
 
@@ -380,16 +401,38 @@ class TrajectoryLog(pl.Callback):
             tensors["rng"] = torch.stack([state for r in records for state in r.rng])
             if any(r.rng_cuda for r in records):
                 tensors["rng_cuda"] = torch.stack([state for r in records for state in r.rng_cuda])
-        atomic_write_bytes(self.output_dir / steps_file(first), save_safetensors_bytes(tensors, metadata={"run_id": str(self.run_id)}))
+        self._write(self.output_dir / steps_file(first), save_safetensors_bytes(tensors, metadata={"run_id": str(self.run_id)}))
         segments = [s for s in self._index["segments"] if s["start"] != first]
         segments.append({"start": first, "num_steps": len(records), "file": steps_file(first)})
         self._index["segments"] = sorted(segments, key=lambda s: s["start"])
-        self._pending = []
-        self._write_index()
+        self._pending = []  # the index is written with the checkpoint that follows, or at the end
 
     def _write_index(self) -> None:
         assert self._index is not None and self.output_dir is not None
-        atomic_write_bytes(self.output_dir / INDEX_FILE, (json.dumps(self._index, indent=2, sort_keys=True) + "\n").encode())
+        # Serialised now: the index keeps changing while the writer thread works.
+        self._write(self.output_dir / INDEX_FILE, (json.dumps(self._index, indent=2, sort_keys=True) + "\n").encode())
+
+    def _write(self, path: Path, payload: bytes) -> None:
+        """Atomic write (temporary file, fsync, rename) on the writer thread, after every earlier one."""
+        self._raise_failed_writes()
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trajectory-log")
+        self._writes.append(self._writer.submit(atomic_write_bytes, path, payload))
+
+    def _raise_failed_writes(self) -> None:
+        done = [w for w in self._writes if w.done()]
+        self._writes = [w for w in self._writes if not w.done()]
+        for write in done:
+            write.result()  # re-raises the writer's error (disk full, permissions) in the training thread
+
+    def _drain(self, raise_errors: bool = True) -> None:
+        writes, self._writes = self._writes, []
+        for write in writes:
+            try:
+                write.result()
+            except Exception:
+                if raise_errors:
+                    raise
 
 
 def _train_dataset(trainer: pl.Trainer) -> Any:

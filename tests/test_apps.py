@@ -42,6 +42,8 @@ def test_train_writes_everything(tiny_run):
     for target in result.values():
         assert torch.isfinite(target.diffin).all() and target.visits.min() >= 1
     assert OmegaConf.load(tiny_run / "config.yaml").data.num_samples == 128
+    metadata = json.loads((tiny_run / "influence.json").read_text())
+    assert metadata["second_order_terms_available"] == [metadata["second_order"]]  # exactly what the file holds
 
 
 def test_clean(tiny_run, tmp_path, capsys):

@@ -249,13 +249,83 @@ def test_bad_inputs_are_refused_with_one_clear_error_and_nothing_written(tmp_pat
     refuses(r"no segment for steps 3\.\.5 \(missing segment\)", log_dir=broken)
 
 
+class RMSpropClassifier(TinyClassifier):
+    def configure_optimizers(self):
+        return torch.optim.RMSprop(self.parameters(), lr=0.01)
+
+
 def test_an_optimizer_the_replay_cannot_handle_is_refused_by_name(tmp_path, tiny_data):
-    model = TinyClassifier(optimizer="adam").double()
-    with pytest.warns(UserWarning, match="the optimizer is Adam; trajectory_influence replays torch.optim.SGD only"):
+    model = RMSpropClassifier().double()
+    with pytest.warns(UserWarning, match="the optimizer is RMSprop; trajectory_influence replays torch.optim.SGD, Adam and AdamW only"):
         trainer(max_epochs=1, callbacks=[TrajectoryLog(output_dir=tmp_path / "log")]).fit(model, tiny_data.loader())
-    with pytest.raises(TrajectoryLogError, match=r"optimizer torch\.optim\.adam\.Adam, which the replay cannot handle: it supports torch\.optim\.SGD"):
+    with pytest.raises(TrajectoryLogError, match=r"optimizer torch\.optim\.rmsprop\.RMSprop, which the replay cannot handle: it supports torch\.optim\.SGD .*Adam and AdamW"):
         trajectory_influence(model, tmp_path / "log", tiny_data.train, {"val": tiny_data.val}, output_dir=tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+class AdamClassifier(TinyClassifier):
+    def __init__(self, decoupled: bool) -> None:
+        super().__init__(lr=0.02)
+        self.decoupled = decoupled
+
+    def configure_optimizers(self):
+        if self.decoupled:
+            return torch.optim.AdamW(self.parameters(), lr=self.lr, betas=(0.8, 0.95), weight_decay=0.1)
+        return torch.optim.Adam(self.parameters(), lr=self.lr, betas=(0.8, 0.95), weight_decay=1e-2)
+
+
+def _unrolled_adam(model, steps, weights, data, decoupled, create_graph=True):
+    """L_V after an unrolled Adam / AdamW run (torch's formulas) with per-sample loss weights."""
+    x, y = data.train.tensors
+    params = {n: p.clone().requires_grad_(True) for n, p in steps[0].params.items()}
+    m = {n: torch.zeros_like(p) for n, p in params.items()}
+    v = {n: torch.zeros_like(p) for n, p in params.items()}
+    for t, record in enumerate(steps, start=1):
+        ids = torch.tensor(record.ids)
+        losses = F.cross_entropy(torch.func.functional_call(model, params, (x[ids],)), y[ids], reduction="none")
+        gradient = torch.autograd.grad((weights[ids] * losses).sum() / len(ids), list(params.values()), create_graph=create_graph)
+        new = {}
+        for (name, theta), g in zip(params.items(), gradient):
+            if decoupled:
+                theta = theta * (1 - record.lr * 0.1)
+            else:
+                g = g + 1e-2 * theta
+            m[name] = 0.8 * m[name] + 0.2 * g
+            v[name] = 0.95 * v[name] + 0.05 * g * g
+            denom = torch.sqrt(v[name]) / (1 - 0.95**t) ** 0.5 + 1e-8
+            new[name] = theta - record.lr / (1 - 0.8**t) * m[name] / denom
+        params = new
+    vx, vy = data.val.tensors
+    return F.cross_entropy(torch.func.functional_call(model, params, (vx,)), vy).mean(), params
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_adam_and_adamw_adjoint_against_unrolled_autograd_and_leave_one_out(tmp_path, decoupled):
+    data = TinyData.make(num_train=32, num_val=8, seed=2)
+    model = AdamClassifier(decoupled).double()
+    recorder = TrajectoryRecorder()
+    trainer(max_epochs=4, callbacks=[recorder, TrajectoryLog(output_dir=tmp_path / "log", checkpoint_every_n_steps=7)]).fit(model, data.loader())
+    weights = torch.ones(32, dtype=torch.float64, requires_grad=True)
+    loss, final = _unrolled_adam(model, recorder.steps, weights, data, decoupled)
+    assert all(torch.allclose(final[n], recorder.final[n], rtol=1e-10, atol=1e-12) for n in final)  # the loop is torch's Adam
+    reference = -torch.autograd.grad(loss, weights)[0]
+    for hvp in ("exact", "central"):
+        result = trajectory_influence(model, tmp_path / "log", data.train, {"val": data.val}, hvp=hvp, progress=False)
+        assert result.metadata["replay_drift_max"] < 1e-12
+        assert relative(result["val"].diffin, reference) < RTOL_FLOAT64, hvp
+    with torch.no_grad():
+        def left_out(j):
+            w = torch.ones(32, dtype=torch.float64)
+            if j is not None:
+                w[j] = 0.0
+            with torch.enable_grad():
+                return _unrolled_adam(model, recorder.steps, w, data, decoupled, create_graph=False)[0].detach()
+
+        base = left_out(None)
+        truth = torch.stack([left_out(j) - base for j in range(32)])
+    ceiling = float(spearman_corrcoef(reference.detach(), truth))
+    assert float(spearman_corrcoef(result["val"].diffin, truth)) >= ceiling - 0.02
+    assert ceiling > 0.5, ceiling
 
 
 def test_segments_longer_than_memory_allows_are_rechecked_inside(tmp_path, tiny_data):

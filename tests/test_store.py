@@ -314,7 +314,8 @@ def test_fuzzed_json_edits_are_refused_or_load_unchanged(tmp_path, pristine):
             meta.pop(key, None)
         else:
             meta[key] = value
-        if resign:  # a careful forger: the checksum fits, so the type and value checks must catch it
+        if resign:  # the checksum fits: the type checks must catch what breaks the format (a forged value of
+            # the right type is not detectable without a key; then only the tensors must be the original's)
             _resign(meta)
         (tmp_path / "influence.safetensors").write_bytes(pristine["influence.safetensors"])
         (tmp_path / "influence.json").write_text(json.dumps(meta))

@@ -46,10 +46,10 @@ def test_the_log_records_every_step_and_the_checkpoints_of_the_run(tmp_path, tin
     assert index["fingerprint"] is not None and index["optimizer"]["class"] == "SGD"
 
 
-def test_auto_interval_keeps_about_four_checkpoints(tmp_path, tiny_data):
+def test_auto_interval_keeps_two_checkpoints_and_the_final_parameters(tmp_path, tiny_data):
     trainer(max_epochs=5, callbacks=[TrajectoryLog(output_dir=tmp_path / "log")]).fit(TinyClassifier().double(), tiny_data.loader())
     index = json.loads((tmp_path / "log" / INDEX_FILE).read_text())
-    assert index["checkpoint_every_n_steps"] == 5 and index["checkpoints"] == [0, 5, 10, 15]
+    assert index["checkpoint_every_n_steps"] == 10 and index["checkpoints"] == [0, 10] and index["final_step"] == 20
 
 
 class CrashAtStep(Callback):

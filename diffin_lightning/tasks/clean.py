@@ -58,34 +58,47 @@ def clean(run: TrainedRun, out_dir: Path, target: str | None = None, score: str 
             + ", ".join(f"{v:.3f} in the top {k}" for k, v in summary["recall"].items())
             + f"; AUROC {summary['auroc']:.3f}"
         )
-    summary["plot"] = str(_plot(out_dir / "clean.png", scores, order, corrupted, target, score, kind))
+    summary["plot"] = str(_plot(out_dir / "clean.png", scores, order, corrupted, target, score, kind, plots.run_caption(run)))
     summary["suspects_csv"] = str(out_dir / "suspects.csv")
     write_json(out_dir / "clean.json", summary)
     print(f"Wrote {summary['suspects_csv']} and {summary['plot']}")
     return summary
 
 
-def _plot(path: Path, scores: Tensor, order: Tensor, corrupted: Tensor | None, target: str, score: str, kind: str) -> Path:
+def _plot(path: Path, scores: Tensor, order: Tensor, corrupted: Tensor | None, target: str, score: str, kind: str, caption: str) -> Path:
     fig, axes = plots.figure(2 if corrupted is not None else 1)
     ax = axes[0][0]
     values = scores.numpy()
-    if corrupted is not None:
-        ax.hist(values[~corrupted.numpy()], bins=60, alpha=0.6, label="clean label")
-        ax.hist(values[corrupted.numpy()], bins=60, alpha=0.6, label="corrupted label")
+    if kind == "self":
+        meaning = "self-influence (high = hard or mislabelled)"
+        suspicious_end = "high self-influence"
     else:
-        ax.hist(values, bins=60, alpha=0.8, label="all samples")
-    ax.set_xlabel(f"{score} influence on {target!r}" + (" (self-influence)" if kind == "self" else ""))
-    ax.set_ylabel("samples")
-    ax.set_title(plots.SIGN_NOTE, fontsize=9)
-    ax.legend()
+        meaning = f"influence on the {target} loss (< 0 = harmful, > 0 = helped)"
+        suspicious_end = f"low (harmful) influence on the {target} loss"
+    name = {"diffin": "Diff-In", "first_order": "first-order", "second_order": "second-order term of"}.get(score, score)
+    if corrupted is not None:
+        bins = 60
+        ax.hist(values[~corrupted.numpy()], bins=bins, alpha=0.6, color=plots.COLORS["clean"], label="label as given (clean)")
+        ax.hist(values[corrupted.numpy()], bins=bins, alpha=0.6, color=plots.COLORS["corrupted"], label="corrupted label")
+        found = recall_at(order, corrupted, 0.10)
+        fig.suptitle(
+            f"Ranking by {suspicious_end}: the top 10% holds {found:.0%} of the corrupted labels (random order: 10%)", fontsize=11
+        )
+    else:
+        ax.hist(values, bins=60, alpha=0.8, color=plots.COLORS["diffin"], label="all training samples")
+        fig.suptitle(f"Where the training samples fall: the most suspicious have {suspicious_end}", fontsize=11)
+    ax.set_xlabel(f"{name} {meaning}")
+    ax.set_ylabel("number of training samples")
+    ax.set_title("distribution of the scores", fontsize=9)
+    ax.legend(fontsize=8)
     if corrupted is not None:
         ax = axes[0][1]
-        found = torch.cumsum(corrupted[order].double(), 0) / max(1, int(corrupted.sum()))
+        found_curve = torch.cumsum(corrupted[order].double(), 0) / max(1, int(corrupted.sum()))
         inspected = torch.arange(1, len(order) + 1, dtype=torch.float64) / len(order)
-        ax.plot(inspected.numpy(), found.numpy(), label=f"ranked by {score} ({target})")
-        ax.plot([0, 1], [0, 1], "--", color="grey", label="random order")
-        ax.set_xlabel("share of training data inspected (most suspicious first)")
+        ax.plot(inspected.numpy(), found_curve.numpy(), color=plots.COLORS["diffin"], label=f"most suspicious first ({name} {kind if kind == 'self' else target})")
+        ax.plot([0, 1], [0, 1], "--", color=plots.COLORS["random"], label="random order")
+        ax.set_xlabel("share of training data inspected")
         ax.set_ylabel("share of corrupted labels found")
-        ax.set_title("recall curve")
-        ax.legend(loc="lower right")
-    return plots.save(fig, path)
+        ax.set_title("how fast inspection finds them", fontsize=9)
+        ax.legend(loc="lower right", fontsize=8)
+    return plots.save(fig, path, caption)

@@ -109,23 +109,63 @@ def _verify(run, out_dir, selections, scores, labels, seeds, baselines, method_n
     print("Test accuracy after retraining on each subset (mean ± std over seeds):")
     print(format_table(header, rows))
     write_csv(out_dir / "coreset.csv", header, rows)
-    _plot(out_dir / "coreset.png", accuracy)
+    caption = plots.run_caption(
+        run, f"retraining seeds {', '.join(str(s) for s in seeds)}; points: mean test accuracy over the seeds, error bars: ± 1 standard deviation over the seeds"
+    )
+    _plot(out_dir / "coreset.png", accuracy, method_name, caption)
     return accuracy
 
 
-def _plot(path: Path, accuracy: dict[str, dict[str, list[float]]]) -> Path:
+def _method_label(method: str, diffin_method: str) -> tuple[str, str]:
+    """(legend text in words, colour key) for a method name of the accuracy table."""
+    if method == diffin_method:
+        target = method.split(":", 1)[1].split("/", 1)[0] if ":" in method else "the target"
+        return f"Diff-In: highest influence on the {target} loss kept", "diffin"
+    return {
+        "random": ("random subset of the same size", "random"),
+        "el2n": ("EL2N: hardest samples kept", "el2n"),
+        "forgetting": ("forgetting: most often forgotten kept", "forgetting"),
+    }.get(method, (method, "random"))
+
+
+def _plot(path: Path, accuracy: dict[str, dict[str, list[float]]], diffin_method: str, caption: str) -> Path:
     fig, axes = plots.figure(1)
+    fig.set_size_inches(9.5, 4.6)  # room for the legend beside the axes, where it covers no point
     ax = axes[0][0]
+    tops = []
+    means_by_method: dict[str, dict[str, float]] = {}
     for method, per_fraction in accuracy.items():
         if method == "all data":
-            ax.axhline(statistics.fmean(per_fraction["1"]), color="grey", ls=":", label="all data")
             continue
         fractions = sorted(per_fraction, key=float)
         means = [statistics.fmean(per_fraction[f]) for f in fractions]
         stds = [statistics.stdev(per_fraction[f]) if len(per_fraction[f]) > 1 else 0.0 for f in fractions]
-        ax.errorbar([float(f) for f in fractions], means, yerr=stds, marker="o", capsize=3, label=method)
-    ax.set_xlabel("fraction of training data kept")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("coreset: keep the highest-influence samples (influence > 0 = helpful)", fontsize=9)
-    ax.legend()
-    return plots.save(fig, path)
+        means_by_method[method] = dict(zip(fractions, means))
+        label, color = _method_label(method, diffin_method)
+        ax.errorbar([float(f) for f in fractions], means, yerr=stds, marker="o", capsize=3, color=plots.COLORS[color], label=label)
+        tops += [m + s for m, s in zip(means, stds)]
+    if "all data" in accuracy:
+        everything = statistics.fmean(accuracy["all data"]["1"])
+        ax.axhline(everything, color=plots.COLORS["all data"], ls=":", label=f"all data: {everything:.3f}")
+        tops.append(everything)
+    low, _ = ax.get_ylim()
+    ax.set_ylim(low, min(1.0, max(tops)) + 0.08 * (max(tops) - low))  # the all-data line clear of the border
+    ax.set_xlabel("share of the training data kept")
+    ax.set_xticks(sorted({float(f) for per in means_by_method.values() for f in per}))  # the fractions measured
+    ax.xaxis.set_major_formatter(lambda value, _: f"{value:.0%}")
+    ax.set_ylabel("test accuracy after retraining")
+    diffin = means_by_method.get(diffin_method, {})
+    random = means_by_method.get("random", {})
+    shared = [f for f in diffin if f in random]
+    if shared:
+        wins = sum(diffin[f] > random[f] for f in shared)
+        best = max(shared, key=lambda f: diffin[f] - random[f])
+        fig.suptitle(
+            f"Diff-In subsets beat random ones at {wins} of {len(shared)} sizes"
+            + (f" (largest gain {diffin[best] - random[best]:+.3f} at {float(best):.0%} kept)" if wins else ""),
+            fontsize=11,
+        )
+    else:
+        fig.suptitle("Test accuracy of models retrained on subsets of the training data", fontsize=11)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    return plots.save(fig, path, caption)
