@@ -247,6 +247,8 @@ def compare(workload: Workload, device: str, epochs: int, repeats: int, settings
                 runs[label].append(fit_once(workload, device, epochs, None, opacus=True))
             else:
                 runs[label].append(fit_once(workload, device, epochs, settings[label]))
+            run = runs[label][-1]
+            print(f"    {label}: wall {run['wall']:.2f} s, cpu {run['cpu']:.2f} s, peak {run['peak'] / 2**20:.0f} MB, end-of-fit {run['end']:.2f} s", flush=True)
     plain = runs["plain"]
     rows = []
     for label in labels[1:]:

@@ -448,7 +448,9 @@ class InfluenceRecorder:
         for batch, ids in training_set:
             if self.capture is not None:
                 view = self._recaptured(params, [MicroBatch(batch, int(ids.numel()))], contextlib.nullcontext, loss)
-                dots = view.dots(directions)
+                # One direction per call: PerSampleDots.dots with two directions at once took 12.4 s against
+                # 0.4 s for one on the 256-1024-1024-10 MLP at batch 256 (and a 2.1 GB peak in the fit).
+                dots = torch.cat([view.dots([direction]) for direction in directions])
             else:
                 dots = torch.stack([loss.dots(params, [batch], direction) for direction in directions])
             for k, name in enumerate(names):

@@ -82,7 +82,7 @@ def test_dropout_masks_are_replayed_and_training_is_untouched(tmp_path, tiny_dat
         torch.manual_seed(5)
         # No "self" target with batch norm: its per-sample gradients need vmap, which batch statistics refuse.
         targets = {"val": tiny_data.val} if norm else {"val": tiny_data.val, "self": "self"}
-        callbacks = [DiffInCallback(targets=targets, eps=EPS)] if with_callback else []
+        callbacks = [DiffInCallback(targets=targets, eps=EPS, allow_batch_mixing=norm)] if with_callback else []
         trainer(default_root_dir=tmp_path / str(with_callback), max_epochs=2, callbacks=callbacks).fit(model, tiny_data.loader())
         return model, callbacks
 
