@@ -488,7 +488,7 @@ class DiffInCallback(Callback):
             device = pl_module.device
             with replayed_rng(None, device):
                 self._recorder.compute_drift(
-                    trainer.global_step, device, self._training_set(trainer, device, progress="DiffIn end-of-fit pass")
+                    trainer.global_step, device, self._training_set(trainer, device, progress="DiffIn: end-of-fit drift pass")
                 )
         for name, count in self.nonfinite_samples_skipped.items():
             rank_zero_warn(
