@@ -6,6 +6,7 @@ positive = sample i helped the target, negative = harmful.
 
 from diffin_lightning.callback import DiffInCallback
 from diffin_lightning.data import EpochSeededSampler, IndexedDataset, ResumableDataLoader, dataset_fingerprint
+from diffin_lightning.ranking import Ranked, select, top_k
 from diffin_lightning.store import (
     SIGN_CONVENTION,
     InfluenceFileError,
@@ -24,6 +25,7 @@ __all__ = [
     "IndexedDataset",
     "InfluenceFileError",
     "InfluenceResult",
+    "Ranked",
     "ResumableDataLoader",
     "SIGN_CONVENTION",
     "TargetInfluence",
@@ -34,4 +36,6 @@ __all__ = [
     "load_influence",
     "save_influence",
     "trajectory_influence",
+    "select",
+    "top_k",
 ]

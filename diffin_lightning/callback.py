@@ -28,7 +28,7 @@ from diffin_lightning import distributed
 from diffin_lightning.accumulator import InfluenceAccumulator
 from diffin_lightning.batch_mixing import batch_mixing_message, batch_mixing_modules
 from diffin_lightning.data import INDEX_KEY, dataset_fingerprint, find_indexed_dataset, inexact_resume_reason
-from diffin_lightning.engine import number_of_batches, replayed_rng, save_rng_state, training_set_batches
+from diffin_lightning.engine import number_of_batches, pass_batch_size, replayed_rng, save_rng_state, training_set_batches
 from diffin_lightning.recorder import InfluenceRecorder
 from diffin_lightning.results import RunRecord, build_result, check_second_order
 from diffin_lightning.settings import DiffInSettings, SecondOrderTerm
@@ -465,7 +465,10 @@ class DiffInCallback(Callback):
                 "DiffInCallback scores every training sample (schedule='checkpoints', or the end-of-fit pass of "
                 "second_order='propagated') and needs a train dataloader whose dataset has a length."
             )
-        size = self.settings.target_batch_size
+        size = self.settings.training_set_batch_size
+        if size is None:
+            trainable = sum(p.numel() for p in trainer.lightning_module.parameters() if p.requires_grad)
+            size = pass_batch_size(trainable, self.settings.target_batch_size)
         batches = training_set_batches(dataset, size, device)
         if progress is not None and trainer.progress_bar_callback is not None and trainer.is_global_zero:
             from tqdm.auto import tqdm

@@ -295,7 +295,15 @@ class EpochSeededSampler(Sampler[int]):
         return torch.randperm(self.num_samples, generator=generator).tolist()
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.order(self.epoch))
+        # Python ints a chunk at a time: a list of all N ids costs ~36 bytes per sample (360 MB at 10M)
+        # and a second at every epoch start, while the DataLoader only ever needs the next batch.
+        if not self.shuffle:
+            yield from range(self.num_samples)
+            return
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        permutation = torch.randperm(self.num_samples, generator=generator)
+        for chunk in permutation.split(65536):
+            yield from chunk.tolist()
 
     def __len__(self) -> int:
         return self.num_samples

@@ -443,10 +443,28 @@ def training_set_batches(dataset: Any, batch_size: int, device: torch.device, co
             yield move_data_to_device({INDEX_KEY: ids, "input": inputs[ids], "target": targets[ids]}, device)
         return
     if world > 1:
-        dataset = Subset(dataset, distributed.shard_indices(range(len(dataset))))
+        dataset = Subset(dataset, range(rank, len(dataset), world))  # a range, not a list of N/W Python ints
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, **({"collate_fn": collate} if collate else {}))
     for batch in loader:
         yield move_data_to_device(batch, device)
+
+
+# The automatic batch of a pass over the training set: about 2**24 / (trainable parameters)
+# samples, within [target_batch_size, 65536]. A tiny model (a few hundred parameters) at N = 10M
+# then reads 153 batches instead of 39,063 (each batch has a fixed Python cost that dominated);
+# a model of 65k parameters or more keeps target_batch_size, as before.
+_PASS_BUDGET, _PASS_MAX = 1 << 24, 65536
+
+
+def pass_batch_size(trainable_parameters: int, target_batch_size: int) -> int:
+    """The batch of the passes over the training set when ``training_set_batch_size`` is None.
+
+    Example::
+
+        >>> pass_batch_size(68, 256), pass_batch_size(10_000, 256), pass_batch_size(1_000_000, 256)
+        (65536, 1677, 256)
+    """
+    return max(target_batch_size, min(_PASS_MAX, _PASS_BUDGET // max(1, trainable_parameters)))
 
 
 def number_of_batches(dataset: Any, batch_size: int) -> int:

@@ -61,8 +61,14 @@ class DiffInSettings:
         default=DEFAULT_TARGET_REFRESH_EVERY_N_STEPS,
     )
     target_batch_size: int = _help(
-        "Samples per forward when computing a dataset target's gradient and in the end-of-fit pass over the training set.",
+        "Samples per forward when computing a dataset target's gradient (and the least batch of the passes over the training set).",
         default=256,
+    )
+    training_set_batch_size: int | None = _help(
+        "Samples per batch of the passes over the whole training set (the end-of-fit drift pass, the checkpoint "
+        "schedule's passes). None: about 2**24 / (trainable parameters), within [target_batch_size, 65536] (a tiny "
+        "model reads large vectorised batches; a model of 65k parameters or more uses target_batch_size). Memory grows with it.",
+        default=None,
     )
     target_max_samples: int | None = _help(
         "At most this many target samples per refresh (a seeded random subset per refresh); None uses the whole target.",
@@ -129,7 +135,7 @@ class DiffInSettings:
     def __post_init__(self) -> None:
         for name in ("every_n_steps", "target_refresh_every_n_steps", "target_batch_size"):
             _check_positive_int(name, getattr(self, name))
-        for name in ("target_max_samples", "self_chunk_size", "num_samples"):
+        for name in ("target_max_samples", "self_chunk_size", "num_samples", "training_set_batch_size"):
             if getattr(self, name) is not None:
                 _check_positive_int(name, getattr(self, name))
         eps = self.eps

@@ -20,16 +20,16 @@ import math
 import os
 import re
 import secrets
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor
 
 from diffin_lightning.data import IndexedDataset, dataset_fingerprint
+from diffin_lightning.tensor_file import file_sha256, read_tensors, safetensors_parts, sha256_of
 
 # Version 2 adds `metadata_sha256`, the metadata's checksum over its own canonical JSON.
 FORMAT_VERSION = 2
@@ -144,7 +144,7 @@ def remove_orphaned_temporaries(path: Path) -> list[Path]:
 _WRITING: set[str] = set()  # temporary names this process is writing right now (threads)
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
+def atomic_write_bytes(path: Path, payload: bytes | Sequence[memoryview]) -> None:
     """Write ``payload`` to ``path`` so that a reader sees the old file or the new one, never a part.
 
     The bytes go to a temporary file in the same directory, are flushed to disk, and the
@@ -161,7 +161,8 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
         # narrowed by the umask in the kernel.
         handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
+            for part in [payload] if isinstance(payload, bytes) else payload:  # buffers: written in order, never joined
+                stream.write(part)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
@@ -235,8 +236,10 @@ def save_influence(result: InfluenceResult, directory: str | os.PathLike[str]) -
     _check_metadata(metadata, where, checksum=False)
     for name in result.targets:
         _check_values(name, {c: tensors[f"{name}/{c}"] for c in COMPONENTS}, where)
-    payload = save_safetensors_bytes(tensors)
-    metadata["tensor_sha256"] = hashlib.sha256(payload).hexdigest()
+    # Buffers over the tensors' own memory (diffin_lightning.tensor_file): safetensors' `save`
+    # would build the whole file in memory, one more copy of every score.
+    payload = safetensors_parts(tensors)
+    metadata["tensor_sha256"] = sha256_of(payload)
     metadata[METADATA_CHECKSUM_FIELD] = _metadata_checksum(metadata)
     # Two files cannot be replaced in one atomic step. The new metadata is first put in place
     # under PENDING_METADATA_FILE, then the tensors, then the metadata under its own name. A
@@ -481,33 +484,48 @@ def _read_tensor_file(file: Path, candidates: list[dict[str, Any]]) -> tuple[dic
     return metadata, tensors
 
 
+_CHECK_CHUNK = 1 << 20  # values checked a slice at a time: temporaries of 1M values, not of N
+
+
 def _check_values(name: str, components: Mapping[str, Tensor], file: Path) -> None:
     """Finite scores, whole non-negative visits, and diffin = first_order + second_order."""
     for component in COMPONENTS:
         values = components[component]
         if values.dim() != 1 or not values.dtype.is_floating_point:
             raise _refuse(file, f"tensor '{name}/{component}'", f"must be a 1-d float tensor; got {values.dtype} {tuple(values.shape)}")
-        bad = ~torch.isfinite(values)
-        if bool(bad.any()):
-            raise _refuse(
-                file,
-                f"tensor '{name}/{component}'",
-                f"holds {int(bad.sum())} non-finite value(s) (first at sample {int(bad.nonzero()[0])})",
-                "A diverged run cannot be scored: fix the training (learning rate, eps) and re-record.",
-            )
+        for start in range(0, values.numel(), _CHECK_CHUNK):
+            bad = ~torch.isfinite(values[start : start + _CHECK_CHUNK])
+            if bool(bad.any()):
+                total_bad = int((~torch.isfinite(values)).sum())
+                raise _refuse(
+                    file,
+                    f"tensor '{name}/{component}'",
+                    f"holds {total_bad} non-finite value(s) (first at sample {start + int(bad.nonzero()[0])})",
+                    "A diverged run cannot be scored: fix the training (learning rate, eps) and re-record.",
+                )
     visits = components["visits"]
-    if bool((visits < 0).any()) or not torch.equal(visits, visits.round()):
-        raise _refuse(file, f"tensor '{name}/visits'", "must hold whole non-negative counts")
     first, second, diffin = components["first_order"], components["second_order"], components["diffin"]
-    total = first.double() + second.double()
-    tolerance = 4 * torch.finfo(diffin.dtype).eps * (first.double().abs() + second.double().abs() + total.abs())
-    error = (diffin.double() - total).abs()
-    if bool((error > tolerance).any()):
-        worst = int(error.argmax())
+    worst_excess, worst = 0.0, -1
+    for start in range(0, visits.numel(), _CHECK_CHUNK):
+        part = slice(start, start + _CHECK_CHUNK)
+        v = visits[part]
+        if bool((v < 0).any()) or not torch.equal(v, v.round()):
+            raise _refuse(file, f"tensor '{name}/visits'", "must hold whole non-negative counts")
+        f, s_, d = first[part].double(), second[part].double(), diffin[part]
+        total = f + s_
+        tolerance = 4 * torch.finfo(d.dtype).eps * (f.abs() + s_.abs() + total.abs())
+        error = (d.double() - total).abs()
+        excess = error - tolerance
+        if bool((excess > 0).any()):
+            index = int(error.argmax())
+            if worst < 0 or float(error[index]) > worst_excess:
+                worst_excess, worst = float(error[index]), start + index
+    if worst >= 0:
+        total_worst = float(first[worst].double() + second[worst].double())
         raise _refuse(
             file,
             f"tensor '{name}/diffin'",
-            f"must equal first_order + second_order; at sample {worst} it is {float(diffin[worst])!r}, the sum is {float(total[worst])!r}",
+            f"must equal first_order + second_order; at sample {worst} it is {float(diffin[worst])!r}, the sum is {total_worst!r}",
         )
 
 
@@ -571,3 +589,42 @@ def load_influence(
             "use the same data set (same samples, same order) or re-record."
         )
     return InfluenceResult(targets=targets, metadata=metadata)
+
+
+def read_one_tensor(path: str | os.PathLike[str], key: str, *, verify_checksum: bool = False) -> tuple[dict[str, Any], Tensor]:
+    """``(metadata, tensor)`` for one ``"<target>/<component>"`` of a result, reading no other tensor.
+
+    The metadata is checked as :func:`load_influence` checks it (its own checksum, field
+    types); the tensor's dtype and shape against it. The whole tensor file's checksum is
+    taken (in 16 MiB chunks) only with ``verify_checksum``, since that reads every tensor.
+    The values' checks (finite, ``diffin = first_order + second_order``) are
+    :func:`load_influence`'s, which reads all components.
+    """
+    directory = _resolve_directory(path)
+    tensor_path, metadata_path = directory / TENSOR_FILE, directory / METADATA_FILE
+    for needed in (tensor_path, metadata_path):
+        if not needed.is_file():
+            raise InfluenceFileError(
+                f"read_one_tensor: {needed} does not exist. Pass the directory the callback wrote "
+                f"(its `output_path`), which holds {TENSOR_FILE} and {METADATA_FILE}."
+            )
+    metadata = _read_metadata(metadata_path)
+    if verify_checksum and file_sha256(tensor_path) != metadata["tensor_sha256"]:
+        raise _refuse(
+            tensor_path,
+            "the content",
+            f"does not match the checksum 'tensor_sha256' in {METADATA_FILE}; the pair comes from different runs "
+            "or the tensor file is damaged",
+        )
+    try:
+        tensors, available = read_tensors(tensor_path, [key])
+    except Exception as error:  # safetensors raises its own error type for a malformed file
+        raise _refuse(tensor_path, "the file", f"is not a readable safetensors file ({error})") from error
+    if key not in available:
+        raise _refuse(tensor_path, f"tensor {key!r}", "is missing although the metadata names its target")
+    tensor = tensors[key]
+    if tensor.dtype not in _DTYPES.values() or tuple(tensor.shape) != (metadata["num_samples"],):
+        raise _refuse(
+            tensor_path, f"tensor {key!r}", f"is {tensor.dtype} {tuple(tensor.shape)}; the metadata says N={metadata['num_samples']} floats"
+        )
+    return metadata, tensor
