@@ -144,3 +144,16 @@ def test_resumable_loader_skips_delivered_batches_and_survives_lightnings_distri
     rebuilt = _update_dataloader(loader, DistributedSampler(list(range(10)), num_replicas=2, rank=0, shuffle=False))
     assert type(rebuilt) is ResumableDataLoader and [b.tolist() for b in rebuilt] == [[0, 2, 4, 6], [8]]
     assert rebuilt.state_dict() == {"epoch": 0, "batches": 2}
+
+
+def test_retraining_on_kept_ids_visits_exactly_those_ids_in_the_recorded_order():
+    # A retrain (delete / coreset verify) must see the kept samples, never the first len(kept) ids.
+    from diffin_lightning.bundled.datamodule import KeptIdsSampler
+
+    kept = [3, 8, 11, 19, 27, 40]
+    sampler = KeptIdsSampler(kept, seed=5)
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        visited = list(sampler)
+        assert sorted(visited) == kept
+        assert visited == sampler.order(epoch)

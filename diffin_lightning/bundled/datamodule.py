@@ -9,7 +9,7 @@ in-memory ``TensorDataset`` splits.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -28,6 +28,13 @@ class KeptIdsSampler(EpochSeededSampler):
 
     def order(self, epoch: int) -> list[int]:
         return [self.kept_ids[i] for i in super().order(epoch)]
+
+    def __iter__(self) -> Iterator[int]:
+        # The base class streams positions in [0, len(kept_ids)) without calling order(); map each
+        # one to its kept id, or a retrain would train on the first len(kept_ids) ids instead.
+        kept_ids = self.kept_ids
+        for position in super().__iter__():
+            yield kept_ids[position]
 
 
 class ClassificationDataModule(pl.LightningDataModule):
