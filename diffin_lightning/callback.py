@@ -52,6 +52,21 @@ def _default_index_fn(batch: Any) -> Tensor:
     return batch[INDEX_KEY]
 
 
+def _active_random_layers(module: torch.nn.Module) -> list[str]:
+    """Names of the modules that draw dropout masks in training (probability > 0)."""
+    found = []
+    for name, child in module.named_modules():
+        if isinstance(child, torch.nn.modules.dropout._DropoutNd):
+            probability = child.p
+        elif isinstance(child, torch.nn.MultiheadAttention):
+            probability = child.dropout
+        else:
+            continue
+        if probability:
+            found.append(f"{name or 'model'} ({type(child).__name__}, p={probability})")
+    return found
+
+
 class DiffInCallback(Callback):
     """Records, for every training sample, its Diff-In influence on one or more target losses.
 
@@ -268,6 +283,17 @@ class DiffInCallback(Callback):
                 f"DiffInCallback: resumed at step {trainer.global_step}, but {reason}: the scores will differ from an "
                 "uninterrupted run. Use diffin_lightning.ResumableDataLoader with an EpochSeededSampler (the bundled "
                 "data modules do), or resume from end-of-epoch checkpoints with a replayable sampler."
+            )
+        random_layers = _active_random_layers(trainer.lightning_module)
+        if random_layers:
+            # A Lightning checkpoint does not hold the global random state, so the resumed run's dropout
+            # masks are not the ones the uninterrupted run would have drawn: training and scores diverge.
+            rank_zero_warn(
+                f"DiffInCallback: resumed at step {trainer.global_step} a model that draws random numbers in training "
+                f"({', '.join(random_layers[:3])}{', ...' if len(random_layers) > 3 else ''}); a checkpoint does not "
+                "restore the global random state, so the resumed run draws other dropout masks and its model and "
+                "scores will differ from an uninterrupted run. For an exact resume set the dropout probabilities to 0; "
+                "otherwise expect agreement only in distribution."
             )
 
     def _plan_checkpoints(self, trainer: pl.Trainer) -> list[int]:

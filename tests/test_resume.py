@@ -230,3 +230,21 @@ def test_resume_from_a_checkpoint_after_the_last_step_finishes_the_files(tmp_pat
     assert finished.metadata["complete"] is True and finished.metadata["propagated_drift_included"] is True
     for name in first.influence:
         torch.testing.assert_close(finished[name].diffin, first.influence[name].diffin, rtol=1e-9, atol=1e-12)
+
+
+def test_resuming_a_dropout_model_warns_that_its_masks_differ(tmp_path, tiny_data):
+    # Lightning's checkpoint holds no global random state: after a resume dropout draws other masks.
+    from test_callback_side_effects import DropoutClassifier
+
+    checkpoints = tmp_path / "ckpt"
+    trainer(
+        default_root_dir=tmp_path, max_epochs=1, enable_checkpointing=True,
+        callbacks=[_callback(tiny_data), ModelCheckpoint(dirpath=checkpoints, save_last=True)],
+    ).fit(DropoutClassifier().double(), _resumable_loader(tiny_data))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(default_root_dir=tmp_path, max_epochs=2, callbacks=[_callback(tiny_data)]).fit(
+            DropoutClassifier().double(), _resumable_loader(tiny_data), ckpt_path=checkpoints / "last.ckpt"
+        )
+    ours = [w for w in caught if "draws random numbers in training" in str(w.message)]
+    assert len(ours) == 1 and "net.2 (Dropout, p=0.4)" in str(ours[0].message)
