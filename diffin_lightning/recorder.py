@@ -371,6 +371,15 @@ class InfluenceRecorder:
         self, step: int, eta: float, batches: list[Any], ids: Tensor, weight: float, training_set: Callable[[], Iterable[tuple[Any, Tensor]]]
     ) -> None:
         assert self.accumulator is not None and self.record.num_samples is not None
+        # The same step-level guards as the in-run schedule: a non-finite model or learning rate leaves
+        # nothing of this checkpoint that can be trusted; a non-finite target gradient drops that target.
+        if not self.check_model_finite(step) or not math.isfinite(eta):
+            what = "the model's parameters" if self.record.model_nonfinite_step is not None else f"the learning rate ({eta})"
+            for target in self.targets:
+                self.skip_step(target.name, step, what)
+            self.record.steps_recorded += 1
+            self.record.steps_represented += weight
+            return
         loss = self.loss
         loss.seed = self.settings.seed * 1_000_003 + step
         params = loss.parameters()
@@ -385,6 +394,9 @@ class InfluenceRecorder:
             else:
                 # Checkpoints lie far apart: each one takes the target's gradient afresh.
                 target_gradients[target.name] = target.fresh_gradient(loss, params, step, ids.device)
+        for name in [name for name, gradient in target_gradients.items() if gradient is not None and not _all_finite(gradient)]:
+            self.skip_step(name, step, "the target gradient")
+            del target_gradients[name]
         eps = finite_difference_step(self.settings.eps, params)
         self.record.last_eps = eps
         try:

@@ -139,3 +139,26 @@ def test_the_propagated_history_survives_a_nan_curvature(tmp_path, tiny_data):
     assert (faulty._sums["val"]["decayed_first"][seen_before] != 0).all()
     assert decayed_before.abs().sum() > 0
     _assert_all_finite(faulty.influence)
+
+
+def test_the_checkpoint_schedule_skips_non_finite_checkpoints_for_every_target(tmp_path, tiny_data):
+    class InfLearningRate(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 5:
+                for group in trainer.optimizers[0].param_groups:
+                    group["lr"] = math.inf
+
+    # 8 steps, 4 checkpoints at steps 1, 3, 5, 7: step 5 has an inf learning rate, step 7 a non-finite model.
+    callback = DiffInCallback(
+        targets={"val": tiny_data.val, "train": "train", "self": "self"}, schedule="checkpoints", num_checkpoints=4,
+        eps=1e-6, output_dir=tmp_path / "scores",
+    )
+    with pytest.warns(UserWarning, match="non-finite"):
+        trainer(default_root_dir=tmp_path, max_epochs=2, callbacks=[InfLearningRate(), callback]).fit(TinyClassifier().double(), tiny_data.loader())
+    result = load_influence(tmp_path / "scores")
+    _assert_all_finite(result)
+    meta = result.metadata
+    assert meta["checkpoint_steps"] == [1, 3, 5, 7]
+    assert meta["nonfinite_steps_skipped"] == {"val": 2, "train": 2, "self": 2}
+    assert meta["model_nonfinite_step"] == 7 and meta["complete"] is False
+    assert (result["val"].visits == 2).all()  # every sample scored at the two finite checkpoints, nothing after
