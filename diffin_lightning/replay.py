@@ -38,9 +38,10 @@ for momentum 0). Substituting ``delta d``::
 For plain SGD (mu = 0, wd = 0, c = 1) this is ``u_t = u_{t+1} - eta H_B u_{t+1}`` and ``+(eta/|B|)
 <u_{t+1}, G_i(theta_t)>``, Hara et al.'s SGD-influence. ``H_B q`` is one Hessian-vector product
 per step and target: by a central finite difference of two batch gradients (default), or exactly
-by forward-over-reverse (``hvp="exact"``). ``<q, G_i>`` for every i comes from the per-sample
-dot-product engine (:class:`~diffin_lightning.per_sample.PerSampleLoss`) for all-Linear models (ghost
-products), otherwise from the per-sample losses of the central difference's two passes,
+by forward-over-reverse (``hvp="exact"``). ``<q, G_i>`` for every i comes from the callback's per-layer
+engine (:mod:`diffin_lightning.dots`: layer factors captured in one gradient pass per step, shared by
+all targets, plus the functional fallback for parameters outside the registry); a model with no
+covered layer takes it from the per-sample losses of the central difference's two passes,
 ``|q| (l_i(theta + eps q^) - l_i(theta - eps q^)) / (2 eps)``, or ``torch.func.jvp`` with ``hvp="exact"``. The clipping factor is taken as recorded: its
 own dependence on the parameters is not differentiated (exact without clipping).
 """
@@ -63,6 +64,7 @@ from torch.func import grad, jvp
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
 from diffin_lightning.data import INDEX_KEY, IndexedDataset, dataset_fingerprint
+from diffin_lightning.dots import LayerCapture, PerSampleDots, functional_dots
 from diffin_lightning.per_sample import Params, PerSampleLoss, norm
 from diffin_lightning.store import InfluenceResult, TargetInfluence, save_influence
 from diffin_lightning.trajectory import (
@@ -101,6 +103,58 @@ class _StepEngine:
     def __init__(self, module: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], accumulate: int) -> None:
         self.loss = PerSampleLoss(module, loss_fn, seed=None)
         self.accumulate = accumulate
+        self.module, self.loss_fn = module, loss_fn
+        # The callback's per-layer engine (diffin_lightning.dots): hooks capture each covered layer's
+        # inputs and output gradients during the step's gradient pass; every target's dot products then
+        # come from those factors, and only parameters outside the registry use the functional fallback.
+        self.names = [name for name, p in module.named_parameters() if p.requires_grad]
+        self.capture = LayerCapture(module, self.names)
+        self.capture.enabled = False
+        self._per_sample: PerSampleDots | None = None
+        self._captured_at: Params | None = None
+
+    @contextlib.contextmanager
+    def _module_at(self, params: Params) -> Iterator[list[Tensor]]:
+        """The module's own parameters set to ``params`` (the capture rules read them from the modules), restored after."""
+        own = dict(self.module.named_parameters())
+        leaves = [own[name] for name in self.names]
+        saved = [leaf.detach().clone() for leaf in leaves]
+        buffers = list(self.module.buffers())
+        saved_buffers = [b.clone() for b in buffers]
+        try:
+            with torch.no_grad():
+                for leaf, name in zip(leaves, self.names):
+                    leaf.copy_(params[name])
+            yield leaves
+        finally:
+            with torch.no_grad():
+                for leaf, value in zip(leaves, saved):
+                    leaf.copy_(value)
+                for buffer, value in zip(buffers, saved_buffers):
+                    buffer.copy_(value)
+
+    def _captured_gradient(self, params: Params, batches: Sequence[Any], rng: Sequence[Tensor] | None) -> Params:
+        """The update direction from one pass of the module itself, with the layer capture on."""
+        total: list[Tensor] | None = None
+        with self._module_at(params) as leaves:
+            self.capture.clear()
+            self.capture.enabled = True
+            try:
+                for k, batch in enumerate(batches):
+                    with self._rng(rng[k] if rng else None), torch.enable_grad():
+                        losses = self.loss_fn(self.module, batch)
+                        # The sum of the per-sample losses: the rules see each sample's own gradient.
+                        part = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+                    weight = float(self._weight(batch))
+                    part = [torch.zeros_like(leaf) if g is None else g / weight for leaf, g in zip(leaves, part)]
+                    total = part if total is None else [a + b for a, b in zip(total, part)]
+            finally:
+                self.capture.enabled = False
+            # Before the parameters move back: the attention rule keeps a copy of its projections.
+            self._per_sample = self.capture.per_sample(backprop_scale=1.0)
+        self._captured_at = params
+        assert total is not None
+        return dict(zip(self.names, total))
 
     @staticmethod
     @contextlib.contextmanager
@@ -118,7 +172,12 @@ class _StepEngine:
         return self.accumulate * int(batch[INDEX_KEY].shape[0])
 
     def gradient(self, params: Params, batches: Sequence[Any], rng: Sequence[Tensor] | None, keep_captures: bool = False) -> Params:
-        """The run's update direction before clipping: ``sum_m (1/(A|m|)) sum_{i in m} grad l_i``."""
+        """The run's update direction before clipping: ``sum_m (1/(A|m|)) sum_{i in m} grad l_i``.
+
+        With ``keep_captures`` the layer factors of this pass are kept for :meth:`dots` at ``params``.
+        """
+        if keep_captures:
+            return self._captured_gradient(params, batches, rng)
         total: Params | None = None
         for k, batch in enumerate(batches):
             with self._rng(rng[k] if rng else None):
@@ -128,9 +187,25 @@ class _StepEngine:
         return total
 
     def uses_ghost(self, params: Params) -> bool:
-        return self.loss.uses_ghost(params)
+        """Whether any trainable parameter sits in a layer the per-layer registry covers."""
+        return bool(self.capture.covered_parameter_names)
 
     def dots(self, params: Params, batches: Sequence[Any], rng: Sequence[Tensor] | None, direction: Params) -> Tensor:
+        """``[<direction, G_i(params)>]``: captured layer factors where a gradient pass at ``params`` kept them."""
+        if self._per_sample is not None and self._captured_at is params:
+            out = self._per_sample.dots([direction])[0]
+            uncovered = list(self.capture.uncovered_parameter_names)
+            if uncovered:
+                parts = []
+                for k, batch in enumerate(batches):
+
+                    def losses(point: Params, batch: Any = batch, k: int = k) -> Tensor:
+                        with self._rng(rng[k] if rng else None):
+                            return self.loss.values(point, batch)
+
+                    parts.append(functional_dots(losses, params, [direction], only=uncovered)[0])
+                out = out + torch.cat(parts).to(out.dtype)
+            return out
         out = []
         for k, batch in enumerate(batches):
             with self._rng(rng[k] if rng else None):
@@ -190,6 +265,13 @@ class _StepEngine:
 
     def clear(self) -> None:
         self.loss.clear_captures()
+        self.capture.clear()
+        self._per_sample = self._captured_at = None
+
+    def close(self) -> None:
+        """Remove the capture hooks from the user's module."""
+        self.clear()
+        self.capture.remove()
 
 
 # ---------------------------------------------------------------------- the optimizer, forward and adjoint
@@ -585,7 +667,7 @@ def trajectory_influence(
                 )
         bar.close()
     finally:
-        engine.clear()
+        engine.close()
         module.train(was_training)
 
     metadata = {

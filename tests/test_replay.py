@@ -334,3 +334,36 @@ def test_segments_longer_than_memory_allows_are_rechecked_inside(tmp_path, tiny_
     one_level = trajectory_influence(model, tmp_path / "log", tiny_data.train, {"val": tiny_data.val}, progress=False)
     two_level = trajectory_influence(model, tmp_path / "log", tiny_data.train, {"val": tiny_data.val}, max_states_in_memory=4, progress=False)
     assert torch.equal(one_level["val"].diffin, two_level["val"].diffin)
+
+
+def test_replay_dot_products_come_from_the_callbacks_layer_engine_with_the_fallback_for_the_rest():
+    # A covered Linear plus a raw parameter no rule covers: captured factors + functional fallback
+    # must equal the per-sample torch.func products, in float64.
+    from torch import nn
+
+    from diffin_lightning.replay import _StepEngine
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 3)
+            self.scale = nn.Parameter(torch.tensor([1.5, -0.5, 2.0]))
+
+        def forward(self, x):
+            return torch.tanh(self.linear(x)) * self.scale
+
+    torch.manual_seed(0)
+    module = Scaled().double()
+    loss_fn = lambda m, batch: torch.nn.functional.cross_entropy(m(batch["input"]), batch["target"], reduction="none")  # noqa: E731
+    batches = [{"index": torch.arange(5), "input": torch.randn(5, 4, dtype=torch.float64), "target": torch.randint(0, 3, (5,))}]
+    engine = _StepEngine(module, loss_fn, accumulate=1)
+    params = {name: p.detach().clone() + 0.1 for name, p in module.named_parameters()}
+    direction = {name: torch.randn_like(p) for name, p in params.items()}
+    assert engine.uses_ghost(params) and list(engine.capture.uncovered_parameter_names) == ["scale"]
+    gradient = engine.gradient(params, batches, None, keep_captures=True)
+    captured = engine.dots(params, batches, None, direction)
+    reference = engine.loss.dots(params, batches, direction)
+    torch.testing.assert_close(captured, reference, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gradient["scale"], engine.loss.batch_gradient(params, batches)["scale"], rtol=1e-10, atol=1e-12)
+    engine.close()
+    assert torch.equal(dict(module.named_parameters())["scale"].detach(), torch.tensor([1.5, -0.5, 2.0], dtype=torch.float64))
