@@ -11,12 +11,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(1, str(Path(__file__).parent.parent))  # benchmarks.harness
 
-from helpers import TinyData  # noqa: E402
+from helpers import TinyData, compose_app_config  # noqa: E402
 
 
 @pytest.fixture
 def tiny_data() -> TinyData:
     return TinyData.make(num_train=16, num_val=6, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory of the train app's tiny experiment (influence, dynamics, trajectory log)."""
+    from diffin_lightning.train import train
+
+    run_dir = tmp_path_factory.mktemp("train")
+    train(compose_app_config("train", ["experiment=tiny", "trainer.enable_progress_bar=false"]), run_dir)
+    return run_dir
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -147,3 +147,13 @@ def finite_difference_brackets(model, params, x, y, target_gradient: Tensor, eps
     if scheme == "forward":
         return norm * (plus - f_at(leaf_params(params))) / eps
     return norm * (plus - f_at(shifted(params, u, -eps))) / (2 * eps)
+
+
+def compose_app_config(name: str, overrides: list[str]) -> Any:
+    """The train or analyze app's config, composed by Hydra from the package's configs."""
+    from hydra import compose, initialize_config_dir
+
+    from diffin_lightning.cli import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)

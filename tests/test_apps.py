@@ -10,28 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from diffin_lightning import load_influence
 from diffin_lightning.analyze import analyze
-from diffin_lightning.cli import CONFIG_DIR, UsageError
+from diffin_lightning.cli import UsageError
 from diffin_lightning.dynamics import load_dynamics
 from diffin_lightning.train import train
+from helpers import compose_app_config
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _config(name, overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("train")
-    train(_config("train", ["experiment=tiny", "trainer.enable_progress_bar=false"]), run_dir)
-    return run_dir
 
 
 def test_train_writes_everything(tiny_run):
@@ -47,7 +37,7 @@ def test_train_writes_everything(tiny_run):
 
 
 def test_clean(tiny_run, tmp_path, capsys):
-    summary = analyze(_config("analyze", ["task=clean", f"run_dir={tiny_run}"]), tmp_path)
+    summary = analyze(compose_app_config("analyze", ["task=clean", f"run_dir={tiny_run}"]), tmp_path)
     lines = (tmp_path / "suspects.csv").read_text().splitlines()
     assert lines[0] == "rank,id,score,label,original_label,prediction,corrupted" and len(lines) == 129
     for line in lines[1:]:  # a corrupted label differs from the original, a clean one equals it
@@ -60,7 +50,7 @@ def test_clean(tiny_run, tmp_path, capsys):
 
 
 def test_delete_verified(tiny_run, tmp_path, capsys):
-    summary = analyze(_config("analyze", ["task=delete", f"run_dir={tiny_run}", "k=[3,6]", "verify=true"]), tmp_path)
+    summary = analyze(compose_app_config("analyze", ["task=delete", f"run_dir={tiny_run}", "k=[3,6]", "verify=true"]), tmp_path)
     assert [d["k"] for d in summary["deletions"]] == [3, 6]
     for record in summary["deletions"]:
         assert {"actual_change", "random_change", "test_accuracy", "random_test_accuracy"} <= set(record)
@@ -69,14 +59,14 @@ def test_delete_verified(tiny_run, tmp_path, capsys):
 
 
 def test_delete_explicit_ids_without_verification(tiny_run, tmp_path):
-    summary = analyze(_config("analyze", ["task=delete", f"run_dir={tiny_run}", "ids=[5,1,5]"]), tmp_path)
+    summary = analyze(compose_app_config("analyze", ["task=delete", f"run_dir={tiny_run}", "ids=[5,1,5]"]), tmp_path)
     scores = load_influence(tiny_run)["val"].diffin
     assert summary["deletions"][0]["ids"] == [1, 5]
     assert summary["deletions"][0]["predicted_change"] == pytest.approx(float(scores[1] + scores[5]))
 
 
 def test_coreset_verified_with_baselines(tiny_run, tmp_path, capsys):
-    summary = analyze(_config("analyze", ["task=coreset", f"run_dir={tiny_run}", "p=[0.5]", "seeds=[0,1]", "verify=true", "class_balanced=true"]), tmp_path)
+    summary = analyze(compose_app_config("analyze", ["task=coreset", f"run_dir={tiny_run}", "p=[0.5]", "seeds=[0,1]", "verify=true", "class_balanced=true"]), tmp_path)
     kept = json.loads((tmp_path / "coreset_0.5.json").read_text())["ids"]
     assert 60 <= len(kept) <= 68
     assert set(summary["accuracy"]) == {"diffin:val/diffin", "random", "el2n", "forgetting", "all data"}
@@ -96,7 +86,7 @@ def test_coreset_verified_with_baselines(tiny_run, tmp_path, capsys):
 )
 def test_bad_analysis_arguments(tiny_run, tmp_path, overrides, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        analyze(_config("analyze", overrides + [f"run_dir={tiny_run}"]), tmp_path)
+        analyze(compose_app_config("analyze", overrides + [f"run_dir={tiny_run}"]), tmp_path)
 
 
 def _cli(module, *args, cwd):

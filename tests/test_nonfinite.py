@@ -57,6 +57,15 @@ class FaultyClassifier(TinyClassifier):
                 parameter.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
+class InfLearningRate(Callback):
+    """Sets every learning rate to inf at step 5 (the update then makes the model non-finite)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 5:
+            for group in trainer.optimizers[0].param_groups:
+                group["lr"] = math.inf
+
+
 def _callback(tiny_data, tmp_path):
     return DiffInCallback(targets={"val": tiny_data.val, "train": "train", "self": "self"}, eps=1e-6, output_dir=tmp_path / "scores")
 
@@ -98,12 +107,6 @@ def test_nan_losses_and_gradients_are_skipped_and_counted(tmp_path, tiny_data, f
 
 
 def test_an_inf_learning_rate_ends_scoring_and_says_why(tmp_path, tiny_data):
-    class InfLearningRate(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == 5:
-                for group in trainer.optimizers[0].param_groups:
-                    group["lr"] = math.inf
-
     callback = _callback(tiny_data, tmp_path)
     with pytest.warns(UserWarning, match="non-finite"):
         trainer(default_root_dir=tmp_path, max_epochs=2, callbacks=[InfLearningRate(), callback]).fit(TinyClassifier().double(), tiny_data.loader())
@@ -142,12 +145,6 @@ def test_the_propagated_history_survives_a_nan_curvature(tmp_path, tiny_data):
 
 
 def test_the_checkpoint_schedule_skips_non_finite_checkpoints_for_every_target(tmp_path, tiny_data):
-    class InfLearningRate(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == 5:
-                for group in trainer.optimizers[0].param_groups:
-                    group["lr"] = math.inf
-
     # 8 steps, 4 checkpoints at steps 1, 3, 5, 7: step 5 has an inf learning rate, step 7 a non-finite model.
     callback = DiffInCallback(
         targets={"val": tiny_data.val, "train": "train", "self": "self"}, schedule="checkpoints", num_checkpoints=4,

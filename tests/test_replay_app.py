@@ -7,34 +7,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from diffin_lightning import IndexedDataset, load_influence, trajectory_influence
 from diffin_lightning.analyze import analyze
-from diffin_lightning.cli import CONFIG_DIR, UsageError
+from diffin_lightning.cli import UsageError
 from diffin_lightning.tasks.run import load_run
 from diffin_lightning.train import train
+from helpers import compose_app_config
 
 
-def _config(name, overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("train")
-    train(_config("train", ["experiment=tiny", "trainer.enable_progress_bar=false"]), run_dir)
-    return run_dir
 
 
 def test_replay_task_stores_scores_that_the_other_tasks_read(tiny_run, tmp_path, capsys):
     index = json.loads((tiny_run / "trajectory" / "trajectory.json").read_text())
     assert index["complete"] and index["final_step"] == 24  # 128 samples, batch 16, 3 epochs
 
-    summary = analyze(_config("analyze", ["task=replay", f"run_dir={tiny_run}", "target=test"]), tmp_path / "a")
+    summary = analyze(compose_app_config("analyze", ["task=replay", f"run_dir={tiny_run}", "target=test"]), tmp_path / "a")
     assert summary["target"] == "test" and "Most harmful for test" in capsys.readouterr().out
-    analyze(_config("analyze", ["task=replay", f"run_dir={tiny_run}", "target=[4,1]"]), tmp_path / "b")
+    analyze(compose_app_config("analyze", ["task=replay", f"run_dir={tiny_run}", "target=[4,1]"]), tmp_path / "b")
     run = load_run(tiny_run)
     stored = load_influence(tiny_run / "replay", dataset=run.datamodule.train_dataset)
     assert set(stored) == {"test", "test_1_4"} and stored.metadata["schedule"] == "replay"
@@ -43,28 +33,28 @@ def test_replay_task_stores_scores_that_the_other_tasks_read(tiny_run, tmp_path,
     direct = trajectory_influence(run.model, tiny_run / "trajectory", run.datamodule.train_dataset, {"test": run.datamodule.test_dataset}, progress=False)
     assert torch.equal(direct["test"].diffin, stored["test"].diffin)
 
-    clean = analyze(_config("analyze", ["task=clean", f"run_dir={tiny_run}", "score=replay", "target=test"]), tmp_path / "c")
+    clean = analyze(compose_app_config("analyze", ["task=clean", f"run_dir={tiny_run}", "score=replay", "target=test"]), tmp_path / "c")
     suspects = (tmp_path / "c" / "suspects.csv").read_text().splitlines()
     most_harmful = int(torch.argmin(stored["test"].diffin))
     assert int(suspects[1].split(",")[1]) == most_harmful and 0 <= clean["auroc"] <= 1
-    deletion = analyze(_config("analyze", ["task=delete", f"run_dir={tiny_run}", "score=replay", "target=test", "k=[3]"]), tmp_path / "d")
+    deletion = analyze(compose_app_config("analyze", ["task=delete", f"run_dir={tiny_run}", "score=replay", "target=test", "k=[3]"]), tmp_path / "d")
     worst = torch.argsort(stored["test"].diffin)[:3]
     assert deletion["deletions"][0]["predicted_change"] == pytest.approx(float(stored["test"].diffin[worst].sum()))
 
 
 def test_replay_task_errors(tiny_run, tmp_path):
     with pytest.raises(UsageError, match="target must be val, test or a list of test ids"):
-        analyze(_config("analyze", ["task=replay", f"run_dir={tiny_run}", "target=self"]), tmp_path)
+        analyze(compose_app_config("analyze", ["task=replay", f"run_dir={tiny_run}", "target=self"]), tmp_path)
     with pytest.raises(UsageError, match=r"test ids must be in \[0, "):
-        analyze(_config("analyze", ["task=replay", f"run_dir={tiny_run}", "target=[100000]"]), tmp_path)
+        analyze(compose_app_config("analyze", ["task=replay", f"run_dir={tiny_run}", "target=[100000]"]), tmp_path)
 
 
 def test_runs_without_a_log_or_replayed_scores_say_what_to_do(tmp_path):
     run_dir = tmp_path / "run"
-    train(_config("train", ["experiment=tiny", "trainer.enable_progress_bar=false", "trainer.max_epochs=1", "trajectory.enabled=false"]), run_dir)
+    train(compose_app_config("train", ["experiment=tiny", "trainer.enable_progress_bar=false", "trainer.max_epochs=1", "trajectory.enabled=false"]), run_dir)
     assert not (run_dir / "trajectory").exists()
     with pytest.raises(UsageError, match="has no trajectory log"):
-        analyze(_config("analyze", ["task=replay", f"run_dir={run_dir}"]), tmp_path / "a")
+        analyze(compose_app_config("analyze", ["task=replay", f"run_dir={run_dir}"]), tmp_path / "a")
     with pytest.raises(UsageError, match="holds no replayed scores yet; run `diffin-analyze task=replay"):
-        analyze(_config("analyze", ["task=clean", f"run_dir={run_dir}", "score=replay"]), tmp_path / "b")
+        analyze(compose_app_config("analyze", ["task=clean", f"run_dir={run_dir}", "score=replay"]), tmp_path / "b")
     assert isinstance(load_run(run_dir).datamodule.train_dataset, IndexedDataset)
