@@ -38,6 +38,10 @@ def _sum_positions(tensor: Tensor, keep_trailing: int) -> Tensor:
 class LinearRule(LayerRule):
     """``y = x W^T + b`` on inputs ``[B, d]`` or ``[B, ..., d]`` (every middle dim is a position)."""
 
+    # Hugging Face's Conv1D (HuggingFaceConv1DRule) is the same map with the weight stored [in, out].
+    kind = "linear"
+    transposed = False
+
     def factors(self, module: nn.Module, module_name: str, activations: Any, backprops: Sequence[Tensor | None], names: dict[str, str]) -> list[LayerFactors]:
         delta = backprops[0]
         if delta is None:
@@ -45,13 +49,14 @@ class LinearRule(LayerRule):
         batch = delta.shape[0]
         return [
             OuterProductFactors(
-                (module_name, "linear"),
+                (module_name, self.kind),
                 activations.reshape(batch, 1, -1, activations.shape[-1]),
                 delta.reshape(batch, 1, -1, delta.shape[-1]),
                 names.get("weight"),
                 _shape(module, "weight"),
                 names.get("bias"),
-                _shape(module, "bias") if module.bias is not None else (),
+                _shape(module, "bias") if getattr(module, "bias", None) is not None else (),
+                transposed=self.transposed,
             )
         ]
 
@@ -358,26 +363,11 @@ class MultiheadAttentionRule(LayerRule):
         return factors
 
 
-class HuggingFaceConv1DRule(LayerRule):
+class HuggingFaceConv1DRule(LinearRule):
     """Hugging Face GPT-2's ``Conv1D``: ``y = x W + b`` with ``W`` stored ``[in, out]``."""
 
-    def factors(self, module: nn.Module, module_name: str, activations: Any, backprops: Sequence[Tensor | None], names: dict[str, str]) -> list[LayerFactors]:
-        delta = backprops[0]
-        if delta is None:
-            return []
-        batch = delta.shape[0]
-        return [
-            OuterProductFactors(
-                (module_name, "conv1d"),
-                activations.reshape(batch, 1, -1, activations.shape[-1]),
-                delta.reshape(batch, 1, -1, delta.shape[-1]),
-                names.get("weight"),
-                _shape(module, "weight"),
-                names.get("bias"),
-                _shape(module, "bias") if getattr(module, "bias", None) is not None else (),
-                transposed=True,
-            )
-        ]
+    kind = "conv1d"
+    transposed = True
 
 
 def register_optional_rules() -> None:
