@@ -231,3 +231,13 @@ def test_unsupported_layers_are_named_with_the_registry_list():
     assert "max_norm" in capture.uncovered_reasons["2.weight"]
     with pytest.raises(ValueError, match="`parameter_names` must name parameters"):
         LayerCapture(model, ["nope"])
+
+
+@pytest.mark.parametrize("in_features, out_features", [(3, 5), (5, 3)])
+def test_linear_direct_dots_on_either_side_and_in_chunks(in_features, out_features, monkeypatch):
+    """The direct form projects the narrower side; with a tiny chunk bound the directions go through in several chunks."""
+    from diffin_lightning.dots import factors
+
+    monkeypatch.setattr(factors, "_CHUNK_ELEMENTS", 7)  # one direction per chunk
+    torch.manual_seed(3)
+    _run(nn.Linear(in_features, out_features), torch.randn(6, 2, in_features, dtype=torch.float64))

@@ -104,8 +104,7 @@ class PerSampleDots:
     def _zeros(self, *shape: int) -> Tensor:
         for blocks in self.passes:
             for block in blocks:
-                reference = next(iter(block.summed_gradient().values()))
-                return reference.new_zeros(shape)
+                return block.reference.new_zeros(shape)
         return torch.zeros(shape)
 
     def summed_gradient(self) -> dict[str, Tensor]:
@@ -145,7 +144,10 @@ class PerSampleDots:
                     f"`directions[{index}]` must hold every covered parameter; missing {missing[:5]}{' ...' if len(missing) > 5 else ''}. "
                     "Fix: pass full parameter dictionaries (zeros where the direction has no component)."
                 )
-        stacked = {name: torch.stack([direction[name] for direction in directions]) for name in needed}
+        # One direction (the common case) is a view, not a parameter-sized copy per step.
+        stacked = {
+            name: directions[0][name].unsqueeze(0) if count == 1 else torch.stack([direction[name] for direction in directions]) for name in needed
+        }
         out = []
         for index, (blocks, size) in enumerate(zip(self.passes, self.batch_sizes)):
             total = self._zeros(count, size)

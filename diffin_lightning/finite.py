@@ -1,0 +1,35 @@
+"""Whether tensors hold only finite numbers, at the cost of one sum per tensor.
+
+``torch.isfinite(t).all()`` writes a boolean tensor as large as ``t`` and reduces it: on the
+256-1024-1024-10 MLP the per-step checks of the parameters and the batch gradient took 1.1 ms
+(8% of a plain training step). A sum is about 20x cheaper and is finite whenever every element
+is (a NaN or an infinity makes it NaN or infinite). A non-finite sum can also come from large
+finite values overflowing, so only then the exact elementwise test decides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    """``True`` when every element of every tensor is finite (one host synchronisation; ``True`` for none).
+
+    Example::
+
+        >>> all_finite([torch.ones(3), torch.full((2,), 3e38)])  # the sum overflows, the values do not
+        True
+        >>> all_finite([torch.ones(3), torch.tensor([1.0, float("nan")])])
+        False
+    """
+    tensors = [torch.view_as_real(t) if t.is_complex() else t for t in tensors if t.numel()]
+    if not tensors:
+        return True
+    # float32 sums (half-precision sums overflow easily; MPS has no float64); integer tensors are finite.
+    sums = torch.stack([t.detach().sum(dtype=torch.float32) if t.is_floating_point() else t.new_zeros((), dtype=torch.float32) for t in tensors])
+    if bool(torch.isfinite(sums).all()):
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())

@@ -1,0 +1,37 @@
+"""The per-step finiteness check: exact for NaN and infinities, not fooled by sums that overflow."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffin_lightning.finite import all_finite
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_large_finite_values_whose_sum_overflows_are_finite(dtype):
+    big = torch.finfo(dtype).max
+    assert all_finite([torch.full((8,), big, dtype=dtype), torch.full((3,), -big, dtype=dtype)])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_one_non_finite_element_anywhere_is_found(bad, dtype):
+    tensors = [torch.randn(50, 7).to(dtype), torch.randn(13).to(dtype)]
+    tensors[0][31, 4] = bad
+    assert not all_finite(tensors)
+    # Next to values that overflow the sum: the exact test still finds it.
+    tensors = [torch.full((4,), torch.finfo(dtype).max, dtype=dtype), torch.tensor([1.0, bad], dtype=dtype)]
+    assert not all_finite(tensors)
+
+
+def test_integers_empty_and_nothing():
+    assert all_finite([])
+    assert all_finite([torch.empty(0), torch.arange(5), torch.ones(2, dtype=torch.bool)])
+    assert not all_finite([torch.arange(5), torch.tensor([float("nan")])])
+
+
+def test_complex():
+    assert all_finite([torch.tensor([1 + 2j])])
+    assert not all_finite([torch.tensor([complex(float("nan"), 0.0)])])
+    assert not all_finite([torch.tensor([complex(0.0, float("inf"))])])
