@@ -197,12 +197,15 @@ def capture_pass(
     shift: Params | None,
     micro_batches: Sequence[MicroBatch],
     forward_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    summed_gradient: bool = True,
 ) -> tuple[Params, PerSampleDots]:
     """One forward and backward of the summed per-sample losses at ``theta + shift`` with the capture on.
 
     Each micro-batch replays its training step's random state (dropout draws its masks). Returns
     ``(G_sum, per-sample products)`` for the trainable parameters ``names``; the parameters'
-    ``.grad`` is never touched (``torch.autograd.grad``).
+    ``.grad`` is never touched (``torch.autograd.grad``). With ``summed_gradient=False`` the
+    backward stops at the covered layers' outputs (no parameter gradient is computed, ``G_sum``
+    is ``{}``): the products alone, for passes that need nothing else.
     """
     summed: list[Tensor] | None = None
     with module_moved_to(loss.module, shift) as parameters:
@@ -214,6 +217,11 @@ def capture_pass(
             for mb in micro_batches:
                 with replayed_rng(mb.rng, device), forward_context(), torch.enable_grad():
                     losses = loss.module_values(mb.batch)
+                    if not summed_gradient:
+                        outputs = capture.layers.take_outputs()
+                        if outputs:
+                            torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+                        continue
                     part = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
                 part = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, part)]
                 if summed is None:
@@ -225,6 +233,8 @@ def capture_pass(
         # Before the parameters move back: attention's rule keeps a copy of its projections.
         per_sample = capture.layers.per_sample(backprop_scale=1.0)
     capture.layers.clear()
+    if not summed_gradient:
+        return {}, per_sample
     assert summed is not None, "capture_pass needs at least one micro-batch"
     return dict(zip(names, summed)), per_sample
 

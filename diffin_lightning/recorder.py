@@ -204,14 +204,24 @@ class InfluenceRecorder:
                 self.capture.clear()
 
     def _recaptured(
-        self, params: Params, micro_batches: list[MicroBatch], forward_context: ForwardContext, loss: PerSampleLoss, across_ranks: bool = True
+        self,
+        params: Params,
+        micro_batches: list[MicroBatch],
+        forward_context: ForwardContext,
+        loss: PerSampleLoss,
+        across_ranks: bool = True,
+        products_only: bool = False,
     ) -> CapturedStep:
-        """The step's products from one forward+backward of the per-sample loss with the capture on."""
+        """The step's products from one forward+backward of the per-sample loss with the capture on.
+
+        ``products_only``: no batch gradient (the view's ``batch_gradient`` is empty), and the
+        backward computes no parameter gradient.
+        """
         assert self.capture is not None
-        summed, per_sample = capture_pass(self.capture, loss, list(params), None, micro_batches, forward_context)
+        summed, per_sample = capture_pass(self.capture, loss, list(params), None, micro_batches, forward_context, summed_gradient=not products_only)
         size = sum(mb.size for mb in micro_batches)
-        gradient = dict(zip(summed, torch._foreach_div(list(summed.values()), float(size))))
-        if across_ranks:
+        gradient = dict(zip(summed, torch._foreach_div(list(summed.values()), float(size)))) if summed else {}
+        if across_ranks and not products_only:
             gradient = distributed.mean_over_ranks(gradient)  # under DDP the global batch's, as .grad is
         return CapturedStep(self.capture, loss, params, micro_batches, per_sample, gradient, forward_context, self.settings.self_chunk_size)
 
@@ -460,8 +470,10 @@ class InfluenceRecorder:
         directions = [finals[n] for n in names] + [self.accumulator.parameter_states[n] for n in names]
         for batch, ids in training_set:
             if self.capture is not None:
-                # Only the dot products are read: no batch gradient over ranks (shards may hold unequal batch counts).
-                view = self._recaptured(params, [MicroBatch(batch, int(ids.numel()))], contextlib.nullcontext, loss, across_ranks=False)
+                # Only the dot products are read: no batch gradient (and none over ranks: shards may hold unequal batch counts).
+                view = self._recaptured(
+                    params, [MicroBatch(batch, int(ids.numel()))], contextlib.nullcontext, loss, across_ranks=False, products_only=True
+                )
                 dots = view.dots(directions)  # all directions through one matrix product per layer
             else:
                 dots = torch.stack([loss.dots(params, [batch], direction) for direction in directions])
