@@ -80,6 +80,7 @@ class InfluenceRecorder:
         self.step_losses: list[Tensor] = []
         self._wrapped_loss = False
         self._in_training_step = False
+        self._known_finite = False  # this step's parameters, .grad and losses were checked together
         self._warned: set[tuple[str, str]] = set()
         if self.use_capture:
             self.record_training_losses()
@@ -141,14 +142,21 @@ class InfluenceRecorder:
         self._in_training_step = False
         self.record.steps_recorded += 1
         self.record.steps_represented += self.settings.every_n_steps
+        params = self.loss.parameters()
+        # The common case in one host synchronisation: the parameters, the training step's .grad and its
+        # per-sample losses all finite (then G_B needs no check of its own below).
+        self._known_finite = (
+            gradients is not None
+            and self.record.model_nonfinite_step is None
+            and all_finite([*params.values(), *gradients.values(), *self.step_losses])
+        )
         # Step-level quantities: a non-finite one leaves nothing of this step that can be trusted.
-        if not self.check_model_finite(step) or not math.isfinite(eta):
+        if not (self._known_finite or self.check_model_finite(step)) or not math.isfinite(eta):
             what = "the model's parameters" if self.record.model_nonfinite_step is not None else f"the learning rate ({eta})"
             for target in self.targets:
                 self.skip_step(target.name, step, what)
             self.abandon_step()
             return
-        params = self.loss.parameters()
         batch_size = int(ids.numel())
         with other_captures_paused(self.capture):
             self._record_step(step, eta, batches, ids, params, batch_size, gradients, gradient_to_mean, backprop_scale, forward_context, mixed_precision)
@@ -262,9 +270,12 @@ class InfluenceRecorder:
         needs_batch_gradient = any(not isinstance(t, SelfTarget) for t in self.targets)
         batch_gradient_finite = True
         if needs_batch_gradient:
-            # One host synchronisation: G_B (and the step's losses) finite. Checked before any target sees
-            # G_B: the 'train' target folds it into its running average.
-            batch_gradient_finite = all_finite([*view.batch_gradient.values(), *losses]) if losses else all_finite(view.batch_gradient.values())
+            # G_B (and the step's losses) finite, checked before any target sees G_B: the 'train' target folds
+            # it into its running average. Already known when G_B is the training step's own .grad.
+            if self._known_finite and isinstance(view, CapturedStep) and view.from_training_step:
+                batch_gradient_finite = True
+            else:
+                batch_gradient_finite = all_finite([*view.batch_gradient.values(), *(losses or [])])
             if distributed.world_size() > 1:
                 # The per-sample losses are this rank's: the ranks skip together (a target's refresh is a collective).
                 agreed = distributed.sum_scalars_over_ranks([float(batch_gradient_finite)])[0]
