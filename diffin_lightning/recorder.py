@@ -315,13 +315,9 @@ class InfluenceRecorder:
             eps=eps,
             scheme=settings.finite_difference,
         )
-        factors = [c.factor for c in contributions.values() if c.factor is not None]
-        factors_finite = torch.stack([torch.isfinite(f) for f in factors]).tolist() if factors else []
         for name, contribution in contributions.items():
-            if contribution.factor is not None and not factors_finite.pop(0):
-                # A NaN curvature would clamp the factor to 0 and wipe every earlier contribution.
-                self.skip_step(name, step, "the curvature along g_V")
-                continue
+            # A non-finite propagation factor skips the step for its target inside the accumulator, counted
+            # on the device (no host synchronisation here); see InfluenceAccumulator.nonfinite_factor_steps.
             if bad_samples is not None:
                 nan = torch.full_like(contribution.first, float("nan"))
                 contribution = Contribution(
