@@ -65,6 +65,10 @@ class StepGradients(Protocol):
         """``(G_B, [<G_B, G_i>]_i)`` at ``theta + shift``."""
         ...
 
+    def release_theta(self) -> None:
+        """Nothing more will be asked at ``theta`` except cached values: free what only served them."""
+        ...
+
 
 # ---------------------------------------------------------------------- random state
 
@@ -297,8 +301,15 @@ class CapturedStep:
 
     def gradient_dots(self) -> Tensor:
         if self._gradient_dots is None:
+            assert self.per_sample is not None, "gradient_dots at theta asked after release_theta()"
             self._gradient_dots = self._f(self.per_sample, self.params, self.batch_gradient)
         return self._gradient_dots
+
+    def release_theta(self) -> None:
+        # The captured activations and output gradients of the training step (about the size of its
+        # activations) are not needed by the perturbed passes.
+        self.per_sample = None  # type: ignore[assignment]
+        self.capture.layers.clear()
 
     def _f(self, per_sample: PerSampleDots, point: Params, gradient: Params) -> Tensor:
         """``<G_B, G_i>`` at ``point``: Gram or direct form on the covered layers, the fallback on the rest."""
@@ -375,6 +386,9 @@ class RecomputedStep:
 
     def squared_norms(self) -> Tensor:
         return self.loss.squared_gradient_norms(self.params, self.batches, self.self_chunk_size)
+
+    def release_theta(self) -> None:
+        return None
 
     def perturbed(self, shift: Params) -> tuple[Params, Tensor]:
         point = {name: value + shift[name] for name, value in self.params.items()}

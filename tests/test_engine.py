@@ -166,3 +166,21 @@ def test_products_only_capture_pass_computes_no_parameter_gradient_and_equal_pro
         torch.testing.assert_close(only, full, rtol=1e-12, atol=1e-14)
     assert all(p.grad is None for p in model.parameters())
     capture.remove()
+
+
+def test_perturbed_passes_run_after_the_steps_captured_factors_are_let_go(tmp_path, tiny_data, monkeypatch):
+    """Peak memory: the training step's captured activations and output gradients are not held during a perturbed pass."""
+    from diffin_lightning.engine import CapturedStep
+
+    original = CapturedStep.perturbed
+    held = []
+
+    def perturbed(self, shift):
+        held.append(self.per_sample is not None)
+        return original(self, shift)
+
+    monkeypatch.setattr(CapturedStep, "perturbed", perturbed)
+    for scheme in ("forward", "central"):
+        callback = DiffInCallback(targets={"val": tiny_data.val, "train": "train", "self": "self"}, finite_difference=scheme)
+        trainer(default_root_dir=tmp_path / scheme, max_epochs=1, callbacks=[callback]).fit(TinyClassifier().double(), tiny_data.loader())
+    assert held and not any(held)
