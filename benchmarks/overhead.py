@@ -214,10 +214,11 @@ def _wrap_with_opacus(model: pl.LightningModule) -> str:
         if not ModuleValidator.is_valid(inner):
             # Opacus' documented way: replace each layer it refuses by its registered fixer
             # (nn.MultiheadAttention -> opacus.layers.DPMultiheadAttention, BatchNorm -> GroupNorm).
-            refused = sorted({type(module).__name__ for module in inner.modules() if ModuleValidator.validate(module, strict=False) and not list(module.children())})
+            before = {type(module) for module in inner.modules()}
+            refused = sorted(kind.__name__ for kind in before if kind in ModuleValidator.VALIDATORS)
             inner = ModuleValidator.fix(inner)
-            fixed = sorted({type(module).__name__ for module in inner.modules()} & {"DPMultiheadAttention", "GroupNorm"})
-            notes.append(f"{', '.join(refused) or 'refused layers'} -> {', '.join(fixed) or 'fixed'} by ModuleValidator.fix")
+            added = sorted(kind.__name__ for kind in {type(module) for module in inner.modules()} - before)
+            notes.append(f"{', '.join(refused)} replaced by {', '.join(added)} (opacus.validators.ModuleValidator.fix)")
         setattr(model, name, GradSampleModule(inner, loss_reduction="mean"))
     return "; ".join(notes)
 
