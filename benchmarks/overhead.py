@@ -145,10 +145,14 @@ class _EndOfFitTimer(pl.Callback):
 
     def __init__(self, device: str) -> None:
         self.device, self.started, self.seconds = device, 0.0, 0.0
+        self.memory: PeakMemory | None = None
+        self.peak_before = 0  # peak memory growth of the fit before the end-of-fit pass
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Registered first, so Lightning calls it before DiffInCallback's on_train_end ...
         _synchronize(self.device)
+        if self.memory is not None:
+            self.peak_before = self.memory.so_far()
         self.started = time.perf_counter()
 
 
@@ -260,6 +264,7 @@ def fit_once(
         model.to(device)  # the parameters are in the baseline on both devices
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     with PeakMemory(device, limit_bytes=memory_limit_bytes) as memory:
+        timer.memory = memory
         _synchronize(device)
         wall, cpu = time.perf_counter(), time.process_time()
         trainer.fit(model, datamodule=data)
@@ -267,7 +272,7 @@ def fit_once(
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     return {
         "wall": wall, "cpu": cpu, "end": timer.seconds if setting is not None else 0.0,
-        "param_bytes": param_bytes, "peak": memory.sampled, "peak_kernel": memory.kernel, "note": note,
+        "param_bytes": param_bytes, "peak": memory.sampled, "peak_kernel": memory.kernel, "peak_before_end": timer.peak_before, "note": note,
     }
 
 
@@ -369,7 +374,7 @@ def compare(key: str, device: str, epochs: int, repeats: int, threads: int, labe
             try:
                 if in_process:
                     run = fit_once(workload, device, epochs, SETTINGS[setting] if setting else None, label == OPACUS)
-                    run["peak"] = run["peak_kernel"] = None  # the allocator reuses what earlier fits freed
+                    run["peak"] = run["peak_kernel"] = run["peak_before_end"] = None  # the allocator reuses what earlier fits freed
                 else:
                     run = fit_in_subprocess(FitSpec(key, device, epochs, threads, setting, label == OPACUS))
             except (FitFailed, Exception) as error:
@@ -392,13 +397,13 @@ def _row(name: str, label: str, plain: list[dict[str, Any]], runs: list[dict[str
     note = next((run["note"] for run in runs if run.get("note")), "")
     title = f"{label}: {note}" if note else label
     if failure is not None:
-        return f"| {name} | {title} | {_median(plain, 'wall'):.2f} | - | fails: {failure} | | | | | | | |"
+        return f"| {name} | {title} | {_median(plain, 'wall'):.2f} | - | fails: {failure} | | | | | | | | |"
     ratio = _median(runs, "wall") / _median(plain, "wall")
     cpu_ratio = _median(runs, "cpu") / _median(plain, "cpu")
     end_share = _median(runs, "end") / _median(runs, "wall")
     spread = (max(r["wall"] for r in runs) - min(r["wall"] for r in runs)) / _median(runs, "wall")
     params = plain[0]["param_bytes"]
-    memory = kernel = "n/a"
+    memory = kernel = before_end = "n/a"
     if plain[0]["peak"] is not None:
         # Training memory = the parameters (in the baseline, counted exactly) + the fit's peak growth.
         growth_plain, growth_with = _median(plain, "peak"), _median(runs, "peak")
@@ -406,11 +411,12 @@ def _row(name: str, label: str, plain: list[dict[str, Any]], runs: list[dict[str
         if plain[0]["peak_kernel"] is not None and runs[0]["peak_kernel"] is not None:
             kernel_plain, kernel_with = _median(plain, "peak_kernel"), _median(runs, "peak_kernel")
             kernel = f"{_mb(kernel_plain)} / {_mb(kernel_with)} ({(params + kernel_with) / (params + kernel_plain):.2f})"
+        before_end = _mb(_median(runs, "peak_before_end"))
     else:
         memory = "n/a | n/a"
     return (
         f"| {name} | {title} | {_median(plain, 'wall'):.2f} | {_median(runs, 'wall'):.2f} | **{ratio:.2f}** | {cpu_ratio:.2f} | "
-        f"{_mb(params)} | {memory} | {kernel} | {100 * end_share:.0f}% | {100 * spread:.0f}% |"
+        f"{_mb(params)} | {memory} | {kernel} | {before_end} | {100 * end_share:.0f}% | {100 * spread:.0f}% |"
     )
 
 
@@ -537,14 +543,14 @@ def main() -> None:
         "",
         *_memory_header(args.device, args.in_process),
         "",
-        "| workload | callback | plain s | with s | wall ratio | CPU-time ratio | params MB | peak growth MB, plain / with | peak memory ratio | ru_maxrss growth MB, plain / with (ratio) | end-of-fit | spread |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| workload | callback | plain s | with s | wall ratio | CPU-time ratio | params MB | peak growth MB, plain / with | peak memory ratio | ru_maxrss growth MB, plain / with (ratio) | with: growth before end-of-fit MB | end-of-fit | spread |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for key in args.workloads:
         try:
             rows = compare(key, args.device, args.epochs, args.repeats, args.threads, list(args.settings), args.opacus, args.in_process)
         except Exception as error:  # the plain fit itself failed: say so in the table
-            rows = [f"| {workloads()[key][0]} | all | - | - | fails: {type(error).__name__}: {str(error).splitlines()[0][:160]} | | | | | | | |"]
+            rows = [f"| {workloads()[key][0]} | all | - | - | fails: {type(error).__name__}: {str(error).splitlines()[0][:160]} | | | | | | | | |"]
         for row in rows:
             print(row, flush=True)
         lines += rows
@@ -575,7 +581,9 @@ def _memory_header(device: str, in_process: bool) -> list[str]:
         "holds the gradients, optimizer state (none here: SGD without momentum), activations, the current batch,",
         "Lightning's per-fit objects and, with the callback, everything the callback allocates; the training and",
         "target data are already in the baseline and not counted). `peak memory ratio` = training memory with /",
-        "plain (medians of the growths).",
+        "plain (medians of the growths). `with: growth before end-of-fit` is the peak growth of the run with the",
+        "callback up to the start of on_train_end (the larger of the samples and ru_maxrss): where it is far below",
+        "the run's peak, the end-of-fit pass sets the peak.",
     ]
     if device == "cuda":
         return common + [

@@ -127,6 +127,16 @@ class PeakMemory:
                 )
                 os._exit(self.EXIT_STATUS_OVER_LIMIT)
 
+    def so_far(self) -> int:
+        """Peak growth up to now, inside the region (CPU: the larger of the samples and ``ru_maxrss``)."""
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - self.baseline
+        peak = max(self._max, resident_bytes())
+        if self._kernel_reset:
+            peak = max(peak, kernel_peak_bytes())
+        return peak - self.baseline
+
     def __exit__(self, *exc: Any) -> None:
         if self.device == "cuda":
             torch.cuda.synchronize()
