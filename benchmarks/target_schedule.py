@@ -80,13 +80,21 @@ def main() -> None:
     parser.add_argument("--regimes", nargs="+", default=["short_cool", "long_hot"], choices=list(REGIMES))
     parser.add_argument("--num-ids", type=int, default=100)
     parser.add_argument("--refresh", type=int, nargs="+", default=None, help="only these refresh intervals (whole target)")
+    parser.add_argument(
+        "--schedules", nargs="+", default=None, metavar="N:CAP",
+        help="only these schedules, each refresh:max_samples (max_samples 'all' for the whole target), e.g. 1:all 10:128",
+    )
     parser.add_argument("--out", default="benchmarks/results/target_schedule.md")
     args = parser.parse_args()
     if args.refresh:
         SCHEDULES[:] = [(refresh, None) for refresh in args.refresh]
+    if args.schedules:
+        SCHEDULES[:] = [(int(n), None if cap == "all" else int(cap)) for n, cap in (item.split(":") for item in args.schedules)]
     command = f"python -m benchmarks.target_schedule --models {' '.join(args.models)} --regimes {' '.join(args.regimes)} --num-ids {args.num_ids}"
     if args.refresh:
         command += f" --refresh {' '.join(map(str, args.refresh))}"
+    if args.schedules:
+        command += f" --schedules {' '.join(args.schedules)}"
     lines = [
         "# Target refresh schedule: fidelity against leave-one-out versus cost",
         "",

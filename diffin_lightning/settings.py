@@ -71,7 +71,8 @@ class DiffInSettings:
         default=None,
     )
     target_max_samples: int | None = _help(
-        "At most this many target samples per refresh (a seeded random subset per refresh); None uses the whole target.",
+        "At most this many target samples per in-run refresh (a seeded random subset per refresh); the end-of-fit drift "
+        "correction and the checkpoint schedule use the whole target. None uses the whole target.",
         default=DEFAULT_TARGET_MAX_SAMPLES,
     )
     cache_target_on_device: bool = _help(

@@ -91,18 +91,18 @@ class DatasetTarget:
                 "Pass a non-empty dataset, or drop the target."
             )
 
-    def _batches(self, step: int) -> Iterator[Any]:
-        """This rank's share of the refresh's batches (all of them in one process).
+    def _batches(self, step: int, whole: bool = False) -> Iterator[Any]:
+        """This rank's share of the refresh's batches (all of them in one process); ``whole``: every sample.
 
         Under DDP the target set is split across ranks (by sample for a Dataset, by batch
         position for a DataLoader) so that ``g_V`` is computed once, not once per rank.
         """
         if self.loader is not None:
-            yield from distributed.shard_batches(self._loader_batches())
+            yield from distributed.shard_batches(self.loader if whole else self._loader_batches())
             return
         assert self.dataset is not None
         chosen: Tensor | None = None
-        if self.max_samples is not None and self.max_samples < len(self.dataset):
+        if not whole and self.max_samples is not None and self.max_samples < len(self.dataset):
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
             chosen = torch.randperm(len(self.dataset), generator=generator)[: self.max_samples]
         if distributed.world_size() > 1:
@@ -137,22 +137,33 @@ class DatasetTarget:
     def target_gradient(self, loss: PerSampleLoss, params: Params, step: int, device: torch.device, batch_gradient: Params) -> Params:
         """``g_V`` at ``params``, recomputed when due (``batch_gradient`` is unused here)."""
         if self.needs_refresh(step):
-            batches: Iterable[Any]
-            if self._cached_batches is not None:
-                batches = self._cached_batches
-            else:
-                batches = (move_data_to_device(batch, device) for batch in self._batches(step))
-                if self.cache_on_device and self._is_whole_dataset():
-                    batches = self._cached_batches = list(batches)
-            self.gradient = gradient_of_mean(loss, params, batches, across_ranks=True)
+            self.gradient = self._gradient(loss, params, step, device, whole=False)
             self.refreshed_at_step = step
         assert self.gradient is not None
         return self.gradient
 
     def fresh_gradient(self, loss: PerSampleLoss, params: Params, step: int, device: torch.device) -> Params:
-        """``g_V`` at ``params`` computed now, whatever the refresh interval (end-of-fit use)."""
-        self.refreshed_at_step = None
-        return self.target_gradient(loss, params, step, device, {})
+        """``g_V`` at ``params`` over the WHOLE target, computed now (end of fit, checkpoints).
+
+        ``max_samples`` bounds the cost of the frequent in-run refreshes, whose subsets differ
+        from refresh to refresh so that their noise averages out over the run; this gradient is
+        used once, with full weight (the drift correction's ``g_V(theta_T)``), so its noise would
+        not average out: one pass over the whole target instead.
+        """
+        self.gradient = self._gradient(loss, params, step, device, whole=True)
+        self.refreshed_at_step = step
+        return self.gradient
+
+    def _gradient(self, loss: PerSampleLoss, params: Params, step: int, device: torch.device, whole: bool) -> Params:
+        batches: Iterable[Any]
+        if self._cached_batches is not None:
+            batches = self._cached_batches
+        else:
+            batches = (move_data_to_device(batch, device) for batch in self._batches(step, whole))
+            # Only a target used whole at every refresh is cached (a one-off whole pass is not kept).
+            if self.cache_on_device and self._is_whole_dataset():
+                batches = self._cached_batches = list(batches)
+        return gradient_of_mean(loss, params, batches, across_ranks=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {

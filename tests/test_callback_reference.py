@@ -245,3 +245,28 @@ def test_target_subsets_are_drawn_per_refresh(tmp_path, tiny_data):
         scores.append(callback.influence["val"].first_order)
     assert not torch.allclose(scores[1], scores[0])
     assert torch.equal(scores[1], scores[2])
+
+
+def test_end_of_fit_drift_uses_the_whole_target_with_subset_refreshes(tmp_path, tiny_data):
+    """In-run refreshes use max_samples-sized subsets; the drift correction's g_V(theta_T), used once with full
+    weight, is the whole target's gradient (its noise would not average out)."""
+    model = TinyClassifier().double()
+    callback = DiffInCallback(targets={"val": tiny_data.val}, eps=EPS, target_max_samples=3)
+    trainer(default_root_dir=tmp_path, max_epochs=2, callbacks=[callback]).fit(model, tiny_data.loader())
+    x, y = tiny_data.train.tensors
+    xv, yv = tiny_data.val.tensors
+    assert len(yv) > 3
+    final = leaf_params(model_final(model))
+    final_grads = torch.stack(sample_gradients(model, final, x, y))
+    whole = mean_gradient(model, final, xv, yv)
+    sums = callback._accumulator.sums["val"]
+    past = callback._accumulator.parameter_states["val"]
+    past_flat = torch.cat([past[name].flatten() for name, _ in model.named_parameters()])
+    expected = sums["decayed_weight"] * (final_grads @ whole) - final_grads @ past_flat
+    _close(callback._recorder.drift["val"], expected, RTOL)
+    subset = DiffInCallback(targets={"val": tiny_data.val}).targets[0]
+    subset.max_samples = 3
+    from diffin_lightning.per_sample import PerSampleLoss
+
+    in_run = subset.target_gradient(PerSampleLoss(model, lambda m, b: m.per_sample_loss(b)), final, 0, torch.device("cpu"), {})
+    assert not torch.allclose(torch.cat([g.flatten() for g in in_run.values()]), whole), "the test needs a subset that differs"

@@ -241,3 +241,31 @@ def test_linear_direct_dots_on_either_side_and_in_chunks(in_features, out_featur
     monkeypatch.setattr(factors, "_CHUNK_ELEMENTS", 7)  # one direction per chunk
     torch.manual_seed(3)
     _run(nn.Linear(in_features, out_features), torch.randn(6, 2, in_features, dtype=torch.float64))
+
+
+def _causal_self_attention(layer, x):
+    length = x.shape[0] if not layer.batch_first else x.shape[1]
+    mask = nn.Transformer.generate_square_subsequent_mask(length, dtype=x.dtype)
+    return layer(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_self_attention_one_sdpa_path_causal_and_sequence_first(batch_first):
+    """The rule's single-SDPA path (packed self-attention): causal mask via is_causal, and sequence-first inputs."""
+    from diffin_lightning.dots import rules
+
+    taken = []
+    original = rules.MultiheadAttentionRule._self_attention_core
+
+    def spy(*args):
+        result = original(*args)
+        taken.append(result is not None)
+        return result
+
+    torch.manual_seed(4)
+    layer = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+    call = _causal_self_attention if batch_first else (lambda m, x: _causal_self_attention(m, x.transpose(0, 1)).transpose(0, 1))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rules.MultiheadAttentionRule, "_self_attention_core", staticmethod(spy))
+        _run(layer, torch.randn(5, 4, 8, dtype=torch.float64), call)
+    assert taken and all(taken)

@@ -260,6 +260,12 @@ class MultiheadAttentionRule(LayerRule):
         def batch_major(tensor: Tensor) -> Tensor:
             return tensor if batch_first else tensor.transpose(0, 1)
 
+        fast = self._self_attention_core(module, kept, params, out_delta, weights_delta)
+        if fast is not None:
+            # The common case (TransformerEncoderLayer): one packed projection, SDPA, no masks to merge.
+            query_rows, packed_delta, core_rows = fast
+            assert out_delta is not None
+            return self._projection_factors(module_name, names, params, query_rows, packed_delta, core_rows, batch_major(out_delta))
         inputs = [kept["query"], kept["key"], kept["value"]]
         if module._qkv_same_embed_dim:
             weights = list(params["in_proj_weight"].chunk(3))
@@ -354,6 +360,76 @@ class MultiheadAttentionRule(LayerRule):
                     (module_name, "out_proj"),
                     rows4(core_rows),
                     rows4(batch_major(out_delta)),
+                    names.get("out_proj.weight"),
+                    tuple(params["out_proj.weight"].shape),
+                    names.get("out_proj.bias"),
+                    tuple(params["out_proj.bias"].shape) if "out_proj.bias" in params else (),
+                )
+            )
+        return factors
+
+    @staticmethod
+    def _self_attention_core(
+        module: nn.MultiheadAttention, kept: dict[str, Any], params: dict[str, Tensor], out_delta: Tensor | None, weights_delta: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(query, packed q|k|v gradient, core output)``, all ``[B, T, .]``, by one SDPA call; ``None`` off the common case.
+
+        ``F.multi_head_attention_forward`` with identity projections (the general path) adds
+        four identity matrix products and their backward: on a 2x64 encoder at batch 128 that
+        path took several times as long as this one. Here the packed projection is taken once,
+        split into heads as the module does, and ``scaled_dot_product_attention`` (the kernel
+        the module itself calls without weights) is differentiated to the projection's output.
+        Covered: self-attention with the packed weight, no attention weights needed downstream,
+        no ``bias_k``/``bias_v``/``add_zero_attn``, no key padding mask, and either no
+        attention mask or a causal one flagged with ``is_causal``.
+        """
+        if not (module._qkv_same_embed_dim and kept["self_attention"]) or weights_delta is not None or out_delta is None:
+            return None
+        if module.bias_k is not None or module.add_zero_attn or kept["key_padding_mask"] is not None:
+            return None
+        causal = bool(kept["is_causal"])
+        if kept["attn_mask"] is not None and not causal:
+            return None
+        query = kept["query"] if module.batch_first else kept["query"].transpose(0, 1)
+        batch, length, embed = query.shape
+        heads = module.num_heads
+        with torch.enable_grad():
+            packed = F.linear(query, params["in_proj_weight"], params.get("in_proj_bias")).detach().requires_grad_(True)
+            q, k, v = packed.view(batch, length, 3, heads, embed // heads).permute(2, 0, 3, 1, 4)
+            core = F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).reshape(batch, length, embed)
+            delta = out_delta if module.batch_first else out_delta.transpose(0, 1)
+            (packed_delta,) = torch.autograd.grad(core, packed, delta @ params["out_proj.weight"])
+        return query, packed_delta, core.detach()
+
+    @staticmethod
+    def _projection_factors(
+        module_name: str, names: dict[str, str], params: dict[str, Tensor], query: Tensor, packed_delta: Tensor, core: Tensor, out_delta: Tensor
+    ) -> list[LayerFactors]:
+        """The packed in-projection's and the out-projection's outer-product factors (every tensor ``[B, T, .]``)."""
+        batch = query.shape[0]
+
+        def rows4(tensor: Tensor) -> Tensor:  # [B, T, d] -> [B, 1, T, d]
+            return tensor.reshape(batch, 1, -1, tensor.shape[-1])
+
+        factors: list[LayerFactors] = []
+        if "in_proj_weight" in names or "in_proj_bias" in names:
+            factors.append(
+                OuterProductFactors(
+                    (module_name, "in_proj"),
+                    rows4(query),
+                    rows4(packed_delta),
+                    names.get("in_proj_weight"),
+                    tuple(params["in_proj_weight"].shape),
+                    names.get("in_proj_bias"),
+                    tuple(params["in_proj_bias"].shape) if "in_proj_bias" in params else (),
+                )
+            )
+        if "out_proj.weight" in names or "out_proj.bias" in names:
+            factors.append(
+                OuterProductFactors(
+                    (module_name, "out_proj"),
+                    rows4(core),
+                    rows4(out_delta),
                     names.get("out_proj.weight"),
                     tuple(params["out_proj.weight"].shape),
                     names.get("out_proj.bias"),
