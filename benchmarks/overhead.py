@@ -242,7 +242,7 @@ def fit_once(
     Returns wall and CPU seconds, the end-of-fit pass's seconds, the parameters' bytes and the
     peak memory growth during ``trainer.fit`` above the level just before it (model, data and
     trainer built): ``peak`` (sampled RSS, or CUDA's allocator peak) and ``peak_kernel``
-    (``ru_maxrss``; ``None`` on CUDA or where the kernel's mark cannot be reset).
+    (the kernel's VmHWM; ``None`` on CUDA or where the kernel's mark cannot be reset).
     """
     _, make_data, make_model = workload
     pl.seed_everything(0, verbose=False)
@@ -384,7 +384,7 @@ def compare(key: str, device: str, epochs: int, repeats: int, threads: int, labe
                 print(f"    {label}: fails: {failed[label]}", flush=True)
                 continue
             runs[label].append(run)
-            peak = "n/a" if run["peak"] is None else f"{run['peak'] / 2**20:.1f} MB (ru_maxrss {_mb(run['peak_kernel'])})"
+            peak = "n/a" if run["peak"] is None else f"{run['peak'] / 2**20:.1f} MB (VmHWM {_mb(run['peak_kernel'])})"
             print(f"    {label}: wall {run['wall']:.2f} s, cpu {run['cpu']:.2f} s, peak growth {peak}, end-of-fit {run['end']:.2f} s", flush=True)
     return [_row(workload[0], label, runs["plain"], runs[label], failed.get(label)) for label in order[1:]]
 
@@ -543,7 +543,7 @@ def main() -> None:
         "",
         *_memory_header(args.device, args.in_process),
         "",
-        "| workload | callback | plain s | with s | wall ratio | CPU-time ratio | params MB | peak growth MB, plain / with | peak memory ratio | ru_maxrss growth MB, plain / with (ratio) | with: growth before end-of-fit MB | end-of-fit | spread |",
+        "| workload | callback | plain s | with s | wall ratio | CPU-time ratio | params MB | peak growth MB, plain / with | peak memory ratio | kernel VmHWM growth MB, plain / with (ratio) | with: growth before end-of-fit MB | end-of-fit | spread |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for key in args.workloads:
@@ -582,21 +582,22 @@ def _memory_header(device: str, in_process: bool) -> list[str]:
         "Lightning's per-fit objects and, with the callback, everything the callback allocates; the training and",
         "target data are already in the baseline and not counted). `peak memory ratio` = training memory with /",
         "plain (medians of the growths). `with: growth before end-of-fit` is the peak growth of the run with the",
-        "callback up to the start of on_train_end (the larger of the samples and ru_maxrss): where it is far below",
+        "callback up to the start of on_train_end (the larger of the samples and VmHWM): where it is far below",
         "the run's peak, the end-of-fit pass sets the peak.",
     ]
     if device == "cuda":
         return common + [
             "On CUDA the growth is `torch.cuda.max_memory_allocated()` minus `torch.cuda.memory_allocated()` just",
             "before the fit, with the model already moved to the GPU (tensors only; the caching allocator's reserve",
-            "is not counted); the ru_maxrss column does not apply.",
+            "is not counted); the VmHWM column does not apply.",
         ]
     return common + [
         "On CPU the growth is in resident set size: /proc/self/statm sampled every 2 ms by a thread",
-        "(`peak growth`), and as a cross-check the kernel's own high-water mark `ru_maxrss`, reset at the",
-        "baseline through /proc/self/clear_refs (exact: it misses no spike). Before the baseline, garbage is",
-        "collected and `malloc_trim(0)` returns the warm-up's freed heap pages to the kernel, so memory the",
-        "measured fit needs shows as growth instead of being reused silently.",
+        "(`peak growth`), and as a cross-check the kernel's own high-water mark VmHWM (/proc/self/status), reset",
+        "at the baseline through /proc/self/clear_refs (exact: it misses no spike). Not `ru_maxrss`: the kernel",
+        "raises it at exec to the spawning parent's RSS and at every thread exit, and clear_refs does not reset",
+        "that part. Before the baseline, garbage is collected and `malloc_trim(0)` returns the warm-up's freed",
+        "heap pages to the kernel, so memory the measured fit needs shows as growth instead of being reused silently.",
     ]
 
 

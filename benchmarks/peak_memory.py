@@ -4,9 +4,13 @@ On CPU the figure is the resident set size (RSS), read two ways:
 
 - ``sampled``: /proc/self/statm read every ``interval`` seconds by a thread (may miss a spike
   shorter than the interval);
-- ``kernel``: the kernel's own high-water mark, ``resource.getrusage(RUSAGE_SELF).ru_maxrss``,
-  reset to the current RSS at entry by writing ``5`` to /proc/self/clear_refs (exact, but only
-  valid where that reset is allowed; ``None`` otherwise).
+- ``kernel``: the kernel's own high-water mark of this process's memory, ``VmHWM`` in
+  /proc/self/status, reset to the current RSS at entry by writing ``5`` to /proc/self/clear_refs
+  (exact, but only valid where that reset is allowed; ``None`` otherwise). Not
+  ``getrusage(RUSAGE_SELF).ru_maxrss``: that is the larger of VmHWM and a per-process maximum
+  that the kernel raises at exec to the RSS of the parent that spawned it, and whenever a thread
+  exits, and that clear_refs cannot reset. A fit spawned from an 860 MB pytest process read an
+  ru_maxrss of 860 MB before and after, whatever it allocated.
 
 Before the baseline is read, garbage is collected and glibc's ``malloc_trim(0)`` hands freed
 heap pages back to the kernel: otherwise memory freed by earlier work in the process stays
@@ -30,7 +34,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
-import resource
 import sys
 import threading
 from typing import Any, Literal
@@ -56,7 +59,7 @@ def release_freed_memory() -> None:
 
 
 def reset_kernel_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM, ru_maxrss) to the current RSS; False where not allowed."""
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where not allowed."""
     try:
         with open("/proc/self/clear_refs", "w") as stream:
             stream.write("5")
@@ -66,8 +69,12 @@ def reset_kernel_peak() -> bool:
 
 
 def kernel_peak_bytes() -> int:
-    """``ru_maxrss`` in bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    """The kernel's high-water mark of the resident set, ``VmHWM`` in /proc/self/status, in bytes."""
+    with open("/proc/self/status") as stream:
+        for line in stream:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise OSError("/proc/self/status has no VmHWM line: not a Linux kernel; the kernel peak is unavailable here.")
 
 
 class PeakMemory:
@@ -81,8 +88,8 @@ class PeakMemory:
             shared machine down. ``None``: no limit.
 
     After exit: ``baseline`` (bytes at entry), ``sampled`` (peak growth, sampled; on CUDA the
-    allocator's exact peak growth) and ``kernel`` (peak growth by ``ru_maxrss`` on CPU, ``None``
-    where its reset is not allowed or on CUDA).
+    allocator's exact peak growth) and ``kernel`` (peak growth by the kernel's VmHWM on CPU,
+    ``None`` where its reset is not allowed or on CUDA).
     """
 
     EXIT_STATUS_OVER_LIMIT = 75
@@ -109,8 +116,6 @@ class PeakMemory:
         self.baseline = resident_bytes()
         self._max = self.baseline
         self._stop = threading.Event()
-        # Started before the region, so that no thread exits inside it: an exiting thread folds
-        # the high-water mark into ru_maxrss where clear_refs can no longer reset it.
         self._thread = threading.Thread(target=self._sample, name="PeakMemory", daemon=True)
         self._thread.start()
         return self
@@ -128,7 +133,7 @@ class PeakMemory:
                 os._exit(self.EXIT_STATUS_OVER_LIMIT)
 
     def so_far(self) -> int:
-        """Peak growth up to now, inside the region (CPU: the larger of the samples and ``ru_maxrss``)."""
+        """Peak growth up to now, inside the region (CPU: the larger of the samples and VmHWM)."""
         if self.device == "cuda":
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() - self.baseline
@@ -142,8 +147,7 @@ class PeakMemory:
             torch.cuda.synchronize()
             self.sampled = torch.cuda.max_memory_allocated() - self.baseline
             return
-        # Read the kernel's mark before the sampling thread exits (see __enter__).
-        kernel = kernel_peak_bytes()
+        kernel = kernel_peak_bytes() if self._kernel_reset else 0
         self._stop.set()
         self._thread.join()
         self.sampled = max(self._max, resident_bytes()) - self.baseline
