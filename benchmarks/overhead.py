@@ -530,6 +530,7 @@ def main() -> None:
         + ([f"--out {args.out}"] if args.out != "benchmarks/results/overhead.md" else [])
     )
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    load_at_start, started = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     where = "in one process after one warm-up fit" if args.in_process else "each in a fresh process after a 1-epoch warm-up fit of the same configuration"
     lines = [
         f"# DiffInCallback cost ({device_name}; {args.epochs} epochs; median of {args.repeats}, alternating)",
@@ -567,6 +568,9 @@ def main() -> None:
         lines += ["", f"## Where the time goes: {workload[0]}, Diff-In (defaults), {args.epochs} epochs", ""]
         lines += breakdown(workload, args.device, args.epochs, SETTINGS["Diff-In (defaults)"])
         print("\n".join(lines[-12:]), flush=True)
+    # Timings on a shared machine mean little without the load they were taken under.
+    load = f"load average (1/5/15 min) {' / '.join(f'{x:.2f}' for x in load_at_start)} at the start, {' / '.join(f'{x:.2f}' for x in os.getloadavg())} at the end"
+    lines[3:3] = ["", f"Measured from {started} to {time.strftime('%H:%M UTC', time.gmtime())} on {os.cpu_count()} CPU cores; {load}."]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(Path(args.out), "\n".join(lines) + "\n")
     print(f"written to {args.out}")
