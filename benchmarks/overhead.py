@@ -377,7 +377,7 @@ def compare(key: str, device: str, epochs: int, repeats: int, threads: int, labe
                     run["peak"] = run["peak_kernel"] = run["peak_before_end"] = None  # the allocator reuses what earlier fits freed
                 else:
                     run = fit_in_subprocess(FitSpec(key, device, epochs, threads, setting, label == OPACUS))
-            except (FitFailed, Exception) as error:
+            except Exception as error:  # FitFailed (from the fresh process) or any error of this one
                 if label == "plain":
                     raise
                 failed[label] = str(error).splitlines()[0][:200] if isinstance(error, FitFailed) else f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
