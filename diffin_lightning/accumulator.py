@@ -68,6 +68,10 @@ class InfluenceAccumulator:
         self.sums: dict[str, dict[str, Tensor]] = {name: self._zeros() for name in target_names}
         # Per target: (sample, step) contributions skipped for being non-finite, counted on the device.
         self.nonfinite_samples = {name: torch.zeros((), dtype=torch.int64, device=device) for name in target_names}
+        # Per target: steps skipped whole because their propagation factor (the curvature along g_V) was
+        # non-finite, counted on the device so that the per-step path never reads it back. The factor is
+        # the same on every rank, so this count is the run's (shared across ranks, never summed).
+        self.nonfinite_factor_steps = {name: torch.zeros((), dtype=torch.int64, device=device) for name in target_names}
 
     @property
     def nonfinite(self) -> Tensor:
@@ -91,7 +95,15 @@ class InfluenceAccumulator:
         eta_over_batch = eta / batch_size
         first, second = contribution.first.detach(), contribution.second.detach()
         finite = torch.isfinite(first) & torch.isfinite(second)
-        self.nonfinite_samples[name] += (~finite).sum()
+        if contribution.factor is not None:
+            # A non-finite factor (a NaN curvature would clamp it to 0 and wipe every earlier contribution)
+            # skips the whole step for this target: nothing is added, every state is carried unchanged.
+            usable = torch.isfinite(contribution.factor)
+            self.nonfinite_factor_steps[name] += (~usable).to(torch.int64)
+            self.nonfinite_samples[name] += ((~finite) & usable).sum()
+            finite = finite & usable
+        else:
+            self.nonfinite_samples[name] += (~finite).sum()
         mask = finite.to(self.dtype)
         first = torch.where(finite, first, 0).to(self.dtype) * weight
         second = torch.where(finite, second, 0).to(self.dtype) * weight
@@ -100,8 +112,6 @@ class InfluenceAccumulator:
         sums["visits"].index_add_(0, ids, mask)
         if contribution.factor is None:
             return
-        # A non-finite factor (a diverging step) carries everything unchanged and adds nothing.
-        usable = torch.isfinite(contribution.factor)
         factor = torch.where(usable, contribution.factor, 1.0).to(self.dtype)
         keep = usable.to(self.dtype)
         for state, values in (("decayed_first", first * keep), ("decayed_weight", mask * (eta_over_batch * weight) * keep)):
@@ -139,6 +149,7 @@ class InfluenceAccumulator:
         out.sums = {name: {key: combined[f"{name}/{key}"] for key in sums} for name, sums in self.sums.items()}
         out.nonfinite_samples = {name: combined[f"__nonfinite__/{name}"].reshape(()) for name in self.nonfinite_samples}
         out.parameter_states = self.parameter_states
+        out.nonfinite_factor_steps = self.nonfinite_factor_steps
         return out
 
     # ------------------------------------------------------------------ checkpoint state
@@ -149,6 +160,7 @@ class InfluenceAccumulator:
             "target_sums": {name: {k: v.detach().cpu() for k, v in s.items()} for name, s in self.parameter_states.items()},
             "nonfinite_skipped": int(self.nonfinite),
             "nonfinite_samples_skipped": {name: int(count) for name, count in self.nonfinite_samples.items() if int(count)},
+            "nonfinite_factor_steps": {name: int(count) for name, count in self.nonfinite_factor_steps.items() if int(count)},
         }
 
     def load_state_dict(self, state: Mapping[str, Any], keep_totals: bool = True) -> None:
@@ -174,6 +186,11 @@ class InfluenceAccumulator:
         }
         if not counts and int(state.get("nonfinite_skipped", 0)) and self.sums:  # an older checkpoint: one total
             self.nonfinite_samples[next(iter(self.sums))] += int(state["nonfinite_skipped"])
+        factor_steps = {str(k): int(v) for k, v in state.get("nonfinite_factor_steps", {}).items()}
+        # The run's count, the same on every rank: every rank keeps it.
+        self.nonfinite_factor_steps = {
+            name: torch.tensor(factor_steps.get(name, 0), dtype=torch.int64, device=self.device) for name in self.sums
+        }
         if not keep_totals:
             for sums in self.sums.values():
                 for value in sums.values():

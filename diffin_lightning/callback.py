@@ -30,7 +30,7 @@ from diffin_lightning.batch_mixing import batch_mixing_message, batch_mixing_mod
 from diffin_lightning.data import INDEX_KEY, dataset_fingerprint, find_indexed_dataset, inexact_resume_reason
 from diffin_lightning.engine import number_of_batches, pass_batch_size, replayed_rng, save_rng_state, training_set_batches
 from diffin_lightning.recorder import InfluenceRecorder
-from diffin_lightning.results import RunRecord, build_result, check_second_order
+from diffin_lightning.results import RunRecord, build_result, check_second_order, steps_skipped
 from diffin_lightning.settings import DiffInSettings, SecondOrderTerm
 from diffin_lightning.store import COMPONENTS, TENSOR_FILE, InfluenceResult, TargetInfluence, save_influence
 from diffin_lightning.targets import DatasetTarget, SelfTarget, Target, TrainingLossTarget, build_targets
@@ -171,7 +171,9 @@ class DiffInCallback(Callback):
 
     @property
     def nonfinite_steps_skipped(self) -> dict[str, int]:
-        return dict(self.record.nonfinite_steps_skipped)
+        if self._accumulator is None:
+            return dict(self.record.nonfinite_steps_skipped)
+        return steps_skipped(self.record, self._accumulator)
 
     @property
     def model_nonfinite_step(self) -> int | None:
@@ -517,6 +519,13 @@ class DiffInCallback(Callback):
                 self._recorder.compute_drift(
                     trainer.global_step, device, self._training_set(trainer, device, progress="DiffIn: end-of-fit drift pass")
                 )
+        factor_steps = {} if self._accumulator is None else {n: int(c) for n, c in self._accumulator.nonfinite_factor_steps.items() if int(c)}
+        for name, count in factor_steps.items():
+            rank_zero_warn(
+                f"DiffInCallback: the curvature along g_V (the propagation factor) was non-finite at {count} recorded step(s) "
+                f"for target {name!r}: those steps were skipped for it (nothing of them reaches its scores; counted in the "
+                "metadata's 'nonfinite_steps_skipped'). A diverging loss or an eps too small for the dtype can cause this."
+            )
         for name, count in self.nonfinite_samples_skipped.items():
             rank_zero_warn(
                 f"DiffInCallback: {count} (sample, step) non-finite contribution(s) to target {name!r} were skipped: "

@@ -65,6 +65,10 @@ class StepGradients(Protocol):
         """``(G_B, [<G_B, G_i>]_i)`` at ``theta + shift``."""
         ...
 
+    def release_theta(self) -> None:
+        """Nothing more will be asked at ``theta`` except cached values: free what only served them."""
+        ...
+
 
 # ---------------------------------------------------------------------- random state
 
@@ -197,12 +201,15 @@ def capture_pass(
     shift: Params | None,
     micro_batches: Sequence[MicroBatch],
     forward_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    summed_gradient: bool = True,
 ) -> tuple[Params, PerSampleDots]:
     """One forward and backward of the summed per-sample losses at ``theta + shift`` with the capture on.
 
     Each micro-batch replays its training step's random state (dropout draws its masks). Returns
     ``(G_sum, per-sample products)`` for the trainable parameters ``names``; the parameters'
-    ``.grad`` is never touched (``torch.autograd.grad``).
+    ``.grad`` is never touched (``torch.autograd.grad``). With ``summed_gradient=False`` the
+    backward stops at the covered layers' outputs (no parameter gradient is computed, ``G_sum``
+    is ``{}``): the products alone, for passes that need nothing else.
     """
     summed: list[Tensor] | None = None
     with module_moved_to(loss.module, shift) as parameters:
@@ -214,6 +221,11 @@ def capture_pass(
             for mb in micro_batches:
                 with replayed_rng(mb.rng, device), forward_context(), torch.enable_grad():
                     losses = loss.module_values(mb.batch)
+                    if not summed_gradient:
+                        outputs = capture.layers.take_outputs()
+                        if outputs:
+                            torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+                        continue
                     part = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
                 part = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, part)]
                 if summed is None:
@@ -225,6 +237,8 @@ def capture_pass(
         # Before the parameters move back: attention's rule keeps a copy of its projections.
         per_sample = capture.layers.per_sample(backprop_scale=1.0)
     capture.layers.clear()
+    if not summed_gradient:
+        return {}, per_sample
     assert summed is not None, "capture_pass needs at least one micro-batch"
     return dict(zip(names, summed)), per_sample
 
@@ -287,8 +301,15 @@ class CapturedStep:
 
     def gradient_dots(self) -> Tensor:
         if self._gradient_dots is None:
+            assert self.per_sample is not None, "gradient_dots at theta asked after release_theta()"
             self._gradient_dots = self._f(self.per_sample, self.params, self.batch_gradient)
         return self._gradient_dots
+
+    def release_theta(self) -> None:
+        # The captured activations and output gradients of the training step (about the size of its
+        # activations) are not needed by the perturbed passes.
+        self.per_sample = None  # type: ignore[assignment]
+        self.capture.layers.clear()
 
     def _f(self, per_sample: PerSampleDots, point: Params, gradient: Params) -> Tensor:
         """``<G_B, G_i>`` at ``point``: Gram or direct form on the covered layers, the fallback on the rest."""
@@ -365,6 +386,9 @@ class RecomputedStep:
 
     def squared_norms(self) -> Tensor:
         return self.loss.squared_gradient_norms(self.params, self.batches, self.self_chunk_size)
+
+    def release_theta(self) -> None:
+        return None
 
     def perturbed(self, shift: Params) -> tuple[Params, Tensor]:
         point = {name: value + shift[name] for name, value in self.params.items()}

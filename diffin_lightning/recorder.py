@@ -80,6 +80,7 @@ class InfluenceRecorder:
         self.step_losses: list[Tensor] = []
         self._wrapped_loss = False
         self._in_training_step = False
+        self._known_finite = False  # this step's parameters, .grad and losses were checked together
         self._warned: set[tuple[str, str]] = set()
         if self.use_capture:
             self.record_training_losses()
@@ -141,14 +142,21 @@ class InfluenceRecorder:
         self._in_training_step = False
         self.record.steps_recorded += 1
         self.record.steps_represented += self.settings.every_n_steps
+        params = self.loss.parameters()
+        # The common case in one host synchronisation: the parameters, the training step's .grad and its
+        # per-sample losses all finite (then G_B needs no check of its own below).
+        self._known_finite = (
+            gradients is not None
+            and self.record.model_nonfinite_step is None
+            and all_finite([*params.values(), *gradients.values(), *self.step_losses])
+        )
         # Step-level quantities: a non-finite one leaves nothing of this step that can be trusted.
-        if not self.check_model_finite(step) or not math.isfinite(eta):
+        if not (self._known_finite or self.check_model_finite(step)) or not math.isfinite(eta):
             what = "the model's parameters" if self.record.model_nonfinite_step is not None else f"the learning rate ({eta})"
             for target in self.targets:
                 self.skip_step(target.name, step, what)
             self.abandon_step()
             return
-        params = self.loss.parameters()
         batch_size = int(ids.numel())
         with other_captures_paused(self.capture):
             self._record_step(step, eta, batches, ids, params, batch_size, gradients, gradient_to_mean, backprop_scale, forward_context, mixed_precision)
@@ -204,14 +212,24 @@ class InfluenceRecorder:
                 self.capture.clear()
 
     def _recaptured(
-        self, params: Params, micro_batches: list[MicroBatch], forward_context: ForwardContext, loss: PerSampleLoss, across_ranks: bool = True
+        self,
+        params: Params,
+        micro_batches: list[MicroBatch],
+        forward_context: ForwardContext,
+        loss: PerSampleLoss,
+        across_ranks: bool = True,
+        products_only: bool = False,
     ) -> CapturedStep:
-        """The step's products from one forward+backward of the per-sample loss with the capture on."""
+        """The step's products from one forward+backward of the per-sample loss with the capture on.
+
+        ``products_only``: no batch gradient (the view's ``batch_gradient`` is empty), and the
+        backward computes no parameter gradient.
+        """
         assert self.capture is not None
-        summed, per_sample = capture_pass(self.capture, loss, list(params), None, micro_batches, forward_context)
+        summed, per_sample = capture_pass(self.capture, loss, list(params), None, micro_batches, forward_context, summed_gradient=not products_only)
         size = sum(mb.size for mb in micro_batches)
-        gradient = dict(zip(summed, torch._foreach_div(list(summed.values()), float(size))))
-        if across_ranks:
+        gradient = dict(zip(summed, torch._foreach_div(list(summed.values()), float(size)))) if summed else {}
+        if across_ranks and not products_only:
             gradient = distributed.mean_over_ranks(gradient)  # under DDP the global batch's, as .grad is
         return CapturedStep(self.capture, loss, params, micro_batches, per_sample, gradient, forward_context, self.settings.self_chunk_size)
 
@@ -252,9 +270,12 @@ class InfluenceRecorder:
         needs_batch_gradient = any(not isinstance(t, SelfTarget) for t in self.targets)
         batch_gradient_finite = True
         if needs_batch_gradient:
-            # One host synchronisation: G_B (and the step's losses) finite. Checked before any target sees
-            # G_B: the 'train' target folds it into its running average.
-            batch_gradient_finite = all_finite([*view.batch_gradient.values(), *losses]) if losses else all_finite(view.batch_gradient.values())
+            # G_B (and the step's losses) finite, checked before any target sees G_B: the 'train' target folds
+            # it into its running average. Already known when G_B is the training step's own .grad.
+            if self._known_finite and isinstance(view, CapturedStep) and view.from_training_step:
+                batch_gradient_finite = True
+            else:
+                batch_gradient_finite = all_finite([*view.batch_gradient.values(), *(losses or [])])
             if distributed.world_size() > 1:
                 # The per-sample losses are this rank's: the ranks skip together (a target's refresh is a collective).
                 agreed = distributed.sum_scalars_over_ranks([float(batch_gradient_finite)])[0]
@@ -294,13 +315,9 @@ class InfluenceRecorder:
             eps=eps,
             scheme=settings.finite_difference,
         )
-        factors = [c.factor for c in contributions.values() if c.factor is not None]
-        factors_finite = torch.stack([torch.isfinite(f) for f in factors]).tolist() if factors else []
         for name, contribution in contributions.items():
-            if contribution.factor is not None and not factors_finite.pop(0):
-                # A NaN curvature would clamp the factor to 0 and wipe every earlier contribution.
-                self.skip_step(name, step, "the curvature along g_V")
-                continue
+            # A non-finite propagation factor skips the step for its target inside the accumulator, counted
+            # on the device (no host synchronisation here); see InfluenceAccumulator.nonfinite_factor_steps.
             if bad_samples is not None:
                 nan = torch.full_like(contribution.first, float("nan"))
                 contribution = Contribution(
@@ -460,8 +477,10 @@ class InfluenceRecorder:
         directions = [finals[n] for n in names] + [self.accumulator.parameter_states[n] for n in names]
         for batch, ids in training_set:
             if self.capture is not None:
-                # Only the dot products are read: no batch gradient over ranks (shards may hold unequal batch counts).
-                view = self._recaptured(params, [MicroBatch(batch, int(ids.numel()))], contextlib.nullcontext, loss, across_ranks=False)
+                # Only the dot products are read: no batch gradient (and none over ranks: shards may hold unequal batch counts).
+                view = self._recaptured(
+                    params, [MicroBatch(batch, int(ids.numel()))], contextlib.nullcontext, loss, across_ranks=False, products_only=True
+                )
                 dots = view.dots(directions)  # all directions through one matrix product per layer
             else:
                 dots = torch.stack([loss.dots(params, [batch], direction) for direction in directions])

@@ -56,6 +56,15 @@ class RunRecord:
         self.model_nonfinite_step = None if step is None else int(step)
 
 
+def steps_skipped(record: RunRecord, accumulator: InfluenceAccumulator) -> dict[str, int]:
+    """Per target, the recorded steps skipped whole: step-level checks on the host, non-finite factors on the device."""
+    out = dict(record.nonfinite_steps_skipped)
+    for name, count in accumulator.nonfinite_factor_steps.items():
+        if int(count):
+            out[name] = out.get(name, 0) + int(count)
+    return out
+
+
 def check_second_order(second_order: Any, settings: DiffInSettings) -> None:
     if second_order not in SECOND_ORDER_TERMS:
         raise ValueError(f"`second_order` must be one of {SECOND_ORDER_TERMS}; got {second_order!r}.")
@@ -130,7 +139,7 @@ def metadata(
         "skipped_amp_steps": record.skipped_amp_steps,
         "nonfinite_skipped": int(accumulator.nonfinite),
         "nonfinite_samples_skipped": {name: int(count) for name, count in accumulator.nonfinite_samples.items() if int(count)},
-        "nonfinite_steps_skipped": dict(record.nonfinite_steps_skipped),
+        "nonfinite_steps_skipped": steps_skipped(record, accumulator),
         "model_nonfinite_step": record.model_nonfinite_step,
         "world_size": distributed.world_size(),
         "per_sample_engine": record.engine,

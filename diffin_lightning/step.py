@@ -123,8 +123,14 @@ def in_run_step(
         if gradient is None:
             first = (eta / batch_size) * view.squared_norms()
             out[name] = Contribution(first, torch.zeros_like(first))
-            continue
-        assert dots is not None
+    if names and compute_second_order and scheme == "forward":
+        view.gradient_dots()  # f_i(theta), cached, before the perturbed passes ...
+    # ... so that everything read at theta is read by now, and the view can let the step's captured
+    # factors go: a perturbed pass then never holds them beside its own (peak memory).
+    view.release_theta()
+    for name in names:
+        gradient = target_gradients[name]
+        assert dots is not None and gradient is not None
         first = (eta / batch_size) * dots[names.index(name)]
         if not compute_second_order:
             out[name] = Contribution(first, torch.zeros_like(first))

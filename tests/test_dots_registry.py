@@ -269,3 +269,9 @@ def test_multihead_self_attention_one_sdpa_path_causal_and_sequence_first(batch_
         patch.setattr(rules.MultiheadAttentionRule, "_self_attention_core", staticmethod(spy))
         _run(layer, torch.randn(5, 4, 8, dtype=torch.float64), call)
     assert taken and all(taken)
+
+
+def test_convolution_called_twice_in_one_forward():
+    """Weight sharing: the two calls' lazily unfolded factors merge into one block."""
+    torch.manual_seed(5)
+    _run(nn.Conv2d(3, 3, kernel_size=3, padding=1, groups=3), torch.randn(4, 3, 5, 5, dtype=torch.float64), lambda layer, x: layer(torch.tanh(layer(x))))

@@ -138,3 +138,49 @@ def test_two_callbacks_on_one_model_do_not_see_each_others_passes(tmp_path, tiny
         trainer(default_root_dir=tmp_path / scheme, max_epochs=2, callbacks=[alone]).fit(TinyClassifier().double(), tiny_data.loader())
         assert together[index]._recorder.use_capture
         _assert_same_scores(together[index], alone)
+
+
+def test_products_only_capture_pass_computes_no_parameter_gradient_and_equal_products():
+    """The drift pass's capture: backward to the covered layers' outputs only; its products equal the full pass's."""
+    from diffin_lightning.engine import MicroBatch, StepCapture, capture_pass
+    from diffin_lightning.per_sample import PerSampleLoss
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.LayerNorm(6), nn.Linear(6, 3)).double()
+    inputs, labels = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    loss = PerSampleLoss(model, lambda module, batch: nn.functional.cross_entropy(module(batch[0]), batch[1], reduction="none"), seed=None)
+    names = [name for name, _ in model.named_parameters()]
+    capture = StepCapture(model, names)
+    computed: list[str] = []
+    for name, parameter in model.named_parameters():
+        parameter.register_hook(lambda grad, name=name: computed.append(name))
+    direction = {name: torch.randn_like(p) for name, p in model.named_parameters()}
+    results = {}
+    for products_only in (False, True):
+        computed.clear()
+        summed, per_sample = capture_pass(capture, loss, names, None, [MicroBatch((inputs, labels), 7)], summed_gradient=not products_only)
+        assert (computed == []) == products_only, computed
+        assert (summed == {}) == products_only
+        results[products_only] = (per_sample.dots([direction]), per_sample.squared_norms(), per_sample.gradient_dots())
+    for full, only in zip(results[False], results[True]):
+        torch.testing.assert_close(only, full, rtol=1e-12, atol=1e-14)
+    assert all(p.grad is None for p in model.parameters())
+    capture.remove()
+
+
+def test_perturbed_passes_run_after_the_steps_captured_factors_are_let_go(tmp_path, tiny_data, monkeypatch):
+    """Peak memory: the training step's captured activations and output gradients are not held during a perturbed pass."""
+    from diffin_lightning.engine import CapturedStep
+
+    original = CapturedStep.perturbed
+    held = []
+
+    def perturbed(self, shift):
+        held.append(self.per_sample is not None)
+        return original(self, shift)
+
+    monkeypatch.setattr(CapturedStep, "perturbed", perturbed)
+    for scheme in ("forward", "central"):
+        callback = DiffInCallback(targets={"val": tiny_data.val, "train": "train", "self": "self"}, finite_difference=scheme)
+        trainer(default_root_dir=tmp_path / scheme, max_epochs=1, callbacks=[callback]).fit(TinyClassifier().double(), tiny_data.loader())
+    assert held and not any(held)

@@ -159,3 +159,37 @@ def test_the_checkpoint_schedule_skips_non_finite_checkpoints_for_every_target(t
     assert meta["nonfinite_steps_skipped"] == {"val": 2, "train": 2, "self": 2}
     assert meta["model_nonfinite_step"] == 7 and meta["complete"] is False
     assert (result["val"].visits == 2).all()  # every sample scored at the two finite checkpoints, nothing after
+
+
+def test_a_non_finite_propagation_factor_skips_that_step_for_its_target_on_the_device(tmp_path, tiny_data, monkeypatch):
+    """The factor's finiteness is never read back per step: the accumulator skips the step, counts it, warns at the end."""
+    from diffin_lightning import step as step_module
+    from helpers import TrajectoryRecorder
+
+    original = step_module.propagation_factor
+    calls = []
+
+    def factor_nan_at_step_three(eta, curvature, steps):
+        calls.append(None)
+        value = original(eta, curvature, steps)
+        return value * float("nan") if len(calls) == 4 else value  # the 4th recorded step (global step 3)
+
+    monkeypatch.setattr(step_module, "propagation_factor", factor_nan_at_step_three)
+    recorder = TrajectoryRecorder()
+    callback = DiffInCallback(targets={"val": tiny_data.val, "self": "self"}, output_dir=tmp_path / "out")
+    with pytest.warns(UserWarning, match="curvature along g_V .* non-finite at 1 recorded step"):
+        trainer(default_root_dir=tmp_path, max_epochs=2, callbacks=[recorder, callback]).fit(TinyClassifier().double(), tiny_data.loader())
+    val, own = callback.influence["val"], callback.influence["self"]
+    skipped_ids = torch.tensor(recorder.steps[3].ids)
+    expected_visits = own.visits.clone()
+    expected_visits[skipped_ids] -= 1
+    assert torch.equal(val.visits, expected_visits)
+    assert callback.nonfinite_steps_skipped == {"val": 1}
+    assert callback.nonfinite_samples_skipped == {}
+    assert load_influence(tmp_path / "out").metadata["nonfinite_steps_skipped"] == {"val": 1}
+    # The history before the skipped step is carried, not wiped.
+    seen_before = torch.zeros_like(own.visits, dtype=torch.bool)
+    for earlier in recorder.steps[:3]:
+        seen_before[torch.tensor(earlier.ids)] = True
+    assert (callback._sums["val"]["decayed_first"][seen_before] != 0).all()
+    _assert_all_finite(callback.influence)

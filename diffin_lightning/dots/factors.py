@@ -33,6 +33,7 @@ from collections.abc import Hashable, Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 Form = Literal["direct", "gram", "materialised"]
@@ -341,6 +342,115 @@ class OuterProductFactors(LayerFactors):
     def materialised_elements(self) -> int:
         groups, _, m, k = self._gpmk
         return self.batch_size * groups * m * (k + 1)
+
+
+class ConvolutionFactors(OuterProductFactors):
+    """A convolution's factors kept as the layer's input and output gradient; unfolded only when a form needs it.
+
+    The same per-sample gradient as :class:`OuterProductFactors` with each output pixel a
+    position (``a_ip`` the input patch, ``k = C_in/G * kh * kw``), but the direct products
+    ``<V, G_i> = sum_p delta_ip . (V a_ip)`` come from one convolution of the input with the
+    directions as filters, without the unfolded patches (``B L k`` numbers) ever formed: the
+    first-order step of a convolutional model then needs no unfold at all. The Gram and
+    materialised forms unfold on first use (cached).
+
+    Args:
+        key: the gradient block's identity.
+        inputs: ``[B, C_in, H, W]`` (already padded for non-zero padding modes and 'same';
+            Conv1d as height 1).
+        delta: ``[B, C_out, H', W']`` output gradients.
+        kernel, stride, dilation, padding: the 2-d convolution's geometry.
+        groups: the convolution's groups.
+        weight, weight_shape, bias, bias_shape: as in :class:`OuterProductFactors`.
+    """
+
+    def __init__(
+        self,
+        key: Hashable,
+        inputs: Tensor,
+        delta: Tensor,
+        kernel: tuple[int, int],
+        stride: tuple[int, int],
+        dilation: tuple[int, int],
+        padding: tuple[int, int],
+        groups: int,
+        weight: str | None,
+        weight_shape: tuple[int, ...],
+        bias: str | None = None,
+        bias_shape: tuple[int, ...] = (),
+    ) -> None:
+        self.key = key
+        self.inputs, self.delta = inputs, delta
+        self.geometry = (kernel, stride, dilation, padding, groups)
+        self.weight, self.weight_shape = weight, tuple(weight_shape)
+        self.bias, self.bias_shape = bias, tuple(bias_shape)
+        self.rows, self.bias_rows, self.transposed = None, None, False
+        self.slices = {}
+        if weight is not None:
+            self.slices[weight] = None
+        if bias is not None:
+            self.slices[bias] = None
+        self._columns: Tensor | None = None
+
+    @property  # type: ignore[override]
+    def activations(self) -> Tensor:
+        """``[B, G, L, k]`` unfolded input patches (formed on first use)."""
+        if self._columns is None:
+            kernel, stride, dilation, padding, groups = self.geometry
+            columns = F.unfold(self.inputs, kernel, dilation=dilation, padding=padding, stride=stride)  # [B, C k, L]
+            self._columns = columns.reshape(columns.shape[0], groups, -1, columns.shape[-1]).transpose(2, 3)
+        return self._columns
+
+    @property  # type: ignore[override]
+    def backprops(self) -> Tensor:
+        """``[B, G, L, m]`` (a view of the output gradient)."""
+        batch, channels = self.delta.shape[:2]
+        groups = self.geometry[4]
+        return self.delta.reshape(batch, groups, channels // groups, -1).transpose(2, 3)
+
+    @property
+    def reference(self) -> Tensor:
+        return self.delta
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.delta.shape[0])
+
+    @property
+    def _gpmk(self) -> tuple[int, int, int, int]:
+        (kh, kw), groups = self.geometry[0], self.geometry[4]
+        return groups, int(self.delta[0, 0].numel()), int(self.delta.shape[1]) // groups, int(self.inputs.shape[1]) // groups * kh * kw
+
+    def scaled(self, scale: float | Tensor) -> LayerFactors:
+        kernel, stride, dilation, padding, groups = self.geometry
+        return ConvolutionFactors(
+            self.key, self.inputs, self.delta * scale, kernel, stride, dilation, padding, groups, self.weight, self.weight_shape, self.bias, self.bias_shape
+        )
+
+    def dots(self, directions: dict[str, Tensor]) -> Tensor:
+        kernel, stride, dilation, padding, groups = self.geometry
+        batch = self.batch_size
+        groups_, positions, m, k = self._gpmk
+        total = torch.zeros((), dtype=self.delta.dtype, device=self.delta.device)
+        if self.weight is not None:
+            filters = directions[self.weight]
+            count = filters.shape[0]
+            # Directions inside each group ([G, D, m] output channels) so that a grouped convolution
+            # applies each group's filters to that group's input channels.
+            filters = filters.reshape(count, groups, m, k // (kernel[0] * kernel[1]), *kernel).transpose(0, 1)
+            delta = self.delta.reshape(batch, groups, 1, m, positions)
+            step = _chunk_size(batch * groups * m * positions)
+            parts = []
+            for start in range(0, count, step):
+                chunk = filters[:, start : start + step]
+                d = chunk.shape[1]
+                out = F.conv2d(self.inputs, chunk.reshape(groups * d * m, *chunk.shape[3:]), None, stride, padding, dilation, groups)
+                parts.append((out.reshape(batch, groups, d, m, positions) * delta).sum(dim=(1, 3, 4)).T)
+            total = torch.cat(parts, dim=0)
+        if self.bias is not None:
+            bias = directions[self.bias]
+            total = total + bias.reshape(bias.shape[0], -1).to(self.delta.dtype) @ self.delta.flatten(2).sum(dim=2).T  # [D, C] @ [C, B]
+        return total
 
 
 class EmbeddingFactors(LayerFactors):

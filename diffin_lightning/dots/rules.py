@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffin_lightning.dots.factors import EmbeddingFactors, LayerFactors, MaterialisedFactors, OuterProductFactors
+from diffin_lightning.dots.factors import ConvolutionFactors, EmbeddingFactors, LayerFactors, MaterialisedFactors, OuterProductFactors
 from diffin_lightning.dots.registry import LayerRule, register_layer_rule
 
 
@@ -90,16 +90,19 @@ class ConvolutionRule(LayerRule):
             inputs = inputs.unsqueeze(2)
             kernel, stride, dilation = (1, kernel[0]), (1, stride[0]), (1, dilation[0])
             padding = (0, padding if isinstance(padding, int) else padding[0])
-        batch, groups = inputs.shape[0], module.groups
-        columns = F.unfold(inputs, kernel, dilation=dilation, padding=padding, stride=stride)  # [B, C*kh*kw, L]
-        positions = columns.shape[-1]
-        columns = columns.reshape(batch, groups, -1, positions).transpose(2, 3)  # [B, G, L, k]
-        delta = delta.reshape(batch, groups, -1, positions).transpose(2, 3)  # [B, G, L, m]
+        if isinstance(module, nn.Conv1d):
+            delta = delta.unsqueeze(2)
+        pair = (lambda value: (value, value) if isinstance(value, int) else tuple(value))
         return [
-            OuterProductFactors(
+            ConvolutionFactors(
                 (module_name, "conv"),
-                columns,
+                inputs,
                 delta,
+                pair(kernel),
+                pair(stride),
+                pair(dilation),
+                pair(padding),
+                module.groups,
                 names.get("weight"),
                 _shape(module, "weight"),
                 names.get("bias"),
