@@ -1,19 +1,25 @@
-"""Cost of DiffInCallback: time and peak memory with and without it, side by side in one process.
+"""Cost of DiffInCallback: time and peak memory with and without it, fits alternating side by side.
 
     python -m benchmarks.overhead [--device cpu|cuda] [--repeats 3] [--epochs 4] \
         [--workloads mlp cnn transformer] [--settings ...] [--breakdown mlp] [--opacus] \
-        [--out benchmarks/results/overhead.md]
+        [--in-process] [--out benchmarks/results/overhead.md]
 
 For each workload the plain fit and the fits with the callback alternate, ``repeats`` times
 (plain, setting 1, setting 2, ..., plain, setting 1, ...); the table gives medians of wall
 time and CPU time and the ratios callback/plain, the peak memory ratio, and the end-of-fit
-pass's share of the fit. On CPU the peak memory is the peak resident set size above the
-level before the fit (sampled every 2 ms); on CUDA ``torch.cuda.max_memory_allocated``
-(with ``torch.cuda.synchronize`` around every timed region). ``--breakdown`` times the parts
-of the callback (target gradient, perturbed pass, dot products, end-of-fit pass,
-bookkeeping) on one workload by wrapping the library's functions with timers.
-``--opacus`` adds Opacus' ``GradSampleModule`` (per-sample gradients by hooks, the cost
-users know) on the same models.
+pass's share of the fit.
+
+Every measured fit runs in a fresh process (this module with ``--one-fit``): a 1-epoch
+warm-up fit of the same configuration, then the measured fit, whose peak memory is its
+growth above the level just before ``trainer.fit`` (see ``benchmarks/peak_memory.py``; in
+one long process the allocator reuses what earlier fits freed, and a plain fit then grows
+the resident set by nothing measurable). ``--in-process`` keeps the earlier method (all
+fits in this process, time only). On CUDA the memory is ``torch.cuda.max_memory_allocated``
+and every timed region is bracketed by ``torch.cuda.synchronize``. ``--breakdown`` times the
+parts of the callback (target gradient, perturbed pass, dot products, end-of-fit pass,
+bookkeeping) on one workload by wrapping the library's functions with timers (in this
+process). ``--opacus`` adds Opacus' ``GradSampleModule`` (per-sample gradients by hooks, the
+cost users know) on the same models, with no DiffInCallback.
 """
 
 from __future__ import annotations
@@ -21,12 +27,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import os
+import re
 import statistics
-import threading
+import subprocess
+import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from benchmarks.peak_memory import PeakMemory
 from diffin_lightning import DiffInCallback
 from diffin_lightning.bundled import CNNClassifier, DigitsDataModule, MLPClassifier, SyntheticDataModule
 from diffin_lightning.bundled.datamodule import ClassificationDataModule
@@ -113,46 +125,6 @@ def workloads() -> dict[str, Workload]:
 # ---------------------------------------------------------------------- measurement
 
 
-class PeakMemory:
-    """Peak memory above the level at entry: CUDA allocator statistics, or the resident set size sampled on CPU."""
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.peak = 0
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as stream:
-            return int(stream.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated()
-            return self
-        self._base = self._rss()
-        self._stop = threading.Event()
-        self._max = self._base
-
-        def sample() -> None:
-            while not self._stop.wait(0.002):
-                self._max = max(self._max, self._rss())
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self._base
-            return
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self._max, self._rss()) - self._base
-
-
 def _trainer(device: str, epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
     return pl.Trainer(
         accelerator=device,
@@ -173,10 +145,14 @@ class _EndOfFitTimer(pl.Callback):
 
     def __init__(self, device: str) -> None:
         self.device, self.started, self.seconds = device, 0.0, 0.0
+        self.memory: PeakMemory | None = None
+        self.peak_before = 0  # peak memory growth of the fit before the end-of-fit pass
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Registered first, so Lightning calls it before DiffInCallback's on_train_end ...
         _synchronize(self.device)
+        if self.memory is not None:
+            self.peak_before = self.memory.so_far()
         self.started = time.perf_counter()
 
 
@@ -190,82 +166,258 @@ class _EndOfFitStop(pl.Callback):
         self.timer.seconds = time.perf_counter() - self.timer.started
 
 
+class _HoldMemory(pl.Callback):
+    """Holds ``num_bytes`` of touched memory from the start to the end of training (the memory test's known extra)."""
+
+    def __init__(self, num_bytes: int, device: str) -> None:
+        self.num_bytes, self.device, self.block = num_bytes, device, None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # torch.ones writes every page: torch.empty/zeros pages would not be resident yet.
+        self.block = torch.ones(self.num_bytes // 4, dtype=torch.float32, device=self.device)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.block = None
+
+
+class _ClearGradSamples(pl.Callback):
+    """Drops Opacus' ``p.grad_sample`` before every zero_grad, as Opacus' own ``DPOptimizer.zero_grad`` does.
+
+    A plain optimizer's zero_grad leaves them, and ``GradSampleModule`` then appends each step's
+    per-sample gradients to a growing list (``promote_current_grad_sample``): with the MLP's
+    1024x1024 layer at batch 256 that is 1 GiB more per step, which is what exhausted the
+    machine's memory in the first attempt at these rows.
+    """
+
+    def on_before_zero_grad(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        from opacus import GradSampleModule
+
+        for module in pl_module.modules():
+            if isinstance(module, GradSampleModule):
+                module.set_grad_sample_to_none()
+
+
 def _synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def fit_once(workload: Workload, device: str, epochs: int, setting: dict[str, Any] | None, opacus: bool = False) -> dict[str, float]:
-    """One fit; returns wall and CPU seconds, peak memory bytes and the end-of-fit pass's seconds."""
+def _wrap_with_opacus(model: pl.LightningModule) -> str:
+    """Per-sample gradients on every backward by Opacus' hooks (what a DP-SGD user pays before clipping and noise).
+
+    Returns a note for the table: what had to change in the model for Opacus to accept it.
+    """
+    from opacus import GradSampleModule
+    from opacus.validators import ModuleValidator
+
+    notes = []
+    for name in ("net", "embed", "encoder", "head"):
+        inner = getattr(model, name, None)
+        if not isinstance(inner, nn.Module):
+            continue
+        if not ModuleValidator.is_valid(inner):
+            # Opacus' documented way: replace each layer it refuses by its registered fixer
+            # (nn.MultiheadAttention -> opacus.layers.DPMultiheadAttention, BatchNorm -> GroupNorm).
+            before = {type(module) for module in inner.modules()}
+            refused = sorted(kind.__name__ for kind in before if kind in ModuleValidator.VALIDATORS)
+            inner = ModuleValidator.fix(inner)
+            added = sorted(kind.__name__ for kind in {type(module) for module in inner.modules()} - before)
+            notes.append(f"{', '.join(refused)} replaced by {', '.join(added)} (opacus.validators.ModuleValidator.fix)")
+        setattr(model, name, GradSampleModule(inner, loss_reduction="mean"))
+    return "; ".join(notes)
+
+
+def fit_once(
+    workload: Workload,
+    device: str,
+    epochs: int,
+    setting: dict[str, Any] | None,
+    opacus: bool = False,
+    output_dir: str = "/tmp/diffin_overhead",
+    extra_bytes: int = 0,
+    memory_limit_bytes: int | None = None,
+) -> dict[str, Any]:
+    """One fit, timed and measured.
+
+    Returns wall and CPU seconds, the end-of-fit pass's seconds, the parameters' bytes and the
+    peak memory growth during ``trainer.fit`` above the level just before it (model, data and
+    trainer built): ``peak`` (sampled RSS, or CUDA's allocator peak) and ``peak_kernel``
+    (the kernel's VmHWM; ``None`` on CUDA or where the kernel's mark cannot be reset).
+    """
     _, make_data, make_model = workload
     pl.seed_everything(0, verbose=False)
     data = make_data()
     data.setup("fit")
     model = make_model(data)
-    if opacus:
-        _wrap_with_opacus(model)
+    note = _wrap_with_opacus(model) if opacus else ""
     timer = _EndOfFitTimer(device)
     callbacks: list[pl.Callback] = [timer]
     if setting is not None:
-        callbacks.append(DiffInCallback(targets={"val": data.val_dataset}, output_dir="/tmp/diffin_overhead", **setting))
+        callbacks.append(DiffInCallback(targets={"val": data.val_dataset}, output_dir=output_dir, **setting))
+    if opacus:
+        callbacks.append(_ClearGradSamples())
+    if extra_bytes:
+        callbacks.append(_HoldMemory(extra_bytes, device))
     callbacks.append(_EndOfFitStop(timer))
     trainer = _trainer(device, epochs, callbacks)
-    with PeakMemory(device) as memory:
+    if device == "cuda":
+        model.to(device)  # the parameters are in the baseline on both devices
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    with PeakMemory(device, limit_bytes=memory_limit_bytes) as memory:
+        timer.memory = memory
         _synchronize(device)
         wall, cpu = time.perf_counter(), time.process_time()
         trainer.fit(model, datamodule=data)
         _synchronize(device)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return {"wall": wall, "cpu": cpu, "peak": float(memory.peak), "end": timer.seconds if setting is not None else 0.0}
+    return {
+        "wall": wall, "cpu": cpu, "end": timer.seconds if setting is not None else 0.0,
+        "param_bytes": param_bytes, "peak": memory.sampled, "peak_kernel": memory.kernel, "peak_before_end": timer.peak_before, "note": note,
+    }
 
 
-def _wrap_with_opacus(model: pl.LightningModule) -> None:
-    """Per-sample gradients on every backward, by Opacus' hooks (what a DP-SGD user pays before clipping)."""
-    from opacus import GradSampleModule
+@dataclass(frozen=True)
+class FitSpec:
+    """One measured fit, as handed to a fresh process (``--one-fit``, JSON)."""
 
-    for name in ("net", "encoder", "embed", "head"):
-        inner = getattr(model, name, None)
-        if isinstance(inner, nn.Module):
-            setattr(model, name, GradSampleModule(inner, loss_reduction="mean"))
+    workload: str
+    device: str
+    epochs: int
+    threads: int
+    setting: str | None = None  # a key of SETTINGS; None: no DiffInCallback
+    opacus: bool = False
+    extra_mb: int = 0  # hold this much more memory during the fit (the benchmark's own test)
+    memory_limit_mb: int = 8192  # end the fit beyond this growth: the machine is shared
 
 
-def _median(runs: list[dict[str, float]], key: str) -> float:
+def one_fit(spec: FitSpec, output_dir: str) -> dict[str, Any]:
+    """In a fresh process: a 1-epoch warm-up fit of the same configuration, then the measured fit.
+
+    The warm-up makes lazy imports and one-time allocations (kernels, thread pools, the
+    callback's first-call set-up) count in neither time nor memory; its freed memory is handed
+    back to the kernel before the measured fit's baseline (see PeakMemory).
+    """
+    torch.set_num_threads(spec.threads)
+    workload = workloads()[spec.workload]
+    setting = SETTINGS[spec.setting] if spec.setting is not None else None
+    fit_once(workload, spec.device, 1, setting, spec.opacus, output_dir=output_dir, memory_limit_bytes=spec.memory_limit_mb * 2**20)
+    return fit_once(
+        workload, spec.device, spec.epochs, setting, spec.opacus, output_dir=output_dir,
+        extra_bytes=spec.extra_mb * 2**20, memory_limit_bytes=spec.memory_limit_mb * 2**20,
+    )
+
+
+class FitFailed(RuntimeError):
+    """A measured fit's process ended without a result; the message is one line saying why."""
+
+
+_REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def fit_in_subprocess(spec: FitSpec) -> dict[str, Any]:
+    """Run ``one_fit`` in a fresh Python process (this module with ``--one-fit``) and return its result."""
+    with tempfile.TemporaryDirectory(prefix="diffin_overhead_") as folder:
+        result = Path(folder) / "result.json"
+        environment = dict(os.environ)
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPOSITORY), environment.get("PYTHONPATH")]))
+        process = subprocess.run(
+            [sys.executable, "-m", "benchmarks.overhead", "--one-fit", json.dumps(asdict(spec)), "--result", str(result), "--output-dir", str(Path(folder) / "run")],
+            cwd=_REPOSITORY, env=environment, capture_output=True, text=True,
+        )
+        if process.returncode != 0 or not result.exists():
+            raise FitFailed(_why(process.returncode, process.stderr))
+        return json.loads(result.read_text())
+
+
+def _why(returncode: int, stderr: str) -> str:
+    """One line from a failed fit's stderr: the memory limit's message, the exception, or the exit status."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("PeakMemory:") or re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", line):
+            return line[:200]
+    if returncode < 0:
+        return f"killed by signal {-returncode}" + (" (SIGKILL: out of memory?)" if returncode == -9 else "")
+    return (lines[-1][:200] if lines else "") + f" (exit status {returncode})"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float:
     return statistics.median(run[key] for run in runs)
 
 
-def compare(workload: Workload, device: str, epochs: int, repeats: int, settings: dict[str, dict[str, Any] | None], opacus: bool) -> list[str]:
-    """Alternate plain and each setting ``repeats`` times; one table row per setting."""
-    runs: dict[str, list[dict[str, float]]] = defaultdict(list)
-    labels = ["plain", *settings] + (["Opacus GradSampleModule (no callback)"] if opacus else [])
-    fit_once(workload, device, 1, None)  # warm-up: imports, allocator, kernels
+OPACUS = "Opacus GradSampleModule (no callback)"
+
+
+def compare(key: str, device: str, epochs: int, repeats: int, threads: int, labels: list[str], opacus: bool, in_process: bool) -> list[str]:
+    """Alternate plain and each setting ``repeats`` times; one table row per setting.
+
+    Each fit runs in a fresh process (``in_process=False``: time and memory), or all in this
+    process after one warm-up fit (``in_process=True``: time only, the earlier method).
+    """
+    workload = workloads()[key]
+    runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    failed: dict[str, str] = {}
+    order = ["plain", *labels] + ([OPACUS] if opacus else [])
+    if in_process:
+        fit_once(workload, device, 1, None)  # warm-up: imports, allocator, kernels
     for repeat in range(repeats):
         print(f"  {workload[0]}: repeat {repeat + 1}/{repeats}", flush=True)
-        for label in labels:
-            if label == "plain":
-                runs[label].append(fit_once(workload, device, epochs, None))
-            elif label.startswith("Opacus"):
-                runs[label].append(fit_once(workload, device, epochs, None, opacus=True))
-            else:
-                runs[label].append(fit_once(workload, device, epochs, settings[label]))
-            run = runs[label][-1]
-            print(f"    {label}: wall {run['wall']:.2f} s, cpu {run['cpu']:.2f} s, peak {run['peak'] / 2**20:.0f} MB, end-of-fit {run['end']:.2f} s", flush=True)
-    plain = runs["plain"]
-    rows = []
-    for label in labels[1:]:
-        ratio = _median(runs[label], "wall") / _median(plain, "wall")
-        cpu_ratio = _median(runs[label], "cpu") / _median(plain, "cpu")
-        plain_peak = _median(plain, "peak")
-        # A plain fit after the first repeat often grows the resident set by nothing measurable; a ratio
-        # over ~0 bytes would be noise, so it is reported only where the plain fit itself needs >= 1 MiB.
-        memory_ratio = f"{_median(runs[label], 'peak') / plain_peak:.2f}" if plain_peak >= 2**20 else "n/a"
-        end_share = _median(runs[label], "end") / _median(runs[label], "wall")
-        spread = (max(r["wall"] for r in runs[label]) - min(r["wall"] for r in runs[label])) / _median(runs[label], "wall")
-        rows.append(
-            f"| {workload[0]} | {label} | {_median(plain, 'wall'):.2f} | {_median(runs[label], 'wall'):.2f} | **{ratio:.2f}** | "
-            f"{cpu_ratio:.2f} | {memory_ratio} | {_median(plain, 'peak') / 2**20:.0f} / {_median(runs[label], 'peak') / 2**20:.0f} | "
-            f"{100 * end_share:.0f}% | {100 * spread:.0f}% |"
-        )
-    return rows
+        for label in order:
+            if label in failed:
+                continue
+            setting = None if label in ("plain", OPACUS) else label
+            try:
+                if in_process:
+                    run = fit_once(workload, device, epochs, SETTINGS[setting] if setting else None, label == OPACUS)
+                    run["peak"] = run["peak_kernel"] = run["peak_before_end"] = None  # the allocator reuses what earlier fits freed
+                else:
+                    run = fit_in_subprocess(FitSpec(key, device, epochs, threads, setting, label == OPACUS))
+            except Exception as error:  # FitFailed (from the fresh process) or any error of this one
+                if label == "plain":
+                    raise
+                failed[label] = str(error).splitlines()[0][:200] if isinstance(error, FitFailed) else f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+                print(f"    {label}: fails: {failed[label]}", flush=True)
+                continue
+            runs[label].append(run)
+            peak = "n/a" if run["peak"] is None else f"{run['peak'] / 2**20:.1f} MB (VmHWM {_mb(run['peak_kernel'])})"
+            print(f"    {label}: wall {run['wall']:.2f} s, cpu {run['cpu']:.2f} s, peak growth {peak}, end-of-fit {run['end']:.2f} s", flush=True)
+    return [_row(workload[0], label, runs["plain"], runs[label], failed.get(label)) for label in order[1:]]
+
+
+def _mb(num_bytes: float | None) -> str:
+    return "n/a" if num_bytes is None else f"{num_bytes / 2**20:.1f}"
+
+
+def _row(name: str, label: str, plain: list[dict[str, Any]], runs: list[dict[str, Any]], failure: str | None) -> str:
+    note = next((run["note"] for run in runs if run.get("note")), "")
+    title = f"{label}: {note}" if note else label
+    if failure is not None:
+        return f"| {name} | {title} | {_median(plain, 'wall'):.2f} | - | fails: {failure} | | | | | | | | |"
+    ratio = _median(runs, "wall") / _median(plain, "wall")
+    cpu_ratio = _median(runs, "cpu") / _median(plain, "cpu")
+    end_share = _median(runs, "end") / _median(runs, "wall")
+    spread = (max(r["wall"] for r in runs) - min(r["wall"] for r in runs)) / _median(runs, "wall")
+    params = plain[0]["param_bytes"]
+    memory = kernel = before_end = "n/a"
+    if plain[0]["peak"] is not None:
+        # Training memory = the parameters (in the baseline, counted exactly) + the fit's peak growth.
+        growth_plain, growth_with = _median(plain, "peak"), _median(runs, "peak")
+        memory = f"{_mb(growth_plain)} / {_mb(growth_with)} | **{(params + growth_with) / (params + growth_plain):.2f}**"
+        if plain[0]["peak_kernel"] is not None and runs[0]["peak_kernel"] is not None:
+            kernel_plain, kernel_with = _median(plain, "peak_kernel"), _median(runs, "peak_kernel")
+            kernel = f"{_mb(kernel_plain)} / {_mb(kernel_with)} ({(params + kernel_with) / (params + kernel_plain):.2f})"
+        before_end = _mb(_median(runs, "peak_before_end"))
+    else:
+        memory = "n/a | n/a"
+    return (
+        f"| {name} | {title} | {_median(plain, 'wall'):.2f} | {_median(runs, 'wall'):.2f} | **{ratio:.2f}** | {cpu_ratio:.2f} | "
+        f"{_mb(params)} | {memory} | {kernel} | {before_end} | {100 * end_share:.0f}% | {100 * spread:.0f}% |"
+    )
 
 
 # ---------------------------------------------------------------------- per-part breakdown
@@ -355,8 +507,18 @@ def main() -> None:
     parser.add_argument("--one-epoch-end", action="store_true", help="also report the end-of-fit pass for a 1-epoch fit")
     parser.add_argument("--opacus", action="store_true", help="add Opacus GradSampleModule rows (needs the bench extra)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
+    parser.add_argument("--in-process", action="store_true", help="all fits in this process (the earlier method): time only, no memory figures")
     parser.add_argument("--out", default="benchmarks/results/overhead.md")
+    parser.add_argument("--one-fit", default=None, help=argparse.SUPPRESS)  # internal: a FitSpec as JSON, run by fit_in_subprocess
+    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)  # internal: where --one-fit writes its JSON result
+    parser.add_argument("--output-dir", default="/tmp/diffin_overhead", help=argparse.SUPPRESS)  # internal: the callback's run directory
     args = parser.parse_args()
+    if args.one_fit is not None:
+        if args.result is None:
+            parser.error("`--one-fit` needs `--result PATH` (where the JSON result goes); got none.")
+        result = one_fit(FitSpec(**json.loads(args.one_fit)), args.output_dir)
+        _atomic_write(Path(args.result), json.dumps(result))
+        return
     torch.set_num_threads(args.threads)
     command = "python -m benchmarks.overhead " + " ".join(
         [f"--device {args.device}", f"--threads {args.threads}", f"--repeats {args.repeats}", f"--epochs {args.epochs}", "--workloads " + " ".join(args.workloads)]
@@ -364,29 +526,32 @@ def main() -> None:
         + ([f"--breakdown {args.breakdown}"] if args.breakdown else [])
         + (["--one-epoch-end"] if args.one_epoch_end else [])
         + (["--opacus"] if args.opacus else [])
+        + (["--in-process"] if args.in_process else [])
+        + ([f"--out {args.out}"] if args.out != "benchmarks/results/overhead.md" else [])
     )
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    load_at_start, started = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    where = "in one process after one warm-up fit" if args.in_process else "each in a fresh process after a 1-epoch warm-up fit of the same configuration"
     lines = [
         f"# DiffInCallback cost ({device_name}; {args.epochs} epochs; median of {args.repeats}, alternating)",
         "",
         f"Command: `{command}`",
         "",
-        "Ratios are with-callback / plain on the same machine in the same process (val target). CPU time is the",
-        "process's user+system time. Peak memory: "
-        + ("CUDA max_memory_allocated." if args.device == "cuda" else "peak RSS above the level before the fit (MB, plain / with)."),
+        f"Ratios are with-callback / plain, fits alternating (plain, setting 1, setting 2, ...) {where};",
+        "the DiffInCallback's target is the validation set. CPU time is the process's user+system time.",
         "`end-of-fit` is the share of the fit spent in the end-of-fit pass; `spread` is (max - min)/median of the",
         "with-callback wall times (noise).",
         "",
-        "| workload | callback | plain s | with s | wall ratio | CPU-time ratio | peak memory ratio | peak MB | end-of-fit | spread |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *_memory_header(args.device, args.in_process),
+        "",
+        "| workload | callback | plain s | with s | wall ratio | CPU-time ratio | params MB | peak growth MB, plain / with | peak memory ratio | kernel VmHWM growth MB, plain / with (ratio) | with: growth before end-of-fit MB | end-of-fit | spread |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    settings = {label: SETTINGS[label] for label in args.settings}
     for key in args.workloads:
-        workload = workloads()[key]
         try:
-            rows = compare(workload, args.device, args.epochs, args.repeats, settings, args.opacus)
-        except Exception as error:  # a workload the engine cannot run yet: say so in the table
-            rows = [f"| {workload[0]} | all | - | - | fails: {type(error).__name__}: {str(error).splitlines()[0][:160]} | | | | | |"]
+            rows = compare(key, args.device, args.epochs, args.repeats, args.threads, list(args.settings), args.opacus, args.in_process)
+        except Exception as error:  # the plain fit itself failed: say so in the table
+            rows = [f"| {workloads()[key][0]} | all | - | - | fails: {type(error).__name__}: {str(error).splitlines()[0][:160]} | | | | | | | | |"]
         for row in rows:
             print(row, flush=True)
         lines += rows
@@ -403,9 +568,41 @@ def main() -> None:
         lines += ["", f"## Where the time goes: {workload[0]}, Diff-In (defaults), {args.epochs} epochs", ""]
         lines += breakdown(workload, args.device, args.epochs, SETTINGS["Diff-In (defaults)"])
         print("\n".join(lines[-12:]), flush=True)
+    # Timings on a shared machine mean little without the load they were taken under.
+    load = f"load average (1/5/15 min) {' / '.join(f'{x:.2f}' for x in load_at_start)} at the start, {' / '.join(f'{x:.2f}' for x in os.getloadavg())} at the end"
+    lines[3:3] = ["", f"Measured from {started} to {time.strftime('%H:%M UTC', time.gmtime())} on {os.cpu_count()} CPU cores; {load}."]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    _atomic_write(Path(args.out), "\n".join(lines) + "\n")
     print(f"written to {args.out}")
+
+
+def _memory_header(device: str, in_process: bool) -> list[str]:
+    if in_process:
+        return ["Peak memory: not measured (all fits share one process, whose allocator reuses what earlier fits freed)."]
+    common = [
+        "Peak memory: *training memory* = the parameters' bytes (`params MB`, counted exactly) + the peak growth",
+        "during `trainer.fit` above the level just before it, when data, model and Trainer are built (the growth",
+        "holds the gradients, optimizer state (none here: SGD without momentum), activations, the current batch,",
+        "Lightning's per-fit objects and, with the callback, everything the callback allocates; the training and",
+        "target data are already in the baseline and not counted). `peak memory ratio` = training memory with /",
+        "plain (medians of the growths). `with: growth before end-of-fit` is the peak growth of the run with the",
+        "callback up to the start of on_train_end (the larger of the samples and VmHWM): where it is far below",
+        "the run's peak, the end-of-fit pass sets the peak.",
+    ]
+    if device == "cuda":
+        return common + [
+            "On CUDA the growth is `torch.cuda.max_memory_allocated()` minus `torch.cuda.memory_allocated()` just",
+            "before the fit, with the model already moved to the GPU (tensors only; the caching allocator's reserve",
+            "is not counted); the VmHWM column does not apply.",
+        ]
+    return common + [
+        "On CPU the growth is in resident set size: /proc/self/statm sampled every 2 ms by a thread",
+        "(`peak growth`), and as a cross-check the kernel's own high-water mark VmHWM (/proc/self/status), reset",
+        "at the baseline through /proc/self/clear_refs (exact: it misses no spike). Not `ru_maxrss`: the kernel",
+        "raises it at exec to the spawning parent's RSS and at every thread exit, and clear_refs does not reset",
+        "that part. Before the baseline, garbage is collected and `malloc_trim(0)` returns the warm-up's freed",
+        "heap pages to the kernel, so memory the measured fit needs shows as growth instead of being reused silently.",
+    ]
 
 
 if __name__ == "__main__":
