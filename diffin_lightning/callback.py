@@ -28,12 +28,17 @@ from diffin_lightning import distributed
 from diffin_lightning.accumulator import InfluenceAccumulator
 from diffin_lightning.batch_mixing import batch_mixing_message, batch_mixing_modules
 from diffin_lightning.data import INDEX_KEY, dataset_fingerprint, find_indexed_dataset, inexact_resume_reason
-from diffin_lightning.engine import number_of_batches, pass_batch_size, replayed_rng, save_rng_state, training_set_batches
+from diffin_lightning.engine import number_of_batches, replayed_rng, save_rng_state, training_set_batches
 from diffin_lightning.recorder import InfluenceRecorder
 from diffin_lightning.results import RunRecord, build_result, check_second_order, steps_skipped
 from diffin_lightning.settings import DiffInSettings, SecondOrderTerm
 from diffin_lightning.store import COMPONENTS, TENSOR_FILE, InfluenceResult, TargetInfluence, save_influence
 from diffin_lightning.targets import DatasetTarget, SelfTarget, Target, TrainingLossTarget, build_targets
+
+
+# The batch of a pass over the training set when neither training_set_batch_size nor the training
+# micro-batch size is known (a batch sampler without batch_size, resumed after the last step).
+_FALLBACK_PASS_BATCH = 256
 
 
 def _default_loss_fn(module: torch.nn.Module, batch: Any) -> Tensor:
@@ -275,6 +280,8 @@ class DiffInCallback(Callback):
             self._warn_if_resume_is_inexact(trainer)
         assert self._recorder is not None
         self._recorder.accumulator = self._accumulator
+        # The micro-batch size sets the default batch of every extra pass (peak memory as in training).
+        self._recorder.adopt_micro_batch_size(getattr(trainer.train_dataloader, "batch_size", None))
 
     def _warn_if_resume_is_inexact(self, trainer: pl.Trainer) -> None:
         batches = trainer.num_training_batches
@@ -495,8 +502,7 @@ class DiffInCallback(Callback):
             )
         size = self.settings.training_set_batch_size
         if size is None:
-            trainable = sum(p.numel() for p in trainer.lightning_module.parameters() if p.requires_grad)
-            size = pass_batch_size(trainable, self.settings.target_batch_size)
+            size = (self._recorder.micro_batch_size if self._recorder is not None else None) or _FALLBACK_PASS_BATCH
         batches = training_set_batches(dataset, size, device)
         if progress is not None and trainer.progress_bar_callback is not None and trainer.is_global_zero:
             from tqdm.auto import tqdm

@@ -217,6 +217,7 @@ def capture_pass(
         device = leaves[0].device
         capture.layers.clear()
         capture.layers.enabled = True
+        capture.layers.keep_outputs = not summed_gradient
         try:
             for mb in micro_batches:
                 with replayed_rng(mb.rng, device), forward_context(), torch.enable_grad():
@@ -234,6 +235,7 @@ def capture_pass(
                     torch._foreach_add_(summed, part)
         finally:
             capture.layers.enabled = False
+            capture.layers.keep_outputs = False
         # Before the parameters move back: attention's rule keeps a copy of its projections.
         per_sample = capture.layers.per_sample(backprop_scale=1.0)
     capture.layers.clear()
@@ -471,24 +473,6 @@ def training_set_batches(dataset: Any, batch_size: int, device: torch.device, co
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, **({"collate_fn": collate} if collate else {}))
     for batch in loader:
         yield move_data_to_device(batch, device)
-
-
-# The automatic batch of a pass over the training set: about 2**24 / (trainable parameters)
-# samples, within [target_batch_size, 65536]. A tiny model (a few hundred parameters) at N = 10M
-# then reads 153 batches instead of 39,063 (each batch has a fixed Python cost that dominated);
-# a model of 65k parameters or more keeps target_batch_size, as before.
-_PASS_BUDGET, _PASS_MAX = 1 << 24, 65536
-
-
-def pass_batch_size(trainable_parameters: int, target_batch_size: int) -> int:
-    """The batch of the passes over the training set when ``training_set_batch_size`` is None.
-
-    Example::
-
-        >>> pass_batch_size(68, 256), pass_batch_size(10_000, 256), pass_batch_size(1_000_000, 256)
-        (65536, 1677, 256)
-    """
-    return max(target_batch_size, min(_PASS_MAX, _PASS_BUDGET // max(1, trainable_parameters)))
 
 
 def number_of_batches(dataset: Any, batch_size: int) -> int:

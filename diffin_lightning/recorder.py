@@ -76,6 +76,8 @@ class InfluenceRecorder:
             else "recomputed (torch.func)"
         )
         self.accumulator: InfluenceAccumulator | None = None
+        # The training step's micro-batch size: the default batch of every extra pass (targets, training set).
+        self.micro_batch_size: int | None = None
         self.drift: dict[str, Tensor] = {}
         self.step_losses: list[Tensor] = []
         self._wrapped_loss = False
@@ -87,6 +89,15 @@ class InfluenceRecorder:
         message = self.capture.fallback_message() if self.capture is not None else None
         if message:
             rank_zero_info(message)
+
+    def adopt_micro_batch_size(self, size: int | None) -> None:
+        """Learn the training micro-batch size (once): the default batch of the target and training-set passes."""
+        if size is None or self.micro_batch_size is not None:
+            return
+        self.micro_batch_size = max(1, int(size))
+        for target in self.targets:
+            if isinstance(target, DatasetTarget):
+                target.adopt_batch_size(self.micro_batch_size)
 
     def teardown(self) -> None:
         """Remove the capture hooks and the loss wrapper from the model."""
@@ -140,6 +151,7 @@ class InfluenceRecorder:
         """
         assert self.accumulator is not None
         self._in_training_step = False
+        self.adopt_micro_batch_size(max(1, int(ids.numel()) // max(1, len(batches))))
         self.record.steps_recorded += 1
         self.record.steps_represented += self.settings.every_n_steps
         params = self.loss.parameters()
@@ -379,6 +391,7 @@ class InfluenceRecorder:
         training_set: Callable[[], Iterable[tuple[Any, Tensor]]],
     ) -> None:
         """schedule='checkpoints': score every training sample with this step's batch as the proxy batch."""
+        self.adopt_micro_batch_size(max(1, int(ids.numel()) // max(1, len(batches))))
         with other_captures_paused(self.capture):
             self._record_checkpoint(step, eta, batches, ids, weight, training_set)
 

@@ -60,14 +60,15 @@ class DiffInSettings:
         "Recompute a dataset target's gradient g_V after this many optimizer steps; steps in between reuse it.",
         default=DEFAULT_TARGET_REFRESH_EVERY_N_STEPS,
     )
-    target_batch_size: int = _help(
-        "Samples per forward when computing a dataset target's gradient (and the least batch of the passes over the training set).",
-        default=256,
+    target_batch_size: int | None = _help(
+        "Samples per forward when computing a dataset target's gradient. None: the training step's micro-batch size, so a "
+        "target pass never holds more activations than a training step (peak memory).",
+        default=None,
     )
     training_set_batch_size: int | None = _help(
         "Samples per batch of the passes over the whole training set (the end-of-fit drift pass, the checkpoint "
-        "schedule's passes). None: about 2**24 / (trainable parameters), within [target_batch_size, 65536] (a tiny "
-        "model reads large vectorised batches; a model of 65k parameters or more uses target_batch_size). Memory grows with it.",
+        "schedule's passes). None: the training step's micro-batch size (peak memory as in training). Memory grows with it; "
+        "a tiny model at large N reads much faster in large batches (e.g. 65536: see 'Large N' in the README).",
         default=None,
     )
     target_max_samples: int | None = _help(
@@ -134,9 +135,9 @@ class DiffInSettings:
     )
 
     def __post_init__(self) -> None:
-        for name in ("every_n_steps", "target_refresh_every_n_steps", "target_batch_size"):
+        for name in ("every_n_steps", "target_refresh_every_n_steps"):
             _check_positive_int(name, getattr(self, name))
-        for name in ("target_max_samples", "self_chunk_size", "num_samples", "training_set_batch_size"):
+        for name in ("target_batch_size", "target_max_samples", "self_chunk_size", "num_samples", "training_set_batch_size"):
             if getattr(self, name) is not None:
                 _check_positive_int(name, getattr(self, name))
         eps = self.eps

@@ -39,7 +39,8 @@ class DatasetTarget:
             already is one, so its batches have the training batches' structure; items that
             already carry an ``"index"`` key are kept as they are: targets need no ids) or a
             ``DataLoader`` used as it is.
-        batch_size: batch size for a ``Dataset`` target.
+        batch_size: batch size for a ``Dataset`` target; ``None`` until the recorder sets it to
+            the training step's micro-batch size (:meth:`adopt_batch_size`) before the first refresh.
         max_samples: at most this many samples per refresh of ``g_V``. For a Dataset, a
             random subset drawn afresh at each refresh from ``(seed, step)``, so a resumed
             run draws the same subsets; for a DataLoader, the first batches of a new
@@ -59,7 +60,7 @@ class DatasetTarget:
         self,
         name: str,
         data: Dataset | DataLoader,
-        batch_size: int = 256,
+        batch_size: int | None = 256,
         max_samples: int | None = None,
         refresh_every_n_steps: int = 1,
         seed: int = 0,
@@ -80,6 +81,11 @@ class DatasetTarget:
         self.seed = seed
         self.gradient: Params | None = None
         self.refreshed_at_step: int | None = None
+
+    def adopt_batch_size(self, size: int) -> None:
+        """Use ``size`` (the training step's micro-batch size) unless a batch size was given."""
+        if self.batch_size is None:
+            self.batch_size = max(1, int(size))
 
     def check_not_empty(self) -> None:
         """Raise before training if the target holds no sample."""
@@ -108,16 +114,18 @@ class DatasetTarget:
         if distributed.world_size() > 1:
             every = torch.arange(len(self.dataset)) if chosen is None else chosen
             chosen = every[distributed.rank() :: distributed.world_size()]
+        # Set from the training micro-batch size; 256 only where that is unknown (a batch sampler without batch_size).
+        batch_size = self.batch_size or 256
         tensors = getattr(self.dataset.dataset, "tensors", None)
         if isinstance(tensors, tuple) and len(tensors) == 2:
             # A TensorDataset: index its tensors directly, one batch at a time (no per-sample __getitem__).
             ids = torch.arange(len(self.dataset)) if chosen is None else chosen
-            for start in range(0, len(ids), self.batch_size):
-                part = ids[start : start + self.batch_size]
+            for start in range(0, len(ids), batch_size):
+                part = ids[start : start + batch_size]
                 yield {INDEX_KEY: part, "input": tensors[0][part], "target": tensors[1][part]}
             return
         dataset: Dataset = self.dataset if chosen is None else Subset(self.dataset, chosen.tolist())
-        yield from DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
+        yield from DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
     def _loader_batches(self) -> Iterator[Any]:
         assert self.loader is not None
@@ -251,7 +259,7 @@ Target = DatasetTarget | TrainingLossTarget | SelfTarget
 def build_targets(
     spec: Mapping[str, Any],
     *,
-    batch_size: int,
+    batch_size: int | None,
     max_samples: int | None,
     refresh_every_n_steps: int,
     train_decay: float,

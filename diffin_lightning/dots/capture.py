@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,10 +32,6 @@ class _Pass:
     calls: list[_Call] = field(default_factory=list)
     received: bool = False
     batch_size: int | None = None
-    # The hooked outputs (see LayerCapture.take_outputs), by weak reference: a strong one would close a cycle
-    # (output -> its hook -> this pass -> output) that keeps every step's captures alive until the garbage
-    # collector runs (+200 MB on the MLP benchmark).
-    outputs: list[weakref.ref[Tensor]] = field(default_factory=list)
 
 
 @dataclass
@@ -98,6 +93,8 @@ class LayerCapture:
                     f"Fix: pass names from `[n for n, p in module.named_parameters() if p.requires_grad]`."
                 )
         self.enabled = False
+        self.keep_outputs = False  # keep the hooked outputs for take_outputs (products-only passes)
+        self._outputs: list[Tensor] = []
         self._passes: list[_Pass] = []
         self._handles: list[RemovableHandle] = []
         self._covered: dict[str, _Covered] = {}
@@ -203,20 +200,22 @@ class LayerCapture:
         for index, target in enumerate(targets):
             if isinstance(target, Tensor) and target.requires_grad:
                 target.register_hook(functools.partial(self._on_backward, current, call, index))
-                current.outputs.append(weakref.ref(target))
+                if self.keep_outputs:
+                    self._outputs.append(target)
         return replaced
 
     def take_outputs(self) -> list[Tensor]:
-        """The hooked outputs of the latest forward, handed over once (the capture keeps no reference).
+        """The hooked outputs kept since the last call (with :attr:`keep_outputs` on), handed over once.
 
         ``torch.autograd.grad(loss, take_outputs())`` fires every hook with its layer's output
         gradient while computing no parameter gradient at all (autograd skips the weight
         products no requested input needs): products only, at about half the backward's cost.
+        The list lives on the capture, not on a pass: a pass is reachable from the outputs'
+        hooks, and a reference back from it would close a cycle that keeps every step's
+        captures alive until the garbage collector runs (+200 MB on the MLP benchmark).
         """
-        if not self._passes:
-            return []
-        references, self._passes[-1].outputs = self._passes[-1].outputs, []
-        return [output for output in (reference() for reference in references) if output is not None]
+        outputs, self._outputs = self._outputs, []
+        return outputs
 
     @staticmethod
     def _on_backward(current: _Pass, call: _Call, index: int, gradient: Tensor) -> None:
@@ -238,6 +237,7 @@ class LayerCapture:
     def clear(self) -> None:
         """Forget every captured call (frees the activations)."""
         self._passes = []
+        self._outputs = []
 
     def remove(self) -> None:
         """Remove every hook (the capture is inert afterwards)."""
