@@ -464,6 +464,7 @@ def timed_parts(device: str) -> Iterator[dict[str, float]]:
     wrap(engine.CapturedStep, "perturbed", "perturbed pass (forward+backward at theta + eps u, and its f_i)")
     wrap(engine.RecomputedStep, "perturbed", "perturbed pass (forward+backward at theta + eps u, and its f_i)")
     wrap(engine.CapturedStep, "dots", "per-sample dot products at theta")
+    wrap(engine.CapturedStep, "gradient_dots", "f_i = <G_B, G_i> at theta")
     wrap(engine.RecomputedStep, "dots", "per-sample dot products at theta")
     wrap(recorder.InfluenceRecorder, "_verify", "first-step check (once)")
     wrap(recorder.InfluenceRecorder, "compute_drift", "end-of-fit pass")

@@ -317,11 +317,13 @@ class CapturedStep:
         """``<G_B, G_i>`` at ``point``: Gram or direct form on the covered layers, the fallback on the rest."""
         out = None
         if self.capture.covered:
-            summed = dict(zip(self.capture.covered, torch._foreach_mul([gradient[n] for n in self.capture.covered], float(self.batch_size))))
+            # The direct and materialised forms read `gradient` as the sum: handed the mean and its scale
+            # instead of a parameter-sized copy of the sum.
+            mean = {n: gradient[n] for n in self.capture.covered}
             # Under DDP G_B is the global batch's: the Gram form would sum this rank's samples only
             # (it never reads `gradient`), so the direct form, which does, is used there.
             form = "direct" if distributed.world_size() > 1 else None
-            out = per_sample.gradient_dots(form=form, gradient=summed) / self.batch_size
+            out = per_sample.gradient_dots(form=form, gradient=mean, gradient_scale=float(self.batch_size)) / self.batch_size
         fallback = self._fallback_dots(point, [gradient])
         if fallback is not None:
             out = fallback[0] if out is None else out + fallback[0].to(out.dtype)
@@ -349,8 +351,8 @@ class CapturedStep:
         point = self.params
         if self.capture.uncovered:
             point = dict(zip(self.params, torch._foreach_add(list(self.params.values()), [shift[n] for n in self.params])))
-        gradient = dict(zip(summed, torch._foreach_div(list(summed.values()), float(self.batch_size))))
-        gradient = distributed.mean_over_ranks(gradient)  # the global batch's, like .grad
+        torch._foreach_div_(list(summed.values()), float(self.batch_size))  # the mean, in place (no copy)
+        gradient = distributed.mean_over_ranks(summed)  # the global batch's, like .grad
         return gradient, self._f(per_sample, point, gradient)
 
 

@@ -240,7 +240,9 @@ class InfluenceRecorder:
         assert self.capture is not None
         summed, per_sample = capture_pass(self.capture, loss, list(params), None, micro_batches, forward_context, summed_gradient=not products_only)
         size = sum(mb.size for mb in micro_batches)
-        gradient = dict(zip(summed, torch._foreach_div(list(summed.values()), float(size)))) if summed else {}
+        if summed:
+            torch._foreach_div_(list(summed.values()), float(size))  # the mean, in place (no parameter-sized copy)
+        gradient = summed
         if across_ranks and not products_only:
             gradient = distributed.mean_over_ranks(gradient)  # under DDP the global batch's, as .grad is
         return CapturedStep(self.capture, loss, params, micro_batches, per_sample, gradient, forward_context, self.settings.self_chunk_size)

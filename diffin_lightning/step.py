@@ -50,8 +50,8 @@ def parameters_norm(params: Params) -> Tensor:
 
 
 def dot(a: Params, b: Params) -> Tensor:
-    """``<a, b>`` over all parameters, as a 0-d tensor."""
-    return torch.stack([torch.sum(a[name] * b[name]) for name in a]).sum()
+    """``<a, b>`` over all parameters, as a 0-d tensor (no parameter-sized temporary)."""
+    return torch.stack([torch.dot(a[name].reshape(-1), b[name].reshape(-1)) for name in a]).sum()
 
 
 def finite_difference_step(eps: float | None, params: Params) -> Tensor:
@@ -75,19 +75,24 @@ def bracket_and_curvature(
     A zero target gradient gives a zero bracket and zero curvature (the point is not moved).
     """
     target_norm = parameters_norm(target_gradient)
-    unit = torch._foreach_div(list(target_gradient.values()), target_norm.clamp_min(torch.finfo(target_norm.dtype).tiny))
     names = list(target_gradient)
-    shift = dict(zip(names, torch._foreach_mul(unit, eps)))
-    direction = dict(zip(names, unit))
+    # Parameter-sized buffers are the callback's memory on a wide model (5 MB each on the 256-1024-1024-10
+    # MLP, whose plain fit grows by 27 MB): one for the shift eps u (u = shift / eps in the curvature),
+    # and the perturbed gradient turned into the difference in place.
+    shift_values = torch._foreach_div(list(target_gradient.values()), target_norm.clamp_min(torch.finfo(target_norm.dtype).tiny))
+    torch._foreach_mul_(shift_values, eps)
+    shift = dict(zip(names, shift_values))
     plus_gradient, f_plus = view.perturbed(shift)
     if scheme == "forward":
         f_reference, reference_gradient, width = view.gradient_dots(), view.batch_gradient, eps
     else:
-        minus_gradient, f_reference = view.perturbed(dict(zip(names, torch._foreach_neg(list(shift.values())))))
+        minus_gradient, f_reference = view.perturbed(dict(zip(names, torch._foreach_neg(shift_values))))
         reference_gradient, width = minus_gradient, 2 * eps
     bracket = target_norm * (f_plus - f_reference) / width
-    difference = dict(zip(names, torch._foreach_sub([plus_gradient[n] for n in names], [reference_gradient[n] for n in names])))
-    curvature = dot(direction, difference) / width
+    # The elementwise difference first (no cancellation between two large dot products), in place.
+    difference = [plus_gradient[n] for n in names]
+    torch._foreach_sub_(difference, [reference_gradient[n] for n in names])
+    curvature = dot(shift, dict(zip(names, difference))) / (eps * width)
     return bracket, curvature
 
 

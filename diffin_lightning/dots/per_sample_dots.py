@@ -158,13 +158,14 @@ class PerSampleDots:
             out.append(total)
         return torch.cat(out, dim=1) if out else self._zeros(count, 0)
 
-    def gradient_dots(self, form: Form | None = None, gradient: Mapping[str, Tensor] | None = None) -> Tensor:
+    def gradient_dots(self, form: Form | None = None, gradient: Mapping[str, Tensor] | None = None, gradient_scale: float = 1.0) -> Tensor:
         """``[<G_sum, G_i>]`` as ``Tensor[B_total]``, ``G_sum = sum_j G_j`` over every captured micro-batch.
 
         ``<G_B, G_i>`` for the mean-loss batch gradient is this divided by B_total. The Gram
         form ``sum_j <G_j, G_i>`` never forms ``G_sum``; the direct and materialised forms
-        use ``gradient`` when given (for example ``.grad`` rescaled to the sum) and the
-        captured factors' sum otherwise.
+        use ``gradient_scale * gradient`` when ``gradient`` is given (for example ``.grad``,
+        the mean, with ``gradient_scale`` = B: no rescaled copy is made) and the captured
+        factors' sum otherwise.
         """
         summed = dict(gradient) if gradient is not None else None
 
@@ -195,6 +196,8 @@ class PerSampleDots:
                     if cached is None:
                         cached = summed_parameters()
                     part = (block.dots(cached) if chosen == "direct" else self._materialised_dots(index, block, cached))[0]
+                    if summed is not None and gradient_scale != 1.0:
+                        part = part * gradient_scale
                 total = total + part
             out.append(total)
         return torch.cat(out) if out else self._zeros(0)
