@@ -404,9 +404,13 @@ class RecomputedStep:
 
 
 def relative_difference(a: Params, b: Params) -> float:
-    """``|a - b| / max(|b|, tiny)`` over all parameters (one host sync; used once per run)."""
-    difference = torch.stack([torch.linalg.vector_norm((a[k] - b[k]).double()) for k in b]).norm()
-    scale = torch.stack([torch.linalg.vector_norm(b[k].double()) for k in b]).norm()
+    """``|a - b| / max(|b|, tiny)`` over all parameters (one host sync; used once per run).
+
+    Per-parameter norms in the parameters' dtype (one difference of one parameter at a time, no
+    float64 copies: they set the peak memory of a first-order run), combined in float64.
+    """
+    difference = torch.stack([torch.linalg.vector_norm(a[k] - b[k]).double() for k in b]).norm()
+    scale = torch.stack([torch.linalg.vector_norm(b[k]).double() for k in b]).norm()
     return float(difference / scale.clamp_min(1e-300))
 
 

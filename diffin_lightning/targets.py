@@ -145,6 +145,7 @@ class DatasetTarget:
     def target_gradient(self, loss: PerSampleLoss, params: Params, step: int, device: torch.device, batch_gradient: Params) -> Params:
         """``g_V`` at ``params``, recomputed when due (``batch_gradient`` is unused here)."""
         if self.needs_refresh(step):
+            self.gradient = None  # the old gradient is not held beside the new one (peak memory)
             self.gradient = self._gradient(loss, params, step, device, whole=False)
             self.refreshed_at_step = step
         assert self.gradient is not None
@@ -158,6 +159,7 @@ class DatasetTarget:
         used once, with full weight (the drift correction's ``g_V(theta_T)``), so its noise would
         not average out: one pass over the whole target instead.
         """
+        self.gradient = None
         self.gradient = self._gradient(loss, params, step, device, whole=True)
         self.refreshed_at_step = step
         return self.gradient
