@@ -33,12 +33,7 @@ from diffin_lightning.recorder import InfluenceRecorder
 from diffin_lightning.results import RunRecord, build_result, check_second_order, steps_skipped
 from diffin_lightning.settings import DiffInSettings, SecondOrderTerm
 from diffin_lightning.store import COMPONENTS, TENSOR_FILE, InfluenceResult, TargetInfluence, save_influence
-from diffin_lightning.targets import DatasetTarget, SelfTarget, Target, TrainingLossTarget, build_targets
-
-
-# The batch of a pass over the training set when neither training_set_batch_size nor the training
-# micro-batch size is known (a batch sampler without batch_size, resumed after the last step).
-_FALLBACK_PASS_BATCH = 256
+from diffin_lightning.targets import FALLBACK_BATCH_SIZE, DatasetTarget, SelfTarget, Target, TrainingLossTarget, build_targets
 
 
 def _default_loss_fn(module: torch.nn.Module, batch: Any) -> Tensor:
@@ -441,6 +436,7 @@ class DiffInCallback(Callback):
             return
         self._reduced = None  # new contributions: the totals over ranks are stale
         batches = [batch for batch, _ in pending]
+        recorder.adopt_micro_batch_size(max(1, int(ids.numel()) // len(batches)))  # where the loader did not say
         eta = float(optimizer.param_groups[0]["lr"])
         # Training must draw the same random numbers with or without the callback (data order,
         # dropout): every extra pass runs on a forked RNG.
@@ -502,7 +498,7 @@ class DiffInCallback(Callback):
             )
         size = self.settings.training_set_batch_size
         if size is None:
-            size = (self._recorder.micro_batch_size if self._recorder is not None else None) or _FALLBACK_PASS_BATCH
+            size = (self._recorder.micro_batch_size if self._recorder is not None else None) or FALLBACK_BATCH_SIZE
         batches = training_set_batches(dataset, size, device)
         if progress is not None and trainer.progress_bar_callback is not None and trainer.is_global_zero:
             from tqdm.auto import tqdm

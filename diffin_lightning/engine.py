@@ -309,9 +309,8 @@ class CapturedStep:
 
     def release_theta(self) -> None:
         # The captured activations and output gradients of the training step (about the size of its
-        # activations) are not needed by the perturbed passes.
+        # activations) are not needed by the perturbed passes; the recorder already cleared the capture.
         self.per_sample = None  # type: ignore[assignment]
-        self.capture.layers.clear()
 
     def _f(self, per_sample: PerSampleDots, point: Params, gradient: Params) -> Tensor:
         """``<G_B, G_i>`` at ``point``: Gram or direct form on the covered layers, the fallback on the rest."""

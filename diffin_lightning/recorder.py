@@ -82,7 +82,6 @@ class InfluenceRecorder:
         self.step_losses: list[Tensor] = []
         self._wrapped_loss = False
         self._in_training_step = False
-        self._known_finite = False  # this step's parameters, .grad and losses were checked together
         self._warned: set[tuple[str, str]] = set()
         if self.use_capture:
             self.record_training_losses()
@@ -151,19 +150,18 @@ class InfluenceRecorder:
         """
         assert self.accumulator is not None
         self._in_training_step = False
-        self.adopt_micro_batch_size(max(1, int(ids.numel()) // max(1, len(batches))))
         self.record.steps_recorded += 1
         self.record.steps_represented += self.settings.every_n_steps
         params = self.loss.parameters()
         # The common case in one host synchronisation: the parameters, the training step's .grad and its
         # per-sample losses all finite (then G_B needs no check of its own below).
-        self._known_finite = (
+        known_finite = (
             gradients is not None
             and self.record.model_nonfinite_step is None
             and all_finite([*params.values(), *gradients.values(), *self.step_losses])
         )
         # Step-level quantities: a non-finite one leaves nothing of this step that can be trusted.
-        if not (self._known_finite or self.check_model_finite(step)) or not math.isfinite(eta):
+        if not (known_finite or self.check_model_finite(step)) or not math.isfinite(eta):
             what = "the model's parameters" if self.record.model_nonfinite_step is not None else f"the learning rate ({eta})"
             for target in self.targets:
                 self.skip_step(target.name, step, what)
@@ -171,7 +169,9 @@ class InfluenceRecorder:
             return
         batch_size = int(ids.numel())
         with other_captures_paused(self.capture):
-            self._record_step(step, eta, batches, ids, params, batch_size, gradients, gradient_to_mean, backprop_scale, forward_context, mixed_precision)
+            self._record_step(
+                step, eta, batches, ids, params, batch_size, gradients, gradient_to_mean, backprop_scale, forward_context, mixed_precision, known_finite
+            )
 
     def _record_step(
         self,
@@ -186,6 +186,7 @@ class InfluenceRecorder:
         backprop_scale: Tensor | float,
         forward_context: ForwardContext,
         mixed_precision: bool,
+        known_finite: bool,
     ) -> None:
         view: StepGradients
         try:
@@ -217,7 +218,7 @@ class InfluenceRecorder:
                 else:
                     view = self._recaptured(params, micro_batches, forward_context, self.unseeded_loss)
                 capture.clear()
-            self._accumulate_step(view, step, eta, params, ids, batch_size)
+            self._accumulate_step(view, step, eta, params, ids, batch_size, known_finite)
         finally:
             self.loss.clear_captures()
             if self.capture is not None:
@@ -273,7 +274,10 @@ class InfluenceRecorder:
         )
         return recomputed
 
-    def _accumulate_step(self, view: StepGradients, step: int, eta: float, params: Params, ids: Tensor, batch_size: int) -> None:
+    def _accumulate_step(
+        self, view: StepGradients, step: int, eta: float, params: Params, ids: Tensor, batch_size: int, known_finite: bool
+    ) -> None:
+        """One step's contributions; ``known_finite``: the parameters, ``.grad`` and the step's losses were found finite together."""
         assert self.accumulator is not None
         settings = self.settings
         device = ids.device
@@ -286,7 +290,7 @@ class InfluenceRecorder:
         if needs_batch_gradient:
             # G_B (and the step's losses) finite, checked before any target sees G_B: the 'train' target folds
             # it into its running average. Already known when G_B is the training step's own .grad.
-            if self._known_finite and isinstance(view, CapturedStep) and view.from_training_step:
+            if known_finite and isinstance(view, CapturedStep) and view.from_training_step:
                 batch_gradient_finite = True
             else:
                 batch_gradient_finite = all_finite([*view.batch_gradient.values(), *(losses or [])])
@@ -393,7 +397,6 @@ class InfluenceRecorder:
         training_set: Callable[[], Iterable[tuple[Any, Tensor]]],
     ) -> None:
         """schedule='checkpoints': score every training sample with this step's batch as the proxy batch."""
-        self.adopt_micro_batch_size(max(1, int(ids.numel()) // max(1, len(batches))))
         with other_captures_paused(self.capture):
             self._record_checkpoint(step, eta, batches, ids, weight, training_set)
 

@@ -258,6 +258,19 @@ def _resolve_directory(path: str | os.PathLike[str]) -> Path:
     return path if path.is_dir() else path.parent
 
 
+def _result_files(path: str | os.PathLike[str], caller: str) -> tuple[Path, Path, Path]:
+    """``(directory, tensor file, metadata file)`` of a result, or an error from ``caller`` naming the missing one."""
+    directory = _resolve_directory(path)
+    tensor_path, metadata_path = directory / TENSOR_FILE, directory / METADATA_FILE
+    for needed in (tensor_path, metadata_path):
+        if not needed.is_file():
+            raise InfluenceFileError(
+                f"{caller}: {needed} does not exist. Pass the directory the callback wrote "
+                f"(its `output_path`), which holds {TENSOR_FILE} and {METADATA_FILE}."
+            )
+    return directory, tensor_path, metadata_path
+
+
 _FIX_PAIR = (
     "Re-export both files together (the callback writes them at the end of fit; or save_influence), "
     "or re-record the run; do not edit either file by hand."
@@ -555,14 +568,7 @@ def load_influence(
             does not match its metadata, or belongs to another data set. The message names
             the file, the field and the fix.
     """
-    directory = _resolve_directory(path)
-    tensor_path, metadata_path = directory / TENSOR_FILE, directory / METADATA_FILE
-    for needed in (tensor_path, metadata_path):
-        if not needed.is_file():
-            raise InfluenceFileError(
-                f"load_influence: {needed} does not exist. Pass the directory the callback wrote "
-                f"(its `output_path`), which holds {TENSOR_FILE} and {METADATA_FILE}."
-            )
+    directory, tensor_path, metadata_path = _result_files(path, "load_influence")
     candidates = [_read_metadata(metadata_path)]
     pending = directory / PENDING_METADATA_FILE
     if pending.is_file():
@@ -600,14 +606,7 @@ def read_one_tensor(path: str | os.PathLike[str], key: str, *, verify_checksum: 
     The values' checks (finite, ``diffin = first_order + second_order``) are
     :func:`load_influence`'s, which reads all components.
     """
-    directory = _resolve_directory(path)
-    tensor_path, metadata_path = directory / TENSOR_FILE, directory / METADATA_FILE
-    for needed in (tensor_path, metadata_path):
-        if not needed.is_file():
-            raise InfluenceFileError(
-                f"read_one_tensor: {needed} does not exist. Pass the directory the callback wrote "
-                f"(its `output_path`), which holds {TENSOR_FILE} and {METADATA_FILE}."
-            )
+    _, tensor_path, metadata_path = _result_files(path, "read_one_tensor")
     metadata = _read_metadata(metadata_path)
     if verify_checksum and file_sha256(tensor_path) != metadata["tensor_sha256"]:
         raise _refuse(

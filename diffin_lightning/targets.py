@@ -29,6 +29,10 @@ from diffin_lightning.per_sample import Params, PerSampleLoss
 
 TargetKind = Literal["dataset", "train", "self"]
 
+# The batch of a pass (over a target or the training set) when neither its setting nor the training
+# micro-batch size is known (a batch sampler without batch_size, a run resumed after its last step).
+FALLBACK_BATCH_SIZE = 256
+
 
 class DatasetTarget:
     """The mean loss over a dataset or a DataLoader's batches.
@@ -114,8 +118,7 @@ class DatasetTarget:
         if distributed.world_size() > 1:
             every = torch.arange(len(self.dataset)) if chosen is None else chosen
             chosen = every[distributed.rank() :: distributed.world_size()]
-        # Set from the training micro-batch size; 256 only where that is unknown (a batch sampler without batch_size).
-        batch_size = self.batch_size or 256
+        batch_size = self.batch_size or FALLBACK_BATCH_SIZE
         tensors = getattr(self.dataset.dataset, "tensors", None)
         if isinstance(tensors, tuple) and len(tensors) == 2:
             # A TensorDataset: index its tensors directly, one batch at a time (no per-sample __getitem__).
@@ -145,9 +148,7 @@ class DatasetTarget:
     def target_gradient(self, loss: PerSampleLoss, params: Params, step: int, device: torch.device, batch_gradient: Params) -> Params:
         """``g_V`` at ``params``, recomputed when due (``batch_gradient`` is unused here)."""
         if self.needs_refresh(step):
-            self.gradient = None  # the old gradient is not held beside the new one (peak memory)
-            self.gradient = self._gradient(loss, params, step, device, whole=False)
-            self.refreshed_at_step = step
+            return self._refresh(loss, params, step, device, whole=False)
         assert self.gradient is not None
         return self.gradient
 
@@ -159,12 +160,10 @@ class DatasetTarget:
         used once, with full weight (the drift correction's ``g_V(theta_T)``), so its noise would
         not average out: one pass over the whole target instead.
         """
-        self.gradient = None
-        self.gradient = self._gradient(loss, params, step, device, whole=True)
-        self.refreshed_at_step = step
-        return self.gradient
+        return self._refresh(loss, params, step, device, whole=True)
 
-    def _gradient(self, loss: PerSampleLoss, params: Params, step: int, device: torch.device, whole: bool) -> Params:
+    def _refresh(self, loss: PerSampleLoss, params: Params, step: int, device: torch.device, whole: bool) -> Params:
+        self.gradient = None  # the old gradient is not held beside the new one (peak memory)
         batches: Iterable[Any]
         if self._cached_batches is not None:
             batches = self._cached_batches
@@ -173,7 +172,9 @@ class DatasetTarget:
             # Only a target used whole at every refresh is cached (a one-off whole pass is not kept).
             if self.cache_on_device and self._is_whole_dataset():
                 batches = self._cached_batches = list(batches)
-        return gradient_of_mean(loss, params, batches, across_ranks=True)
+        self.gradient = gradient_of_mean(loss, params, batches, across_ranks=True)
+        self.refreshed_at_step = step
+        return self.gradient
 
     def state_dict(self) -> dict[str, Any]:
         return {
