@@ -127,7 +127,8 @@ class InfluenceAccumulator:
         else:
             values = list(previous.values())
             torch._foreach_mul_(values, factor.to(values[0].dtype))
-            torch._foreach_add_(values, torch._foreach_mul(gradient, scale))
+            for value, part in zip(values, gradient):
+                value.addcmul_(part, scale)  # fused, in place: no parameter-sized temporary
 
     # ------------------------------------------------------------------ across processes
 

@@ -65,6 +65,13 @@ class StepGradients(Protocol):
         """``(G_B, [<G_B, G_i>]_i)`` at ``theta + shift``."""
         ...
 
+    def perturbed_along(self, shift: ScaledShift, along: ScaledShift) -> tuple[Tensor, Tensor]:
+        """``(<along, G_B>, [<G_B, G_i>]_i)`` at ``theta + shift``.
+
+        What the Diff-In step needs from a perturbed point, without necessarily forming ``G_B`` there.
+        """
+        ...
+
     def release_theta(self) -> None:
         """Nothing more will be asked at ``theta`` except cached values: free what only served them."""
         ...
@@ -168,8 +175,60 @@ class StepCapture:
         )
 
 
+# A shift is formed at most this many elements at a time (beyond a single larger parameter): few
+# kernel launches on a small model, a bounded temporary on a wide one.
+SHIFT_CHUNK_ELEMENTS = 1 << 20
+
+
+@dataclass(frozen=True)
+class ScaledShift:
+    """The shift ``step * direction / norm`` (``step`` and ``norm`` 0-d tensors), formed a few parameters at a time.
+
+    Reads like a parameter dictionary (``shift[name]``, iteration over the names). A
+    parameter-sized copy of the shift is never held: on a wide model every such buffer is a
+    noticeable part of the callback's peak memory. (Divided, then multiplied: the rounding of
+    the unit direction times the step, which the finite differences are sensitive to.)
+    """
+
+    direction: Params
+    norm: Tensor
+    step: Tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.direction)
+
+    def __getitem__(self, name: str) -> Tensor:
+        return (self.direction[name] / self.norm).mul_(self.step)
+
+    def negated(self) -> ScaledShift:
+        return ScaledShift(self.direction, self.norm, -self.step)
+
+    def chunks(self) -> Iterator[tuple[list[str], list[Tensor]]]:
+        """``(names, values)`` of the shift, about :data:`SHIFT_CHUNK_ELEMENTS` at a time."""
+        names: list[str] = []
+        size = 0
+        for name, value in self.direction.items():
+            names.append(name)
+            size += value.numel()
+            if size >= SHIFT_CHUNK_ELEMENTS:
+                yield names, self._values(names)
+                names, size = [], 0
+        if names:
+            yield names, self._values(names)
+
+    def _values(self, names: list[str]) -> list[Tensor]:
+        values = torch._foreach_div([self.direction[name] for name in names], self.norm)
+        torch._foreach_mul_(values, self.step)
+        return values
+
+    def dot(self, other: Params) -> Tensor:
+        """``<shift, other>`` over the shift's names, a 0-d tensor."""
+        parts = [torch.dot(value.reshape(-1), other[name].reshape(-1)) for names, values in self.chunks() for name, value in zip(names, values)]
+        return torch.stack(parts).sum()
+
+
 @contextlib.contextmanager
-def module_moved_to(module: nn.Module, shift: Params | None) -> Iterator[dict[str, Tensor]]:
+def module_moved_to(module: nn.Module, shift: Params | ScaledShift | None) -> Iterator[dict[str, Tensor]]:
     """The module's own parameters moved by ``shift`` in place, and its parameters and buffers restored bit for bit after.
 
     The capture rules read parameters from the modules (attention's rule copies its
@@ -182,8 +241,11 @@ def module_moved_to(module: nn.Module, shift: Params | None) -> Iterator[dict[st
     names = [] if shift is None else list(shift)
     saved = [parameters[name].detach().clone() for name in names]
     try:
-        if names:
-            with torch.no_grad():
+        with torch.no_grad():
+            if isinstance(shift, ScaledShift):
+                for chunk, values in shift.chunks():
+                    torch._foreach_add_([parameters[name] for name in chunk], values)
+            elif names:
                 torch._foreach_add_([parameters[name] for name in names], [shift[name] for name in names])  # type: ignore[index]
         yield parameters
     finally:
@@ -198,36 +260,41 @@ def capture_pass(
     capture: StepCapture,
     loss: PerSampleLoss,
     names: Sequence[str],
-    shift: Params | None,
+    shift: Params | ScaledShift | None,
     micro_batches: Sequence[MicroBatch],
     forward_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
-    summed_gradient: bool = True,
+    summed_gradient: bool | Sequence[str] = True,
 ) -> tuple[Params, PerSampleDots]:
     """One forward and backward of the summed per-sample losses at ``theta + shift`` with the capture on.
 
     Each micro-batch replays its training step's random state (dropout draws its masks). Returns
-    ``(G_sum, per-sample products)`` for the trainable parameters ``names``; the parameters'
-    ``.grad`` is never touched (``torch.autograd.grad``). With ``summed_gradient=False`` the
-    backward stops at the covered layers' outputs (no parameter gradient is computed, ``G_sum``
-    is ``{}``): the products alone, for passes that need nothing else.
+    ``(G_sum, per-sample products)``; the parameters' ``.grad`` is never touched
+    (``torch.autograd.grad``). ``summed_gradient`` says which parameter gradients ``G_sum``
+    holds: all of ``names`` (``True``), none (``False``: the backward stops at the covered
+    layers' outputs, ``G_sum`` is ``{}``, the products alone), or the names given (the other
+    layers' products come from their output gradients, their weight products are skipped).
     """
+    wanted = list(names) if summed_gradient is True else [] if summed_gradient is False else [n for n in names if n in set(summed_gradient)]
     summed: list[Tensor] | None = None
     with module_moved_to(loss.module, shift) as parameters:
-        leaves = [parameters[name] for name in names]
-        device = leaves[0].device
+        leaves = [parameters[name] for name in wanted]
+        device = next(iter(parameters.values())).device
         capture.layers.clear()
         capture.layers.enabled = True
-        capture.layers.keep_outputs = not summed_gradient
+        capture.layers.keep_outputs = len(wanted) < len(names)
         try:
             for mb in micro_batches:
                 with replayed_rng(mb.rng, device), forward_context(), torch.enable_grad():
                     losses = loss.module_values(mb.batch)
-                    if not summed_gradient:
-                        outputs = capture.layers.take_outputs()
+                    # The covered layers' outputs as inputs of the backward fire every capture hook
+                    # even where no parameter gradient below them is asked for.
+                    outputs = capture.layers.take_outputs() if capture.layers.keep_outputs else []
+                    if not leaves:
                         if outputs:
                             torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
                         continue
-                    part = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+                    part = list(torch.autograd.grad(losses.sum(), leaves + outputs, allow_unused=True)[: len(leaves)])
+                    del outputs
                 part = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, part)]
                 if summed is None:
                     summed = list(part)
@@ -239,10 +306,10 @@ def capture_pass(
         # Before the parameters move back: attention's rule keeps a copy of its projections.
         per_sample = capture.layers.per_sample(backprop_scale=1.0)
     capture.layers.clear()
-    if not summed_gradient:
+    if not wanted:
         return {}, per_sample
     assert summed is not None, "capture_pass needs at least one micro-batch"
-    return dict(zip(names, summed)), per_sample
+    return dict(zip(wanted, summed)), per_sample
 
 
 class CapturedStep:
@@ -278,6 +345,8 @@ class CapturedStep:
         self.forward_context = forward_context
         self.self_chunk_size = self_chunk_size
         self._gradient_dots: Tensor | None = None
+        self._gram_form_parameters: set[str] | None = None
+        self._device = next(iter(params.values())).device
         self.from_training_step = False  # set by the recorder when the factors are the training step's own
 
     def _losses_at(self, mb: MicroBatch) -> Callable[[Params], Tensor]:
@@ -310,6 +379,9 @@ class CapturedStep:
     def release_theta(self) -> None:
         # The captured activations and output gradients of the training step (about the size of its
         # activations) are not needed by the perturbed passes; the recorder already cleared the capture.
+        # The perturbed passes see the same shapes: the layers' forms for f_i are decided here.
+        if self.per_sample is not None and self._gram_form_parameters is None:
+            self._gram_form_parameters = self.per_sample.gram_form_parameters()
         self.per_sample = None  # type: ignore[assignment]
 
     def _f(self, per_sample: PerSampleDots, point: Params, gradient: Params) -> Tensor:
@@ -353,6 +425,27 @@ class CapturedStep:
         torch._foreach_div_(list(summed.values()), float(self.batch_size))  # the mean, in place (no copy)
         gradient = distributed.mean_over_ranks(summed)  # the global batch's, like .grad
         return gradient, self._f(per_sample, point, gradient)
+
+    def perturbed_along(self, shift: ScaledShift, along: ScaledShift) -> tuple[Tensor, Tensor]:
+        if self.capture.uncovered or distributed.world_size() > 1:
+            # The fallback reads G_B at the point as a direction, and under DDP f_i needs the global
+            # batch's G_B: both need the parameter gradient itself.
+            gradient, f = self.perturbed({name: value for names, values in shift.chunks() for name, value in zip(names, values)})
+            return along.dot(gradient), f
+        # Every parameter is covered. The layers whose f_i is taken in the Gram form never read G_B:
+        # their backward stops at their outputs (no weight gradient, no buffer of their size) and
+        # their share of <along, G_B> is the sum of their per-sample products. The others (a
+        # convolution's G_B is cheaper from autograd than from its unfolded inputs) get their gradient.
+        gram = self._gram_form_parameters or set()
+        needed = [name for name in self.params if name not in gram]
+        summed, per_sample = capture_pass(
+            self.capture, self.loss, list(self.params), shift, self.micro_batches, self.forward_context, summed_gradient=needed
+        )
+        along_dots = ScaledShift({n: along.direction[n] for n in summed}, along.norm, along.step).dot(summed) if summed else torch.zeros((), device=self._device)
+        if gram:
+            along_dots = along_dots + per_sample.dots([along], only=gram)[0].sum()  # type: ignore[list-item]
+        f = per_sample.gradient_dots(gradient=summed) if summed else per_sample.gradient_dots()
+        return along_dots / self.batch_size, f / self.batch_size
 
 
 class RecomputedStep:
@@ -398,8 +491,13 @@ class RecomputedStep:
         gradient = distributed.mean_over_ranks(self.loss.batch_gradient(point, self.batches, self.batch_size))
         return gradient, self.loss.dots(point, self.batches, gradient)
 
+    def perturbed_along(self, shift: ScaledShift, along: ScaledShift) -> tuple[Tensor, Tensor]:
+        gradient, f = self.perturbed({name: value for names, values in shift.chunks() for name, value in zip(names, values)})
+        return along.dot(gradient), f
+
 
 # ---------------------------------------------------------------------- checks
+
 
 
 def relative_difference(a: Params, b: Params) -> float:

@@ -59,8 +59,8 @@ def add_scaled(params: Params, direction: Params, scale: float) -> Params:
 
 
 def dot(a: Params, b: Params) -> Tensor:
-    """The inner product of two parameter-shaped dictionaries, as a 0-d tensor."""
-    return torch.stack([torch.sum(a[name] * b[name]) for name in a]).sum()
+    """The inner product of two parameter-shaped dictionaries over ``a``'s names, as a 0-d tensor (no parameter-sized temporary)."""
+    return torch.stack([torch.dot(a[name].reshape(-1), b[name].reshape(-1)) for name in a]).sum()
 
 
 def norm(params: Params) -> Tensor:

@@ -168,18 +168,66 @@ def test_products_only_capture_pass_computes_no_parameter_gradient_and_equal_pro
     capture.remove()
 
 
+@pytest.mark.parametrize("covered", [True, False])
+def test_perturbed_pass_skips_the_gram_form_layers_parameter_gradients_and_equals_the_recomputed_one(covered):
+    """The perturbed pass computes no parameter gradient for the layers whose f_i is in the Gram form; (<s, G_B>, f_i) unchanged.
+
+    Wide layers at a small batch take the Gram form, the narrow head the direct one (it reads G_B).
+    With a layer outside the rules (a bare parameter) the pass needs every parameter gradient.
+    """
+    from diffin_lightning.engine import CapturedStep, MicroBatch, RecomputedStep, ScaledShift, StepCapture, capture_pass
+    from diffin_lightning.per_sample import PerSampleLoss
+
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.linspace(0.5, 1.5, 48))
+
+        def forward(self, x):
+            return x * self.weight
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(32, 48), nn.Tanh(), nn.Linear(48, 48), nn.LayerNorm(48)] + ([] if covered else [Scale()]) + [nn.Linear(48, 3)]
+    model = nn.Sequential(*layers).double()
+    inputs, labels = torch.randn(3, 32, dtype=torch.float64), torch.randint(0, 3, (3,))
+    loss = PerSampleLoss(model, lambda module, batch: nn.functional.cross_entropy(module(batch[0]), batch[1], reduction="none"), seed=None)
+    names = [name for name, _ in model.named_parameters()]
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    capture = StepCapture(model, names)
+    assert bool(capture.uncovered) != covered
+    micro_batches = [MicroBatch((inputs, labels), 3)]
+    gradient, per_sample = capture_pass(capture, loss, names, None, micro_batches)
+    gradient = {name: value / 3 for name, value in gradient.items()}
+    gram = per_sample.gram_form_parameters()
+    assert "0.weight" in gram and f"{len(layers) - 1}.weight" not in gram  # the wide first layer: Gram; the head: direct
+    direction = {name: torch.randn_like(p) for name, p in params.items()}
+    shift = ScaledShift(direction, torch.tensor(2.0, dtype=torch.float64), torch.tensor(1e-3, dtype=torch.float64))
+    step = CapturedStep(capture, loss, params, micro_batches, per_sample, gradient)
+    step.release_theta()
+    computed: list[str] = []
+    for name, parameter in model.named_parameters():
+        parameter.register_hook(lambda grad, name=name: computed.append(name))
+    captured = step.perturbed_along(shift, shift.negated())
+    assert set(computed) == (set(names) - gram if covered else set(names)), computed
+    recomputed = RecomputedStep(loss, params, [(inputs, labels)], 3).perturbed_along(shift, shift.negated())
+    for mine, reference in zip(captured, recomputed):
+        torch.testing.assert_close(mine, reference, rtol=1e-10, atol=1e-14)
+    assert all(torch.equal(p, params[name]) for name, p in model.named_parameters())  # moved back bit for bit
+    capture.remove()
+
+
 def test_perturbed_passes_run_after_the_steps_captured_factors_are_let_go(tmp_path, tiny_data, monkeypatch):
     """Peak memory: the training step's captured activations and output gradients are not held during a perturbed pass."""
     from diffin_lightning.engine import CapturedStep
 
-    original = CapturedStep.perturbed
+    original = CapturedStep.perturbed_along
     held = []
 
-    def perturbed(self, shift):
+    def perturbed_along(self, *args):
         held.append(self.per_sample is not None)
-        return original(self, shift)
+        return original(self, *args)
 
-    monkeypatch.setattr(CapturedStep, "perturbed", perturbed)
+    monkeypatch.setattr(CapturedStep, "perturbed_along", perturbed_along)
     for scheme in ("forward", "central"):
         callback = DiffInCallback(targets={"val": tiny_data.val, "train": "train", "self": "self"}, finite_difference=scheme)
         trainer(default_root_dir=tmp_path / scheme, max_epochs=1, callbacks=[callback]).fit(TinyClassifier().double(), tiny_data.loader())

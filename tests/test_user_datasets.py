@@ -44,9 +44,12 @@ def test_a_target_whose_items_carry_an_index_is_accepted_as_dataset_and_as_datal
     as_dataset = _fit(tmp_path / "a", loader(), targets={"val": val}).influence["val"]
     as_loader = _fit(tmp_path / "b", loader(), targets={"val": DataLoader(val, batch_size=256)}).influence["val"]
     plain = _fit(tmp_path / "c", loader(), targets={"val": tiny_data.val}).influence["val"]  # (x, y) pairs
-    for component in ("first_order", "second_order", "diffin"):
-        assert torch.allclose(getattr(as_dataset, component), getattr(as_loader, component), rtol=1e-12, atol=1e-15)
-        assert torch.allclose(getattr(as_dataset, component), getattr(plain, component), rtol=1e-12, atol=1e-15)
+    # The DataLoader sums g_V over one batch of 6, the dataset over the micro-batch size (4 + 2): the
+    # two g_V differ in the last bit, and the second order's curvature, a finite difference along g_V
+    # (<eps u, G_B(theta + eps u)> - <eps u, G_B(theta)>, over eps^2), magnifies that by about 1/eps.
+    for component, rtol in (("first_order", 1e-12), ("second_order", 1e-8), ("diffin", 1e-8)):
+        assert torch.allclose(getattr(as_dataset, component), getattr(as_loader, component), rtol=rtol, atol=1e-15)
+        assert torch.allclose(getattr(as_dataset, component), getattr(plain, component), rtol=rtol, atol=1e-15)
     assert as_dataset.first_order.abs().sum() > 0
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -19,6 +19,24 @@ def _overlap(a: slice | None, b: slice | None) -> bool:
     if a is None or b is None:
         return True
     return a.start < b.stop and b.start < a.stop
+
+
+class _StackedDirections(Mapping[str, Tensor]):
+    """D directions as ``[D, *shape]`` per parameter, stacked when a layer reads it (one direction: a view)."""
+
+    def __init__(self, directions: Sequence[Mapping[str, Tensor]], names: set[str]) -> None:
+        self.directions, self.names = directions, names
+
+    def __getitem__(self, name: str) -> Tensor:
+        if len(self.directions) == 1:
+            return self.directions[0][name].unsqueeze(0)
+        return torch.stack([direction[name] for direction in self.directions])
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 class PerSampleDots:
@@ -50,7 +68,9 @@ class PerSampleDots:
         self.parameter_names = tuple(parameter_names)
         self.max_materialised_elements = max_materialised_elements
         self._tied = self._tied_keys()
-        self._summed: dict[str, Tensor] | None = None
+        # G_sum per parameter, built on demand for the layers whose form reads it (never all of them
+        # at once unless asked: a parameter-sized dictionary is the callback's memory on a wide model).
+        self._summed: dict[str, Tensor] = {}
         # Per-sample gradients a layer materialised once serve every later quantity for free.
         self._materialised: dict[tuple[int, Hashable], dict[str, Tensor]] = {}
 
@@ -107,16 +127,26 @@ class PerSampleDots:
                 return block.reference.new_zeros(shape)
         return torch.zeros(shape)
 
-    def summed_gradient(self) -> dict[str, Tensor]:
-        """``G_sum = sum_i G_i`` over every captured sample, per covered parameter that a layer reached."""
-        if self._summed is None:
-            total: dict[str, Tensor] = {}
+    def summed_gradient(self, names: Iterable[str] | None = None) -> dict[str, Tensor]:
+        """``G_sum = sum_i G_i`` over every captured sample, per covered parameter that a layer reached.
+
+        With ``names``, only those parameters (each built once and cached).
+        """
+        reached = {name for blocks in self.passes for block in blocks for name in block.slices}
+        wanted = reached if names is None else set(names) & reached
+        missing = wanted - set(self._summed)
+        if missing:
             for blocks in self.passes:
                 for block in blocks:
+                    if missing.isdisjoint(block.slices):
+                        continue
                     for name, value in block.summed_gradient().items():
-                        total[name] = total[name] + value if name in total else value
-            self._summed = total
-        return self._summed
+                        if name in missing:
+                            self._summed[name] = self._summed[name] + value if name in self._summed else value
+        return {name: self._summed[name] for name in wanted}
+
+    def _has_summed(self, block: LayerFactors) -> bool:
+        return all(name in self._summed for name in block.slices)
 
     def _dots_costs(self, index: int, block: LayerFactors, count: int) -> Callable[[Form], float]:
         def costs(form: Form) -> float:
@@ -125,18 +155,23 @@ class PerSampleDots:
 
         return costs
 
-    def dots(self, directions: Sequence[Mapping[str, Tensor]], form: Literal["direct", "materialised"] | None = None) -> Tensor:
+    def dots(
+        self, directions: Sequence[Mapping[str, Tensor]], form: Literal["direct", "materialised"] | None = None, only: set[str] | None = None
+    ) -> Tensor:
         """``[<V_d, G_i>]`` as ``Tensor[D, B_total]``.
 
         Args:
             directions: D parameter-shaped dictionaries; each must hold every covered
                 parameter (extra entries, such as uncovered parameters, are ignored).
             form: force ``"direct"`` or ``"materialised"`` for every layer that has it.
+            only: restrict ``G_i`` to the layers all of whose parameters are in this set
+                (the directions then need only those).
         """
         if form not in (None, "direct", "materialised"):
             raise ValueError(f"`form` must be None, 'direct' or 'materialised' for dots; got {form!r}.")
         count = len(directions)
-        needed = {name for blocks in self.passes for block in blocks for name in block.slices}
+        included = [[block for block in blocks if only is None or set(block.slices) <= only] for blocks in self.passes]
+        needed = {name for blocks in included for block in blocks for name in block.slices}
         for index, direction in enumerate(directions):
             missing = sorted(needed - set(direction))
             if missing:
@@ -144,12 +179,11 @@ class PerSampleDots:
                     f"`directions[{index}]` must hold every covered parameter; missing {missing[:5]}{' ...' if len(missing) > 5 else ''}. "
                     "Fix: pass full parameter dictionaries (zeros where the direction has no component)."
                 )
-        # One direction (the common case) is a view, not a parameter-sized copy per step.
-        stacked = {
-            name: directions[0][name].unsqueeze(0) if count == 1 else torch.stack([direction[name] for direction in directions]) for name in needed
-        }
+        # The directions are stacked one layer at a time, as each layer reads them (one direction: a
+        # view, or a lazily formed direction's temporary): never D parameter-sized copies at once.
+        stacked = _StackedDirections(directions, needed)
         out = []
-        for index, (blocks, size) in enumerate(zip(self.passes, self.batch_sizes)):
+        for index, (blocks, size) in enumerate(zip(included, self.batch_sizes)):
             total = self._zeros(count, size)
             for block in blocks:
                 chosen = self._pick(block, ("direct", "materialised"), self._dots_costs(index, block, count), form)
@@ -168,13 +202,8 @@ class PerSampleDots:
         factors' sum otherwise.
         """
         summed = dict(gradient) if gradient is not None else None
-
-        def summed_parameters() -> dict[str, Tensor]:
-            return {name: value.unsqueeze(0) for name, value in (summed if summed is not None else self.summed_gradient()).items()}
-
         by_key = [{block.key: block for block in blocks} for blocks in self.passes]
         out = []
-        cached: dict[str, Tensor] | None = None
         for index, (blocks, size) in enumerate(zip(self.passes, self.batch_sizes)):
             total = self._zeros(size)
             for block in blocks:
@@ -186,21 +215,37 @@ class PerSampleDots:
                     if f == "gram":
                         return sum(b.cost("gram", "gram", other=p) for p in partners)
                     # G_sum itself costs one direct pass over the factors unless the caller gave it.
-                    build = 0.0 if summed is not None or self._summed is not None else b.cost("dots", "direct", 1)
+                    given = summed is not None and all(n in summed for n in b.slices)
+                    build = 0.0 if given or self._has_summed(b) else b.cost("dots", "direct", 1)
                     return build + dots_costs(f)
 
                 chosen = self._pick(block, allowed, costs, form if form in allowed else None)
                 if chosen == "gram":
                     part = sum(block.gram(partner).sum(dim=1) for partner in partners)
                 else:
-                    if cached is None:
-                        cached = summed_parameters()
-                    part = (block.dots(cached) if chosen == "direct" else self._materialised_dots(index, block, cached))[0]
-                    if summed is not None and gradient_scale != 1.0:
+                    # This layer's parameters only: G_sum is built layer by layer, as the forms need it.
+                    given = summed is not None and all(n in summed for n in block.slices)
+                    source = {n: summed[n] for n in block.slices} if given else self.summed_gradient(block.slices)  # type: ignore[index]
+                    direction = {name: value.unsqueeze(0) for name, value in source.items()}
+                    part = (block.dots(direction) if chosen == "direct" else self._materialised_dots(index, block, direction))[0]
+                    if given and gradient_scale != 1.0:
                         part = part * gradient_scale
                 total = total + part
             out.append(total)
         return torch.cat(out) if out else self._zeros(0)
+
+    def gram_form_parameters(self) -> set[str]:
+        """The parameters whose every layer block takes ``<G_sum, G_i>`` in the Gram form when ``G_sum`` is given.
+
+        Those layers never read ``G_sum``: a pass that needs only ``<G_sum, G_i>`` can skip their
+        parameter gradients.
+        """
+        gram: set[str] = set()
+        other: set[str] = set()
+        for key, chosen, _ in self.plan("gradient_dots", gradient_given=True):
+            block = next(b for b in self.passes[0] if b.key == key)
+            (gram if chosen == "gram" else other).update(block.slices)
+        return gram - other
 
     def squared_norms(self, form: Literal["gram", "materialised"] | None = None) -> Tensor:
         """``[|G_i|^2]`` as ``Tensor[B_total]`` (the Gram form's diagonal or materialised gradients)."""
@@ -277,7 +322,9 @@ class PerSampleDots:
                 total = total + stacked @ stacked.T
         return total
 
-    def plan(self, quantity: Literal["dots", "gradient_dots", "squared_norms"], directions: int = 1) -> list[tuple[Hashable, Form, float]]:
+    def plan(
+        self, quantity: Literal["dots", "gradient_dots", "squared_norms"], directions: int = 1, gradient_given: bool = False
+    ) -> list[tuple[Hashable, Form, float]]:
         """The form the cost model picks per layer block of the first micro-batch, with its estimated multiply-adds."""
         rows = []
         blocks = self.passes[0] if self.passes else []
@@ -289,7 +336,7 @@ class PerSampleDots:
             elif quantity == "gradient_dots":
                 allowed = ("direct", "materialised") if block.key in self._tied else ("direct", "gram", "materialised")
                 partners = [p for ps in self.passes for p in ps if p.key == block.key]
-                build = 0.0 if self._summed is not None else block.cost("dots", "direct", 1)
+                build = 0.0 if gradient_given or self._has_summed(block) else block.cost("dots", "direct", 1)
                 costs = lambda f, b=block, partners=partners, dots_costs=dots_costs, build=build: (
                     sum(b.cost("gram", "gram", other=p) for p in partners) if f == "gram" else build + dots_costs(f)
                 )
