@@ -289,12 +289,15 @@ def capture_pass(
                     # The covered layers' outputs as inputs of the backward fire every capture hook
                     # even where no parameter gradient below them is asked for.
                     outputs = capture.layers.take_outputs() if capture.layers.keep_outputs else []
+                    if leaves:
+                        part = list(torch.autograd.grad(losses.sum(), leaves + outputs, allow_unused=True)[: len(leaves)])
+                    elif outputs:
+                        torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+                    # The layers' outputs and the losses (the graph's root) go now, not after the
+                    # factors are built: held, they keep every layer's output alive (peak memory).
+                    del outputs, losses
                     if not leaves:
-                        if outputs:
-                            torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
                         continue
-                    part = list(torch.autograd.grad(losses.sum(), leaves + outputs, allow_unused=True)[: len(leaves)])
-                    del outputs
                 part = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, part)]
                 if summed is None:
                     summed = list(part)

@@ -285,7 +285,9 @@ class LayerCapture:
                 if all(backprop is None for backprop in call.backprops):
                     continue
                 entry = self._covered[call.module_name]
-                backprops = [None if b is None else b * scale for b in call.backprops]
+                # (A scale of exactly 1, as in every extra pass, copies nothing: a copy of every output gradient.)
+                unscaled = isinstance(scale, (int, float)) and scale == 1
+                backprops = [None if b is None else b if unscaled else b * scale for b in call.backprops]
                 for factors in entry.rule.factors(entry.module, call.module_name, call.activations, backprops, entry.names):
                     by_key.setdefault(factors.key, []).append(factors)
             blocks = [items[0].merge(items[1:]) if len(items) > 1 else items[0] for items in by_key.values()]
