@@ -500,6 +500,7 @@ class InfluenceRecorder:
                     params, [MicroBatch(batch, int(ids.numel()))], contextlib.nullcontext, loss, across_ranks=False, products_only=True
                 )
                 dots = view.dots(directions)  # all directions through one matrix product per layer
+                del view  # this batch's factors go before the next batch's pass, not after it (peak memory)
             else:
                 dots = torch.stack([loss.dots(params, [batch], direction) for direction in directions])
             for k, name in enumerate(names):
