@@ -6,7 +6,9 @@ at the parameters ``theta`` it starts from:
 - the batch gradient ``G_B``;
 - ``<v, G_i>`` for a few directions ``v`` (the target gradients);
 - ``<G_B, G_i>`` (``f_i``, whose finite difference is the Diff-In bracket) and ``|G_i|^2``;
-- the same ``G_B`` and ``f_i`` at a perturbed point ``theta + eps u``.
+- at a perturbed point ``theta + eps u``: ``f_i`` and ``<eps u, G_B>`` (the curvature along ``u``).
+  Where every parameter is covered, that pass computes no parameter gradient for the layers
+  whose ``f_i`` is in the Gram form and holds no parameter-sized buffer for the shift or ``G_B``.
 
 :class:`CapturedStep` reads them from layer factors captured by :mod:`diffin_lightning.dots`
 (each covered layer's inputs and output gradients; per layer the cheapest of the direct,
