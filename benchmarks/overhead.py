@@ -461,8 +461,10 @@ def timed_parts(device: str) -> Iterator[dict[str, float]]:
     wrap(callback.DiffInCallback, "on_train_batch_start", "bookkeeping (hooks, ids, checks, accumulation)")
     wrap(callback.DiffInCallback, "on_before_optimizer_step", "bookkeeping (hooks, ids, checks, accumulation)")
     wrap(targets.DatasetTarget, "target_gradient", "target gradient")
-    wrap(engine.CapturedStep, "perturbed", "perturbed pass (forward+backward at theta + eps u, and its f_i)")
-    wrap(engine.RecomputedStep, "perturbed", "perturbed pass (forward+backward at theta + eps u, and its f_i)")
+    # The in-run step calls perturbed_along (which may call perturbed: nested time stays under the same part).
+    for method in ("perturbed_along", "perturbed"):
+        wrap(engine.CapturedStep, method, "perturbed pass (forward+backward at theta + eps u, and its f_i)")
+        wrap(engine.RecomputedStep, method, "perturbed pass (forward+backward at theta + eps u, and its f_i)")
     wrap(engine.CapturedStep, "dots", "per-sample dot products at theta")
     wrap(engine.CapturedStep, "gradient_dots", "f_i = <G_B, G_i> at theta")
     wrap(engine.RecomputedStep, "dots", "per-sample dot products at theta")
