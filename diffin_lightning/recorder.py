@@ -206,7 +206,8 @@ class InfluenceRecorder:
                     reuse = distributed.sum_scalars_over_ranks([float(reuse)])[0] == distributed.world_size()
                 if reuse:
                     assert gradients is not None
-                    per_sample = capture.layers.per_sample(backprop_scale=backprop_scale)
+                    # In place: the capture is cleared as soon as the view is built (no copy of every output gradient).
+                    per_sample = capture.layers.per_sample(backprop_scale=backprop_scale, in_place=True)
                     if gradient_to_mean != 1.0:
                         gradients = dict(zip(gradients, torch._foreach_mul(list(gradients.values()), gradient_to_mean)))
                     view = CapturedStep(

@@ -321,3 +321,36 @@ def test_captures_are_freed_by_reference_counting_not_left_to_the_garbage_collec
             gc.enable()
         capture.remove()
     assert alive == 0
+
+
+class _Residual(nn.Module):
+    """Two covered layers whose outputs are added: autograd hands both one gradient tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second, self.head = nn.Linear(5, 4), nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.first(x) + self.second(x)))
+
+
+def test_in_place_scaling_scales_a_shared_gradient_once_and_never_another_captures():
+    torch.manual_seed(0)
+    model = _Residual().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    mine, other = LayerCapture(model), LayerCapture(model)  # two callbacks on one model see the same gradients
+    with mine.recording(), other.recording():
+        F.cross_entropy(model(x), y).backward()
+    first_call, second_call = (next(c for c in mine._passes[0].calls if c.module_name == n) for n in ("first", "second"))
+    assert first_call.backprops[0].untyped_storage().data_ptr() == second_call.backprops[0].untyped_storage().data_ptr()
+    direction = {name: torch.randn_like(p) for name, p in model.named_parameters()}
+    expected = other.per_sample(backprop_scale=6.0).dots([direction])  # copies: other's capture stays readable
+    scaled = mine.per_sample(backprop_scale=6.0, in_place=True).dots([direction])
+    torch.testing.assert_close(scaled, expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(other.per_sample(backprop_scale=6.0).dots([direction]), expected, rtol=1e-12, atol=1e-14)
+    names = [name for name, _ in model.named_parameters()]
+    reference = per_sample_gradients_by_loop(model, lambda ids: F.cross_entropy(model(x[ids]), y[ids], reduction="none"), torch.arange(6), names)
+    exact = torch.stack([sum((direction[n] * reference[n][i]).sum() for n in direction) for i in range(6)])
+    torch.testing.assert_close(expected[0], exact, **TOLERANCE)
+    mine.remove(), other.remove()
+    assert not any(LayerCapture._holders[b.untyped_storage().data_ptr()] for b in first_call.backprops if b is not None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import functools
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -217,12 +219,28 @@ class LayerCapture:
         outputs, self._outputs = self._outputs, []
         return outputs
 
+    # How many captured output gradients, over every LayerCapture alive, hold each storage (by address):
+    # autograd hands the same gradient to every capture hooked on a layer (two callbacks on one model),
+    # and per_sample(in_place=True) may scale a gradient's memory only where nothing else holds it.
+    _holders: collections.Counter[int] = collections.Counter()
+
     @staticmethod
     def _on_backward(current: _Pass, call: _Call, index: int, gradient: Tensor) -> None:
         gradient = gradient.detach()
         previous = call.backprops[index]
-        call.backprops[index] = gradient if previous is None else previous + gradient
+        stored = gradient if previous is None else previous + gradient
+        if previous is not None:
+            LayerCapture._release(previous)
+        LayerCapture._holders[stored.untyped_storage().data_ptr()] += 1
+        call.backprops[index] = stored
         current.received = True
+
+    @staticmethod
+    def _release(tensor: Tensor) -> None:
+        address = tensor.untyped_storage().data_ptr()
+        LayerCapture._holders[address] -= 1
+        if LayerCapture._holders[address] <= 0:
+            del LayerCapture._holders[address]
 
     @contextmanager
     def recording(self) -> Iterator[LayerCapture]:
@@ -236,6 +254,11 @@ class LayerCapture:
 
     def clear(self) -> None:
         """Forget every captured call (frees the activations)."""
+        for current in self._passes:
+            for call in current.calls:
+                for backprop in call.backprops:
+                    if backprop is not None:
+                        LayerCapture._release(backprop)
         self._passes = []
         self._outputs = []
 
@@ -253,7 +276,7 @@ class LayerCapture:
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
-    def per_sample(self, backprop_scale: float | Tensor | Sequence[float | Tensor] = 1.0) -> PerSampleDots:
+    def per_sample(self, backprop_scale: float | Tensor | Sequence[float | Tensor] = 1.0, in_place: bool = False) -> PerSampleDots:
         """Per-sample products over the captured step.
 
         Call it before the optimizer changes the parameters (attention's rule recomputes its
@@ -267,6 +290,10 @@ class LayerCapture:
                 under AMP's loss scaling (a float or a 0-d tensor, kept on the device); or one
                 such factor per captured micro-batch (in order) when they differ, for example a
                 smaller last micro-batch under a mean loss.
+            in_place: scale the captured output gradients themselves instead of copies (one copy of
+                every output gradient less at the peak); the capture must then not be read again
+                (clear it). A gradient whose memory another captured one shares, or that is not
+                contiguous, is still copied.
         """
         received = [current for current in self._passes if current.received]  # a forward no backward reached has nothing to attribute
         if isinstance(backprop_scale, (list, tuple)):
@@ -281,13 +308,24 @@ class LayerCapture:
         passes, sizes = [], []
         for current, scale in zip(received, scales):
             by_key: dict[Any, list] = {}
+            # (A scale of exactly 1, as in every extra pass, copies nothing: a copy of every output gradient.)
+            unscaled = isinstance(scale, (int, float)) and scale == 1
+            # In place only where this capture's one reference is the only one: autograd hands one gradient
+            # to several layers where outputs are added (a residual), and to every capture hooked on a
+            # layer; a parameter's .grad is never scaled, should autograd have handed it one of these.
+            grads = {p.grad.untyped_storage().data_ptr() for p in self.module.parameters() if p.grad is not None} if in_place else set()
+
+            def scaled(b: Tensor, scale: float | Tensor = scale) -> Tensor:
+                address = b.untyped_storage().data_ptr()
+                if in_place and b.is_contiguous() and LayerCapture._holders[address] == 1 and address not in grads:
+                    return b.mul_(scale)
+                return b * scale
+
             for call in current.calls:
                 if all(backprop is None for backprop in call.backprops):
                     continue
                 entry = self._covered[call.module_name]
-                # (A scale of exactly 1, as in every extra pass, copies nothing: a copy of every output gradient.)
-                unscaled = isinstance(scale, (int, float)) and scale == 1
-                backprops = [None if b is None else b if unscaled else b * scale for b in call.backprops]
+                backprops = [None if b is None else b if unscaled else scaled(b) for b in call.backprops]
                 for factors in entry.rule.factors(entry.module, call.module_name, call.activations, backprops, entry.names):
                     by_key.setdefault(factors.key, []).append(factors)
             blocks = [items[0].merge(items[1:]) if len(items) > 1 else items[0] for items in by_key.values()]
