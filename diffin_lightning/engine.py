@@ -74,8 +74,12 @@ class StepGradients(Protocol):
         """
         ...
 
-    def release_theta(self) -> None:
-        """Nothing more will be asked at ``theta`` except cached values: free what only served them."""
+    def release_theta(self, perturbed_passes_follow: bool = True) -> None:
+        """Nothing more will be asked at ``theta`` except cached values: free what only served them.
+
+        ``perturbed_passes_follow``: whether :meth:`perturbed_along` will be asked (what it needs
+        from ``theta`` is kept; a first-order step skips preparing it).
+        """
         ...
 
 
@@ -381,11 +385,12 @@ class CapturedStep:
             self._gradient_dots = self._f(self.per_sample, self.params, self.batch_gradient)
         return self._gradient_dots
 
-    def release_theta(self) -> None:
+    def release_theta(self, perturbed_passes_follow: bool = True) -> None:
         # The captured activations and output gradients of the training step (about the size of its
         # activations) are not needed by the perturbed passes; the recorder already cleared the capture.
-        # The perturbed passes see the same shapes: the layers' forms for f_i are decided here.
-        if self.per_sample is not None and self._gram_form_parameters is None:
+        # The perturbed passes see the same shapes: the layers' forms for f_i are decided here (the cost
+        # model over every layer: 0.5 ms a step on the CNN, a tenth of its training step, so only when asked).
+        if perturbed_passes_follow and self.per_sample is not None and self._gram_form_parameters is None:
             self._gram_form_parameters = self.per_sample.gram_form_parameters()
         self.per_sample = None  # type: ignore[assignment]
 
@@ -488,7 +493,7 @@ class RecomputedStep:
     def squared_norms(self) -> Tensor:
         return self.loss.squared_gradient_norms(self.params, self.batches, self.self_chunk_size)
 
-    def release_theta(self) -> None:
+    def release_theta(self, perturbed_passes_follow: bool = True) -> None:
         return None
 
     def perturbed(self, shift: Params) -> tuple[Params, Tensor]:

@@ -121,7 +121,7 @@ def in_run_step(
         view.gradient_dots()  # f_i(theta), cached, before the perturbed passes ...
     # ... so that everything read at theta is read by now, and the view can let the step's captured
     # factors go: a perturbed pass then never holds them beside its own (peak memory).
-    view.release_theta()
+    view.release_theta(perturbed_passes_follow=bool(names) and compute_second_order)
     for name in names:
         gradient = target_gradients[name]
         assert dots is not None and gradient is not None

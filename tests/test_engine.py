@@ -232,3 +232,17 @@ def test_perturbed_passes_run_after_the_steps_captured_factors_are_let_go(tmp_pa
         callback = DiffInCallback(targets={"val": tiny_data.val, "train": "train", "self": "self"}, finite_difference=scheme)
         trainer(default_root_dir=tmp_path / scheme, max_epochs=1, callbacks=[callback]).fit(TinyClassifier().double(), tiny_data.loader())
     assert held and not any(held)
+
+
+def test_only_steps_with_a_perturbed_pass_plan_it(tmp_path, tiny_data, monkeypatch):
+    """The per-layer cost model for the perturbed pass runs only where one follows (first order: never)."""
+    from diffin_lightning.dots.per_sample_dots import PerSampleDots
+
+    original = PerSampleDots.gram_form_parameters
+    calls = []
+    monkeypatch.setattr(PerSampleDots, "gram_form_parameters", lambda self: calls.append(1) or original(self))
+    for second_order in (False, True):
+        calls.clear()
+        callback = DiffInCallback(targets={"val": tiny_data.val}, compute_second_order=second_order)
+        trainer(default_root_dir=tmp_path / str(second_order), max_epochs=1, callbacks=[callback]).fit(TinyClassifier().double(), tiny_data.loader())
+        assert bool(calls) == second_order, (second_order, len(calls))
