@@ -78,7 +78,7 @@ def test_opacus_grad_samples_are_cleared_each_step_as_dp_optimizer_does() -> Non
     assert all(isinstance(p.grad_sample, torch.Tensor) and p.grad_sample.shape[0] == 16 for p in cleared.parameters())
 
 
-def test_the_breakdown_times_every_part_of_a_diffin_step() -> None:
+def test_the_breakdown_times_every_part_of_a_diffin_step(tmp_path) -> None:
     # The parts are timed by wrapping the engine's methods: a method the step no longer calls would
     # silently move its time into "bookkeeping" (the perturbed pass did once, when the step moved to
     # perturbed_along).
@@ -88,7 +88,7 @@ def test_the_breakdown_times_every_part_of_a_diffin_step() -> None:
     torch.manual_seed(0)
     data = SyntheticDataModule(num_samples=64, dim=8, num_classes=3, batch_size=16)
     model = MLPClassifier(**data.model_kwargs(), hidden_dims=(16,))
-    callback = DiffInCallback(targets={"val": data.val_dataset}, output_dir=None)
+    callback = DiffInCallback(targets={"val": data.val_dataset}, output_dir=tmp_path)
     with timed_parts("cpu") as parts:
         _trainer("cpu", 2, [callback]).fit(model, datamodule=data)
     for part in ("perturbed pass", "per-sample dot products at theta", "f_i = <G_B, G_i> at theta", "target gradient", "end-of-fit pass"):
