@@ -209,11 +209,14 @@ class ScaledShift:
     def negated(self) -> ScaledShift:
         return ScaledShift(self.direction, self.norm, -self.step)
 
-    def chunks(self) -> Iterator[tuple[list[str], list[Tensor]]]:
-        """``(names, values)`` of the shift, about :data:`SHIFT_CHUNK_ELEMENTS` at a time."""
+    def chunks(self, only: Iterable[str] | None = None) -> Iterator[tuple[list[str], list[Tensor]]]:
+        """``(names, values)`` of the shift (or of its parameters in ``only``), about :data:`SHIFT_CHUNK_ELEMENTS` at a time."""
+        wanted = None if only is None else set(only)
         names: list[str] = []
         size = 0
         for name, value in self.direction.items():
+            if wanted is not None and name not in wanted:
+                continue
             names.append(name)
             size += value.numel()
             if size >= SHIFT_CHUNK_ELEMENTS:
@@ -227,10 +230,14 @@ class ScaledShift:
         torch._foreach_mul_(values, self.step)
         return values
 
+    def materialised(self) -> Params:
+        """The whole shift as a parameter dictionary (for the passes that need it as one)."""
+        return {name: value for names, values in self.chunks() for name, value in zip(names, values)}
+
     def dot(self, other: Params) -> Tensor:
-        """``<shift, other>`` over the shift's names, a 0-d tensor."""
-        parts = [torch.dot(value.reshape(-1), other[name].reshape(-1)) for names, values in self.chunks() for name, value in zip(names, values)]
-        return torch.stack(parts).sum()
+        """``<shift, other>`` over ``other``'s names (a subset of the shift's), a 0-d tensor; zero for none."""
+        parts = [torch.dot(value.reshape(-1), other[name].reshape(-1)) for names, values in self.chunks(other) for name, value in zip(names, values)]
+        return torch.stack(parts).sum() if parts else self.norm.new_zeros(())
 
 
 @contextlib.contextmanager
@@ -280,7 +287,11 @@ def capture_pass(
     layers' outputs, ``G_sum`` is ``{}``, the products alone), or the names given (the other
     layers' products come from their output gradients, their weight products are skipped).
     """
-    wanted = list(names) if summed_gradient is True else [] if summed_gradient is False else [n for n in names if n in set(summed_gradient)]
+    if isinstance(summed_gradient, bool):
+        wanted = list(names) if summed_gradient else []
+    else:
+        asked = set(summed_gradient)
+        wanted = [name for name in names if name in asked]
     summed: list[Tensor] | None = None
     with module_moved_to(loss.module, shift) as parameters:
         leaves = [parameters[name] for name in wanted]
@@ -355,7 +366,6 @@ class CapturedStep:
         self.self_chunk_size = self_chunk_size
         self._gradient_dots: Tensor | None = None
         self._gram_form_parameters: set[str] | None = None
-        self._device = next(iter(params.values())).device
         self.from_training_step = False  # set by the recorder when the factors are the training step's own
 
     def _losses_at(self, mb: MicroBatch) -> Callable[[Params], Tensor]:
@@ -440,7 +450,7 @@ class CapturedStep:
         if self.capture.uncovered or distributed.world_size() > 1:
             # The fallback reads G_B at the point as a direction, and under DDP f_i needs the global
             # batch's G_B: both need the parameter gradient itself.
-            gradient, f = self.perturbed({name: value for names, values in shift.chunks() for name, value in zip(names, values)})
+            gradient, f = self.perturbed(shift.materialised())
             return along.dot(gradient), f
         # Every parameter is covered. The layers whose f_i is taken in the Gram form never read G_B:
         # their backward stops at their outputs (no weight gradient, no buffer of their size) and
@@ -451,10 +461,10 @@ class CapturedStep:
         summed, per_sample = capture_pass(
             self.capture, self.loss, list(self.params), shift, self.micro_batches, self.forward_context, summed_gradient=needed
         )
-        along_dots = ScaledShift({n: along.direction[n] for n in summed}, along.norm, along.step).dot(summed) if summed else torch.zeros((), device=self._device)
+        along_dots = along.dot(summed)
         if gram:
             along_dots = along_dots + per_sample.dots([along], only=gram)[0].sum()  # type: ignore[list-item]
-        f = per_sample.gradient_dots(gradient=summed) if summed else per_sample.gradient_dots()
+        f = per_sample.gradient_dots(gradient=summed)  # the Gram-form layers, absent from `summed`, use their factors
         return along_dots / self.batch_size, f / self.batch_size
 
 
@@ -502,12 +512,11 @@ class RecomputedStep:
         return gradient, self.loss.dots(point, self.batches, gradient)
 
     def perturbed_along(self, shift: ScaledShift, along: ScaledShift) -> tuple[Tensor, Tensor]:
-        gradient, f = self.perturbed({name: value for names, values in shift.chunks() for name, value in zip(names, values)})
+        gradient, f = self.perturbed(shift.materialised())
         return along.dot(gradient), f
 
 
 # ---------------------------------------------------------------------- checks
-
 
 
 def relative_difference(a: Params, b: Params) -> float:

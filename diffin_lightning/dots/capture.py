@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-
 import functools
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager

@@ -202,6 +202,11 @@ class PerSampleDots:
         factors' sum otherwise.
         """
         summed = dict(gradient) if gradient is not None else None
+
+        def given(block: LayerFactors) -> bool:
+            """Whether the caller's ``gradient`` holds every parameter of ``block`` (else its factors' sum is used)."""
+            return summed is not None and all(name in summed for name in block.slices)
+
         by_key = [{block.key: block for block in blocks} for blocks in self.passes]
         out = []
         for index, (blocks, size) in enumerate(zip(self.passes, self.batch_sizes)):
@@ -215,8 +220,7 @@ class PerSampleDots:
                     if f == "gram":
                         return sum(b.cost("gram", "gram", other=p) for p in partners)
                     # G_sum itself costs one direct pass over the factors unless the caller gave it.
-                    given = summed is not None and all(n in summed for n in b.slices)
-                    build = 0.0 if given or self._has_summed(b) else b.cost("dots", "direct", 1)
+                    build = 0.0 if given(b) or self._has_summed(b) else b.cost("dots", "direct", 1)
                     return build + dots_costs(f)
 
                 chosen = self._pick(block, allowed, costs, form if form in allowed else None)
@@ -224,11 +228,11 @@ class PerSampleDots:
                     part = sum(block.gram(partner).sum(dim=1) for partner in partners)
                 else:
                     # This layer's parameters only: G_sum is built layer by layer, as the forms need it.
-                    given = summed is not None and all(n in summed for n in block.slices)
-                    source = {n: summed[n] for n in block.slices} if given else self.summed_gradient(block.slices)  # type: ignore[index]
+                    from_caller = given(block)
+                    source = {n: summed[n] for n in block.slices} if from_caller else self.summed_gradient(block.slices)  # type: ignore[index]
                     direction = {name: value.unsqueeze(0) for name, value in source.items()}
                     part = (block.dots(direction) if chosen == "direct" else self._materialised_dots(index, block, direction))[0]
-                    if given and gradient_scale != 1.0:
+                    if from_caller and gradient_scale != 1.0:
                         part = part * gradient_scale
                 total = total + part
             out.append(total)
