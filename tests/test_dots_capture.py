@@ -354,3 +354,25 @@ def test_in_place_scaling_scales_a_shared_gradient_once_and_never_another_captur
     torch.testing.assert_close(expected[0], exact, **TOLERANCE)
     mine.remove(), other.remove()
     assert not any(LayerCapture._holders[b.untyped_storage().data_ptr()] for b in first_call.backprops if b is not None)
+
+
+def test_a_convolution_is_unfolded_only_by_a_form_that_reads_its_patches():
+    """The cost model read a partner's unfolded patches for their count: every f_i of a CNN unfolded
+    its convolutions (B L k numbers held; 0.8x of a plain fit and a third of the peak on the bundled
+    CNN) even where the direct form, one convolution with the directions as filters, was chosen."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).double()
+    capture = LayerCapture(model)
+    x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    with capture.recording():
+        model(x).pow(2).sum().backward()
+    dots = capture.per_sample(backprop_scale=1.0)
+    (conv,) = [block for block in dots.passes[0] if block.key == ("0", "conv")]
+    assert conv.cost("gram", "gram", other=conv) > 0
+    assert conv._columns is None  # pricing the Gram form did not unfold
+    direct = dots.gradient_dots(form="direct")
+    assert conv._columns is None  # nor did the direct form
+    gram = dots.gradient_dots(form="gram")
+    assert conv._columns is not None  # the Gram form reads the patches
+    torch.testing.assert_close(direct, gram, rtol=1e-10, atol=0)
+    capture.remove()

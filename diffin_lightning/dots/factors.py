@@ -327,7 +327,7 @@ class OuterProductFactors(LayerFactors):
             return float("inf")
         if quantity == "gram":
             assert isinstance(other, OuterProductFactors)
-            other_positions = other.activations.shape[2]
+            other_positions = other._gpmk[1]  # not other.activations: a convolution would unfold for its shape
             if form == "gram":
                 return batch * other.batch_size * groups * (weight * positions * other_positions * (m + k) + m)
             if form == "materialised":
@@ -426,6 +426,19 @@ class ConvolutionFactors(OuterProductFactors):
         return ConvolutionFactors(
             self.key, self.inputs, self.delta * scale, kernel, stride, dilation, padding, groups, self.weight, self.weight_shape, self.bias, self.bias_shape
         )
+
+    def summed_gradient(self) -> dict[str, Tensor]:
+        # The convolution's own weight gradient (aten's convolution backward), not delta^T @ patches:
+        # no unfolded patches for G_sum either.
+        kernel, stride, dilation, padding, groups = self.geometry
+        out: dict[str, Tensor] = {}
+        if self.weight is not None:
+            shape = (self.delta.shape[1], self.inputs.shape[1] // groups, *kernel)
+            gradient = torch.nn.grad.conv2d_weight(self.inputs, shape, self.delta, stride, padding, dilation, groups)
+            out[self.weight] = gradient.reshape(self.weight_shape)
+        if self.bias is not None:
+            out[self.bias] = self.delta.sum(dim=(0, 2, 3)).reshape(self.bias_shape)
+        return out
 
     def dots(self, directions: dict[str, Tensor]) -> Tensor:
         kernel, stride, dilation, padding, groups = self.geometry
