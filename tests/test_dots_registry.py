@@ -122,16 +122,94 @@ def _self_attention(layer, x):
     return layer(x, x, x, need_weights=False)[0]
 
 
+@pytest.fixture(params=["graph", "recompute"])
+def attention_path(request, monkeypatch):
+    """Run a self-attention test both ways: projections read from the call's own graph (the rule's
+    first choice; asserted taken) and recomputed (its fallback, forced by finding no graph nodes)."""
+    from diffin_lightning.dots import rules
+
+    calls = {"graph": 0, "recompute": 0}
+    projection_factors, core = rules.MultiheadAttentionRule._projection_factors, rules.MultiheadAttentionRule._self_attention_core
+
+    def spy_projection_factors(*args):
+        calls["graph"] += 1
+        return projection_factors(*args)
+
+    def spy_core(*args):
+        calls["recompute"] += 1
+        return core(*args)
+
+    monkeypatch.setattr(rules.MultiheadAttentionRule, "_projection_factors", staticmethod(spy_projection_factors))
+    monkeypatch.setattr(rules.MultiheadAttentionRule, "_self_attention_core", staticmethod(spy_core))
+    if request.param == "recompute":
+        monkeypatch.setattr(rules.MultiheadAttentionRule, "inner_gradients", lambda self, module, activations, output: ())
+    yield request.param
+    if request.param == "graph":
+        assert calls["graph"] > 0 and calls["recompute"] == 0, calls
+    else:
+        assert calls["recompute"] > 0, calls
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_multihead_self_attention(bias, batch_first):
+def test_multihead_self_attention(bias, batch_first, attention_path):
     torch.manual_seed(0)
     layer = nn.MultiheadAttention(8, 2, bias=bias, batch_first=batch_first)
     if batch_first:
         _run(layer, torch.randn(5, 3, 8, dtype=torch.float64), _self_attention)
     else:
-        # Sequence-first attention inside a batch-first model: the rule transposes.
-        _run(layer, torch.randn(5, 3, 8, dtype=torch.float64), lambda m, x: m(x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1))[0].transpose(0, 1))
+        # Sequence-first attention inside a batch-first model: the rule transposes. (One tensor as
+        # query, key and value: three transposes would be three objects, which the module treats
+        # as cross-attention with three projections.)
+        def sequence_first(m, x):
+            rows = x.transpose(0, 1)
+            return m(rows, rows, rows)[0].transpose(0, 1)
+
+        _run(layer, torch.randn(5, 3, 8, dtype=torch.float64), sequence_first)
+
+
+def test_multihead_self_attention_from_the_graph_with_masks_weights_and_micro_batches(attention_path):
+    """Key padding mask, an additive mask and the attention weights reaching the loss, in two
+    micro-batches: off the recomputation's single-SDPA case, and exact from the call's graph."""
+    torch.manual_seed(6)
+    layer = nn.MultiheadAttention(8, 2, batch_first=True)
+    additive = torch.randn(4, 4, dtype=torch.float64)
+
+    def call(module, x):
+        # Each sample's padding from its own values, so that any batching gives it the same mask.
+        padded = x[..., 0] > 0.3
+        padded[:, 0] = False  # never every key
+        out, weights = module(x, x, x, key_padding_mask=padded.to(x.dtype) * -30.0, attn_mask=additive, need_weights=True)
+        return torch.cat([out.flatten(1), weights.flatten(1)], dim=1)
+
+    inputs = torch.randn(6, 4, 8, dtype=torch.float64)
+    _run(layer, inputs, call, micro_batches=2)
+
+
+def test_multihead_self_attention_graph_path_survives_a_products_only_pass():
+    """A products-only backward (no parameter gradient) still runs the in-projection's node when a
+    covered layer lies below the attention; where none does, the rule recomputes (same numbers)."""
+    torch.manual_seed(7)
+    for below in (True, False):
+        model = nn.Sequential(nn.Linear(8, 8), nn.MultiheadAttention(8, 2, batch_first=True)).double()
+        attention = model[1]
+        x = torch.randn(4, 3, 8, dtype=torch.float64)
+        names = [n for n, _ in model.named_parameters() if below or not n.startswith("0.")]
+        with LayerCapture(model, names) as capture:
+            capture.keep_outputs = True
+            with capture.recording():
+                hidden = model[0](x) if below else model[0](x).detach()
+                out = attention(hidden, hidden, hidden, need_weights=False)[0]
+                torch.autograd.grad(out.pow(2).sum(), capture.take_outputs())
+            call = capture._passes[0].calls[-1]
+            assert (call.backprops[2] is not None) == below
+            products_only = capture.per_sample().gradient_dots()
+        with LayerCapture(model, names) as capture:
+            with capture.recording():
+                hidden = model[0](x) if below else model[0](x).detach()
+                attention(hidden, hidden, hidden, need_weights=False)[0].pow(2).sum().backward()
+            torch.testing.assert_close(capture.per_sample().gradient_dots(), products_only, rtol=1e-10, atol=0)
+        model.zero_grad()
 
 
 def test_multihead_cross_attention_with_masks_and_weights():
@@ -250,10 +328,11 @@ def _causal_self_attention(layer, x):
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_multihead_self_attention_one_sdpa_path_causal_and_sequence_first(batch_first):
-    """The rule's single-SDPA path (packed self-attention): causal mask via is_causal, and sequence-first inputs."""
+def test_multihead_self_attention_one_sdpa_path_causal_and_sequence_first(batch_first, monkeypatch):
+    """The recomputation's single-SDPA path (packed self-attention, the graph not read): causal mask via is_causal, and sequence-first inputs."""
     from diffin_lightning.dots import rules
 
+    monkeypatch.setattr(rules.MultiheadAttentionRule, "inner_gradients", lambda self, module, activations, output: ())
     taken = []
     original = rules.MultiheadAttentionRule._self_attention_core
 

@@ -197,12 +197,16 @@ class LayerCapture:
         if current.batch_size is None and isinstance(targets[0], Tensor) and targets[0].dim() > 0:
             current.batch_size = int(targets[0].shape[0])
         call = _Call(module_name, entry.rule.activations(module, args, kwargs), [None] * len(targets))
+        nodes = entry.rule.inner_gradients(module, call.activations, output if replaced is None else replaced)
+        call.backprops += [None] * len(nodes)
         current.calls.append(call)
         for index, target in enumerate(targets):
             if isinstance(target, Tensor) and target.requires_grad:
                 target.register_hook(functools.partial(self._on_backward, current, call, index))
                 if self.keep_outputs:
                     self._outputs.append(target)
+        for index, node in enumerate(nodes, start=len(targets)):
+            node.register_prehook(functools.partial(self._on_node_backward, current, call, index))
         return replaced
 
     def take_outputs(self) -> list[Tensor]:
@@ -233,6 +237,11 @@ class LayerCapture:
         LayerCapture._holders[stored.untyped_storage().data_ptr()] += 1
         call.backprops[index] = stored
         current.received = True
+
+    @staticmethod
+    def _on_node_backward(current: _Pass, call: _Call, index: int, grad_outputs: tuple[Tensor | None, ...]) -> None:
+        if grad_outputs and grad_outputs[0] is not None:
+            LayerCapture._on_backward(current, call, index, grad_outputs[0])
 
     @staticmethod
     def _release(tensor: Tensor) -> None:
@@ -278,9 +287,9 @@ class LayerCapture:
     def per_sample(self, backprop_scale: float | Tensor | Sequence[float | Tensor] = 1.0, in_place: bool = False) -> PerSampleDots:
         """Per-sample products over the captured step.
 
-        Call it before the optimizer changes the parameters (attention's rule recomputes its
-        core from the inputs it kept and a copy of its projections; the other rules use only
-        captured tensors).
+        Call it before the optimizer changes the parameters (attention's rule, where it cannot
+        read its projections from the call's graph, recomputes its core from the inputs it kept
+        and a copy of its projections; the other rules use only captured tensors).
 
         Args:
             backprop_scale: multiplies every captured output gradient so the rules see

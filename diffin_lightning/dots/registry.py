@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import torch
 from torch import Tensor, nn
 
 from diffin_lightning.dots.factors import LayerFactors
@@ -52,6 +53,16 @@ class LayerRule:
     def outputs(self, output: Any) -> tuple[Tensor | None, ...]:
         """The output tensors whose gradients the rule needs, in the order :meth:`factors` takes them."""
         return (output,)
+
+    def inner_gradients(self, module: nn.Module, activations: Any, output: Any) -> tuple[torch.autograd.graph.Node, ...]:
+        """Autograd nodes inside the call whose incoming gradient the rule needs too (default: none).
+
+        Their gradients follow the outputs' in ``backprops`` (``None`` where a backward did not run
+        the node), rescaled like them. A rule may also add to ``activations`` (its own kept
+        dictionary) what the call's graph saved. For layers that compute with their raw parameters
+        inside ``forward`` (``MultiheadAttention``), where no module hook sees the products.
+        """
+        return ()
 
     def factors(self, module: nn.Module, module_name: str, activations: Any, backprops: Sequence[Tensor | None], names: dict[str, str]) -> list[LayerFactors]:
         """Factors of one call on one micro-batch.

@@ -2,7 +2,8 @@
 
 Every rule maps (module, what its forward hook kept, the output gradients of the summed
 per-sample losses) to :mod:`~diffin_lightning.dots.factors`; nothing here touches autograd
-state except :class:`MultiheadAttentionRule`, which recomputes the attention core once (see there).
+state except :class:`MultiheadAttentionRule`, which reads its projections from the call's graph
+or, where it cannot, recomputes the attention core once (see there).
 
 Conventions: the sample axis is dim 0 of every input and output (batch-first models);
 everything between the sample axis and the feature axis is "positions" (sequence, pixels).
@@ -199,9 +200,14 @@ class MultiheadAttentionRule(LayerRule):
     """The in-projection (packed or separate) and out-projection of ``nn.MultiheadAttention``.
 
     ``MultiheadAttention`` passes its raw parameters to ``F.multi_head_attention_forward``,
-    so no hook sees the projections' inputs and outputs. The rule keeps the call's inputs
-    (and a copy of the projection parameters), then, when asked for factors, recomputes the
-    attention core once for the whole micro-batch with the projections taken out: it
+    so no hook sees the projections' inputs and outputs. For self-attention with the packed
+    weight (``TransformerEncoderLayer``), the rule finds the two projections' product nodes in
+    the call's autograd graph (:meth:`inner_gradients`): the in-projection's incoming gradient
+    and the out-projection's saved input are then captured as the backward runs, and nothing is
+    recomputed. Otherwise (cross-attention, separate weights, or a backward that did not run the
+    in-projection's node) the rule keeps the call's inputs (and a copy of the projection
+    parameters), then, when asked for factors, recomputes the attention core once for the whole
+    micro-batch with the projections taken out: it
     projects ``q, k, v`` itself, runs ``F.multi_head_attention_forward`` on them with identity
     projection matrices (multiplying by an identity is exact in floating point), and
     back-propagates the captured output gradient to ``q, k, v`` (reverse mode: every SDPA
@@ -247,9 +253,27 @@ class MultiheadAttentionRule(LayerRule):
     def outputs(self, output: Any) -> tuple[Tensor | None, ...]:
         return (output[0], output[1])
 
+    def inner_gradients(self, module: nn.Module, activations: Any, output: Any) -> tuple[torch.autograd.graph.Node, ...]:
+        """Self-attention with the packed weight: the in-projection's product node, whose incoming
+        gradient is the packed ``q|k|v`` gradient, and (kept) the out-projection's saved input, the
+        attention core. Read from the call's own graph, nothing is recomputed (no second SDPA
+        forward and backward: a third of a plain fit on a 2x64 encoder), and whatever ran inside
+        the call (masks, ``bias_k``, the attention weights' own gradient) is in them exactly."""
+        assert isinstance(module, nn.MultiheadAttention)
+        attention = output[0] if isinstance(output, tuple) else output
+        if not (module._qkv_same_embed_dim and activations["self_attention"]) or getattr(attention, "grad_fn", None) is None:
+            return ()
+        found = _projection_nodes(attention.grad_fn, module.in_proj_weight, module.out_proj.weight)
+        if found is None:
+            return ()
+        in_projection, core = found
+        activations["core"] = core.detach()  # [T B, E], sequence-major rows (the module computes seq-first)
+        return (in_projection,)
+
     def factors(self, module: nn.Module, module_name: str, activations: Any, backprops: Sequence[Tensor | None], names: dict[str, str]) -> list[LayerFactors]:
         assert isinstance(module, nn.MultiheadAttention)
-        out_delta, weights_delta = backprops
+        out_delta, weights_delta = backprops[0], backprops[1]
+        packed_rows = backprops[2] if len(backprops) > 2 else None
         if out_delta is None and weights_delta is None:
             return []
         kept = activations
@@ -263,6 +287,15 @@ class MultiheadAttentionRule(LayerRule):
         def batch_major(tensor: Tensor) -> Tensor:
             return tensor if batch_first else tensor.transpose(0, 1)
 
+        if packed_rows is not None and out_delta is not None and "core" in kept:
+            # From the call's own graph (inner_gradients): rows (t, b) of the seq-first products.
+            query = batch_major(kept["query"])
+            length, batch = query.shape[1], query.shape[0]
+            core = kept["core"]
+            if packed_rows.shape == (length * batch, 3 * embed) and core.shape == (length * batch, embed):
+                packed_delta = packed_rows.view(length, batch, 3 * embed).transpose(0, 1)
+                core_rows = core.view(length, batch, embed).transpose(0, 1)
+                return self._projection_factors(module_name, names, params, query, packed_delta, core_rows, batch_major(out_delta))
         fast = self._self_attention_core(module, kept, params, out_delta, weights_delta)
         if fast is not None:
             # The common case (TransformerEncoderLayer): one packed projection, SDPA, no masks to merge.
@@ -440,6 +473,48 @@ class MultiheadAttentionRule(LayerRule):
                 )
             )
         return factors
+
+
+def _projection_nodes(start: torch.autograd.graph.Node, in_weight: Tensor, out_weight: Tensor, limit: int = 256) -> tuple[torch.autograd.graph.Node, Tensor] | None:
+    """``(in-projection product node, out-projection's saved input)`` in an attention call's graph, or ``None``.
+
+    A product node (``MmBackward0``/``AddmmBackward0``) whose weight operand is ``in_weight`` or
+    ``out_weight`` (a leaf, possibly through its transpose). The walk stops at the in-projection
+    (below it lies the model before the attention) and after ``limit`` nodes; anything unexpected
+    gives ``None`` and the rule recomputes instead.
+    """
+
+    def weight_of(node: torch.autograd.graph.Node) -> Tensor | None:
+        for following, _ in node.next_functions:
+            if following is not None and type(following).__name__ == "TBackward0":
+                following = following.next_functions[0][0] if following.next_functions else None
+            variable = getattr(following, "variable", None)
+            if variable is in_weight or variable is out_weight:
+                return variable
+        return None
+
+    in_projection, core = None, None
+    queue, seen = [start], {start}
+    while queue and len(seen) <= limit:
+        node = queue.pop(0)
+        kind = type(node).__name__
+        if kind in ("MmBackward0", "AddmmBackward0"):
+            weight = weight_of(node)
+            if weight is in_weight and in_projection is None:
+                in_projection = node
+                continue
+            if weight is out_weight and core is None:
+                saved = getattr(node, "_saved_mat1" if kind == "AddmmBackward0" else "_saved_self", None)
+                if not isinstance(saved, Tensor):
+                    return None
+                core = saved
+        for following, _ in node.next_functions:
+            if following is not None and following not in seen:
+                seen.add(following)
+                queue.append(following)
+    if in_projection is None or core is None:
+        return None
+    return in_projection, core
 
 
 class HuggingFaceConv1DRule(LinearRule):
