@@ -304,7 +304,10 @@ def test_captures_are_freed_by_reference_counting_not_left_to_the_garbage_collec
 
     from diffin_lightning.dots import capture as capture_module
 
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    # An encoder layer too: self-attention's node hook (inner_gradients) must not close a cycle either.
+    model = nn.Sequential(
+        nn.Linear(4, 8), nn.Tanh(), nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True), nn.Linear(8, 3)
+    )
     capture = LayerCapture(model)
     was_enabled = gc.isenabled()
     gc.collect()
@@ -312,7 +315,7 @@ def test_captures_are_freed_by_reference_counting_not_left_to_the_garbage_collec
     try:
         for _ in range(5):
             with capture.recording():
-                model(torch.randn(6, 4)).pow(2).sum().backward()
+                model(torch.randn(6, 5, 4)).pow(2).sum().backward()
             capture.per_sample(backprop_scale=1.0).dots([{n: torch.ones_like(p) for n, p in model.named_parameters()}])
             capture.clear()
         alive = sum(isinstance(obj, capture_module._Pass) for obj in gc.get_objects())
