@@ -28,6 +28,8 @@ whose sample axes the caller concatenates.
 
 from __future__ import annotations
 
+import math
+
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Sequence
 from typing import Literal
@@ -391,6 +393,7 @@ class ConvolutionFactors(OuterProductFactors):
         if bias is not None:
             self.slices[bias] = None
         self._columns: Tensor | None = None
+        self._shape_gpmk: tuple[int, int, int, int] | None = None
 
     @property  # type: ignore[override]
     def activations(self) -> Tensor:
@@ -418,8 +421,12 @@ class ConvolutionFactors(OuterProductFactors):
 
     @property
     def _gpmk(self) -> tuple[int, int, int, int]:
-        (kh, kw), groups = self.geometry[0], self.geometry[4]
-        return groups, int(self.delta[0, 0].numel()), int(self.delta.shape[1]) // groups, int(self.inputs.shape[1]) // groups * kh * kw
+        # Read by every cost estimate (several per layer per product): shapes only, formed once.
+        if self._shape_gpmk is None:
+            (kh, kw), groups = self.geometry[0], self.geometry[4]
+            positions = math.prod(self.delta.shape[2:])
+            self._shape_gpmk = (groups, positions, int(self.delta.shape[1]) // groups, int(self.inputs.shape[1]) // groups * kh * kw)
+        return self._shape_gpmk
 
     def scaled(self, scale: float | Tensor) -> LayerFactors:
         kernel, stride, dilation, padding, groups = self.geometry
