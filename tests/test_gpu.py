@@ -42,3 +42,63 @@ def test_recorded_steps_after_the_first_never_synchronise_with_the_host(tmp_path
     callback = Strict(targets={"val": tiny_data.val, "train": "train", "self": "self"}, target_refresh_every_n_steps=100)
     trainer(default_root_dir=tmp_path, accelerator="gpu", max_epochs=2, callbacks=[callback]).fit(TinyClassifier().double(), tiny_data.loader())
     assert callback._recorder.use_capture and callback.steps_recorded == 8
+
+
+def _encoder_products_match_each_samples_own_gradient(device: str, dtype: torch.dtype, backend, rtol: float, monkeypatch) -> None:
+    """A TransformerEncoder's captured per-sample products, with SDPA restricted to ``backend`` (the fused
+    kernel it trains with; SDPA raises if that kernel cannot run), equal a loop over samples on the same
+    device and kernel; self-attention's projections come from the call's graph (nothing recomputed)."""
+    from torch import nn
+    from torch.nn import functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    from diffin_lightning.dots import LayerCapture, rules
+    from dots_reference import per_sample_gradients_by_loop
+
+    recomputed = []
+    core = rules.MultiheadAttentionRule._self_attention_core
+    monkeypatch.setattr(rules.MultiheadAttentionRule, "_self_attention_core", staticmethod(lambda *a: recomputed.append(1) or core(*a)))
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(64, 4, dim_feedforward=128, dropout=0.0, batch_first=True)
+    model = nn.ModuleDict({"encoder": nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), "head": nn.Linear(64, 3)}).to(device, dtype)
+    x = torch.randn(6, 16, 64, device=device, dtype=dtype)
+    targets = torch.randint(0, 3, (6,), device=device)
+
+    def losses(inputs):
+        rows = slice((inputs.data_ptr() - x.data_ptr()) // (x.stride(0) * x.element_size()), None)
+        picked = targets[rows][: inputs.shape[0]]
+        return F.cross_entropy(model["head"](model["encoder"](inputs).mean(1)).float(), picked, reduction="none")
+
+    names = [n for n, _ in model.named_parameters()]
+    with sdpa_kernel(backend), LayerCapture(model, names) as capture:
+        with capture.recording():
+            losses(x).sum().backward()
+        per_sample = capture.per_sample()
+        direction = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+        got = per_sample.dots([direction])[0].float()
+        reference = per_sample_gradients_by_loop(model, losses, x, names)
+    expected = sum((reference[n].flatten(1).float() @ direction[n].flatten().float()) for n in names)
+    assert capture.uncovered_parameter_names == ()
+    assert not recomputed
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol * float(expected.abs().max()))
+
+
+def test_encoder_products_under_the_cpu_flash_kernel(monkeypatch):
+    """The check the CUDA kernels below run, on the CPU's own fused kernel (float32 flash attention)."""
+    from torch.nn.attention import SDPBackend
+
+    _encoder_products_match_each_samples_own_gradient("cpu", torch.float32, SDPBackend.FLASH_ATTENTION, 1e-4, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["efficient", "flash"])
+def test_encoder_products_on_cuda_under_fused_attention(kernel, monkeypatch):
+    """CUDA's memory-efficient kernel (float32) and flash kernel (half precision only: float16, checked to
+    half precision's accuracy) for the transformer encoder that the overhead benchmark trains."""
+    from torch.nn.attention import SDPBackend
+
+    backend, dtype, rtol = {
+        "efficient": (SDPBackend.EFFICIENT_ATTENTION, torch.float32, 1e-4),
+        "flash": (SDPBackend.FLASH_ATTENTION, torch.float16, 5e-2),
+    }[kernel]
+    _encoder_products_match_each_samples_own_gradient("cuda", dtype, backend, rtol, monkeypatch)
