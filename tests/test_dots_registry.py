@@ -354,3 +354,25 @@ def test_convolution_called_twice_in_one_forward():
     """Weight sharing: the two calls' lazily unfolded factors merge into one block."""
     torch.manual_seed(5)
     _run(nn.Conv2d(3, 3, kernel_size=3, padding=1, groups=3), torch.randn(4, 3, 5, 5, dtype=torch.float64), lambda layer, x: layer(torch.tanh(layer(x))))
+
+
+@pytest.mark.parametrize(
+    "layer, shape",
+    [(nn.Linear(4, 3), (5, 2, 4)), (nn.Conv2d(3, 4, 3, padding=1, groups=1), (4, 3, 5, 5)), (nn.Embedding(7, 3), None)],
+)
+def test_wide_layers_take_several_directions_one_at_a_time(layer, shape, monkeypatch):
+    """Above the size bound (here every layer) the direct form takes each direction as a view, one at a time."""
+    from diffin_lightning.dots import per_sample_dots
+
+    monkeypatch.setattr(per_sample_dots, "_LARGE_DIRECTION_ELEMENTS", 1)
+    seen = []
+    original = per_sample_dots._StackedDirections.__init__
+
+    def spy(self, directions, names):
+        seen.append(len(directions))
+        original(self, directions, names)
+
+    monkeypatch.setattr(per_sample_dots._StackedDirections, "__init__", spy)
+    torch.manual_seed(8)
+    _run(layer, torch.randint(0, 7, (5, 4)) if shape is None else torch.randn(shape, dtype=torch.float64))
+    assert 1 in seen and 3 in seen  # one-direction views for the direct form; the stack for the materialised one

@@ -14,6 +14,10 @@ from diffin_lightning.dots.factors import Form, LayerFactors
 # never chosen by the cost model (a forced form ignores the cap): 2**27 float32 = 512 MiB.
 DEFAULT_MAX_MATERIALISED_ELEMENTS = 1 << 27
 
+# A layer whose share of one direction has at least this many elements takes several directions one
+# at a time in the direct form (see PerSampleDots.dots): 2**20 float32 = 4 MiB.
+_LARGE_DIRECTION_ELEMENTS = 1 << 20
+
 
 def _overlap(a: slice | None, b: slice | None) -> bool:
     if a is None or b is None:
@@ -121,6 +125,10 @@ class PerSampleDots:
             available.remove("materialised")
         return min(available, key=costs)
 
+    @staticmethod
+    def _direction_elements(direction: Mapping[str, Tensor], block: LayerFactors) -> int:
+        return sum(direction[name].numel() for name in block.slices)
+
     def _zeros(self, *shape: int) -> Tensor:
         for blocks in self.passes:
             for block in blocks:
@@ -187,7 +195,13 @@ class PerSampleDots:
             total = self._zeros(count, size)
             for block in blocks:
                 chosen = self._pick(block, ("direct", "materialised"), self._dots_costs(index, block, count), form)
-                part = block.dots(stacked) if chosen == "direct" else self._materialised_dots(index, block, stacked)
+                if chosen == "direct" and count > 1 and self._direction_elements(directions[0], block) >= _LARGE_DIRECTION_ELEMENTS:
+                    # A wide layer takes its directions one at a time, each a view: stacking them, and laying
+                    # the stack out for the product, would copy the layer's share of every direction twice
+                    # (16 MB for two directions of a 1024x1024 layer in float32); the products are as large.
+                    part = torch.cat([block.dots(_StackedDirections([direction], needed)) for direction in directions])
+                else:
+                    part = block.dots(stacked) if chosen == "direct" else self._materialised_dots(index, block, stacked)
                 total = total + part.to(total.dtype)
             out.append(total)
         return torch.cat(out, dim=1) if out else self._zeros(count, 0)
