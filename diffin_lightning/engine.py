@@ -544,16 +544,18 @@ def gradient_of_mean(loss: PerSampleLoss, params: Params, batches: Iterable[Any]
     point = dict(zip(names, leaves))
     total: list[Tensor] | None = None
     count = 0
+    batches_seen = 0
     for batch in batches:
         with torch.enable_grad():
             losses = loss.values(point, batch)
-            part = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
-        part = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, part)]
+            # Summed into the leaves' .grad as the backward produces each parameter's part (autograd adds
+            # in place): never a whole parameter-sized gradient beside the running sum, which the sum of
+            # returned gradients held (one parameter set of transient memory at every refresh).
+            torch.autograd.backward(losses.sum(), inputs=leaves)
         count += int(losses.shape[0])
-        if total is None:
-            total = list(part)
-        else:
-            torch._foreach_add_(total, part)
+        batches_seen += 1
+    if batches_seen:
+        total = [torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in leaves]
     if across_ranks:
         summed, count = distributed.sum_with_count_over_ranks(None if total is None else dict(zip(names, total)), count, params)
         total = [summed[name] for name in names]
