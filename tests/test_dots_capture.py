@@ -379,3 +379,30 @@ def test_a_convolution_is_unfolded_only_by_a_form_that_reads_its_patches():
     assert conv._columns is not None  # the Gram form reads the patches
     torch.testing.assert_close(direct, gram, rtol=1e-10, atol=0)
     capture.remove()
+
+
+def test_normalisation_layers_form_their_factors_during_the_backward_and_let_their_tensors_go():
+    """Eager rules (LayerNorm, RMSNorm, GroupNorm): per-sample gradients formed as each output gradient
+    arrives, rescaled later like the others; the call then holds neither its input nor its gradient."""
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 6), nn.RMSNorm(6), nn.Linear(6, 3)).double()
+    x = torch.randn(5, 2, 4, dtype=torch.float64)
+    losses = lambda inputs: model(inputs).pow(2).sum(dim=(1, 2))
+    names = [n for n, _ in model.named_parameters()]
+    capture = LayerCapture(model, names)
+    with capture.recording():
+        (losses(x).mean() / 2).backward()  # scaled by 2 B below: the eager factors are rescaled after the fact
+    norms = [call for call in capture._passes[0].calls if call.module_name in ("1", "4")]
+    assert len(norms) == 2 and all(call.activations is None and call.backprops == [None] and call.eager_factors for call in norms)
+    check_against_reference(capture.per_sample(backprop_scale=2 * x.shape[0]), per_sample_gradients_by_loop(model, losses, x, names))
+    capture.remove()
+
+
+def test_a_second_gradient_through_an_eager_layer_is_refused_with_the_fix():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)).double()
+    with LayerCapture(model) as capture:
+        with capture.recording():
+            out = model(torch.randn(2, 3, dtype=torch.float64)).sum()
+            out.backward(retain_graph=True)
+            with pytest.raises(RuntimeError, match="retain_graph=True.*Fix"):
+                out.backward()

@@ -13,17 +13,24 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from diffin_lightning.dots.factors import LayerFactors
 from diffin_lightning.dots.per_sample_dots import DEFAULT_MAX_MATERIALISED_ELEMENTS, PerSampleDots
 from diffin_lightning.dots.registry import LayerRule, rule_for, supported_layers_message
 
 
 @dataclass
 class _Call:
-    """One call of a covered module: what its rule kept, and its outputs' gradients once backward ran."""
+    """One call of a covered module: what its rule kept, and its outputs' gradients once backward ran.
+
+    An eager rule's call (:attr:`LayerRule.eager`) holds its factors instead, formed from its
+    unscaled output gradient as that arrives; its inputs and gradient are let go there.
+    """
 
     module_name: str
     activations: Any
     backprops: list[Tensor | None]
+    eager: _Covered | None = None
+    eager_factors: list[LayerFactors] = field(default_factory=list)
 
 
 @dataclass
@@ -196,7 +203,7 @@ class LayerCapture:
             targets = entry.rule.outputs(replaced)
         if current.batch_size is None and isinstance(targets[0], Tensor) and targets[0].dim() > 0:
             current.batch_size = int(targets[0].shape[0])
-        call = _Call(module_name, entry.rule.activations(module, args, kwargs), [None] * len(targets))
+        call = _Call(module_name, entry.rule.activations(module, args, kwargs), [None] * len(targets), entry if entry.rule.eager else None)
         nodes = entry.rule.inner_gradients(module, call.activations, output if replaced is None else replaced)
         call.backprops += [None] * len(nodes)
         current.calls.append(call)
@@ -230,6 +237,20 @@ class LayerCapture:
     @staticmethod
     def _on_backward(current: _Pass, call: _Call, index: int, gradient: Tensor) -> None:
         gradient = gradient.detach()
+        if call.eager is not None:
+            if call.activations is None:
+                raise RuntimeError(
+                    f"LayerCapture: a second gradient reached {call.module_name} ({type(call.eager.module).__name__}) in one captured pass, "
+                    "after its per-sample gradients were formed from the first; a backward through the same graph twice "
+                    "(retain_graph=True) is not supported while capturing. Fix: one backward per forward in the recorded step."
+                )
+            backprops: list[Tensor | None] = [None] * len(call.backprops)
+            backprops[index] = gradient
+            entry = call.eager
+            call.eager_factors += entry.rule.factors(entry.module, call.module_name, call.activations, backprops, entry.names)
+            call.activations = None  # the layer's input and output gradient go now, not at the end of the step
+            current.received = True
+            return
         previous = call.backprops[index]
         stored = gradient if previous is None else previous + gradient
         if previous is not None:
@@ -330,6 +351,10 @@ class LayerCapture:
                 return b * scale
 
             for call in current.calls:
+                if call.eager is not None:
+                    for factors in call.eager_factors:
+                        by_key.setdefault(factors.key, []).append(factors if unscaled else factors.scaled(scale))
+                    continue
                 if all(backprop is None for backprop in call.backprops):
                     continue
                 entry = self._covered[call.module_name]

@@ -38,6 +38,13 @@ class LayerRule:
     whose first positional input is the activation and whose output is one tensor.
     """
 
+    #: Form the factors as soon as the call's output gradient arrives (during the backward) and let
+    #: the call's inputs and gradient go there, instead of holding both until the step's products:
+    #: for rules whose factors are small per-sample gradients (normalisation layers, one number per
+    #: channel) computed from the call's own tensors and linear in the gradient (rescaled later).
+    #: Such a call accepts one gradient per pass.
+    eager: bool = False
+
     def parameter_names(self, module: nn.Module) -> tuple[str, ...]:
         """Names (relative to ``module``) of the parameters this rule gives gradients for."""
         return tuple(name for name, _ in module.named_parameters(recurse=False))

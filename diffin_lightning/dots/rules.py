@@ -150,6 +150,8 @@ def _affine_gradients(normalised: Tensor, delta: Tensor, trailing: int, names: d
 class LayerNormRule(LayerRule):
     """Affine parameters of LayerNorm: ``dW_i = sum_positions delta * x_hat``, ``db_i = sum_positions delta``."""
 
+    eager = True
+
     def factors(self, module: nn.Module, module_name: str, activations: Any, backprops: Sequence[Tensor | None], names: dict[str, str]) -> list[LayerFactors]:
         delta = backprops[0]
         if delta is None or not names:
@@ -163,6 +165,8 @@ class LayerNormRule(LayerRule):
 class RMSNormRule(LayerRule):
     """The scale of RMSNorm: ``dW_i = sum_positions delta * x / rms(x)``."""
 
+    eager = True
+
     def factors(self, module: nn.Module, module_name: str, activations: Any, backprops: Sequence[Tensor | None], names: dict[str, str]) -> list[LayerFactors]:
         delta = backprops[0]
         if delta is None or not names:
@@ -175,6 +179,8 @@ class RMSNormRule(LayerRule):
 @register_layer_rule(nn.GroupNorm)
 class GroupNormRule(LayerRule):
     """Affine parameters of GroupNorm on ``[B, C, ...]``: per channel, summed over the spatial dims."""
+
+    eager = True
 
     def factors(self, module: nn.Module, module_name: str, activations: Any, backprops: Sequence[Tensor | None], names: dict[str, str]) -> list[LayerFactors]:
         delta = backprops[0]
