@@ -251,10 +251,9 @@ class OuterProductFactors(LayerFactors):
             for start in range(0, count, step):
                 chunk = stacked[:, :, start : start + step]  # [G, inner, d, width]
                 d = chunk.shape[2]
-                # One direction: its [G, inner, width] transposed view goes to the product as it is (the
-                # library reads the strides); a reshape would copy the layer's whole direction first.
-                weights = chunk[:, :, 0] if d == 1 else chunk.reshape(groups, chunk.shape[1], d * width)
-                projected = torch.bmm(left, weights).view(groups, rows, d, width)
+                # (One direction: this reshape is a view, the product reads its strides; several: a copy, which
+                # PerSampleDots avoids on wide layers by passing their directions one at a time.)
+                projected = torch.bmm(left, chunk.reshape(groups, chunk.shape[1], d * width)).view(groups, rows, d, width)
                 # [G, B P, d] -> [d, B] (groups and positions summed)
                 parts.append((projected * right).sum(-1).view(groups, self.batch_size, positions, d).sum(dim=(0, 2)).T)
             total = torch.cat(parts, dim=0)
