@@ -236,11 +236,14 @@ class InfluenceRecorder:
     ) -> CapturedStep:
         """The step's products from one forward+backward of the per-sample loss with the capture on.
 
-        ``products_only``: no batch gradient (the view's ``batch_gradient`` is empty), and the
-        backward computes no parameter gradient.
+        ``products_only``: no batch gradient (the view's ``batch_gradient`` is empty), the
+        backward computes no parameter gradient, and materialised per-sample gradients are not
+        kept from one product to the next (one product is taken from such a view).
         """
         assert self.capture is not None
         summed, per_sample = capture_pass(self.capture, loss, list(params), None, micro_batches, forward_context, summed_gradient=not products_only)
+        if products_only:
+            per_sample.keep_materialised = False  # one product is taken from such a view (the end-of-fit pass)
         size = sum(mb.size for mb in micro_batches)
         if summed:
             torch._foreach_div_(list(summed.values()), float(size))  # the mean, in place (no parameter-sized copy)

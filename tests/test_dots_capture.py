@@ -406,3 +406,23 @@ def test_a_second_gradient_through_an_eager_layer_is_refused_with_the_fix():
             out.backward(retain_graph=True)
             with pytest.raises(RuntimeError, match="retain_graph=True.*Fix"):
                 out.backward()
+
+
+def test_a_single_product_view_keeps_no_materialised_gradients():
+    """keep_materialised=False (the end-of-fit pass's views): each layer's per-sample gradients go once its
+    product is taken; the numbers are the cached path's."""
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    directions = [{n: torch.randn_like(p) for n, p in model.named_parameters()} for _ in range(2)]
+    results = {}
+    for keep in (True, False):
+        capture = LayerCapture(model)
+        with capture.recording():
+            model(x).pow(2).sum().backward()
+        per_sample = capture.per_sample()
+        per_sample.keep_materialised = keep
+        results[keep] = per_sample.dots(directions, form="materialised")
+        assert bool(per_sample._materialised) == keep
+        capture.remove()
+    torch.testing.assert_close(results[False], results[True], rtol=0, atol=0)
