@@ -376,3 +376,13 @@ def test_wide_layers_take_several_directions_one_at_a_time(layer, shape, monkeyp
     torch.manual_seed(8)
     _run(layer, torch.randint(0, 7, (5, 4)) if shape is None else torch.randn(shape, dtype=torch.float64))
     assert 1 in seen and 3 in seen  # one-direction views for the direct form; the stack for the materialised one
+
+
+@pytest.mark.parametrize("layer", [nn.LayerNorm(6), nn.RMSNorm(6), nn.GroupNorm(3, 6)], ids=["layer", "rms", "group"])
+def test_normalisation_layers_called_twice_over_uneven_micro_batches(layer):
+    """The eager rules' factors, formed in the backward from each call's unscaled gradient, are summed over
+    the calls (a shared layer) and rescaled per micro-batch (5 = 3 + 2 samples: two different scales)."""
+    torch.manual_seed(11)
+    with torch.no_grad():
+        layer.weight.normal_()
+    _run(layer, torch.randn(5, 6, dtype=torch.float64), lambda m, x: m(torch.tanh(m(x))), micro_batches=2)
