@@ -12,6 +12,12 @@ from diffin_lightning.dots import LayerCapture, PerSampleDots
 TOLERANCE = {"rtol": 1e-10, "atol": 1e-10}
 
 
+def rows_of(full: Tensor, part: Tensor) -> slice:
+    """The rows of ``full`` that ``part`` (a slice of it) holds: per-sample targets follow their inputs."""
+    start = (part.data_ptr() - full.data_ptr()) // (full.stride(0) * full.element_size())
+    return slice(start, start + part.shape[0])
+
+
 def per_sample_gradients_by_loop(model: nn.Module, losses: Callable[[Tensor], Tensor], inputs: Tensor, names: list[str]) -> dict[str, Tensor]:
     """``{name: Tensor[B, *shape]}``: each sample's loss alone, through autograd (the reference)."""
     parameters = dict(model.named_parameters())

@@ -11,13 +11,7 @@ from torch import nn
 from torch.func import functional_call
 
 from diffin_lightning.dots import LayerCapture, functional_dots, functional_squared_norms
-from dots_reference import TOLERANCE, captured, check_against_reference, per_sample_gradients_by_loop
-
-
-def _which(full, part):
-    """The rows of ``full`` that ``part`` (a slice of it) holds: per-sample targets follow their inputs."""
-    start = (part.data_ptr() - full.data_ptr()) // (full.stride(0) * full.element_size())
-    return slice(start, start + part.shape[0])
+from dots_reference import TOLERANCE, captured, check_against_reference, per_sample_gradients_by_loop, rows_of as _which
 
 
 class SharedSequenceModel(nn.Module):

@@ -53,7 +53,7 @@ def _encoder_products_match_each_samples_own_gradient(device: str, dtype: torch.
     from torch.nn.attention import sdpa_kernel
 
     from diffin_lightning.dots import LayerCapture, rules
-    from dots_reference import per_sample_gradients_by_loop
+    from dots_reference import per_sample_gradients_by_loop, rows_of
 
     recomputed = []
     core = rules.MultiheadAttentionRule._self_attention_core
@@ -65,9 +65,7 @@ def _encoder_products_match_each_samples_own_gradient(device: str, dtype: torch.
     targets = torch.randint(0, 3, (6,), device=device)
 
     def losses(inputs):
-        rows = slice((inputs.data_ptr() - x.data_ptr()) // (x.stride(0) * x.element_size()), None)
-        picked = targets[rows][: inputs.shape[0]]
-        return F.cross_entropy(model["head"](model["encoder"](inputs).mean(1)).float(), picked, reduction="none")
+        return F.cross_entropy(model["head"](model["encoder"](inputs).mean(1)).float(), targets[rows_of(x, inputs)], reduction="none")
 
     names = [n for n, _ in model.named_parameters()]
     with sdpa_kernel(backend), LayerCapture(model, names) as capture:
