@@ -204,6 +204,7 @@ class ScaledShift:
         return iter(self.direction)
 
     def __getitem__(self, name: str) -> Tensor:
+        # One parameter's share, as a layer's products read it (PerSampleDots.dots over the Gram-form layers).
         return (self.direction[name] / self.norm).mul_(self.step)
 
     def negated(self) -> ScaledShift:
@@ -542,9 +543,7 @@ def gradient_of_mean(loss: PerSampleLoss, params: Params, batches: Iterable[Any]
     names = list(params)
     leaves = [params[name].detach().requires_grad_(True) for name in names]
     point = dict(zip(names, leaves))
-    total: list[Tensor] | None = None
     count = 0
-    batches_seen = 0
     for batch in batches:
         with torch.enable_grad():
             losses = loss.values(point, batch)
@@ -553,9 +552,8 @@ def gradient_of_mean(loss: PerSampleLoss, params: Params, batches: Iterable[Any]
             # returned gradients held (one parameter set of transient memory at every refresh).
             torch.autograd.backward(losses.sum(), inputs=leaves)
         count += int(losses.shape[0])
-        batches_seen += 1
-    if batches_seen:
-        total = [torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in leaves]
+    # No samples: no gradient (an empty shard contributes zeros to the sum over ranks; alone, an error below).
+    total = [torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in leaves] if count else None
     if across_ranks:
         summed, count = distributed.sum_with_count_over_ranks(None if total is None else dict(zip(names, total)), count, params)
         total = [summed[name] for name in names]
