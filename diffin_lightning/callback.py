@@ -367,7 +367,10 @@ class DiffInCallback(Callback):
         if self._records(trainer.global_step):
             self._pending.append((batch, ids))
             assert self._recorder is not None
-            self._recorder.begin_micro_batch(batch, int(ids.numel()), save_rng_state(pl_module.device))
+            mixed = isinstance(trainer.precision_plugin, MixedPrecision)
+            self._recorder.begin_micro_batch(
+                batch, int(ids.numel()), save_rng_state(pl_module.device), trainer.global_step, trainer.accumulate_grad_batches, mixed
+            )
 
     def _sample_ids(self, batch: Any, device: torch.device) -> Tensor:
         ids = torch.as_tensor(self.index_fn(batch), device=device)

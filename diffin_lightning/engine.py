@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from diffin_lightning import distributed
 from diffin_lightning.dots import LayerCapture, PerSampleDots, functional_dots, functional_squared_norms, supported_layers_message
+from diffin_lightning.dots.stream import ProductStream
 from diffin_lightning.per_sample import Params, PerSampleLoss
 
 RngState = tuple[Tensor, Tensor | None]
@@ -278,6 +279,7 @@ def capture_pass(
     micro_batches: Sequence[MicroBatch],
     forward_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     summed_gradient: bool | Sequence[str] = True,
+    stream: ProductStream | None = None,
 ) -> tuple[Params, PerSampleDots]:
     """One forward and backward of the summed per-sample losses at ``theta + shift`` with the capture on.
 
@@ -287,6 +289,7 @@ def capture_pass(
     holds: all of ``names`` (``True``), none (``False``: the backward stops at the covered
     layers' outputs, ``G_sum`` is ``{}``, the products alone), or the names given (the other
     layers' products come from their output gradients, their weight products are skipped).
+    ``stream``: take those products during the backward (:meth:`LayerCapture.stream_products`).
     """
     if isinstance(summed_gradient, bool):
         wanted = list(names) if summed_gradient else []
@@ -298,6 +301,7 @@ def capture_pass(
         leaves = [parameters[name] for name in wanted]
         device = next(iter(parameters.values())).device
         capture.layers.clear()
+        capture.layers.stream_products(stream)
         capture.layers.enabled = True
         capture.layers.keep_outputs = len(wanted) < len(names)
         try:

@@ -28,7 +28,9 @@ from diffin_lightning.engine import (
     gradient_of_mean,
     other_captures_paused,
     relative_difference,
+    replayed_rng,
 )
+from diffin_lightning.dots.stream import ProductStream
 from diffin_lightning.finite import all_finite
 from diffin_lightning.per_sample import LossFn, Params, PerSampleLoss
 from diffin_lightning.results import RunRecord
@@ -67,6 +69,7 @@ class InfluenceRecorder:
         reuse = settings.reuse_training_step if settings.reuse_training_step is not None else settings.loss_fn is None
         self.use_capture = self.fast and reuse and settings.schedule == "in_run"
         self.verified = False
+        self._stream: ProductStream | None = None  # what the current step's capture takes during its backward
         self.record = record
         record.engine = (
             "captured from the training step"
@@ -108,17 +111,76 @@ class InfluenceRecorder:
 
     # ------------------------------------------------------------------ per micro-batch
 
-    def begin_micro_batch(self, batch: Any, size: int, rng: RngState | None) -> None:
-        """A recorded step's micro-batch is about to run its training step."""
+    def begin_micro_batch(
+        self, batch: Any, size: int, rng: RngState | None, step: int = 0, micro_batches_per_step: int = 1, mixed_precision: bool = False
+    ) -> None:
+        """A recorded step's micro-batch is about to run its training step (``step``: its ``global_step``)."""
         if self.capture is not None and self.settings.schedule == "in_run":
-            if not self.capture.micro_batches:
+            first = not self.capture.micro_batches
+            # A refresh below batches the target by the training micro-batch: known from here on, where the
+            # loader did not say (a refresh in 256s would hold twice the activations of a step in 128s).
+            self.adopt_micro_batch_size(size)
+            # Before the capture and the loss wrapper are on: a refresh here is none of the step's.
+            stream = self._product_stream(step, micro_batches_per_step, mixed_precision) if first else self._stream
+            if first:
                 self.step_losses = []
+                self._stream = stream
             self.capture.begin_micro_batch(batch, size, rng, hooks=self.use_capture)
+            if stream is not None:
+                self.capture.layers.stream_products(stream)
             self._in_training_step = True
+
+    def _product_stream(self, step: int, micro_batches_per_step: int, mixed_precision: bool) -> ProductStream | None:
+        """Before a recorded step's first forward: what the capture is to take during the step's backward, if it can.
+
+        The directions must be known before the backward, so the dataset targets' gradients are
+        refreshed here when due (at the same parameters, on a forked RNG: the same ``g_V`` as a
+        refresh after the backward). Steps it cannot serve keep every capture to the end of the
+        backward: a 'train' target (its direction folds in this step's gradient), DDP (a refresh
+        is a collective, and the second order there uses the global batch gradient), mixed or
+        float16 precision (products of unscaled float16 gradients underflow), and the forward
+        scheme's ``<G_B, G_i>`` over several micro-batches (each sample pairs with every
+        micro-batch's samples).
+        """
+        capture, settings = self.capture, self.settings
+        if (
+            capture is None
+            or not capture.covered
+            or not settings.stream_products
+            or settings.schedule != "in_run"
+            or not self.use_capture
+            or mixed_precision
+            or distributed.world_size() > 1
+            or self.record.model_nonfinite_step is not None
+            or any(isinstance(target, TrainingLossTarget) for target in self.targets)
+        ):
+            return None
+        params = self.loss.parameters()
+        reference = next(iter(params.values()))
+        if reference.dtype == torch.float16:
+            return None
+        datasets = [target for target in self.targets if not isinstance(target, SelfTarget)]
+        second_order = settings.compute_second_order and bool(datasets)
+        gradient_dots = second_order and settings.finite_difference == "forward"
+        if gradient_dots and micro_batches_per_step != 1:
+            return None
+        # The refresh's own forward and backward reach no capture: another callback's may be on for its step already.
+        with other_captures_paused(capture), replayed_rng(None, reference.device):
+            directions = tuple(target.target_gradient(self.loss, params, step, reference.device, {}) for target in datasets)
+        return (
+            ProductStream(
+                directions,
+                squared_norms=len(datasets) < len(self.targets),
+                gradient_dots=gradient_dots,
+                second_order=second_order,
+                max_materialised_elements=capture.layers.max_materialised_elements,
+            )
+        )
 
     def abandon_step(self) -> None:
         """Forget the current step's captures (a skipped step)."""
         self._in_training_step = False
+        self._stream = None
         if self.capture is not None:
             self.capture.clear()
 
@@ -221,6 +283,7 @@ class InfluenceRecorder:
                 capture.clear()
             self._accumulate_step(view, step, eta, params, ids, batch_size, known_finite)
         finally:
+            self._stream = None
             self.loss.clear_captures()
             if self.capture is not None:
                 self.capture.clear()
@@ -233,6 +296,7 @@ class InfluenceRecorder:
         loss: PerSampleLoss,
         across_ranks: bool = True,
         products_only: bool = False,
+        stream: ProductStream | None = None,
     ) -> CapturedStep:
         """The step's products from one forward+backward of the per-sample loss with the capture on.
 
@@ -241,7 +305,9 @@ class InfluenceRecorder:
         kept from one product to the next (one product is taken from such a view).
         """
         assert self.capture is not None
-        summed, per_sample = capture_pass(self.capture, loss, list(params), None, micro_batches, forward_context, summed_gradient=not products_only)
+        summed, per_sample = capture_pass(
+            self.capture, loss, list(params), None, micro_batches, forward_context, summed_gradient=not products_only, stream=stream
+        )
         if products_only:
             per_sample.keep_materialised = False  # one product is taken from such a view (the end-of-fit pass)
         size = sum(mb.size for mb in micro_batches)
@@ -255,11 +321,19 @@ class InfluenceRecorder:
     def _verify(self, view: CapturedStep, forward_context: ForwardContext, mixed: bool) -> CapturedStep:
         """Once: is the training step's gradient the mean of ``per_sample_loss``'s, and do the captures say the same?"""
         self.verified = True
-        recomputed = self._recaptured(view.params, view.micro_batches, forward_context, self.unseeded_loss)
+        # The recomputation takes what the training step's stream took, the same way: the step's captures
+        # and the recomputation's are then never held together (that was the fit's peak memory).
+        stream = self._stream
+        recomputed = self._recaptured(view.params, view.micro_batches, forward_context, self.unseeded_loss, stream=stream)
         dtype = next(iter(view.params.values())).dtype
         tolerance = _CHECK_TOLERANCE_MIXED if mixed else _CHECK_TOLERANCE.get(dtype, 1e-2)
         gradient_gap = relative_difference(view.batch_gradient, recomputed.batch_gradient)
-        captured, expected = view.gradient_dots().double(), recomputed.gradient_dots().double()
+        if stream is None or stream.gradient_dots:
+            captured, expected = view.gradient_dots().double(), recomputed.gradient_dots().double()
+        elif stream.directions:
+            captured, expected = view.dots(list(stream.directions)).double(), recomputed.dots(list(stream.directions)).double()
+        else:
+            captured, expected = view.squared_norms().double(), recomputed.squared_norms().double()
         capture_gap = float((captured - expected).abs().max() / expected.abs().max().clamp_min(1e-300))
         passed = gradient_gap <= tolerance and capture_gap <= tolerance
         # Under DDP every rank must take the same path (their passes meet in collectives): the
@@ -310,11 +384,11 @@ class InfluenceRecorder:
             if not batch_gradient_finite:
                 self.skip_step(target.name, step, "the batch gradient G_B")
                 continue
-            refreshed_before = getattr(target, "refreshed_at_step", None)
             batch_gradient = view.batch_gradient if isinstance(target, TrainingLossTarget) else {}
             gradient = target.target_gradient(self.loss, params, step, device, batch_gradient)
-            # A dataset target's gradient changes only at a refresh: checked then (or every step for 'train').
-            if getattr(target, "refreshed_at_step", None) != refreshed_before or isinstance(target, TrainingLossTarget):
+            # A dataset target's gradient changes only at a refresh, here or before the step's forward
+            # (stream_step): checked at that step (and every step for 'train').
+            if getattr(target, "refreshed_at_step", None) == step or isinstance(target, TrainingLossTarget):
                 if not _all_finite(gradient):
                     self.skip_step(target.name, step, "the target gradient g_V")
                     if isinstance(target, DatasetTarget):
@@ -384,7 +458,10 @@ class InfluenceRecorder:
 
         def per_sample_loss(*args: Any, **kwargs: Any) -> Any:
             losses = original(module, *args, **kwargs)
-            if self._in_training_step and torch.is_grad_enabled() and isinstance(losses, Tensor):
+            # Its capture is paused while another callback's extra pass (a target refresh before the step's
+            # forward, say) runs this module: those losses are none of this step's.
+            recording = self._in_training_step and self.capture is not None and self.capture.layers.enabled
+            if recording and torch.is_grad_enabled() and isinstance(losses, Tensor):
                 self.step_losses.append(losses.detach())
             return losses
 

@@ -114,6 +114,15 @@ class DiffInSettings:
         "with an explicit loss_fn, which training_step may not use; True/False force it.",
         default=None,
     )
+    stream_products: bool = _help(
+        "Take each layer's per-sample products during the training step's backward, as its output gradient arrives, and "
+        "let its captured input and gradient go there (peak memory: about one copy of the activations less). Applies to "
+        "recorded steps whose directions are known before the backward (dataset and 'self' targets; the dataset targets' "
+        "gradients are then refreshed before the step's forward), in full or bfloat16 precision on one process; other "
+        "steps hold every layer's captures to the end of the backward. False: always hold them (a training step that "
+        "backpropagates through the same graph twice needs it).",
+        default=True,
+    )
     output_dir: str | os.PathLike[str] | None = _help(
         "Where influence.safetensors and influence.json go; default trainer.log_dir (default_root_dir without a logger).",
         default=None,

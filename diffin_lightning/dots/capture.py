@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from torch.utils.hooks import RemovableHandle
 from diffin_lightning.dots.factors import LayerFactors
 from diffin_lightning.dots.per_sample_dots import DEFAULT_MAX_MATERIALISED_ELEMENTS, PerSampleDots
 from diffin_lightning.dots.registry import LayerRule, rule_for, supported_layers_message
+from diffin_lightning.dots.stream import ProductStream, StreamedProducts
 
 
 @dataclass
@@ -23,7 +25,9 @@ class _Call:
     """One call of a covered module: what its rule kept, and its outputs' gradients once backward ran.
 
     An eager rule's call (:attr:`LayerRule.eager`) holds its factors instead, formed from its
-    unscaled output gradient as that arrives; its inputs and gradient are let go there.
+    unscaled output gradient as that arrives; its inputs and gradient are let go there. A
+    streamed call (its pass has a :class:`ProductStream`) holds nothing: its products went
+    into the pass's :attr:`_Pass.streamed` as its gradient arrived.
     """
 
     module_name: str
@@ -31,6 +35,8 @@ class _Call:
     backprops: list[Tensor | None]
     eager: _Covered | None = None
     eager_factors: list[LayerFactors] = field(default_factory=list)
+    entry: _Covered | None = None
+    streamed: bool = False
 
 
 @dataclass
@@ -40,6 +46,9 @@ class _Pass:
     calls: list[_Call] = field(default_factory=list)
     received: bool = False
     batch_size: int | None = None
+    stream: ProductStream | None = None
+    streamed: StreamedProducts | None = None
+    calls_per_module: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
 @dataclass
@@ -102,6 +111,7 @@ class LayerCapture:
                 )
         self.enabled = False
         self.keep_outputs = False  # keep the hooked outputs for take_outputs (products-only passes)
+        self.stream: ProductStream | None = None  # see stream_products
         self._outputs: list[Tensor] = []
         self._passes: list[_Pass] = []
         self._handles: list[RemovableHandle] = []
@@ -165,6 +175,13 @@ class LayerCapture:
             if names:
                 self._covered[module_name] = _Covered(child, rule, names)
         self.covered_parameter_names: tuple[str, ...] = tuple(name for name in requested if name in covered)
+        # Modules with a parameter that another covered module also uses (tied weights): their products
+        # have cross terms with the other module's, so they are never taken alone during a backward.
+        users: dict[str, list[str]] = {}
+        for module_name, entry in self._covered.items():
+            for name in entry.names.values():
+                users.setdefault(name, []).append(module_name)
+        self._shared_modules = frozenset(m for names in users.values() if len(names) > 1 for m in names)
         self.uncovered_parameter_names: tuple[str, ...] = tuple(name for name in requested if name not in covered)
 
     @property
@@ -180,7 +197,7 @@ class LayerCapture:
         if not any(isinstance(target, Tensor) and target.requires_grad for target in targets):
             return None
         if not self._passes or self._passes[-1].received:
-            self._passes.append(_Pass())
+            self._passes.append(_Pass(stream=self.stream))
         current = self._passes[-1]
         replaced = None
         if (
@@ -203,10 +220,11 @@ class LayerCapture:
             targets = entry.rule.outputs(replaced)
         if current.batch_size is None and isinstance(targets[0], Tensor) and targets[0].dim() > 0:
             current.batch_size = int(targets[0].shape[0])
-        call = _Call(module_name, entry.rule.activations(module, args, kwargs), [None] * len(targets), entry if entry.rule.eager else None)
+        call = _Call(module_name, entry.rule.activations(module, args, kwargs), [None] * len(targets), entry if entry.rule.eager else None, entry=entry)
         nodes = entry.rule.inner_gradients(module, call.activations, output if replaced is None else replaced)
         call.backprops += [None] * len(nodes)
         current.calls.append(call)
+        current.calls_per_module[module_name] += 1
         for index, target in enumerate(targets):
             if isinstance(target, Tensor) and target.requires_grad:
                 target.register_hook(functools.partial(self._on_backward, current, call, index))
@@ -215,6 +233,19 @@ class LayerCapture:
         for index, node in enumerate(nodes, start=len(targets)):
             node.register_prehook(functools.partial(self._on_node_backward, current, call, index))
         return replaced
+
+    def stream_products(self, stream: ProductStream | None) -> None:
+        """Take the products ``stream`` asks for during the coming backward(s), each layer as its gradient arrives.
+
+        Applies to the passes that start from now until :meth:`clear`. A call is taken when it
+        has one output gradient, is its module's only call in the pass and shares no parameter
+        with another covered module (and, where ``stream.gradient_dots``, its layer takes the
+        Gram form); its inputs and output gradient are let go there. Other calls are held as
+        without a stream. :meth:`per_sample` then answers only the products the stream took (for
+        the taken layers) and adds them to the held layers'. A second gradient reaching a taken
+        call (a backward through the same graph twice) raises.
+        """
+        self.stream = None if stream is None else dataclasses.replace(stream, shared_modules=self._shared_modules)
 
     def take_outputs(self) -> list[Tensor]:
         """The hooked outputs kept since the last call (with :attr:`keep_outputs` on), handed over once.
@@ -251,13 +282,47 @@ class LayerCapture:
             call.activations = None  # the layer's input and output gradient go now, not at the end of the step
             current.received = True
             return
+        if call.streamed:
+            raise RuntimeError(
+                f"LayerCapture: a second gradient reached {call.module_name} after its products were taken during the backward "
+                "(a ProductStream) and its captures let go; a backward through the same graph twice (retain_graph=True) "
+                "cannot be streamed. Fix: one backward per forward in a recorded step, or DiffInCallback(stream_products=False)."
+            )
         previous = call.backprops[index]
+        if previous is None and LayerCapture._take(current, call, gradient):
+            current.received = True
+            return
         stored = gradient if previous is None else previous + gradient
         if previous is not None:
             LayerCapture._release(previous)
         LayerCapture._holders[stored.untyped_storage().data_ptr()] += 1
         call.backprops[index] = stored
         current.received = True
+
+    @staticmethod
+    def _take(current: _Pass, call: _Call, gradient: Tensor) -> bool:
+        """Take the call's products into its pass's stream now, if it can be taken alone; whether it was."""
+        stream, entry = current.stream, call.entry
+        if (
+            stream is None
+            or entry is None
+            or len(call.backprops) != 1
+            or current.calls_per_module[call.module_name] != 1
+            or call.module_name in stream.shared_modules
+        ):
+            return False
+        blocks = entry.rule.factors(entry.module, call.module_name, call.activations, [gradient], entry.names)
+        names = tuple(entry.names.values())
+        if not blocks or not stream.takes(blocks, names):
+            return False
+        taken = stream.take(blocks, names)
+        if current.streamed is None:
+            current.streamed = taken
+        else:
+            current.streamed.add(taken)
+        call.activations = None  # the layer's input and output gradient go now, not at the end of the step
+        call.streamed = True
+        return True
 
     @staticmethod
     def _on_node_backward(current: _Pass, call: _Call, index: int, grad_outputs: tuple[Tensor | None, ...]) -> None:
@@ -290,6 +355,7 @@ class LayerCapture:
                         LayerCapture._release(backprop)
         self._passes = []
         self._outputs = []
+        self.stream = None
 
     def remove(self) -> None:
         """Remove every hook (the capture is inert afterwards)."""
@@ -334,7 +400,7 @@ class LayerCapture:
             scales = list(backprop_scale)
         else:
             scales = [backprop_scale] * len(received)
-        passes, sizes = [], []
+        passes, sizes, streamed_parts = [], [], []
         for current, scale in zip(received, scales):
             by_key: dict[Any, list] = {}
             # (A scale of exactly 1, as in every extra pass, copies nothing: a copy of every output gradient.)
@@ -362,14 +428,20 @@ class LayerCapture:
                 for factors in entry.rule.factors(entry.module, call.module_name, call.activations, backprops, entry.names):
                     by_key.setdefault(factors.key, []).append(factors)
             blocks = [items[0].merge(items[1:]) if len(items) > 1 else items[0] for items in by_key.values()]
-            if not blocks:
+            streamed = current.streamed
+            if streamed is not None and not unscaled:
+                streamed = streamed.scaled(scale)
+            if not blocks and streamed is None:
                 continue
-            batch_sizes = {block.key: block.batch_size for block in blocks}
+            batch_sizes: dict[Any, int] = {block.key: block.batch_size for block in blocks}
+            if streamed is not None:
+                batch_sizes["(layers taken during the backward)"] = streamed.batch_size
             if len(set(batch_sizes.values())) != 1:
                 raise ValueError(
                     "LayerCapture: every covered layer must see the samples on dim 0 (batch-first) with one batch size per forward; "
                     f"got sizes {batch_sizes}. Fix: use batch_first layouts, or leave the odd layers' parameters out of `parameter_names`."
                 )
             passes.append(blocks)
-            sizes.append(blocks[0].batch_size)
-        return PerSampleDots(passes, sizes, self.covered_parameter_names, self.max_materialised_elements)
+            sizes.append(next(iter(batch_sizes.values())))
+            streamed_parts.append(streamed)
+        return PerSampleDots(passes, sizes, self.covered_parameter_names, self.max_materialised_elements, streamed=streamed_parts)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
 from diffin_lightning.dots.factors import Form, LayerFactors
+
+if TYPE_CHECKING:
+    from diffin_lightning.dots.stream import StreamedProducts
 
 # Materialised per-sample gradients above this many elements (per layer and micro-batch) are
 # never chosen by the cost model (a forced form ignores the cap): 2**27 float32 = 512 MiB.
@@ -58,6 +61,9 @@ class PerSampleDots:
         parameter_names: the covered parameters.
         max_materialised_elements: the cost model never materialises a layer's per-sample
             gradients above this size (per micro-batch).
+        streamed: per micro-batch, the products of the layers taken during its backward
+            (:mod:`~diffin_lightning.dots.stream`; already scaled), or ``None``. Those layers
+            hold no factors: the products they took are added, and only those can be asked for.
     """
 
     def __init__(
@@ -66,9 +72,13 @@ class PerSampleDots:
         batch_sizes: Sequence[int],
         parameter_names: Sequence[str],
         max_materialised_elements: int = DEFAULT_MAX_MATERIALISED_ELEMENTS,
+        streamed: Sequence[StreamedProducts | None] | None = None,
     ) -> None:
         self.passes = [list(blocks) for blocks in passes]
         self.batch_sizes = [int(size) for size in batch_sizes]
+        self.streamed = [part if part is not None and part.layers else None for part in (streamed or [None] * len(self.passes))]
+        if len(self.streamed) != len(self.passes):
+            raise ValueError(f"`streamed` must hold one entry per pass ({len(self.passes)}); got {len(self.streamed)}.")
         self.parameter_names = tuple(parameter_names)
         self.max_materialised_elements = max_materialised_elements
         self._tied = self._tied_keys()
@@ -140,13 +150,29 @@ class PerSampleDots:
         for blocks in self.passes:
             for block in blocks:
                 return block.reference.new_zeros(shape)
+        for part in self.streamed:
+            reference = None if part is None else part.reference()
+            if reference is not None:
+                return reference.new_zeros(shape)
         return torch.zeros(shape)
+
+    def _refuse_if_streamed(self, what: str) -> None:
+        taken = sum(part.layers for part in self.streamed if part is not None)
+        if taken:
+            raise RuntimeError(
+                f"PerSampleDots.{what}: {taken} layer block(s) let their captures go during the backward once the products "
+                "asked for there were taken (a ProductStream); their per-sample gradients cannot be formed now. "
+                "Fix: capture the step without a stream."
+            )
 
     def summed_gradient(self, names: Iterable[str] | None = None) -> dict[str, Tensor]:
         """``G_sum = sum_i G_i`` over every captured sample, per covered parameter that a layer reached.
 
-        With ``names``, only those parameters (each built once and cached).
+        With ``names``, only those parameters (each built once and cached); layers taken during
+        the backward (a stream) hold no factors to sum, so all of them is refused there.
         """
+        if names is None:
+            self._refuse_if_streamed("summed_gradient")
         reached = {name for blocks in self.passes for block in blocks for name in block.slices}
         wanted = reached if names is None else set(names) & reached
         missing = wanted - set(self._summed)
@@ -184,6 +210,8 @@ class PerSampleDots:
         """
         if form not in (None, "direct", "materialised"):
             raise ValueError(f"`form` must be None, 'direct' or 'materialised' for dots; got {form!r}.")
+        if only is not None:
+            self._refuse_if_streamed("dots(only=...)")
         count = len(directions)
         included = [[block for block in blocks if only is None or set(block.slices) <= only] for blocks in self.passes]
         needed = {name for blocks in included for block in blocks for name in block.slices}
@@ -210,6 +238,9 @@ class PerSampleDots:
                 else:
                     part = block.dots(stacked) if chosen == "direct" else self._materialised_dots(index, block, stacked)
                 total = total + part.to(total.dtype)
+            streamed = self.streamed[index]
+            if streamed is not None:
+                total = total + streamed.rows(directions).to(total.dtype)
             out.append(total)
         return torch.cat(out, dim=1) if out else self._zeros(count, 0)
 
@@ -256,6 +287,9 @@ class PerSampleDots:
                     if from_caller and gradient_scale != 1.0:
                         part = part * gradient_scale
                 total = total + part
+            streamed = self.streamed[index]
+            if streamed is not None:
+                total = total + streamed.require("gradient_dots", streamed.gradient_dots).to(total.dtype)
             out.append(total)
         return torch.cat(out) if out else self._zeros(0)
 
@@ -270,6 +304,9 @@ class PerSampleDots:
         for key, chosen, _ in self.plan("gradient_dots", gradient_given=True):
             block = next(b for b in self.passes[0] if b.key == key)
             (gram if chosen == "gram" else other).update(block.slices)
+        for part in self.streamed:
+            if part is not None:
+                gram |= part.gram_parameters
         return gram - other
 
     def squared_norms(self, form: Literal["gram", "materialised"] | None = None) -> Tensor:
@@ -297,11 +334,15 @@ class PerSampleDots:
                     total = total + sum(value.flatten(1).pow(2).sum(dim=1) for value in self._gradients_of(index, block).values())
             for value in tied.values():
                 total = total + value.flatten(1).pow(2).sum(dim=1)
+            streamed = self.streamed[index]
+            if streamed is not None:
+                total = total + streamed.require("squared_norms", streamed.norms).to(total.dtype)
             out.append(total)
         return torch.cat(out) if out else self._zeros(0)
 
     def per_sample_gradients(self) -> dict[str, Tensor]:
         """``{name: Tensor[B_total, *param.shape]}`` for every covered parameter a layer reached (memory: B copies)."""
+        self._refuse_if_streamed("per_sample_gradients")
         per_pass: list[dict[str, Tensor]] = []
         for index, blocks in enumerate(self.passes):
             totals: dict[str, Tensor] = {}
@@ -320,6 +361,7 @@ class PerSampleDots:
 
     def gram(self) -> Tensor:
         """``[<G_i, G_j>]`` as ``Tensor[B_total, B_total]`` over the covered parameters."""
+        self._refuse_if_streamed("gram")
         offsets = [sum(self.batch_sizes[:index]) for index in range(len(self.batch_sizes))]
         total = self._zeros(self.sample_count, self.sample_count)
         for p, blocks in enumerate(self.passes):

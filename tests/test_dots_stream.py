@@ -1,0 +1,197 @@
+"""Products taken during the backward (ProductStream) against the same products from held captures, in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffin_lightning import DiffInCallback
+from diffin_lightning.dots import LayerCapture
+from diffin_lightning.dots.stream import ProductStream
+from helpers import TinyClassifier, TinyData, trainer
+
+
+class TokenModel(nn.Module):
+    """Every kind of call: taken (embedding, sequence Linear), eager (LayerNorm), called twice, tied, two outputs (attention)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 8)
+        self.up = nn.Linear(8, 64)
+        self.norm = nn.LayerNorm(64)
+        self.twice = nn.Linear(64, 64)
+        self.down = nn.Linear(64, 8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 11)
+        self.head.weight = self.embed.weight  # tied
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.norm(self.up(self.embed(tokens))))
+        hidden = torch.tanh(self.twice(torch.tanh(self.twice(hidden))))
+        hidden = self.down(hidden)
+        hidden = hidden + self.attention(hidden, hidden, hidden, need_weights=False)[0]
+        return self.head(hidden).mean(1)
+
+
+class ConvModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 5 * 5, 40)
+        self.out = nn.Linear(40, 11)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.head(torch.tanh(self.conv(images)).flatten(1))))
+
+
+def _inputs(model: nn.Module, batch: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(model, TokenModel):
+        return torch.randint(0, 11, (batch, 5), generator=g)
+    return torch.randn(batch, 2, 5, 5, generator=g, dtype=torch.float64)
+
+
+def _loss(model: nn.Module, inputs: torch.Tensor, seed: int) -> torch.Tensor:
+    labels = torch.randint(0, 11, (inputs.shape[0],), generator=torch.Generator().manual_seed(seed))
+    return F.cross_entropy(model(inputs), labels, reduction="none")
+
+
+def _captured(model, directions, stream, batches=((4, 0),), scales=None):
+    """Forward+backward of each (batch size, seed) micro-batch of the mean loss with the capture (and the stream) on."""
+    capture = LayerCapture(model)
+    model.zero_grad(set_to_none=True)
+    with capture.recording():
+        capture.stream_products(stream)
+        for size, seed in batches:
+            _loss(model, _inputs(model, size, seed), seed).mean().backward()
+    calls = [call for current in capture._passes for call in current.calls]
+    taken = [call.module_name for call in calls if call.streamed]
+    # A taken call holds nothing once the backward is over; a held one holds its inputs.
+    assert all(call.activations is None and all(b is None for b in call.backprops) for call in calls if call.streamed)
+    per_sample = capture.per_sample(backprop_scale=scales if scales is not None else [float(size) for size, _ in batches])
+    gradient = {name: p.grad.clone() for name, p in model.named_parameters()}
+    capture.remove()
+    return per_sample, gradient, taken
+
+
+@pytest.mark.parametrize("make", [TokenModel, ConvModel], ids=["tokens", "conv"])
+@pytest.mark.parametrize("gradient_dots", [False, True], ids=["dots+norms", "dots+norms+gram"])
+def test_streamed_products_equal_the_held_ones(make, gradient_dots):
+    torch.manual_seed(0)
+    model = make().double()
+    directions = tuple({n: torch.randn_like(p) for n, p in model.named_parameters()} for _ in range(2))
+    held, gradient, none_taken = _captured(model, directions, None)
+    stream = ProductStream(directions, squared_norms=True, gradient_dots=gradient_dots, second_order=True)
+    streamed, _, taken = _captured(model, directions, stream)
+    assert not none_taken
+    if make is TokenModel:
+        # Called twice, tied with another module, or with a second gradient inside the call: held. With
+        # <G_sum, G_i> asked, the sequence layers' direct form (cheaper here than the Gram form over B*T
+        # positions) needs G_sum, which the backward has not formed yet: held too.
+        assert set(taken) == (set() if gradient_dots else {"up", "down"})
+    else:
+        assert set(taken) == ({"head", "out"} if gradient_dots else {"conv", "head", "out"})  # the convolution: direct form
+    close = dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(streamed.dots(list(directions)), held.dots(list(directions)), **close)
+    # Any order and any subset of the stream's directions (a target dropped for a non-finite g_V).
+    torch.testing.assert_close(streamed.dots([directions[1]]), held.dots([directions[1]]), **close)
+    torch.testing.assert_close(streamed.squared_norms(), held.squared_norms(), **close)
+    assert streamed.gram_form_parameters() == held.gram_form_parameters()
+    if gradient_dots:
+        expected = held.gradient_dots(gradient=gradient, gradient_scale=4.0)
+        torch.testing.assert_close(streamed.gradient_dots(gradient=gradient, gradient_scale=4.0), expected, **close)
+    else:
+        with pytest.raises(RuntimeError, match="gradient_dots was not taken"):
+            streamed.gradient_dots(gradient=gradient, gradient_scale=4.0)
+
+
+def test_streamed_micro_batches_with_their_own_scales():
+    torch.manual_seed(0)
+    model = ConvModel().double()
+    directions = ({n: torch.randn_like(p) for n, p in model.named_parameters()},)
+    batches, scales = ((4, 0), (3, 1)), [8.0, 6.0]  # accumulation over two micro-batches: k * |b| each
+    held, _, _ = _captured(model, directions, None, batches, scales)
+    streamed, _, taken = _captured(model, directions, ProductStream(directions, squared_norms=True), batches, scales)
+    assert taken.count("conv") == 2
+    torch.testing.assert_close(streamed.dots(list(directions)), held.dots(list(directions)), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(streamed.squared_norms(), held.squared_norms(), rtol=1e-10, atol=1e-12)
+
+
+def test_what_a_stream_did_not_take_is_refused_with_the_fix():
+    torch.manual_seed(0)
+    model = ConvModel().double()
+    directions = ({n: torch.randn_like(p) for n, p in model.named_parameters()},)
+    streamed, _, _ = _captured(model, directions, ProductStream(directions))
+    other = {n: v.clone() for n, v in directions[0].items()}  # equal values, another dictionary
+    with pytest.raises(RuntimeError, match=r"directions\[0\]` is not one of the directions given to the ProductStream"):
+        streamed.dots([other])
+    with pytest.raises(RuntimeError, match="squared_norms was not taken"):
+        streamed.squared_norms()
+    with pytest.raises(RuntimeError, match="per_sample_gradients: .* Fix: capture the step without a stream"):
+        streamed.per_sample_gradients()
+
+
+def test_a_second_backward_through_a_streamed_call_raises():
+    model = ConvModel().double()
+    directions = ({n: torch.randn_like(p) for n, p in model.named_parameters()},)
+    capture = LayerCapture(model)
+    with capture.recording():
+        capture.stream_products(ProductStream(directions))
+        loss = _loss(model, _inputs(model, 3, 0), 0).mean()
+        loss.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="stream_products=False"):
+            loss.backward()
+    capture.remove()
+
+
+class WideClassifier(TinyClassifier):
+    """A middle layer whose <G_B, G_i> takes the Gram form at batch 4 (taken), outer ones that do not (held)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.net = nn.Sequential(nn.Linear(5, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 3))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(compute_second_order=False), dict(), dict(finite_difference="central"), dict(compute_second_order=False, accumulate=2)],
+    ids=["first-order", "forward", "central", "first-order-accumulated"],
+)
+def test_the_callback_scores_are_the_same_with_and_without_the_stream(tmp_path, monkeypatch, options):
+    """A dataset target refreshed every 2 steps (before the step's forward when streamed) and the self target."""
+    options = dict(options)
+    accumulate = options.pop("accumulate", 1)
+    data = TinyData.make(num_train=16, num_val=6, seed=3)
+    taken = []
+    original = LayerCapture._take
+    monkeypatch.setattr(LayerCapture, "_take", staticmethod(lambda *args: taken.append(original(*args)) or taken[-1]))
+    runs = {}
+    for stream in (True, False):
+        taken.clear()
+        callback = DiffInCallback(
+            targets={"val": data.val, "self": "self"}, eps=1e-6, target_refresh_every_n_steps=2, stream_products=stream, **options
+        )
+        trainer(default_root_dir=tmp_path / str(stream), max_epochs=2, accumulate_grad_batches=accumulate, callbacks=[callback]).fit(
+            WideClassifier().double(), data.loader(batch_size=4)
+        )
+        assert callback._recorder.use_capture
+        runs[stream] = (callback, any(taken))
+    assert runs[True][1] and not runs[False][1]
+    for name in ("val", "self"):
+        for component in ("first_order", "second_order", "diffin", "visits"):
+            expected = runs[False][0].influence[name].component(component)
+            torch.testing.assert_close(runs[True][0].influence[name].component(component), expected, rtol=1e-9, atol=1e-12 * expected.abs().max())
+
+
+def test_no_stream_where_the_direction_needs_the_step_itself(tmp_path, monkeypatch):
+    """A 'train' target folds this step's gradient into its direction: every capture is held."""
+    data = TinyData.make(num_train=12, num_val=6, seed=3)
+    streams = []
+    original = LayerCapture.stream_products
+    monkeypatch.setattr(LayerCapture, "stream_products", lambda self, stream: streams.append(stream) or original(self, stream))
+    callback = DiffInCallback(targets={"val": data.val, "train": "train"}, eps=1e-6)
+    trainer(default_root_dir=tmp_path, max_epochs=1, callbacks=[callback]).fit(WideClassifier().double(), data.loader(batch_size=4))
+    assert streams and all(stream is None for stream in streams)
