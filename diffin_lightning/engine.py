@@ -34,7 +34,7 @@ import math
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -278,7 +278,7 @@ def capture_pass(
     shift: Params | ScaledShift | None,
     micro_batches: Sequence[MicroBatch],
     forward_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
-    summed_gradient: bool | Sequence[str] = True,
+    summed_gradient: bool | Sequence[str] | Literal["held"] = True,
     stream: ProductStream | None = None,
 ) -> tuple[Params, PerSampleDots]:
     """One forward and backward of the summed per-sample losses at ``theta + shift`` with the capture on.
@@ -289,9 +289,16 @@ def capture_pass(
     holds: all of ``names`` (``True``), none (``False``: the backward stops at the covered
     layers' outputs, ``G_sum`` is ``{}``, the products alone), or the names given (the other
     layers' products come from their output gradients, their weight products are skipped).
-    ``stream``: take those products during the backward (:meth:`LayerCapture.stream_products`).
+    ``stream``: take those products during the backward (:meth:`LayerCapture.stream_products`);
+    with ``summed_gradient="held"`` (one micro-batch), ``G_sum`` holds the parameters of the
+    calls the stream cannot take, decided after the forward, and no other.
     """
-    if isinstance(summed_gradient, bool):
+    held = summed_gradient == "held"
+    if held:
+        if len(micro_batches) != 1 or stream is None:
+            raise ValueError("capture_pass: summed_gradient='held' needs one micro-batch and a stream.")
+        wanted: list[str] = []
+    elif isinstance(summed_gradient, bool):
         wanted = list(names) if summed_gradient else []
     else:
         asked = set(summed_gradient)
@@ -303,11 +310,15 @@ def capture_pass(
         capture.layers.clear()
         capture.layers.stream_products(stream)
         capture.layers.enabled = True
-        capture.layers.keep_outputs = len(wanted) < len(names)
+        capture.layers.keep_outputs = held or len(wanted) < len(names)
         try:
             for mb in micro_batches:
                 with replayed_rng(mb.rng, device), forward_context(), torch.enable_grad():
                     losses = loss.module_values(mb.batch)
+                    if held:
+                        asked = capture.layers.held_parameter_names()
+                        wanted = [name for name in names if name in asked]
+                        leaves = [parameters[name] for name in wanted]
                     # The covered layers' outputs as inputs of the backward fire every capture hook
                     # even where no parameter gradient below them is asked for.
                     outputs = capture.layers.take_outputs() if capture.layers.keep_outputs else []
@@ -372,6 +383,7 @@ class CapturedStep:
         self._gradient_dots: Tensor | None = None
         self._gram_form_parameters: set[str] | None = None
         self.from_training_step = False  # set by the recorder when the factors are the training step's own
+        self.stream_perturbed = False  # set by the recorder: perturbed passes take their products during their backward
 
     def _losses_at(self, mb: MicroBatch) -> Callable[[Params], Tensor]:
         device = next(iter(self.params.values())).device
@@ -457,6 +469,8 @@ class CapturedStep:
             # batch's G_B: both need the parameter gradient itself.
             gradient, f = self.perturbed(shift.materialised())
             return along.dot(gradient), f
+        if self.stream_perturbed and len(self.micro_batches) == 1:
+            return self._streamed_perturbed_along(shift, along)
         # Every parameter is covered. The layers whose f_i is taken in the Gram form never read G_B:
         # their backward stops at their outputs (no weight gradient, no buffer of their size) and
         # their share of <along, G_B> is the sum of their per-sample products. The others (a
@@ -470,6 +484,30 @@ class CapturedStep:
         if gram:
             along_dots = along_dots + per_sample.dots([along], only=gram)[0].sum()  # type: ignore[list-item]
         f = per_sample.gradient_dots(gradient=summed)  # the Gram-form layers, absent from `summed`, use their factors
+        return along_dots / self.batch_size, f / self.batch_size
+
+    def _streamed_perturbed_along(self, shift: ScaledShift, along: ScaledShift) -> tuple[Tensor, Tensor]:
+        """:meth:`perturbed_along` with every layer's products taken as its output gradient arrives.
+
+        Each taken layer's captures go during the backward (the pass's peak is then about a plain
+        step's); autograd forms no weight gradient for those layers, whose ``G_sum`` is built
+        from their factors instead where their form reads it (the same cost). Only the layers a
+        stream cannot take alone (tied, called twice, attention's two gradients) get their
+        gradient from autograd; eager layers (normalisation) use their own factors.
+        """
+        stream = ProductStream(along=along, max_materialised_elements=self.capture.layers.max_materialised_elements)
+        summed, per_sample = capture_pass(
+            self.capture, self.loss, list(self.params), shift, self.micro_batches, self.forward_context, summed_gradient="held", stream=stream
+        )
+        along_dots = along.dot(summed)
+        taken = per_sample.streamed_along()
+        if taken is not None:
+            along_dots = along_dots + taken
+        taken_names = set().union(*(part.parameters for part in per_sample.streamed if part is not None))
+        rest = set(self.capture.covered) - set(summed) - taken_names
+        if rest:  # eager layers: their share of <along, G_B> from their per-sample products
+            along_dots = along_dots + per_sample.dots([along], only=rest)[0].sum()  # type: ignore[list-item]
+        f = per_sample.gradient_dots(gradient=summed)
         return along_dots / self.batch_size, f / self.batch_size
 
 

@@ -276,6 +276,7 @@ class InfluenceRecorder:
                         capture, self.unseeded_loss, params, micro_batches, per_sample, gradients, forward_context, self.settings.self_chunk_size
                     )
                     view.from_training_step = True
+                    view.stream_perturbed = self.settings.stream_products
                     if not self.verified:
                         view = self._verify(view, forward_context, mixed_precision)
                 else:
@@ -316,7 +317,9 @@ class InfluenceRecorder:
         gradient = summed
         if across_ranks and not products_only:
             gradient = distributed.mean_over_ranks(gradient)  # under DDP the global batch's, as .grad is
-        return CapturedStep(self.capture, loss, params, micro_batches, per_sample, gradient, forward_context, self.settings.self_chunk_size)
+        view = CapturedStep(self.capture, loss, params, micro_batches, per_sample, gradient, forward_context, self.settings.self_chunk_size)
+        view.stream_perturbed = self.settings.stream_products
+        return view
 
     def _verify(self, view: CapturedStep, forward_context: ForwardContext, mixed: bool) -> CapturedStep:
         """Once: is the training step's gradient the mean of ``per_sample_loss``'s, and do the captures say the same?"""

@@ -115,12 +115,12 @@ class DiffInSettings:
         default=None,
     )
     stream_products: bool = _help(
-        "Take each layer's per-sample products during the training step's backward, as its output gradient arrives, and "
-        "let its captured input and gradient go there (peak memory: about one copy of the activations less). Applies to "
-        "recorded steps whose directions are known before the backward (dataset and 'self' targets; the dataset targets' "
-        "gradients are then refreshed before the step's forward), in full or bfloat16 precision on one process; other "
-        "steps hold every layer's captures to the end of the backward. False: always hold them (a training step that "
-        "backpropagates through the same graph twice needs it).",
+        "Take each layer's per-sample products during a backward, as its output gradient arrives, and let its captured "
+        "input and gradient go there (peak memory: about one copy of the activations less). The perturbed passes (one "
+        "micro-batch) always can; the training step's backward where the directions are known before it (dataset and "
+        "'self' targets: the dataset targets' gradients are then refreshed before the step's forward), in full or "
+        "bfloat16 precision on one process. Elsewhere every layer's captures are held to the end of the backward. False: "
+        "always hold them (a training step that backpropagates through the same graph twice needs it).",
         default=True,
     )
     output_dir: str | os.PathLike[str] | None = _help(

@@ -187,11 +187,63 @@ def test_the_callback_scores_are_the_same_with_and_without_the_stream(tmp_path, 
 
 
 def test_no_stream_where_the_direction_needs_the_step_itself(tmp_path, monkeypatch):
-    """A 'train' target folds this step's gradient into its direction: every capture is held."""
+    """A 'train' target folds this step's gradient into its direction: the training step's captures are all held.
+
+    (Its perturbed passes, whose direction is known before their backward, still stream.)
+    """
     data = TinyData.make(num_train=12, num_val=6, seed=3)
     streams = []
     original = LayerCapture.stream_products
     monkeypatch.setattr(LayerCapture, "stream_products", lambda self, stream: streams.append(stream) or original(self, stream))
     callback = DiffInCallback(targets={"val": data.val, "train": "train"}, eps=1e-6)
     trainer(default_root_dir=tmp_path, max_epochs=1, callbacks=[callback]).fit(WideClassifier().double(), data.loader(batch_size=4))
-    assert streams and all(stream is None for stream in streams)
+    training_step_streams = [stream for stream in streams if stream is None or stream.along is None]
+    assert training_step_streams and all(stream is None for stream in training_step_streams)
+    assert any(stream is not None and stream.along is not None for stream in streams)
+
+
+@pytest.mark.parametrize("make", [TokenModel, ConvModel], ids=["tokens", "conv"])
+def test_a_streamed_perturbed_pass_equals_the_held_one_and_forms_only_the_held_layers_gradients(make):
+    """<s, G_B> and f_i at theta + shift with every layer taken during the backward, against the pass that holds them.
+
+    Autograd forms a parameter gradient only for the layers a stream cannot take alone (tied,
+    called twice, attention's two gradients); the others' G_sum, where their form reads it, is
+    built from their factors.
+    """
+    from diffin_lightning.engine import CapturedStep, MicroBatch, RecomputedStep, ScaledShift, StepCapture, capture_pass
+    from diffin_lightning.per_sample import PerSampleLoss
+
+    torch.manual_seed(0)
+    model = make().double()
+    inputs = _inputs(model, 4, 0)
+    labels = torch.randint(0, 11, (4,), generator=torch.Generator().manual_seed(1))
+    loss = PerSampleLoss(model, lambda module, batch: F.cross_entropy(module(batch[0]), batch[1], reduction="none"), seed=None)
+    names = [name for name, _ in model.named_parameters()]
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    capture = StepCapture(model, names)
+    micro_batches = [MicroBatch((inputs, labels), 4)]
+    direction = {name: torch.randn_like(p) for name, p in params.items()}
+    shift = ScaledShift(direction, torch.tensor(2.0, dtype=torch.float64), torch.tensor(1e-3, dtype=torch.float64))
+    computed: list[str] = []
+    for name, parameter in model.named_parameters():
+        parameter.register_hook(lambda grad, name=name: computed.append(name))
+    results = {}
+    for streamed in (False, True):
+        gradient, per_sample = capture_pass(capture, loss, names, None, micro_batches)
+        gradient = {name: value / 4 for name, value in gradient.items()}
+        step = CapturedStep(capture, loss, params, micro_batches, per_sample, gradient)
+        step.stream_perturbed = streamed
+        step.release_theta()
+        computed.clear()
+        results[streamed] = step.perturbed_along(shift, shift.negated())
+        formed = set(computed)
+    held = {"embed.weight", "head.bias", "twice.weight", "twice.bias"} | {n for n in names if n.startswith("attention.")} if make is TokenModel else set()
+    assert formed == held, formed
+    for mine, reference in zip(results[True], results[False]):
+        torch.testing.assert_close(mine, reference, rtol=1e-10, atol=1e-14)
+    if make is ConvModel:
+        recomputed = RecomputedStep(loss, params, [(inputs, labels)], 4).perturbed_along(shift, shift.negated())
+        for mine, reference in zip(results[True], recomputed):
+            torch.testing.assert_close(mine, reference, rtol=1e-10, atol=1e-14)
+    assert all(torch.equal(p, params[name]) for name, p in model.named_parameters())
+    capture.remove()

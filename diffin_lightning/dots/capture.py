@@ -247,6 +247,22 @@ class LayerCapture:
         """
         self.stream = None if stream is None else dataclasses.replace(stream, shared_modules=self._shared_modules)
 
+    def held_parameter_names(self) -> set[str]:
+        """After a forward: the covered parameters of the calls a stream cannot take (tied, called twice, several gradients).
+
+        Their products need ``G_sum`` from autograd; every other covered layer's can come from its
+        captures alone (eager layers hold their own factors).
+        """
+        shared = self._shared_modules
+        held: set[str] = set()
+        for current in self._passes:
+            for call in current.calls:
+                if call.eager is not None or call.entry is None:
+                    continue
+                if len(call.backprops) != 1 or current.calls_per_module[call.module_name] != 1 or call.module_name in shared:
+                    held.update(call.entry.names.values())
+        return held
+
     def take_outputs(self) -> list[Tensor]:
         """The hooked outputs kept since the last call (with :attr:`keep_outputs` on), handed over once.
 

@@ -186,6 +186,15 @@ class PerSampleDots:
                             self._summed[name] = self._summed[name] + value if name in self._summed else value
         return {name: self._summed[name] for name in wanted}
 
+    def built_summed_gradient(self) -> dict[str, Tensor]:
+        """The parts of ``G_sum`` built so far (by :meth:`summed_gradient`, or a form that read it)."""
+        return dict(self._summed)
+
+    def streamed_along(self) -> Tensor | None:
+        """``<along, G_sum>`` over the layers a perturbed pass's stream took (``None`` where none was taken)."""
+        parts = [part.along for part in self.streamed if part is not None and part.along is not None]
+        return sum(parts[1:], parts[0]) if parts else None
+
     def _has_summed(self, block: LayerFactors) -> bool:
         return all(name in self._summed for name in block.slices)
 
@@ -210,8 +219,9 @@ class PerSampleDots:
         """
         if form not in (None, "direct", "materialised"):
             raise ValueError(f"`form` must be None, 'direct' or 'materialised' for dots; got {form!r}.")
-        if only is not None:
-            self._refuse_if_streamed("dots(only=...)")
+        taken = set().union(*(part.parameters for part in self.streamed if part is not None))
+        if only is not None and taken & only:
+            self._refuse_if_streamed("dots(only=...) over layers taken during the backward")
         count = len(directions)
         included = [[block for block in blocks if only is None or set(block.slices) <= only] for blocks in self.passes]
         needed = {name for blocks in included for block in blocks for name in block.slices}
@@ -239,7 +249,7 @@ class PerSampleDots:
                     part = block.dots(stacked) if chosen == "direct" else self._materialised_dots(index, block, stacked)
                 total = total + part.to(total.dtype)
             streamed = self.streamed[index]
-            if streamed is not None:
+            if streamed is not None and only is None:
                 total = total + streamed.rows(directions).to(total.dtype)
             out.append(total)
         return torch.cat(out, dim=1) if out else self._zeros(count, 0)

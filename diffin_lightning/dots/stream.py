@@ -38,6 +38,11 @@ class ProductStream:
         second_order: a perturbed pass follows; each taken layer records whether its
             ``<G_sum, G_i>`` would take the Gram form (that pass then skips its weight gradient).
         max_materialised_elements: the cost model's cap on materialised per-sample gradients.
+        along: a perturbed pass's direction. Such a pass computes no parameter gradient of its
+            own for the layers taken (their backward stops at their outputs), so every layer can
+            be taken: its ``G_sum`` is built from its factors where its form reads it (the cost
+            autograd's weight gradient would have had), and ``<G_sum, G_i>`` (whatever the form)
+            and ``<along, G_sum>`` (:attr:`StreamedProducts.along`) are taken.
     """
 
     directions: tuple[Mapping[str, Tensor], ...] = ()
@@ -45,6 +50,7 @@ class ProductStream:
     gradient_dots: bool = False
     second_order: bool = False
     max_materialised_elements: int = DEFAULT_MAX_MATERIALISED_ELEMENTS
+    along: Mapping[str, Tensor] | None = None
     # Set by the capture that runs the stream: modules whose parameters another covered module shares.
     shared_modules: frozenset[str] = frozenset()
 
@@ -53,7 +59,7 @@ class ProductStream:
 
     def takes(self, blocks: Sequence[LayerFactors], parameter_names: Sequence[str]) -> bool:
         """Whether every block of a call can be taken now (else the call is held to the end of the backward)."""
-        if not self.gradient_dots:
+        if not self.gradient_dots or self.along is not None:
             return True
         return all(self._gram(self._single(block, parameter_names)) for block in blocks)
 
@@ -66,6 +72,9 @@ class ProductStream:
         total = StreamedProducts(blocks[0].batch_size, self.directions)
         for block in blocks:
             single = self._single(block, parameter_names)
+            if self.along is not None:
+                total.add(self._perturbed(block, single))
+                continue
             part = StreamedProducts(
                 block.batch_size,
                 self.directions,
@@ -74,9 +83,20 @@ class ProductStream:
                 gradient_dots=single.gradient_dots(form="gram") if self.gradient_dots else None,
                 layers=1,
                 gram_parameters=set(block.slices) if self.second_order and self._gram(single) else set(),
+                parameters=set(block.slices),
             )
             total.add(part)
         return total
+
+    def _perturbed(self, block: LayerFactors, single: PerSampleDots) -> StreamedProducts:
+        assert self.along is not None
+        f = single.gradient_dots()  # the cheapest form, building G_sum from the factors where it reads it
+        built = single.built_summed_gradient()
+        if all(name in built for name in block.slices):
+            along = sum((self.along[name] * built[name]).sum() for name in block.slices)
+        else:  # the Gram form: no G_sum; <along, G_sum> is the sum of the per-sample products
+            along = single.dots([self.along])[0].sum()
+        return StreamedProducts(block.batch_size, (), gradient_dots=f, layers=1, parameters=set(block.slices), along=along)
 
 
 def _plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -95,6 +115,8 @@ class StreamedProducts:
         dots: ``[D, B]`` or ``None``; norms, gradient_dots: ``[B]`` or ``None``.
         layers: how many layer blocks were taken (zero: nothing to add).
         gram_parameters: parameters of the taken layers whose ``<G_sum, G_i>`` takes the Gram form.
+        parameters: the taken layers' parameters.
+        along: ``<along, G_sum>`` over the taken layers (0-d), for a perturbed pass's stream.
     """
 
     batch_size: int
@@ -104,6 +126,8 @@ class StreamedProducts:
     gradient_dots: Tensor | None = None
     layers: int = 0
     gram_parameters: set[str] = field(default_factory=set)
+    parameters: set[str] = field(default_factory=set)
+    along: Tensor | None = None
 
     def add(self, other: StreamedProducts) -> None:
         self.dots = _plus(self.dots, other.dots)
@@ -111,6 +135,8 @@ class StreamedProducts:
         self.gradient_dots = _plus(self.gradient_dots, other.gradient_dots)
         self.layers += other.layers
         self.gram_parameters |= other.gram_parameters
+        self.parameters |= other.parameters
+        self.along = _plus(self.along, other.along)
 
     def scaled(self, scale: float | Tensor) -> StreamedProducts:
         """The products for output gradients multiplied by ``scale`` (dots scale once, the quadratic ones twice)."""
@@ -123,6 +149,8 @@ class StreamedProducts:
             None if self.gradient_dots is None else self.gradient_dots * square,
             self.layers,
             set(self.gram_parameters),
+            set(self.parameters),
+            None if self.along is None else self.along * scale,
         )
 
     def reference(self) -> Tensor | None:
