@@ -7,6 +7,7 @@ Trainer. One :class:`InfluenceRecorder` per fit.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -169,9 +170,10 @@ class InfluenceRecorder:
             directions = tuple(target.target_gradient(self.loss, params, step, reference.device, {}) for target in datasets)
         return (
             ProductStream(
-                directions,
+                directions=directions,
                 squared_norms=len(datasets) < len(self.targets),
                 gradient_dots=gradient_dots,
+                gradient_source="accumulated",  # the training step's own backward accumulates .grad
                 second_order=second_order,
                 max_materialised_elements=capture.layers.max_materialised_elements,
             )
@@ -327,7 +329,9 @@ class InfluenceRecorder:
         # The recomputation takes what the training step's stream took, the same way: the step's captures
         # and the recomputation's are then never held together (that was the fit's peak memory).
         stream = self._stream
-        recomputed = self._recaptured(view.params, view.micro_batches, forward_context, self.unseeded_loss, stream=stream)
+        # Its backward computes no .grad: G_sum, where a form reads it, from the layers' own factors.
+        recheck = None if stream is None else dataclasses.replace(stream, gradient_source="factors")
+        recomputed = self._recaptured(view.params, view.micro_batches, forward_context, self.unseeded_loss, stream=recheck)
         dtype = next(iter(view.params.values())).dtype
         tolerance = _CHECK_TOLERANCE_MIXED if mixed else _CHECK_TOLERANCE.get(dtype, 1e-2)
         gradient_gap = relative_difference(view.batch_gradient, recomputed.batch_gradient)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,6 +19,30 @@ from diffin_lightning.dots.factors import LayerFactors
 from diffin_lightning.dots.per_sample_dots import DEFAULT_MAX_MATERIALISED_ELEMENTS, PerSampleDots
 from diffin_lightning.dots.registry import LayerRule, rule_for, supported_layers_message
 from diffin_lightning.dots.stream import ProductStream, StreamedProducts
+
+
+def _accumulated(reference: weakref.ReferenceType[LayerCapture], name: str, parameter: Tensor) -> None:
+    capture = reference()
+    if capture is not None:
+        capture._on_accumulated(name, parameter)
+
+
+class _Probe(torch.autograd.Function):
+    """The identity on a layer's output, with a 0-d input whose gradient asks the backward to reach the layer.
+
+    A products-only backward (``torch.autograd.grad(loss, probes)``) must fire every covered
+    layer's output hook without computing its weight gradient. Asking for the outputs' own
+    gradients would do that, but autograd would hold every one of them until the backward ends
+    (a copy of the activations: the memory the stream lets go). A probe's gradient is one zero.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, output: Tensor, probe: Tensor) -> Tensor:  # type: ignore[override]
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx: Any, gradient: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        return gradient, gradient.new_zeros(())
 
 
 @dataclass
@@ -37,6 +62,8 @@ class _Call:
     eager_factors: list[LayerFactors] = field(default_factory=list)
     entry: _Covered | None = None
     streamed: bool = False
+    deferred: list[LayerFactors] | None = None  # taken once these parameters' .grad has accumulated
+    waiting: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -49,6 +76,7 @@ class _Pass:
     stream: ProductStream | None = None
     streamed: StreamedProducts | None = None
     calls_per_module: collections.Counter[str] = field(default_factory=collections.Counter)
+    waiting: dict[str, _Call] = field(default_factory=dict)  # parameter name -> the deferred call that reads its .grad
 
 
 @dataclass
@@ -118,9 +146,16 @@ class LayerCapture:
         self._covered: dict[str, _Covered] = {}
         self.uncovered_reasons: dict[str, str] = {}
         self._plan(module, parameters, requested)
+        self._parameters = parameters
         for module_name, entry in self._covered.items():
             hook = functools.partial(self._on_forward, module_name)
             self._handles.append(entry.module.register_forward_hook(hook, with_kwargs=True))
+        # Deferred calls of a stream are taken when their parameters' .grad has accumulated. Through a weak
+        # reference: the parameters outlive a capture that was dropped without remove().
+        reference = weakref.ref(self)
+        for name in self.covered_parameter_names:
+            hook = functools.partial(_accumulated, reference, name)
+            self._handles.append(parameters[name].register_post_accumulate_grad_hook(hook))
 
     def _plan(self, module: nn.Module, parameters: dict[str, nn.Parameter], requested: list[str]) -> None:
         name_of = {id(value): name for name, value in parameters.items()}
@@ -225,10 +260,20 @@ class LayerCapture:
         call.backprops += [None] * len(nodes)
         current.calls.append(call)
         current.calls_per_module[module_name] += 1
+        base = output if replaced is None else replaced
+        probe_it = self.keep_outputs and isinstance(base, Tensor) and len(targets) == 1 and targets[0] is base
+        if probe_it:
+            # The hook goes on the probe's output, the tensor the rest of the model reads: a backward that asks
+            # for the probe computes that tensor's gradient, but prunes the layer's own node below it (and
+            # with it any hook on the layer's output) when nothing below is asked for.
+            probe = torch.zeros((), dtype=base.dtype, device=base.device, requires_grad=True)
+            replaced = _Probe.apply(base, probe)
+            targets = [replaced]
+            self._outputs.append(probe)
         for index, target in enumerate(targets):
             if isinstance(target, Tensor) and target.requires_grad:
                 target.register_hook(functools.partial(self._on_backward, current, call, index))
-                if self.keep_outputs:
+                if self.keep_outputs and not probe_it:
                     self._outputs.append(target)
         for index, node in enumerate(nodes, start=len(targets)):
             node.register_prehook(functools.partial(self._on_node_backward, current, call, index))
@@ -266,6 +311,8 @@ class LayerCapture:
     def take_outputs(self) -> list[Tensor]:
         """The hooked outputs kept since the last call (with :attr:`keep_outputs` on), handed over once.
 
+        A single-tensor output is kept as a 0-d probe (see :class:`_Probe`; the module returns it
+        through the probe's identity), other outputs as themselves.
         ``torch.autograd.grad(loss, take_outputs())`` fires every hook with its layer's output
         gradient while computing no parameter gradient at all (autograd skips the weight
         products no requested input needs): products only, at about half the backward's cost.
@@ -329,16 +376,51 @@ class LayerCapture:
             return False
         blocks = entry.rule.factors(entry.module, call.module_name, call.activations, [gradient], entry.names)
         names = tuple(entry.names.values())
-        if not blocks or not stream.takes(blocks, names):
+        decision = stream.decision(blocks, names) if blocks else "hold"
+        if decision == "hold":
             return False
-        taken = stream.take(blocks, names)
+        call.activations = None  # the call's own references go now (a deferred call's factors hold its tensors a moment longer)
+        call.streamed = True
+        if decision == "defer":
+            # Its products read G_sum, which autograd accumulates into .grad right after this layer's backward
+            # node runs: taken there (post-accumulate-grad hooks), when the last of its parameters has arrived.
+            call.deferred = list(blocks)
+            call.waiting = {name for block in blocks for name in block.slices}
+            for name in call.waiting:
+                current.waiting[name] = call
+            return True
+        LayerCapture._add(current, stream.take(blocks, names))
+        return True
+
+    @staticmethod
+    def _add(current: _Pass, taken: StreamedProducts) -> None:
         if current.streamed is None:
             current.streamed = taken
         else:
             current.streamed.add(taken)
-        call.activations = None  # the layer's input and output gradient go now, not at the end of the step
-        call.streamed = True
-        return True
+
+    def _on_accumulated(self, name: str, parameter: Tensor) -> None:
+        current = self._passes[-1] if self._passes else None
+        call = None if current is None else current.waiting.pop(name, None)
+        if call is None:
+            return
+        call.waiting.discard(name)
+        if not call.waiting:
+            self._finish(current, call)  # type: ignore[arg-type]
+
+    def _finish(self, current: _Pass, call: _Call) -> None:
+        """A deferred call's products, with its parameters' ``.grad`` as ``G_sum`` (zeros for one autograd never reached)."""
+        assert call.deferred is not None and current.stream is not None and call.entry is not None
+        parameters = self._parameters
+        gradient = {}
+        for block in call.deferred:
+            for name in block.slices:
+                grad = parameters[name].grad
+                gradient[name] = grad if grad is not None else torch.zeros_like(parameters[name])
+        LayerCapture._add(current, current.stream.take(call.deferred, tuple(call.entry.names.values()), gradient))
+        for name in call.waiting:
+            current.waiting.pop(name, None)
+        call.deferred, call.waiting = None, set()
 
     @staticmethod
     def _on_node_backward(current: _Pass, call: _Call, index: int, grad_outputs: tuple[Tensor | None, ...]) -> None:
@@ -407,6 +489,10 @@ class LayerCapture:
                 contiguous, is still copied.
         """
         received = [current for current in self._passes if current.received]  # a forward no backward reached has nothing to attribute
+        for current in received:
+            # Deferred calls whose parameters' .grad never arrived (not reached by autograd): taken now.
+            for call in {id(call): call for call in current.waiting.values()}.values():
+                self._finish(current, call)
         if isinstance(backprop_scale, (list, tuple)):
             if len(backprop_scale) != len(received):
                 raise ValueError(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from torch import Tensor
 
@@ -23,7 +24,15 @@ from diffin_lightning.dots.factors import LayerFactors
 from diffin_lightning.dots.per_sample_dots import DEFAULT_MAX_MATERIALISED_ELEMENTS, PerSampleDots
 
 
-@dataclass
+# Where a taken layer's G_sum comes from, where its <G_sum, G_i> form reads it (the Gram form never does):
+# "gram": nowhere, such a layer is held; "accumulated": its parameters' .grad, the call deferred until
+# autograd has accumulated them (the training step's own backward of one micro-batch, .grad zeroed before);
+# "factors": built from its own factors (a pass that computes no weight gradient of its own, or a check).
+GradientSource = Literal["gram", "accumulated", "factors"]
+Decision = Literal["now", "defer", "hold"]
+
+
+@dataclass(kw_only=True)
 class ProductStream:
     """What to take from each layer during one step's backward.
 
@@ -32,9 +41,10 @@ class ProductStream:
             covered parameter. :meth:`PerSampleDots.dots` later answers for these very
             objects (by identity), in any order or subset.
         squared_norms: also ``|G_i|^2``.
-        gradient_dots: also ``<G_sum, G_i>``, which only the Gram form can take before the
-            backward ends (the other forms read ``G_sum``, the parameter gradient autograd has
-            not formed yet): a layer whose cost model picks another form is held instead.
+        gradient_dots: also ``<G_sum, G_i>``. Only the Gram form can take it from the output
+            gradient alone; the other forms read ``G_sum``, which ``gradient_source`` says where
+            to find (see :data:`GradientSource`).
+        gradient_source: ``"gram"``, ``"accumulated"`` or ``"factors"``.
         second_order: a perturbed pass follows; each taken layer records whether its
             ``<G_sum, G_i>`` would take the Gram form (that pass then skips its weight gradient).
         max_materialised_elements: the cost model's cap on materialised per-sample gradients.
@@ -48,6 +58,7 @@ class ProductStream:
     directions: tuple[Mapping[str, Tensor], ...] = ()
     squared_norms: bool = False
     gradient_dots: bool = False
+    gradient_source: GradientSource = "gram"
     second_order: bool = False
     max_materialised_elements: int = DEFAULT_MAX_MATERIALISED_ELEMENTS
     along: Mapping[str, Tensor] | None = None
@@ -57,18 +68,27 @@ class ProductStream:
     def _single(self, block: LayerFactors, parameter_names: Sequence[str]) -> PerSampleDots:
         return PerSampleDots([[block]], [block.batch_size], parameter_names, self.max_materialised_elements)
 
-    def takes(self, blocks: Sequence[LayerFactors], parameter_names: Sequence[str]) -> bool:
-        """Whether every block of a call can be taken now (else the call is held to the end of the backward)."""
-        if not self.gradient_dots or self.along is not None:
-            return True
-        return all(self._gram(self._single(block, parameter_names)) for block in blocks)
+    def decision(self, blocks: Sequence[LayerFactors], parameter_names: Sequence[str]) -> Decision:
+        """Take a call's blocks now, once its parameters' ``.grad`` has accumulated, or hold them to the end of the backward."""
+        if not self.gradient_dots or self.along is not None or self.gradient_source == "factors":
+            return "now"
+        if all(self._gram(self._single(block, parameter_names)) for block in blocks):
+            return "now"
+        return "defer" if self.gradient_source == "accumulated" else "hold"
 
     @staticmethod
     def _gram(single: PerSampleDots) -> bool:
         return single.plan("gradient_dots", gradient_given=True)[0][1] == "gram"
 
-    def take(self, blocks: Sequence[LayerFactors], parameter_names: Sequence[str]) -> StreamedProducts:
-        """The blocks' products, summed (from unscaled output gradients: :meth:`StreamedProducts.scaled` rescales)."""
+    def take(
+        self, blocks: Sequence[LayerFactors], parameter_names: Sequence[str], gradient: Mapping[str, Tensor] | None = None
+    ) -> StreamedProducts:
+        """The blocks' products, summed (from unscaled output gradients: :meth:`StreamedProducts.scaled` rescales).
+
+        ``gradient``: the blocks' parameters' ``.grad`` (a deferred call), read as ``G_sum`` up to
+        the output gradients' scale: ``.grad = G_sum / s`` when the captured gradients are the
+        samples' own divided by ``s``, so ``<.grad, G_i / s>`` scales by ``s^2`` like the Gram form.
+        """
         total = StreamedProducts(blocks[0].batch_size, self.directions)
         for block in blocks:
             single = self._single(block, parameter_names)
@@ -80,13 +100,20 @@ class ProductStream:
                 self.directions,
                 dots=single.dots(self.directions) if self.directions else None,
                 norms=single.squared_norms() if self.squared_norms else None,
-                gradient_dots=single.gradient_dots(form="gram") if self.gradient_dots else None,
+                gradient_dots=self._gradient_dots(single, gradient) if self.gradient_dots else None,
                 layers=1,
                 gram_parameters=set(block.slices) if self.second_order and self._gram(single) else set(),
                 parameters=set(block.slices),
             )
             total.add(part)
         return total
+
+    def _gradient_dots(self, single: PerSampleDots, gradient: Mapping[str, Tensor] | None) -> Tensor:
+        if gradient is not None:
+            return single.gradient_dots(gradient=gradient)
+        if self.gradient_source == "factors":
+            return single.gradient_dots()  # the cheapest form, building G_sum from the factors where it reads it
+        return single.gradient_dots(form="gram")
 
     def _perturbed(self, block: LayerFactors, single: PerSampleDots) -> StreamedProducts:
         assert self.along is not None
