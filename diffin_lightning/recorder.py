@@ -581,11 +581,16 @@ class InfluenceRecorder:
             visit_weights = distributed.sum_over_ranks(visit_weights)
         names = list(finals)
         directions = [finals[n] for n in names] + [self.accumulator.parameter_states[n] for n in names]
+        # Each layer's products taken as its output gradient arrives, its captures let go there (peak memory).
+        stream = None
+        if self.capture is not None and self.settings.stream_products:
+            stream = ProductStream(directions=tuple(directions), max_materialised_elements=self.capture.layers.max_materialised_elements)
         for batch, ids in training_set:
             if self.capture is not None:
                 # Only the dot products are read: no batch gradient (and none over ranks: shards may hold unequal batch counts).
                 view = self._recaptured(
-                    params, [MicroBatch(batch, int(ids.numel()))], contextlib.nullcontext, loss, across_ranks=False, products_only=True
+                    params, [MicroBatch(batch, int(ids.numel()))], contextlib.nullcontext, loss, across_ranks=False, products_only=True,
+                    stream=stream,
                 )
                 dots = view.dots(directions)  # all directions through one matrix product per layer
                 del view  # this batch's factors go before the next batch's pass, not after it (peak memory)

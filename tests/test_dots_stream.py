@@ -196,15 +196,18 @@ def test_the_callback_scores_are_the_same_with_and_without_the_stream(tmp_path, 
 def test_no_stream_where_the_direction_needs_the_step_itself(tmp_path, monkeypatch):
     """A 'train' target folds this step's gradient into its direction: the training step's captures are all held.
 
-    (Its perturbed passes, whose direction is known before their backward, still stream.)
+    (Its perturbed passes and the end-of-fit pass, whose directions are known before their backward, still stream.)
     """
+    from diffin_lightning.recorder import InfluenceRecorder
+
     data = TinyData.make(num_train=12, num_val=6, seed=3)
-    streams = []
+    training_step_streams, streams = [], []
+    product_stream = InfluenceRecorder._product_stream
+    monkeypatch.setattr(InfluenceRecorder, "_product_stream", lambda self, *a: training_step_streams.append(product_stream(self, *a)) or training_step_streams[-1])
     original = LayerCapture.stream_products
     monkeypatch.setattr(LayerCapture, "stream_products", lambda self, stream: streams.append(stream) or original(self, stream))
     callback = DiffInCallback(targets={"val": data.val, "train": "train"}, eps=1e-6)
     trainer(default_root_dir=tmp_path, max_epochs=1, callbacks=[callback]).fit(WideClassifier().double(), data.loader(batch_size=4))
-    training_step_streams = [stream for stream in streams if stream is None or stream.along is None]
     assert training_step_streams and all(stream is None for stream in training_step_streams)
     assert any(stream is not None and stream.along is not None for stream in streams)
 
