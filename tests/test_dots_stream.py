@@ -9,8 +9,15 @@ from torch import nn
 
 from diffin_lightning import DiffInCallback
 from diffin_lightning.dots import LayerCapture
+from diffin_lightning.dots import stream as stream_module
 from diffin_lightning.dots.stream import ProductStream
 from helpers import TinyClassifier, TinyData, trainer
+
+
+@pytest.fixture(autouse=True)
+def stream_every_layer(monkeypatch):
+    """These models' layers are far below the size a stream takes alone by default: take them all here."""
+    monkeypatch.setattr(stream_module, "DEFAULT_MIN_STREAMED_ELEMENTS", 0)
 
 
 class TokenModel(nn.Module):
@@ -263,3 +270,21 @@ def test_a_streamed_perturbed_pass_equals_the_held_one_and_forms_only_the_held_l
             torch.testing.assert_close(mine, reference, rtol=1e-10, atol=1e-14)
     assert all(torch.equal(p, params[name]) for name, p in model.named_parameters())
     capture.remove()
+
+
+def test_small_layers_are_held_even_with_a_stream(monkeypatch):
+    """Below min_elements a layer's products come with the held layers' (one call), at the same values."""
+    torch.manual_seed(0)
+    model = ConvModel().double()
+    directions = ({n: torch.randn_like(p) for n, p in model.named_parameters()},)
+    held, _, _ = _captured(model, directions, None)
+    # conv's output holds 4 * 4 * 5 * 5 = 400 elements, head's 4 * 40 = 160, out's 4 * 11 = 44.
+    stream = ProductStream(directions=directions, squared_norms=True, min_elements=160)
+    streamed, _, taken = _captured(model, directions, stream)
+    assert set(taken) == {"conv", "head"}
+    torch.testing.assert_close(streamed.dots(list(directions)), held.dots(list(directions)), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(streamed.squared_norms(), held.squared_norms(), rtol=1e-10, atol=1e-12)
+    monkeypatch.setattr(stream_module, "DEFAULT_MIN_STREAMED_ELEMENTS", 1 << 17)
+    assert ProductStream().min_elements == 1 << 17
+    _, _, none_taken = _captured(model, directions, ProductStream(directions=directions))
+    assert none_taken == []

@@ -62,6 +62,7 @@ class _Call:
     eager_factors: list[LayerFactors] = field(default_factory=list)
     entry: _Covered | None = None
     streamed: bool = False
+    size: int = 0  # elements of its (first) output
     deferred: list[LayerFactors] | None = None  # taken once these parameters' .grad has accumulated
     waiting: set[str] = field(default_factory=set)
 
@@ -260,6 +261,7 @@ class LayerCapture:
         call.backprops += [None] * len(nodes)
         current.calls.append(call)
         current.calls_per_module[module_name] += 1
+        call.size = int(targets[0].numel()) if isinstance(targets[0], Tensor) else 0
         base = output if replaced is None else replaced
         probe_it = self.keep_outputs and isinstance(base, Tensor) and len(targets) == 1 and targets[0] is base
         if probe_it:
@@ -293,18 +295,19 @@ class LayerCapture:
         self.stream = None if stream is None else dataclasses.replace(stream, shared_modules=self._shared_modules)
 
     def held_parameter_names(self) -> set[str]:
-        """After a forward: the covered parameters of the calls a stream cannot take (tied, called twice, several gradients).
+        """After a forward: the covered parameters of the calls a stream cannot take (tied, called twice, several gradients, small).
 
         Their products need ``G_sum`` from autograd; every other covered layer's can come from its
         captures alone (eager layers hold their own factors).
         """
         shared = self._shared_modules
+        smallest = 0 if self.stream is None else self.stream.min_elements
         held: set[str] = set()
         for current in self._passes:
             for call in current.calls:
                 if call.eager is not None or call.entry is None:
                     continue
-                if len(call.backprops) != 1 or current.calls_per_module[call.module_name] != 1 or call.module_name in shared:
+                if len(call.backprops) != 1 or current.calls_per_module[call.module_name] != 1 or call.module_name in shared or call.size < smallest:
                     held.update(call.entry.names.values())
         return held
 
@@ -372,6 +375,7 @@ class LayerCapture:
             or len(call.backprops) != 1
             or current.calls_per_module[call.module_name] != 1
             or call.module_name in stream.shared_modules
+            or call.size < stream.min_elements
         ):
             return False
         blocks = entry.rule.factors(entry.module, call.module_name, call.activations, [gradient], entry.names)
