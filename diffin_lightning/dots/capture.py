@@ -63,6 +63,7 @@ class _Call:
     entry: _Covered | None = None
     streamed: bool = False
     size: int = 0  # elements of its (first) output
+    inner: int = 0  # of its gradients, how many come from nodes inside the call (the last ones)
     deferred: list[LayerFactors] | None = None  # taken once these parameters' .grad has accumulated
     waiting: set[str] = field(default_factory=set)
 
@@ -259,6 +260,7 @@ class LayerCapture:
         call = _Call(module_name, entry.rule.activations(module, args, kwargs), [None] * len(targets), entry if entry.rule.eager else None, entry=entry)
         nodes = entry.rule.inner_gradients(module, call.activations, output if replaced is None else replaced)
         call.backprops += [None] * len(nodes)
+        call.inner = len(nodes)
         current.calls.append(call)
         current.calls_per_module[module_name] += 1
         call.size = int(targets[0].numel()) if isinstance(targets[0], Tensor) else 0
@@ -307,7 +309,8 @@ class LayerCapture:
             for call in current.calls:
                 if call.eager is not None or call.entry is None:
                     continue
-                if len(call.backprops) != 1 or current.calls_per_module[call.module_name] != 1 or call.module_name in shared or call.size < smallest:
+                several = len(call.backprops) > 1 and not call.inner  # several outputs, none of them known to come last
+                if several or current.calls_per_module[call.module_name] != 1 or call.module_name in shared or call.size < smallest:
                     held.update(call.entry.names.values())
         return held
 
@@ -355,7 +358,7 @@ class LayerCapture:
                 "cannot be streamed. Fix: one backward per forward in a recorded step, or DiffInCallback(stream_products=False)."
             )
         previous = call.backprops[index]
-        if previous is None and LayerCapture._take(current, call, gradient):
+        if previous is None and len(call.backprops) == 1 and LayerCapture._take(current, call, [gradient]):
             current.received = True
             return
         stored = gradient if previous is None else previous + gradient
@@ -364,21 +367,29 @@ class LayerCapture:
         LayerCapture._holders[stored.untyped_storage().data_ptr()] += 1
         call.backprops[index] = stored
         current.received = True
+        if previous is None and call.inner and index == len(call.backprops) - 1:
+            # The last node inside the call lies upstream of all its outputs: every gradient the call will
+            # get has arrived (attention: its output's, its weights', the in-projection's).
+            complete = list(call.backprops)
+            if LayerCapture._take(current, call, complete):
+                for index_, backprop in enumerate(complete):
+                    if backprop is not None:
+                        LayerCapture._release(backprop)
+                    call.backprops[index_] = None
 
     @staticmethod
-    def _take(current: _Pass, call: _Call, gradient: Tensor) -> bool:
-        """Take the call's products into its pass's stream now, if it can be taken alone; whether it was."""
+    def _take(current: _Pass, call: _Call, backprops: list[Tensor | None]) -> bool:
+        """Take the call's products (from all of its gradients) into its pass's stream now, if it can be taken alone; whether it was."""
         stream, entry = current.stream, call.entry
         if (
             stream is None
             or entry is None
-            or len(call.backprops) != 1
             or current.calls_per_module[call.module_name] != 1
             or call.module_name in stream.shared_modules
             or call.size < stream.min_elements
         ):
             return False
-        blocks = entry.rule.factors(entry.module, call.module_name, call.activations, [gradient], entry.names)
+        blocks = entry.rule.factors(entry.module, call.module_name, call.activations, backprops, entry.names)
         names = tuple(entry.names.values())
         decision = stream.decision(blocks, names) if blocks else "hold"
         if decision == "hold":
