@@ -253,8 +253,17 @@ class MultiheadAttentionRule(LayerRule):
             )
         kept = {name: (value_.detach() if isinstance(value_, Tensor) else value_) for name, value_ in call.items()}
         kept["self_attention"] = query is key and key is value
-        kept["parameters"] = {name: module.get_parameter(name).detach().clone() for name in self.parameter_names(module)}
+        # References here; inner_gradients copies them where the call's graph does not give the projections
+        # (the recomputation reads their values later). The graph path reads only their shapes; should its
+        # node go unreached (a products-only pass with nothing below), the recomputation reads the parameters
+        # as they are when LayerCapture.per_sample runs, which its contract puts before they change.
+        kept["parameters"] = {name: module.get_parameter(name).detach() for name in self.parameter_names(module)}
         return kept
+
+    @staticmethod
+    def _copy_parameters(activations: Any) -> tuple[()]:
+        activations["parameters"] = {name: value.clone() for name, value in activations["parameters"].items()}
+        return ()
 
     def outputs(self, output: Any) -> tuple[Tensor | None, ...]:
         return (output[0], output[1])
@@ -268,10 +277,10 @@ class MultiheadAttentionRule(LayerRule):
         assert isinstance(module, nn.MultiheadAttention)
         attention = output[0] if isinstance(output, tuple) else output
         if not (module._qkv_same_embed_dim and activations["self_attention"]) or getattr(attention, "grad_fn", None) is None:
-            return ()
+            return self._copy_parameters(activations)
         found = _projection_nodes(attention.grad_fn, module.in_proj_weight, module.out_proj.weight)
         if found is None:
-            return ()
+            return self._copy_parameters(activations)
         in_projection, core = found
         activations["core"] = core.detach()  # [T B, E], sequence-major rows (the module computes seq-first)
         return (in_projection,)
