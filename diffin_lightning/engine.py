@@ -360,6 +360,8 @@ class CapturedStep:
         batch_gradient: ``G_B``.
         forward_context: the precision context the training step's forward ran in.
         self_chunk_size: vmap chunk for the fallback's squared norms.
+        stream_perturbed: perturbed passes of one micro-batch take their products during their
+            backward (``DiffInSettings.stream_products``).
     """
 
     def __init__(
@@ -372,6 +374,7 @@ class CapturedStep:
         batch_gradient: Params,
         forward_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
         self_chunk_size: int | None = None,
+        stream_perturbed: bool = False,
     ) -> None:
         self.capture, self.loss, self.params = capture, loss, params
         self.micro_batches = list(micro_batches)
@@ -383,7 +386,7 @@ class CapturedStep:
         self._gradient_dots: Tensor | None = None
         self._gram_form_parameters: set[str] | None = None
         self.from_training_step = False  # set by the recorder when the factors are the training step's own
-        self.stream_perturbed = False  # set by the recorder: perturbed passes take their products during their backward
+        self.stream_perturbed = stream_perturbed
 
     def _losses_at(self, mb: MicroBatch) -> Callable[[Params], Tensor]:
         device = next(iter(self.params.values())).device
@@ -492,8 +495,8 @@ class CapturedStep:
         Each taken layer's captures go during the backward (the pass's peak is then about a plain
         step's); autograd forms no weight gradient for those layers, whose ``G_sum`` is built
         from their factors instead where their form reads it (the same cost). Only the layers a
-        stream cannot take alone (tied, called twice, attention's two gradients) get their
-        gradient from autograd; eager layers (normalisation) use their own factors.
+        stream cannot take alone (tied, called twice, small) get their gradient from autograd;
+        eager layers (normalisation) use their own factors.
         """
         stream = ProductStream(along=along, max_materialised_elements=self.capture.layers.max_materialised_elements)
         summed, per_sample = capture_pass(
@@ -503,9 +506,8 @@ class CapturedStep:
         taken = per_sample.streamed_along()
         if taken is not None:
             along_dots = along_dots + taken
-        taken_names = set().union(*(part.parameters for part in per_sample.streamed if part is not None))
-        rest = set(self.capture.covered) - set(summed) - taken_names
-        if rest:  # eager layers: their share of <along, G_B> from their per-sample products
+        rest = set(self.capture.covered) - set(summed) - per_sample.streamed_parameters()
+        if rest:  # eager layers (and any a stream did not reach): their share of <along, G_B> from their per-sample products
             along_dots = along_dots + per_sample.dots([along], only=rest)[0].sum()  # type: ignore[list-item]
         f = per_sample.gradient_dots(gradient=summed)
         return along_dots / self.batch_size, f / self.batch_size

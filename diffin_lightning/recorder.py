@@ -168,15 +168,13 @@ class InfluenceRecorder:
         # The refresh's own forward and backward reach no capture: another callback's may be on for its step already.
         with other_captures_paused(capture), replayed_rng(None, reference.device):
             directions = tuple(target.target_gradient(self.loss, params, step, reference.device, {}) for target in datasets)
-        return (
-            ProductStream(
-                directions=directions,
-                squared_norms=len(datasets) < len(self.targets),
-                gradient_dots=gradient_dots,
-                gradient_source="accumulated",  # the training step's own backward accumulates .grad
-                second_order=second_order,
-                max_materialised_elements=capture.layers.max_materialised_elements,
-            )
+        return ProductStream(
+            directions=directions,
+            squared_norms=len(datasets) < len(self.targets),
+            gradient_dots=gradient_dots,
+            gradient_source="accumulated",  # the training step's own backward accumulates .grad
+            second_order=second_order,
+            max_materialised_elements=capture.layers.max_materialised_elements,
         )
 
     def abandon_step(self) -> None:
@@ -275,10 +273,10 @@ class InfluenceRecorder:
                     if gradient_to_mean != 1.0:
                         gradients = dict(zip(gradients, torch._foreach_mul(list(gradients.values()), gradient_to_mean)))
                     view = CapturedStep(
-                        capture, self.unseeded_loss, params, micro_batches, per_sample, gradients, forward_context, self.settings.self_chunk_size
+                        capture, self.unseeded_loss, params, micro_batches, per_sample, gradients, forward_context, self.settings.self_chunk_size,
+                        stream_perturbed=self.settings.stream_products,
                     )
                     view.from_training_step = True
-                    view.stream_perturbed = self.settings.stream_products
                     if not self.verified:
                         view = self._verify(view, forward_context, mixed_precision)
                 else:
@@ -319,9 +317,10 @@ class InfluenceRecorder:
         gradient = summed
         if across_ranks and not products_only:
             gradient = distributed.mean_over_ranks(gradient)  # under DDP the global batch's, as .grad is
-        view = CapturedStep(self.capture, loss, params, micro_batches, per_sample, gradient, forward_context, self.settings.self_chunk_size)
-        view.stream_perturbed = self.settings.stream_products
-        return view
+        return CapturedStep(
+            self.capture, loss, params, micro_batches, per_sample, gradient, forward_context, self.settings.self_chunk_size,
+            stream_perturbed=self.settings.stream_products,
+        )
 
     def _verify(self, view: CapturedStep, forward_context: ForwardContext, mixed: bool) -> CapturedStep:
         """Once: is the training step's gradient the mean of ``per_sample_loss``'s, and do the captures say the same?"""
@@ -394,7 +393,7 @@ class InfluenceRecorder:
             batch_gradient = view.batch_gradient if isinstance(target, TrainingLossTarget) else {}
             gradient = target.target_gradient(self.loss, params, step, device, batch_gradient)
             # A dataset target's gradient changes only at a refresh, here or before the step's forward
-            # (stream_step): checked at that step (and every step for 'train').
+            # (_product_stream): checked at that step (and every step for 'train').
             if getattr(target, "refreshed_at_step", None) == step or isinstance(target, TrainingLossTarget):
                 if not _all_finite(gradient):
                     self.skip_step(target.name, step, "the target gradient g_V")

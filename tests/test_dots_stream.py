@@ -255,8 +255,7 @@ def test_a_streamed_perturbed_pass_equals_the_held_one_and_forms_only_the_held_l
     for streamed in (False, True):
         gradient, per_sample = capture_pass(capture, loss, names, None, micro_batches)
         gradient = {name: value / 4 for name, value in gradient.items()}
-        step = CapturedStep(capture, loss, params, micro_batches, per_sample, gradient)
-        step.stream_perturbed = streamed
+        step = CapturedStep(capture, loss, params, micro_batches, per_sample, gradient, stream_perturbed=streamed)
         step.release_theta()
         computed.clear()
         results[streamed] = step.perturbed_along(shift, shift.negated())

@@ -286,10 +286,10 @@ class LayerCapture:
     def stream_products(self, stream: ProductStream | None) -> None:
         """Take the products ``stream`` asks for during the coming backward(s), each layer as its gradient arrives.
 
-        Applies to the passes that start from now until :meth:`clear`. A call is taken when it
-        has one output gradient, is its module's only call in the pass and shares no parameter
-        with another covered module (and, where ``stream.gradient_dots``, its layer takes the
-        Gram form); its inputs and output gradient are let go there. Other calls are held as
+        Applies to the passes that start from now until :meth:`clear`. Which calls may be taken
+        alone is :meth:`_takeable`'s rule; :meth:`ProductStream.decision` says whether one is
+        taken when its gradient arrives, once its parameters' ``.grad`` has accumulated, or held.
+        A taken call's inputs and output gradient are let go there; other calls are held as
         without a stream. :meth:`per_sample` then answers only the products the stream took (for
         the taken layers) and adds them to the held layers'. A second gradient reaching a taken
         call (a backward through the same graph twice) raises.
@@ -297,22 +297,36 @@ class LayerCapture:
         self.stream = None if stream is None else dataclasses.replace(stream, shared_modules=self._shared_modules)
 
     def held_parameter_names(self) -> set[str]:
-        """After a forward: the covered parameters of the calls a stream cannot take (tied, called twice, several gradients, small).
+        """After a forward with a stream on: the covered parameters of the calls it cannot take (see :meth:`_takeable`).
 
         Their products need ``G_sum`` from autograd; every other covered layer's can come from its
         captures alone (eager layers hold their own factors).
         """
-        shared = self._shared_modules
-        smallest = 0 if self.stream is None else self.stream.min_elements
+        stream = self.stream
+        assert stream is not None, "held_parameter_names needs a stream"
         held: set[str] = set()
         for current in self._passes:
             for call in current.calls:
-                if call.eager is not None or call.entry is None:
-                    continue
-                several = len(call.backprops) > 1 and not call.inner  # several outputs, none of them known to come last
-                if several or current.calls_per_module[call.module_name] != 1 or call.module_name in shared or call.size < smallest:
+                if call.eager is None and call.entry is not None and not LayerCapture._takeable(current, call, stream):
                     held.update(call.entry.names.values())
         return held
+
+    @staticmethod
+    def _takeable(current: _Pass, call: _Call, stream: ProductStream) -> bool:
+        """Whether ``stream`` may take this (non-eager) call alone, before the backward ends.
+
+        Not when its products have cross terms with another call's (its module called twice in
+        the pass, or sharing a parameter with another covered module), when its outputs give
+        several gradients none of which is known to come last (a call with nodes inside it gets
+        theirs last), or when it is too small to be worth the per-layer Python calls.
+        """
+        return (
+            call.entry is not None
+            and (len(call.backprops) == 1 or call.inner > 0)
+            and current.calls_per_module[call.module_name] == 1
+            and call.module_name not in stream.shared_modules
+            and call.size >= stream.min_elements
+        )
 
     def take_outputs(self) -> list[Tensor]:
         """The hooked outputs kept since the last call (with :attr:`keep_outputs` on), handed over once.
@@ -381,13 +395,7 @@ class LayerCapture:
     def _take(current: _Pass, call: _Call, backprops: list[Tensor | None]) -> bool:
         """Take the call's products (from all of its gradients) into its pass's stream now, if it can be taken alone; whether it was."""
         stream, entry = current.stream, call.entry
-        if (
-            stream is None
-            or entry is None
-            or current.calls_per_module[call.module_name] != 1
-            or call.module_name in stream.shared_modules
-            or call.size < stream.min_elements
-        ):
+        if stream is None or entry is None or not LayerCapture._takeable(current, call, stream):
             return False
         blocks = entry.rule.factors(entry.module, call.module_name, call.activations, backprops, entry.names)
         names = tuple(entry.names.values())

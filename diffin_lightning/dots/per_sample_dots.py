@@ -190,6 +190,10 @@ class PerSampleDots:
         """The parts of ``G_sum`` built so far (by :meth:`summed_gradient`, or a form that read it)."""
         return dict(self._summed)
 
+    def streamed_parameters(self) -> set[str]:
+        """The parameters of the layers taken during the backward (a stream), which hold no factors here."""
+        return set().union(*(part.parameters for part in self.streamed if part is not None))
+
     def streamed_along(self) -> Tensor | None:
         """``<along, G_sum>`` over the layers a perturbed pass's stream took (``None`` where none was taken)."""
         parts = [part.along for part in self.streamed if part is not None and part.along is not None]
@@ -219,8 +223,7 @@ class PerSampleDots:
         """
         if form not in (None, "direct", "materialised"):
             raise ValueError(f"`form` must be None, 'direct' or 'materialised' for dots; got {form!r}.")
-        taken = set().union(*(part.parameters for part in self.streamed if part is not None))
-        if only is not None and taken & only:
+        if only is not None and self.streamed_parameters() & only:
             self._refuse_if_streamed("dots(only=...) over layers taken during the backward")
         count = len(directions)
         included = [[block for block in blocks if only is None or set(block.slices) <= only] for blocks in self.passes]

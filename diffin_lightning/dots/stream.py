@@ -14,9 +14,9 @@ adds the taken products to the held layers'.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 from torch import Tensor
 
@@ -35,6 +35,16 @@ Decision = Literal["now", "defer", "hold"]
 # few Python calls (about 0.1 ms: a tenth of the bundled CNN's 2 ms step over its three layers) and saves
 # at most its output's memory (2**17 float32 = 512 KiB); held, its products come in one call with the rest.
 DEFAULT_MIN_STREAMED_ELEMENTS = 1 << 17
+
+
+class Along(Protocol):
+    """A perturbed pass's direction, read per parameter, with its own dot product (``engine.ScaledShift``)."""
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def __getitem__(self, name: str) -> Tensor: ...
+
+    def dot(self, other: Mapping[str, Tensor]) -> Tensor: ...
 
 
 @dataclass(kw_only=True)
@@ -68,7 +78,7 @@ class ProductStream:
     gradient_source: GradientSource = "gram"
     second_order: bool = False
     max_materialised_elements: int = DEFAULT_MAX_MATERIALISED_ELEMENTS
-    along: Mapping[str, Tensor] | None = None
+    along: Along | None = None
     min_elements: int = field(default_factory=lambda: DEFAULT_MIN_STREAMED_ELEMENTS)
     # Set by the capture that runs the stream: modules whose parameters another covered module shares.
     shared_modules: frozenset[str] = frozenset()
@@ -128,7 +138,7 @@ class ProductStream:
         f = single.gradient_dots()  # the cheapest form, building G_sum from the factors where it reads it
         built = single.built_summed_gradient()
         if all(name in built for name in block.slices):
-            along = sum((self.along[name] * built[name]).sum() for name in block.slices)
+            along = self.along.dot({name: built[name] for name in block.slices})
         else:  # the Gram form: no G_sum; <along, G_sum> is the sum of the per-sample products
             along = single.dots([self.along])[0].sum()
         return StreamedProducts(block.batch_size, (), gradient_dots=f, layers=1, parameters=set(block.slices), along=along)
