@@ -74,10 +74,14 @@ def bracket_and_curvature(
     # rather than G_B itself: no parameter-sized buffer for either (each is 5 MB on the 256-1024-1024-10
     # MLP, whose plain fit grows by 27 MB).
     shift = ScaledShift(target_gradient, target_norm.clamp_min(torch.finfo(target_norm.dtype).tiny), eps)
-    along_plus, f_plus = view.perturbed_along(shift, shift)
     if scheme == "forward":
-        f_reference, along_reference, width = view.gradient_dots(), shift.dot(view.batch_gradient), eps
+        # <eps u, G_B> at theta before the pass: the shift's scratch is then let go when the parameters are
+        # moved, not held through the pass.
+        along_reference, width = shift.dot(view.batch_gradient), eps
+        along_plus, f_plus = view.perturbed_along(shift, shift)
+        f_reference = view.gradient_dots()
     else:
+        along_plus, f_plus = view.perturbed_along(shift, shift)
         along_reference, f_reference = view.perturbed_along(shift.negated(), shift)
         width = 2 * eps
     bracket = target_norm * (f_plus - f_reference) / width

@@ -14,7 +14,7 @@ adds the taken products to the held layers'.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -38,13 +38,13 @@ DEFAULT_MIN_STREAMED_ELEMENTS = 1 << 17
 
 
 class Along(Protocol):
-    """A perturbed pass's direction, read per parameter, with its own dot product (``engine.ScaledShift``)."""
+    """A perturbed pass's direction with its dot products and per-sample products (``engine.ScaledShift``)."""
 
     def __iter__(self) -> Iterator[str]: ...
 
-    def __getitem__(self, name: str) -> Tensor: ...
-
     def dot(self, other: Mapping[str, Tensor]) -> Tensor: ...
+
+    def per_sample_dots(self, per_sample: PerSampleDots, only: Iterable[str]) -> Tensor: ...
 
 
 @dataclass(kw_only=True)
@@ -140,7 +140,7 @@ class ProductStream:
         if all(name in built for name in block.slices):
             along = self.along.dot({name: built[name] for name in block.slices})
         else:  # the Gram form: no G_sum; <along, G_sum> is the sum of the per-sample products
-            along = single.dots([self.along])[0].sum()
+            along = self.along.per_sample_dots(single, block.slices).sum()
         return StreamedProducts(block.batch_size, (), gradient_dots=f, layers=1, parameters=set(block.slices), along=along)
 
 
