@@ -291,14 +291,14 @@ class OuterProductFactors(LayerFactors):
         groups, positions, _, _ = self._gpmk
         step = _chunk_size(other.batch_size * groups * positions * other.activations.shape[2])
         for start in range(0, self.batch_size, step):
-            part = torch.zeros((min(step, self.batch_size - start), other.batch_size), dtype=self.backprops.dtype, device=self.backprops.device)
             if self.weight is not None:
                 delta = torch.einsum("igpm,jgqm->ijgpq", self.backprops[start : start + step], other.backprops)
                 inputs = torch.einsum("igpk,jgqk->ijgpq", self.activations[start : start + step], other.activations)
-                part = part + (delta * inputs).sum(dim=(2, 3, 4))
-            if self.bias is not None:
-                part = part + torch.einsum("igm,jgm->ij", self.backprops[start : start + step].sum(dim=2), other.backprops.sum(dim=2))
-            rows.append(part)
+                # The bias's Gram, sum over g, p, q of delta_ip . delta_jq, is the sum of the same pairwise
+                # products: one term more per product, not a second [B, B] matrix product of the output gradients.
+                rows.append((delta * (inputs + 1.0 if self.bias is not None else inputs)).sum(dim=(2, 3, 4)))
+            else:  # a bias alone: its per-sample gradients are the output gradients summed over positions
+                rows.append(torch.einsum("igm,jgm->ij", self.backprops[start : start + step].sum(dim=2), other.backprops.sum(dim=2)))
         return torch.cat(rows, dim=0)
 
     def squared_norms(self) -> Tensor:
@@ -333,7 +333,8 @@ class OuterProductFactors(LayerFactors):
             assert isinstance(other, OuterProductFactors)
             other_positions = other._gpmk[1]  # not other.activations: a convolution would unfold for its shape
             if form == "gram":
-                return batch * other.batch_size * groups * (weight * positions * other_positions * (m + k) + m)
+                # With a weight, the bias's share is one more term of the same pairwise products (see gram).
+                return batch * other.batch_size * groups * (positions * other_positions * (m + k) if weight else m)
             if form == "materialised":
                 return build + other.cost("dots", "materialised", 0) + batch * other.batch_size * size
             return float("inf")
