@@ -199,11 +199,11 @@ def unsupported_strategy_message(strategy: Any, world_size_: int) -> str | None:
         >>> print(unsupported_strategy_message(FSDPStrategy(), 2).split(";")[0])
         DiffInCallback supports one device (SingleDeviceStrategy) and DDP (strategy='ddp', 'ddp_spawn', 'ddp_fork' or 'ddp_notebook')
     """
-    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 
     supported = isinstance(strategy, SingleDeviceStrategy) and world_size_ == 1
     # DeepSpeedStrategy subclasses DDPStrategy but shards parameters and optimizer state.
-    supported = supported or (isinstance(strategy, DDPStrategy) and "DeepSpeed" not in type(strategy).__name__)
+    supported = supported or (isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy))
     if supported:
         return None
     return (

@@ -155,6 +155,18 @@ def test_sharded_strategies_are_refused_naming_what_is_supported(strategy):
     assert unsupported_strategy_message(DDPStrategy(), 2) is None
 
 
+def test_deepspeed_is_refused_though_it_subclasses_ddp():
+    """DeepSpeedStrategy is a DDPStrategy that shards the parameters: refused. Lightning's own class, built without its
+    __init__ (which needs the deepspeed package, absent here): the rule reads the strategy's type and nothing else."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
+    assert isinstance(strategy, DDPStrategy)
+    message = unsupported_strategy_message(strategy, 2)
+    assert message is not None and "DeepSpeedStrategy" in message and "strategy='ddp'" in message
+    assert unsupported_strategy_message(strategy, 1) is not None  # one device does not make it whole either
+
+
 def test_helpers_are_the_identity_in_one_process():
     assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.effective_batch_size(5) == 5
     values = {"a": torch.arange(3.0), "b": torch.ones(2, dtype=torch.float64)}

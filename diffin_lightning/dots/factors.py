@@ -625,7 +625,7 @@ class MaterialisedFactors(LayerFactors):
     def cost(self, quantity: Literal["dots", "gram", "norms"], form: Form, directions: int = 1, other: LayerFactors | None = None) -> float:
         if form != "materialised":
             return float("inf")
-        size = sum(value[0].numel() for value in self.gradients.values())
+        size = sum(math.prod(value.shape[1:]) for value in self.gradients.values())  # shapes only: no indexing op
         if quantity == "dots":
             return directions * self.batch_size * size
         if quantity == "gram":
