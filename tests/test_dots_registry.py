@@ -289,6 +289,32 @@ def test_cost_model_picks_gram_for_wide_linear_and_materialised_for_conv():
         assert [form for _, form, _ in per_sample.plan("dots", directions=1)] == ["materialised"]
 
 
+
+def test_a_single_use_view_charges_materialising_its_writes():
+    """Sequence Linear, 32 positions, two directions: a view that keeps its materialised gradients for later
+    quantities materialises (B P m k + 2 B m k < 2 B P m k); a products-only view (the end-of-fit pass), which
+    would write them for this one product and drop them, takes the direct form; so does a dots-only stream."""
+    from diffin_lightning.dots.stream import ProductStream
+
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 16).double()
+    with LayerCapture(layer) as capture:
+        with capture.recording():
+            layer(torch.randn(4, 32, 8, dtype=torch.float64)).pow(2).sum().backward()
+        per_sample = capture.per_sample()
+        assert [form for _, form, _ in per_sample.plan("dots", directions=2)] == ["materialised"]
+        per_sample.keep_materialised = False
+        assert [form for _, form, _ in per_sample.plan("dots", directions=2)] == ["direct"]
+        directions = [{name: torch.randn_like(p) for name, p in layer.named_parameters()} for _ in range(2)]
+        per_sample.keep_materialised = True
+        kept = per_sample.dots(directions)
+        per_sample.keep_materialised = False
+        assert torch.allclose(per_sample.dots(directions), kept, rtol=1e-12)
+    block = per_sample.passes[0][0]
+    names = [name for name, _ in layer.named_parameters()]
+    assert ProductStream(directions=tuple(directions))._single(block, names).keep_materialised is False
+    assert ProductStream(directions=tuple(directions), squared_norms=True)._single(block, names).keep_materialised is True
+
 def test_unsupported_layers_are_named_with_the_registry_list():
     class Scale(nn.Module):
         def __init__(self):

@@ -84,7 +84,14 @@ class ProductStream:
     shared_modules: frozenset[str] = frozenset()
 
     def _single(self, block: LayerFactors, parameter_names: Sequence[str]) -> PerSampleDots:
-        return PerSampleDots([[block]], [block.batch_size], parameter_names, self.max_materialised_elements)
+        single = PerSampleDots([[block]], [block.batch_size], parameter_names, self.max_materialised_elements)
+        # Only the directions' products asked (the end-of-fit pass): materialised gradients would serve nothing else.
+        single.keep_materialised = not self._dots_only
+        return single
+
+    @property
+    def _dots_only(self) -> bool:
+        return not (self.squared_norms or self.gradient_dots or self.second_order or self.along is not None)
 
     def decision(self, blocks: Sequence[LayerFactors], parameter_names: Sequence[str]) -> Decision:
         """Take a call's blocks now, once its parameters' ``.grad`` has accumulated, or hold them to the end of the backward."""
