@@ -200,7 +200,8 @@ class ScaledShift:
     direction: Params
     norm: Tensor
     step: Tensor
-    _scratch: list[Tensor] = field(default_factory=list, compare=False, repr=False)
+    # (dtype, device) -> scratch: parameters of several dtypes or devices each get their own.
+    _scratch: dict[tuple[torch.dtype, torch.device], Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.direction)
@@ -216,9 +217,11 @@ class ScaledShift:
     def _share(self, name: str) -> Tensor:
         """Parameter ``name``'s share, in the scratch buffer (valid until the next call)."""
         direction = self.direction[name]
-        if not self._scratch or self._scratch[0].numel() < direction.numel():
-            self._scratch[:] = [direction.new_empty(direction.numel())]
-        share = self._scratch[0][: direction.numel()].view_as(direction)
+        key = (direction.dtype, direction.device)
+        scratch = self._scratch.get(key)
+        if scratch is None or scratch.numel() < direction.numel():
+            scratch = self._scratch[key] = direction.new_empty(direction.numel())
+        share = scratch[: direction.numel()].view_as(direction)
         return torch.div(direction, self.norm, out=share).mul_(self.step)
 
     def _largest_first(self, names: Iterable[str]) -> list[str]:

@@ -273,3 +273,24 @@ def test_scaled_shift_moves_by_the_rounded_unit_direction_times_the_step_and_hol
     assert shift.dot({}).item() == 0.0
     only_bias = {"2.bias": other["2.bias"]}
     assert torch.allclose(shift.dot(only_bias).double(), (materialised["2.bias"].double() * other["2.bias"].double()).sum(), rtol=1e-6)
+
+
+
+def test_scaled_shift_keeps_one_scratch_per_dtype():
+    """A model whose parameters differ in dtype: each share is formed in a buffer of its own dtype (a float64 scratch
+    viewed as a float32 parameter's share could not be added to it in place)."""
+    from diffin_lightning.engine import ScaledShift, module_moved_to
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5).double(), nn.Linear(5, 2))  # float64 then float32
+    direction = {name: torch.randn_like(p) for name, p in model.named_parameters()}
+    norm, step = torch.tensor(2.5, dtype=torch.float64), torch.tensor(1e-3, dtype=torch.float64)
+    shift = ScaledShift(direction, norm, step)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with module_moved_to(model, shift) as moved:
+        for name, value in moved.items():
+            expected = before[name] + torch.div(direction[name], norm).to(value.dtype).mul_(step.to(value.dtype))
+            assert value.dtype == before[name].dtype and torch.allclose(value.detach(), expected), name
+    assert all(torch.equal(p.detach(), before[name]) for name, p in model.named_parameters())
+    other = {name: torch.ones_like(p) for name, p in model.named_parameters()}
+    assert shift.dot(other).dtype == torch.float64  # summed in the widest dtype of the parts
