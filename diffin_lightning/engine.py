@@ -188,7 +188,7 @@ class ScaledShift:
 
     Each share is formed as ``(direction / norm) * step`` (the rounding of the unit direction
     times the step: the finite differences divide by ``eps`` and would magnify a different last
-    bit into their eighth digit) in one scratch buffer, as large as the largest parameter read,
+    bit into their eighth digit) in one scratch buffer (per dtype and device), as large as the largest parameter read,
     shared with the negated shift: the parameters are moved by it in place (the scratch is let go
     then, before the pass at the moved point) and its dot products read it. A parameter-sized
     copy of the shift is never held, and the step allocates one such buffer where it allocated

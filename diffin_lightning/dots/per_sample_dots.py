@@ -35,6 +35,7 @@ def _overlap(a: slice | None, b: slice | None) -> bool:
 # direct form takes 1.6 ms. Views whose materialised gradients serve several quantities are not charged.
 SINGLE_USE_ELEMENT_COST = 64
 
+
 class _StackedDirections(Mapping[str, Tensor]):
     """D directions as ``[D, *shape]`` per parameter, stacked when a layer reads it (one direction: a view)."""
 
