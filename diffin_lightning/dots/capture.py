@@ -384,12 +384,8 @@ class LayerCapture:
         if previous is None and call.inner and index == len(call.backprops) - 1:
             # The last node inside the call lies upstream of all its outputs: every gradient the call will
             # get has arrived (attention: its output's, its weights', the in-projection's).
-            complete = list(call.backprops)
-            if LayerCapture._take(current, call, complete):
-                for index_, backprop in enumerate(complete):
-                    if backprop is not None:
-                        LayerCapture._release(backprop)
-                    call.backprops[index_] = None
+            if LayerCapture._take(current, call, list(call.backprops)):
+                LayerCapture._release_backprops(call)
 
     @staticmethod
     def _take(current: _Pass, call: _Call, backprops: list[Tensor | None]) -> bool:
@@ -451,6 +447,14 @@ class LayerCapture:
             LayerCapture._on_backward(current, call, index, grad_outputs[0])
 
     @staticmethod
+    def _release_backprops(call: _Call) -> None:
+        """Let go of the call's stored output gradients (their holder counts drop; the call keeps none)."""
+        for index, backprop in enumerate(call.backprops):
+            if backprop is not None:
+                LayerCapture._release(backprop)
+            call.backprops[index] = None
+
+    @staticmethod
     def _release(tensor: Tensor) -> None:
         address = tensor.untyped_storage().data_ptr()
         LayerCapture._holders[address] -= 1
@@ -471,9 +475,7 @@ class LayerCapture:
         """Forget every captured call (frees the activations)."""
         for current in self._passes:
             for call in current.calls:
-                for backprop in call.backprops:
-                    if backprop is not None:
-                        LayerCapture._release(backprop)
+                LayerCapture._release_backprops(call)
         self._passes = []
         self._outputs = []
         self.stream = None
