@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device checks in one run, for a machine with CUDA (CI never has one): the GPU tests, then the
 # overhead benchmark with CUDA synchronisation. Everything lands under $OUT (default runs/gpu_check):
-# device.txt, gpu_tests.txt, overhead_cuda.md and its log. Needs torch, lightning, torchmetrics,
+# device.txt, gpu_tests.txt, overhead_<workload>.md and its log. Needs torch, lightning, torchmetrics,
 # safetensors, scikit-learn and pytest (no hydra-core: neither the GPU tests nor the benchmark import it;
 # pytest from carried wheels where missing, see below).
 #
@@ -27,7 +27,15 @@ if ! "$py" -c "import pytest" 2>/dev/null && [ -d .wheels ]; then
 fi
 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py > "$out/gpu_tests.txt" 2>&1
 echo "pytest rc $?" >> "$out/gpu_tests.txt"
-"$py" -m benchmarks.overhead --device cuda --repeats 3 --epochs 4 --workloads mlp cnn transformer --breakdown mlp \
-    --out "$out/overhead_cuda.md" > "$out/overhead_cuda.log" 2>&1
-echo "overhead rc $?" >> "$out/overhead_cuda.log"
-tail -n 3 "$out/gpu_tests.txt" "$out/overhead_cuda.log"
+# The GPU-sized workloads, one invocation each so that a run stopped at its time limit keeps
+# what finished (REPEATS, default 2: each fit is a fresh process, and the device time is short).
+repeats="${REPEATS:-2}"
+for workload in ${WORKLOADS:-mlp_gpu cnn_gpu transformer_gpu gpt2_gpu}; do
+    breakdown=()
+    [ "$workload" = mlp_gpu ] && breakdown=(--breakdown mlp_gpu)
+    "$py" -m benchmarks.overhead --device cuda --repeats "$repeats" --epochs 4 --workloads "$workload" \
+        --settings "first order (defaults)" "Diff-In (defaults)" "Diff-In, every 10 steps" "${breakdown[@]}" \
+        --out "$out/overhead_$workload.md" > "$out/overhead_$workload.log" 2>&1
+    echo "overhead $workload rc $?" >> "$out/overhead_$workload.log"
+done
+tail -n 3 "$out/gpu_tests.txt" "$out"/overhead_*.log

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from diffin_lightning.store import COMPONENTS, InfluenceResult, read_one_tensor
+from diffin_lightning.store import COMPONENTS, METADATA_FILE, PENDING_METADATA_FILE, InfluenceResult, read_one_tensor
 
 ResultSource = InfluenceResult | str | os.PathLike[str]
 
@@ -49,8 +49,12 @@ def _target_kinds(directory: Path) -> dict[str, str] | None:
     """The metadata's targets, read before the checked read so a wrong name gets its own message."""
     import json
 
+    # The pending metadata where no metadata file is there yet (a first write killed between its renames).
+    file = directory / METADATA_FILE
+    if not file.is_file():
+        file = directory / PENDING_METADATA_FILE
     try:
-        kinds = json.loads((directory / "influence.json").read_text()).get("target_kinds")
+        kinds = json.loads(file.read_text()).get("target_kinds")
     except (OSError, ValueError, AttributeError):
         return None  # read_one_tensor explains what is wrong with the file
     return kinds if isinstance(kinds, dict) else None

@@ -258,17 +258,42 @@ def _resolve_directory(path: str | os.PathLike[str]) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def _result_files(path: str | os.PathLike[str], caller: str) -> tuple[Path, Path, Path]:
-    """``(directory, tensor file, metadata file)`` of a result, or an error from ``caller`` naming the missing one."""
+def _result_files(path: str | os.PathLike[str], caller: str) -> tuple[Path, list[dict[str, Any]]]:
+    """``(tensor file, metadata that may vouch for it)`` of a result, or an error from ``caller``.
+
+    The candidates are the metadata file and, where a write was killed between its renames
+    (see :func:`save_influence`), the pending metadata: the tensor file may already be the new
+    one. A first write into a directory killed there leaves no metadata file at all; the pending
+    metadata is then the only candidate (a damaged one is refused, being the only evidence).
+    Whichever candidate the tensor file's checksum matches describes it.
+    """
     directory = _resolve_directory(path)
-    tensor_path, metadata_path = directory / TENSOR_FILE, directory / METADATA_FILE
-    for needed in (tensor_path, metadata_path):
-        if not needed.is_file():
-            raise InfluenceFileError(
-                f"{caller}: {needed} does not exist. Pass the directory the callback wrote "
-                f"(its `output_path`), which holds {TENSOR_FILE} and {METADATA_FILE}."
-            )
-    return directory, tensor_path, metadata_path
+    tensor_path, metadata_path, pending = directory / TENSOR_FILE, directory / METADATA_FILE, directory / PENDING_METADATA_FILE
+    fix = f"Pass the directory the callback wrote (its `output_path`), which holds {TENSOR_FILE} and {METADATA_FILE}."
+    if not tensor_path.is_file():
+        raise InfluenceFileError(f"{caller}: {tensor_path} does not exist. {fix}")
+    if not metadata_path.is_file():
+        if not pending.is_file():
+            raise InfluenceFileError(f"{caller}: {metadata_path} does not exist. {fix}")
+        return tensor_path, [_read_metadata(pending)]
+    candidates = [_read_metadata(metadata_path)]
+    if pending.is_file():
+        try:
+            candidates.append(_read_metadata(pending))
+        except InfluenceFileError:
+            pass  # a damaged record of an interrupted write is no evidence of anything
+    return tensor_path, candidates
+
+
+def has_result(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` holds a result to load: a tensor file and metadata that may vouch for it.
+
+    The pending metadata counts (a first write killed between its renames); whether it does
+    vouch for the tensors is :func:`load_influence`'s check.
+    """
+    path = Path(path)
+    directory = path.parent if path.is_file() else path  # a missing directory holds nothing (not its parent's result)
+    return (directory / TENSOR_FILE).is_file() and any((directory / name).is_file() for name in (METADATA_FILE, PENDING_METADATA_FILE))
 
 
 _FIX_PAIR = (
@@ -568,15 +593,7 @@ def load_influence(
             does not match its metadata, or belongs to another data set. The message names
             the file, the field and the fix.
     """
-    directory, tensor_path, metadata_path = _result_files(path, "load_influence")
-    candidates = [_read_metadata(metadata_path)]
-    pending = directory / PENDING_METADATA_FILE
-    if pending.is_file():
-        # A write killed between its two renames: the tensor file may already be the new one.
-        try:
-            candidates.append(_read_metadata(pending))
-        except InfluenceFileError:
-            pass  # a damaged record of an interrupted write is no evidence of anything
+    tensor_path, candidates = _result_files(path, "load_influence")
     metadata, tensors = _read_tensor_file(tensor_path, candidates)
     targets: dict[str, TargetInfluence] = {}
     for name, kind in metadata["target_kinds"].items():
@@ -606,15 +623,22 @@ def read_one_tensor(path: str | os.PathLike[str], key: str, *, verify_checksum: 
     The values' checks (finite, ``diffin = first_order + second_order``) are
     :func:`load_influence`'s, which reads all components.
     """
-    _, tensor_path, metadata_path = _result_files(path, "read_one_tensor")
-    metadata = _read_metadata(metadata_path)
-    if verify_checksum and file_sha256(tensor_path) != metadata["tensor_sha256"]:
-        raise _refuse(
-            tensor_path,
-            "the content",
-            f"does not match the checksum 'tensor_sha256' in {METADATA_FILE}; the pair comes from different runs "
-            "or the tensor file is damaged",
-        )
+    tensor_path, candidates = _result_files(path, "read_one_tensor")
+    metadata = candidates[0]
+    if verify_checksum or len(candidates) > 1:
+        # Two candidates (a write killed between its renames): only the checksum tells which
+        # metadata the tensor file belongs to, so it is taken whatever was asked.
+        digest = file_sha256(tensor_path)
+        matching = [candidate for candidate in candidates if candidate["tensor_sha256"] == digest]
+        if matching:
+            metadata = matching[0]
+        else:
+            raise _refuse(
+                tensor_path,
+                "the content",
+                f"does not match the checksum 'tensor_sha256' in {METADATA_FILE}; the pair comes from different runs "
+                "or the tensor file is damaged",
+            )
     try:
         tensors, available = read_tensors(tensor_path, [key])
     except Exception as error:  # safetensors raises its own error type for a malformed file

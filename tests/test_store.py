@@ -352,6 +352,72 @@ def test_a_write_killed_between_its_renames_leaves_a_loadable_pair(tmp_path):
     assert not (run / ".influence.json.pending").exists() and load_influence(run).metadata["fingerprint"] == "new"
 
 
+class _KilledBeforeTheMetadataRename(Exception):
+    """Stands for SIGKILL between save_influence's last two steps (the kill loop lands there)."""
+
+
+def _save_killed_before_the_metadata_rename(result, directory, monkeypatch):
+    real_replace = os.replace
+
+    def replace(source, destination):
+        if os.path.basename(source) == ".influence.json.pending":
+            raise _KilledBeforeTheMetadataRename
+        real_replace(source, destination)
+
+    with monkeypatch.context() as patch:
+        patch.setattr("diffin_lightning.store.os.replace", replace)
+        with pytest.raises(_KilledBeforeTheMetadataRename):
+            save_influence(result, directory)
+
+
+def test_a_first_write_killed_between_its_renames_is_read_from_the_pending_metadata(tmp_path, monkeypatch):
+    """The kill loop's state: the tensors landed, the metadata is still only the pending file."""
+    from diffin_lightning.ranking import top_k
+    from diffin_lightning.store import has_result, read_one_tensor
+
+    first = _result(fingerprint="first")
+    _save_killed_before_the_metadata_rename(first, tmp_path, monkeypatch)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".influence.json.pending", "influence.safetensors"]
+    assert has_result(tmp_path) and has_result(tmp_path / "influence.safetensors")
+    assert not has_result(tmp_path / "replayed")  # a directory not there holds nothing, whatever its parent holds
+    loaded = load_influence(tmp_path)
+    assert loaded.metadata["fingerprint"] == "first"
+    _assert_equal_results(loaded, first)
+    for verify in (False, True):
+        metadata, tensor = read_one_tensor(tmp_path, "val/diffin", verify_checksum=verify)
+        assert metadata["fingerprint"] == "first" and torch.equal(tensor, first["val"].diffin)
+    assert top_k(tmp_path, "val", 2).ids.tolist() == first["val"].diffin.argsort()[:2].tolist()
+    with pytest.raises(KeyError, match="'test' is not in"):
+        top_k(tmp_path, "test", 2)
+    # The pending metadata is the only evidence: damaged, it is refused, not passed over.
+    pending = (tmp_path / ".influence.json.pending").read_bytes()
+    (tmp_path / ".influence.json.pending").write_bytes(b"{")
+    for read in (load_influence, lambda path: read_one_tensor(path, "val/diffin")):
+        with pytest.raises(InfluenceFileError, match=r"\.influence\.json\.pending.*not valid JSON"):
+            read(tmp_path)
+    (tmp_path / ".influence.json.pending").write_bytes(pending)
+    # Killed earlier, before the tensors: nothing was recorded, and the error says what is missing.
+    (tmp_path / "influence.safetensors").unlink()
+    assert not has_result(tmp_path)
+    with pytest.raises(InfluenceFileError, match="influence.safetensors does not exist"):
+        load_influence(tmp_path)
+
+
+def test_one_tensor_is_read_with_the_metadata_that_vouches_for_it(tmp_path, monkeypatch):
+    """A later write killed between its renames: the old metadata file, the new tensors and pending metadata."""
+    from diffin_lightning.store import read_one_tensor
+
+    old, new = _result(fingerprint="old"), _result(fingerprint="new")
+    new.targets["val"] = TargetInfluence("val", "dataset", *(2 * new["val"].component(c) for c in COMPONENTS))
+    save_influence(old, tmp_path)
+    _save_killed_before_the_metadata_rename(new, tmp_path, monkeypatch)
+    assert json.loads((tmp_path / "influence.json").read_text())["fingerprint"] == "old"
+    for verify in (False, True):
+        metadata, tensor = read_one_tensor(tmp_path, "val/diffin", verify_checksum=verify)
+        assert metadata["fingerprint"] == "new" and torch.equal(tensor, new["val"].diffin)
+    assert load_influence(tmp_path).metadata["fingerprint"] == "new"
+
+
 # ---------------------------------------------------------------- temporary files and permissions
 
 

@@ -19,7 +19,7 @@ from torch.utils.data import Subset
 
 from diffin_lightning.cli import UsageError
 from diffin_lightning.replay import HVP_MODES, trajectory_influence
-from diffin_lightning.store import InfluenceFileError, InfluenceResult, load_influence, save_influence
+from diffin_lightning.store import InfluenceFileError, InfluenceResult, has_result, load_influence, save_influence
 from diffin_lightning.tasks.report import format_table, write_json
 from diffin_lightning.tasks.run import TrainedRun
 from diffin_lightning.trajectory import INDEX_FILE, TrajectoryLogError
@@ -90,7 +90,7 @@ def replay(run: TrainedRun, out_dir: Path, target: Any = None, hvp: str = "centr
 
 def _merge(store: Path, result: InfluenceResult, run: TrainedRun) -> InfluenceResult:
     """Earlier replayed targets of the same run kept beside the new one (same data, same log)."""
-    if not (store / "influence.json").is_file():
+    if not has_result(store):
         return result
     try:
         earlier = load_influence(store, dataset=run.datamodule.train_dataset)
@@ -105,7 +105,7 @@ def _merge(store: Path, result: InfluenceResult, run: TrainedRun) -> InfluenceRe
 def with_replay_scores(run: TrainedRun) -> TrainedRun:
     """The run with its replayed scores in place of the in-run ones (``score=replay`` reads ``diffin`` of these)."""
     store = run.directory / REPLAY_DIR
-    if not (store / "influence.json").is_file():
+    if not has_result(store):
         raise UsageError(
             f"score=replay: {store} holds no replayed scores yet; run `diffin-analyze task=replay run_dir={run.directory} "
             "target=test` first."

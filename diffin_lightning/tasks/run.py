@@ -14,7 +14,7 @@ from torch import Tensor
 
 from diffin_lightning.cli import UsageError, build_datamodule
 from diffin_lightning.safe_config import check_run_config
-from diffin_lightning.store import METADATA_FILE, TENSOR_FILE, InfluenceResult, load_influence
+from diffin_lightning.store import METADATA_FILE, TENSOR_FILE, InfluenceResult, has_result, load_influence
 
 SCORES = ("diffin", "first_order", "second_order")
 
@@ -73,12 +73,15 @@ def load_run(run_dir: str | Path | None, *, allowed_targets: Any = None) -> Trai
     directory = Path(str(run_dir)).expanduser()
     if not directory.is_dir():
         raise UsageError(f"run_dir {directory} is not a directory.")
-    for needed in (TENSOR_FILE, METADATA_FILE, "config.yaml"):
-        if not (directory / needed).is_file():
-            raise UsageError(
-                f"run_dir {directory} has no {needed}: point run_dir at the directory that diffin_lightning.train "
-                "printed at the end of its run."
-            )
+    # A first write of the scores killed between its renames holds the tensors and the pending
+    # metadata; load_influence reads that pair (has_result says so), so it is no reason to refuse.
+    missing = [] if has_result(directory) else [name for name in (TENSOR_FILE, METADATA_FILE) if not (directory / name).is_file()]
+    missing += [name for name in ("config.yaml",) if not (directory / name).is_file()]
+    if missing:
+        raise UsageError(
+            f"run_dir {directory} has no {missing[0]}: point run_dir at the directory that diffin_lightning.train "
+            "printed at the end of its run."
+        )
     config = check_run_config(directory / "config.yaml", allowed=allowed_targets)
     datamodule = build_datamodule(config.data)
     train_dataset = getattr(datamodule, "train_dataset", None)
