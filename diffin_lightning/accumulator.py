@@ -72,6 +72,9 @@ class InfluenceAccumulator:
         # non-finite, counted on the device so that the per-step path never reads it back. The factor is
         # the same on every rank, so this count is the run's (shared across ranks, never summed).
         self.nonfinite_factor_steps = {name: torch.zeros((), dtype=torch.int64, device=device) for name in target_names}
+        # Per target: steps skipped whole because a step-level quantity (the parameters, the batch gradient,
+        # the step's losses) was non-finite, found on the device (``add``'s ``step_usable``), not on the host.
+        self.nonfinite_gated_steps = {name: torch.zeros((), dtype=torch.int64, device=device) for name in target_names}
 
     @property
     def nonfinite(self) -> Tensor:
@@ -85,7 +88,9 @@ class InfluenceAccumulator:
     def _zeros(self) -> dict[str, Tensor]:
         return {name: torch.zeros(self.num_samples, dtype=self.dtype, device=self.device) for name in self.declared}
 
-    def add(self, name: str, ids: Tensor, contribution: Contribution, weight: float, eta: float, batch_size: int) -> None:
+    def add(
+        self, name: str, ids: Tensor, contribution: Contribution, weight: float, eta: float, batch_size: int, step_usable: Tensor | None = None
+    ) -> None:
         """Add one step's contribution to target ``name`` at ``ids``; non-finite ones are skipped and counted.
 
         ``weight`` is the number of steps the recorded step stands for. Nothing here reads
@@ -95,11 +100,19 @@ class InfluenceAccumulator:
         eta_over_batch = eta / batch_size
         first, second = contribution.first.detach(), contribution.second.detach()
         finite = torch.isfinite(first) & torch.isfinite(second)
+        # A step whose step-level quantities were found non-finite on the device (``step_usable`` False)
+        # gives nothing, as one skipped on the host does; counted once, here.
+        usable = None
+        if step_usable is not None:
+            usable = step_usable
+            self.nonfinite_gated_steps[name] += (~usable).to(torch.int64)
         if contribution.factor is not None:
             # A non-finite factor (a NaN curvature would clamp it to 0 and wipe every earlier contribution)
             # skips the whole step for this target: nothing is added, every state is carried unchanged.
-            usable = torch.isfinite(contribution.factor)
-            self.nonfinite_factor_steps[name] += (~usable).to(torch.int64)
+            factor_usable = torch.isfinite(contribution.factor)
+            self.nonfinite_factor_steps[name] += (~factor_usable if usable is None else usable & ~factor_usable).to(torch.int64)
+            usable = factor_usable if usable is None else usable & factor_usable
+        if usable is not None:
             self.nonfinite_samples[name] += ((~finite) & usable).sum()
             finite = finite & usable
         else:
@@ -151,6 +164,7 @@ class InfluenceAccumulator:
         out.nonfinite_samples = {name: combined[f"__nonfinite__/{name}"].reshape(()) for name in self.nonfinite_samples}
         out.parameter_states = self.parameter_states
         out.nonfinite_factor_steps = self.nonfinite_factor_steps
+        out.nonfinite_gated_steps = self.nonfinite_gated_steps  # single-process only (under DDP the host checks)
         return out
 
     # ------------------------------------------------------------------ checkpoint state
@@ -162,6 +176,7 @@ class InfluenceAccumulator:
             "nonfinite_skipped": int(self.nonfinite),
             "nonfinite_samples_skipped": {name: int(count) for name, count in self.nonfinite_samples.items() if int(count)},
             "nonfinite_factor_steps": {name: int(count) for name, count in self.nonfinite_factor_steps.items() if int(count)},
+            "nonfinite_gated_steps": {name: int(count) for name, count in self.nonfinite_gated_steps.items() if int(count)},
         }
 
     def load_state_dict(self, state: Mapping[str, Any], keep_totals: bool = True) -> None:
@@ -191,6 +206,10 @@ class InfluenceAccumulator:
         # The run's count, the same on every rank: every rank keeps it.
         self.nonfinite_factor_steps = {
             name: torch.tensor(factor_steps.get(name, 0), dtype=torch.int64, device=self.device) for name in self.sums
+        }
+        gated_steps = {str(k): int(v) for k, v in state.get("nonfinite_gated_steps", {}).items()}
+        self.nonfinite_gated_steps = {
+            name: torch.tensor(gated_steps.get(name, 0), dtype=torch.int64, device=self.device) for name in self.sums
         }
         if not keep_totals:
             for sums in self.sums.values():

@@ -531,6 +531,14 @@ class DiffInCallback(Callback):
                 f"for target {name!r}: those steps were skipped for it (nothing of them reaches its scores; counted in the "
                 "metadata's 'nonfinite_steps_skipped'). A diverging loss or an eps too small for the dtype can cause this."
             )
+        gated_steps = {} if self._accumulator is None else {n: int(c) for n, c in self._accumulator.nonfinite_gated_steps.items() if int(c)}
+        for name, count in gated_steps.items():
+            rank_zero_warn(
+                f"DiffInCallback: {count} recorded step(s) were skipped for target {name!r} because the model's parameters, "
+                "the batch gradient G_B or the step's per-sample losses were non-finite (found on the device, without "
+                "stopping the step; nothing of them reaches its scores; counted in the metadata's 'nonfinite_steps_skipped'). "
+                "A diverging loss or a NaN per-sample loss can cause this."
+            )
         for name, count in self.nonfinite_samples_skipped.items():
             rank_zero_warn(
                 f"DiffInCallback: {count} (sample, step) non-finite contribution(s) to target {name!r} were skipped: "

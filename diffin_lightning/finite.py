@@ -15,6 +15,31 @@ import torch
 from torch import Tensor
 
 
+def _float32_sums(tensors: list[Tensor]) -> Tensor:
+    # float32 sums (half-precision sums overflow easily; MPS has no float64); integer tensors are finite.
+    return torch.stack([t.detach().sum(dtype=torch.float32) if t.is_floating_point() else t.new_zeros((), dtype=torch.float32) for t in tensors])
+
+
+def finite_flag(tensors: Iterable[Tensor], device: torch.device | None = None) -> Tensor:
+    """A boolean scalar on the tensors' device: every element finite. Reads nothing back to the host.
+
+    For the per-step path, where a read back would stall a GPU every step: the caller gates
+    what it adds with the flag instead of branching on it. Unlike :func:`all_finite` it has no
+    exact second test, so a finite tensor whose float32 sum overflows (beyond 3.4e38) reads as
+    non-finite; such values would overflow the step's products as well. ``device`` is the
+    flag's device where there are no tensors (``True`` then).
+
+    Example::
+
+        >>> finite_flag([torch.ones(3), torch.tensor([1.0, float("inf")])])
+        tensor(False)
+    """
+    tensors = [torch.view_as_real(t) if t.is_complex() else t for t in tensors if t.numel()]
+    if not tensors:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return torch.isfinite(_float32_sums(tensors)).all()
+
+
 def all_finite(tensors: Iterable[Tensor]) -> bool:
     """``True`` when every element of every tensor is finite (one host synchronisation; ``True`` for none).
 
@@ -28,8 +53,6 @@ def all_finite(tensors: Iterable[Tensor]) -> bool:
     tensors = [torch.view_as_real(t) if t.is_complex() else t for t in tensors if t.numel()]
     if not tensors:
         return True
-    # float32 sums (half-precision sums overflow easily; MPS has no float64); integer tensors are finite.
-    sums = torch.stack([t.detach().sum(dtype=torch.float32) if t.is_floating_point() else t.new_zeros((), dtype=torch.float32) for t in tensors])
-    if bool(torch.isfinite(sums).all()):
+    if bool(torch.isfinite(_float32_sums(tensors)).all()):
         return True
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())

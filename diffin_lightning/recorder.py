@@ -32,7 +32,7 @@ from diffin_lightning.engine import (
     replayed_rng,
 )
 from diffin_lightning.dots.stream import ProductStream
-from diffin_lightning.finite import all_finite
+from diffin_lightning.finite import all_finite, finite_flag
 from diffin_lightning.per_sample import LossFn, Params, PerSampleLoss
 from diffin_lightning.results import RunRecord
 from diffin_lightning.settings import DiffInSettings
@@ -45,6 +45,23 @@ ForwardContext = Callable[[], contextlib.AbstractContextManager[Any]]
 # on the first recorded step: float rounding of a different summation order stays far below these.
 _CHECK_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-3}
 _CHECK_TOLERANCE_MIXED = 5e-2
+
+
+@dataclasses.dataclass(frozen=True)
+class StepGates:
+    """A step's verdicts found on the device (booleans there; nothing read back to the host).
+
+    ``model``: the parameters finite at this step and at every earlier step so checked (what
+    the 'self' target needs); ``batch``: that and the batch gradient and the step's per-sample
+    losses finite (what every target that uses ``G_B`` needs). A False gate makes the
+    accumulator skip the step for the target and count it, as a host check would.
+    """
+
+    model: Tensor
+    batch: Tensor
+
+    def for_target(self, target: Target) -> Tensor:
+        return self.model if isinstance(target, SelfTarget) else self.batch
 
 
 class InfluenceRecorder:
@@ -70,6 +87,7 @@ class InfluenceRecorder:
         reuse = settings.reuse_training_step if settings.reuse_training_step is not None else settings.loss_fn is None
         self.use_capture = self.fast and reuse and settings.schedule == "in_run"
         self.verified = False
+        self._model_nonfinite_warned = False
         self._stream: ProductStream | None = None  # what the current step's capture takes during its backward
         self.record = record
         record.engine = (
@@ -152,7 +170,7 @@ class InfluenceRecorder:
             or not self.use_capture
             or mixed_precision
             or distributed.world_size() > 1
-            or self.record.model_nonfinite_step is not None
+            or self.record.model_nonfinite_known is not None  # (not model_nonfinite_step: that reads the device back)
             or any(isinstance(target, TrainingLossTarget) for target in self.targets)
         ):
             return None
@@ -215,15 +233,14 @@ class InfluenceRecorder:
         self.record.steps_recorded += 1
         self.record.steps_represented += self.settings.every_n_steps
         params = self.loss.parameters()
-        # The common case in one host synchronisation: the parameters, the training step's .grad and its
-        # per-sample losses all finite (then G_B needs no check of its own below).
-        known_finite = (
-            gradients is not None
-            and self.record.model_nonfinite_step is None
-            and all_finite([*params.values(), *gradients.values(), *self.step_losses])
-        )
+        gates: StepGates | None = None
+        if math.isfinite(eta) and gradients is not None and self.record.model_nonfinite_known is None and distributed.world_size() == 1:
+            # The common case: the parameters, the training step's .grad and its per-sample losses checked on the
+            # device, and the step gated by the verdicts instead of branching on them (a read back would stall
+            # a GPU every step). Under DDP the ranks must agree on the path, which the host checks below do.
+            gates = self._device_gates(step, params, gradients)
         # Step-level quantities: a non-finite one leaves nothing of this step that can be trusted.
-        if not (known_finite or self.check_model_finite(step)) or not math.isfinite(eta):
+        elif not self.check_model_finite(step) or not math.isfinite(eta):
             what = "the model's parameters" if self.record.model_nonfinite_step is not None else f"the learning rate ({eta})"
             for target in self.targets:
                 self.skip_step(target.name, step, what)
@@ -232,8 +249,19 @@ class InfluenceRecorder:
         batch_size = int(ids.numel())
         with other_captures_paused(self.capture):
             self._record_step(
-                step, eta, batches, ids, params, batch_size, gradients, gradient_to_mean, backprop_scale, forward_context, mixed_precision, known_finite
+                step, eta, batches, ids, params, batch_size, gradients, gradient_to_mean, backprop_scale, forward_context, mixed_precision, gates
             )
+
+    def _device_gates(self, step: int, params: Params, gradients: Params) -> StepGates:
+        """This step's verdicts on the device; the first step with non-finite parameters is kept there too."""
+        device = next(iter(params.values())).device
+        pending = self.record.model_nonfinite_pending
+        if pending is None:
+            pending = torch.full((), -1, dtype=torch.int64, device=device)
+        pending = torch.where((pending < 0) & ~finite_flag(params.values(), device), step, pending)
+        self.record.model_nonfinite_pending = pending  # read back when reported (RunRecord.model_nonfinite_step)
+        model = pending < 0
+        return StepGates(model, model & finite_flag([*gradients.values(), *self.step_losses], device))
 
     def _record_step(
         self,
@@ -248,7 +276,7 @@ class InfluenceRecorder:
         backprop_scale: Tensor | float,
         forward_context: ForwardContext,
         mixed_precision: bool,
-        known_finite: bool,
+        gates: StepGates | None,
     ) -> None:
         view: StepGradients
         try:
@@ -282,7 +310,7 @@ class InfluenceRecorder:
                 else:
                     view = self._recaptured(params, micro_batches, forward_context, self.unseeded_loss)
                 capture.clear()
-            self._accumulate_step(view, step, eta, params, ids, batch_size, known_finite)
+            self._accumulate_step(view, step, eta, params, ids, batch_size, gates)
         finally:
             self._stream = None
             self.loss.clear_captures()
@@ -359,9 +387,9 @@ class InfluenceRecorder:
         return recomputed
 
     def _accumulate_step(
-        self, view: StepGradients, step: int, eta: float, params: Params, ids: Tensor, batch_size: int, known_finite: bool
+        self, view: StepGradients, step: int, eta: float, params: Params, ids: Tensor, batch_size: int, gates: StepGates | None
     ) -> None:
-        """One step's contributions; ``known_finite``: the parameters, ``.grad`` and the step's losses were found finite together."""
+        """One step's contributions; ``gates``: the step's verdicts on the device (None: checked on the host)."""
         assert self.accumulator is not None
         settings = self.settings
         device = ids.device
@@ -373,9 +401,10 @@ class InfluenceRecorder:
         batch_gradient_finite = True
         if needs_batch_gradient:
             # G_B (and the step's losses) finite, checked before any target sees G_B: the 'train' target folds
-            # it into its running average. Already known when G_B is the training step's own .grad.
-            if known_finite and isinstance(view, CapturedStep) and view.from_training_step:
-                batch_gradient_finite = True
+            # it into its running average. Already in the gates when G_B is the training step's own .grad.
+            if gates is not None:
+                if not (isinstance(view, CapturedStep) and view.from_training_step):
+                    gates = StepGates(gates.model, gates.batch & finite_flag([*view.batch_gradient.values(), *(losses or [])], device))
             else:
                 batch_gradient_finite = all_finite([*view.batch_gradient.values(), *(losses or [])])
             if distributed.world_size() > 1:
@@ -390,11 +419,14 @@ class InfluenceRecorder:
             if not batch_gradient_finite:
                 self.skip_step(target.name, step, "the batch gradient G_B")
                 continue
-            batch_gradient = view.batch_gradient if isinstance(target, TrainingLossTarget) else {}
-            gradient = target.target_gradient(self.loss, params, step, device, batch_gradient)
+            if isinstance(target, TrainingLossTarget):
+                usable = None if gates is None else gates.batch
+                gradient = target.target_gradient(self.loss, params, step, device, view.batch_gradient, usable=usable)
+            else:
+                gradient = target.target_gradient(self.loss, params, step, device, {})
             # A dataset target's gradient changes only at a refresh, here or before the step's forward
-            # (_product_stream): checked at that step (and every step for 'train').
-            if getattr(target, "refreshed_at_step", None) == step or isinstance(target, TrainingLossTarget):
+            # (_product_stream): checked at that step (and every step for 'train', unless the gates guard its fold).
+            if getattr(target, "refreshed_at_step", None) == step or (isinstance(target, TrainingLossTarget) and gates is None):
                 if not _all_finite(gradient):
                     self.skip_step(target.name, step, "the target gradient g_V")
                     if isinstance(target, DatasetTarget):
@@ -403,7 +435,13 @@ class InfluenceRecorder:
             target_gradients[target.name] = gradient
         eps = finite_difference_step(settings.eps, params) if settings.compute_second_order else torch.zeros(())
         if settings.compute_second_order:
-            self.record.last_eps = eps
+            previous = self.record.last_eps
+            # A gated step's eps may be non-finite (non-finite parameters): the last usable step's is reported.
+            if gates is not None and isinstance(previous, Tensor):
+                eps_reported = torch.where(gates.model, eps, previous)
+            else:
+                eps_reported = eps
+            self.record.last_eps = eps_reported
         # Under DDP a sample weighs its share of the global update, eta / (W |B_r|).
         batch_size = distributed.effective_batch_size(batch_size)
         contributions = in_run_step(
@@ -428,7 +466,8 @@ class InfluenceRecorder:
                     contribution.factor,
                     contribution.target_gradient,
                 )
-            self.accumulator.add(name, ids, contribution, float(settings.every_n_steps), eta, batch_size)
+            usable = None if gates is None else gates.for_target(next(t for t in self.targets if t.name == name))
+            self.accumulator.add(name, ids, contribution, float(settings.every_n_steps), eta, batch_size, step_usable=usable)
 
     def skip_step(self, name: str, step: int, what: str) -> None:
         """A non-finite step- or target-level quantity: this step gives target ``name`` nothing; counted."""
@@ -444,14 +483,22 @@ class InfluenceRecorder:
             )
 
     def check_model_finite(self, step: int) -> bool:
-        """Whether the parameters are finite (once they are not, no later step is scored)."""
-        if self.record.model_nonfinite_step is None and not _all_finite(self.loss.parameters()):
+        """Whether the parameters are finite (once they are not, no later step is scored).
+
+        Reads back what the per-step gates found on the device (the first step with non-finite
+        parameters), then checks the parameters as they are now.
+        """
+        found_on_device = self.record.model_nonfinite_step
+        if found_on_device is None and not _all_finite(self.loss.parameters()):
             self.record.model_nonfinite_step = step
+        first = self.record.model_nonfinite_step
+        if first is not None and not self._model_nonfinite_warned:
+            self._model_nonfinite_warned = True
             rank_zero_warn(
-                f"DiffInCallback: the model's parameters are non-finite at step {step}; no later step can be scored. "
+                f"DiffInCallback: the model's parameters are non-finite at step {first}; no later step can be scored. "
                 "The files will say complete: false with the reason. Lower the learning rate or guard the loss."
             )
-        return self.record.model_nonfinite_step is None
+        return first is None
 
     # ------------------------------------------------------------------ the training step's own losses
 

@@ -6,6 +6,7 @@ files themselves are written by :mod:`diffin_lightning.store`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +35,23 @@ class RunRecord:
     last_eps: Tensor | float | None = None
     engine: str = "not started"
     nonfinite_steps_skipped: dict[str, int] = field(default_factory=dict)
-    model_nonfinite_step: int | None = None
+    # The first step at which the parameters were non-finite, as the host knows it. The per-step
+    # path finds it on the device (model_nonfinite_pending: int64, -1 for none) and reads nothing
+    # back; model_nonfinite_step settles the two when read (reports, files, checkpoints).
+    model_nonfinite_known: int | None = None
+    model_nonfinite_pending: Tensor | None = None
+
+    @property
+    def model_nonfinite_step(self) -> int | None:
+        if self.model_nonfinite_pending is not None:
+            pending, self.model_nonfinite_pending = int(self.model_nonfinite_pending), None
+            if pending >= 0 and self.model_nonfinite_known is None:
+                self.model_nonfinite_known = pending
+        return self.model_nonfinite_known
+
+    @model_nonfinite_step.setter
+    def model_nonfinite_step(self, step: int | None) -> None:
+        self.model_nonfinite_known, self.model_nonfinite_pending = step, None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -57,11 +74,12 @@ class RunRecord:
 
 
 def steps_skipped(record: RunRecord, accumulator: InfluenceAccumulator) -> dict[str, int]:
-    """Per target, the recorded steps skipped whole: step-level checks on the host, non-finite factors on the device."""
+    """Per target, the recorded steps skipped whole: step-level checks on the host, gated steps and non-finite factors on the device."""
     out = dict(record.nonfinite_steps_skipped)
-    for name, count in accumulator.nonfinite_factor_steps.items():
-        if int(count):
-            out[name] = out.get(name, 0) + int(count)
+    for counts in (accumulator.nonfinite_gated_steps, accumulator.nonfinite_factor_steps):
+        for name, count in counts.items():
+            if int(count):
+                out[name] = out.get(name, 0) + int(count)
     return out
 
 
@@ -128,7 +146,7 @@ def metadata(
         "finite_difference": settings.finite_difference,
         "compute_second_order": settings.compute_second_order,
         "eps": "auto" if settings.eps is None else settings.eps,
-        "eps_last_step": None if last_eps is None else float(last_eps),
+        "eps_last_step": None if last_eps is None or not math.isfinite(float(last_eps)) else float(last_eps),
         "every_n_steps": settings.every_n_steps,
         "schedule": settings.schedule,
         "num_checkpoints": settings.num_checkpoints,

@@ -209,26 +209,47 @@ class TrainingLossTarget:
     def check_not_empty(self) -> None:
         return None
 
-    def target_gradient(self, loss: PerSampleLoss, params: Params, step: int, device: torch.device, batch_gradient: Params) -> Params:
-        """Fold this step's batch gradient into the average and return the bias-corrected average."""
+    def target_gradient(
+        self, loss: PerSampleLoss, params: Params, step: int, device: torch.device, batch_gradient: Params, usable: Tensor | None = None
+    ) -> Params:
+        """Fold this step's batch gradient into the average and return the bias-corrected average.
+
+        ``usable``: a boolean on the device, False where the batch gradient is not finite. The fold
+        is then kept out of the average and the count (without reading the flag back), so that
+        one non-finite step does not poison every later one.
+        """
         if self.average is None:
             self.average = {k: torch.zeros_like(v) for k, v in batch_gradient.items()}
         average = list(self.average.values())
-        torch._foreach_mul_(average, self.decay)
-        torch._foreach_add_(average, [batch_gradient[k] for k in self.average], alpha=1 - self.decay)
-        self.updates += 1
+        incoming = [batch_gradient[k] for k in self.average]
+        if usable is None:
+            torch._foreach_mul_(average, self.decay)
+            torch._foreach_add_(average, incoming, alpha=1 - self.decay)
+            self.updates += 1
+        else:
+            folded = torch._foreach_mul(average, self.decay)
+            torch._foreach_add_(folded, incoming, alpha=1 - self.decay)
+            for kept, new in zip(average, folded):
+                torch.where(usable, new, kept, out=kept)
+            self.updates = self.updates + usable.to(torch.int64)  # a device count from here on
         return self.current_estimate()
 
     def current_estimate(self) -> Params:
         """The bias-corrected average as it stands (the training loss's gradient estimate at the end)."""
         assert self.average is not None, "no step recorded yet"
-        correction = 1 - self.decay**self.updates
+        if isinstance(self.updates, Tensor):
+            # In float64, as the host's float is (a float32 power would move the estimate by 1e-7).
+            decay = torch.tensor(self.decay, dtype=torch.float64, device=self.updates.device)
+            # No fold yet (every step so far gated): the average is zero; 1 - decay is the least a fold gives.
+            correction = (1 - decay**self.updates).clamp_min(1 - self.decay).to(next(iter(self.average.values())).dtype)
+        else:
+            correction = 1 - self.decay**self.updates
         return dict(zip(self.average, torch._foreach_div(list(self.average.values()), correction)))
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "average": None if self.average is None else {k: v.detach().cpu() for k, v in self.average.items()},
-            "updates": self.updates,
+            "updates": int(self.updates),
         }
 
     def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:

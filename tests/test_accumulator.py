@@ -55,3 +55,29 @@ def test_a_nonfinite_factor_carries_everything_unchanged():
     torch.testing.assert_close(acc.sums["v"]["decayed_first"], before["decayed_first"])
     torch.testing.assert_close(acc.parameter_states["v"]["w"], gradient["w"] / 3)
     assert propagation_factor(0.1, torch.tensor(-3.0), 2) == 1.0  # the tensor form clamps like the float form
+
+
+def test_a_gated_step_adds_nothing_and_is_counted_once():
+    """``step_usable`` False (a step-level quantity non-finite, found on the device): nothing added, the factor
+    not applied, one gated step counted (not a factor step, not skipped samples), and the count survives a checkpoint."""
+    acc = InfluenceAccumulator(["v", "s"], 3, torch.device("cpu"), torch.float64)
+    gradient = {"w": torch.ones(2, dtype=torch.float64)}
+    one = torch.ones(1, dtype=torch.float64)
+    acc.add("v", torch.tensor([0]), Contribution(one, 0 * one, torch.tensor(0.5, dtype=torch.float64), gradient), 1.0, 1.0, 1)
+    before = {k: v.clone() for k, v in acc.sums["v"].items()}
+    nan = torch.full((1,), float("nan"), dtype=torch.float64)
+    no = torch.tensor(False)
+    acc.add("v", torch.tensor([1]), Contribution(nan, nan, torch.tensor(float("nan"), dtype=torch.float64), gradient), 1.0, 1.0, 1, step_usable=no)
+    acc.add("s", torch.tensor([1]), Contribution(nan, 0 * one), 1.0, 1.0, 1, step_usable=no)
+    for key, value in before.items():
+        torch.testing.assert_close(acc.sums["v"][key], value)
+    torch.testing.assert_close(acc.parameter_states["v"]["w"], gradient["w"] / 3)
+    assert acc.sums["s"]["visits"].tolist() == [0.0, 0.0, 0.0]
+    assert {n: int(c) for n, c in acc.nonfinite_gated_steps.items()} == {"v": 1, "s": 1}
+    assert int(acc.nonfinite_factor_steps["v"]) == 0 and int(acc.nonfinite) == 0
+    # A usable step through the same path adds as an ungated one does.
+    acc.add("s", torch.tensor([2]), Contribution(2 * one, 0 * one), 1.0, 1.0, 1, step_usable=torch.tensor(True))
+    assert acc.sums["s"]["first_order"].tolist() == [0.0, 0.0, 2.0]
+    restored = InfluenceAccumulator(["v", "s"], 3, torch.device("cpu"), torch.float64)
+    restored.load_state_dict(acc.state_dict())
+    assert {n: int(c) for n, c in restored.nonfinite_gated_steps.items()} == {"v": 1, "s": 1}

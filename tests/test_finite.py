@@ -35,3 +35,19 @@ def test_complex():
     assert all_finite([torch.tensor([1 + 2j])])
     assert not all_finite([torch.tensor([complex(float("nan"), 0.0)])])
     assert not all_finite([torch.tensor([complex(0.0, float("inf"))])])
+
+
+def test_the_device_flag_agrees_with_the_exact_test_and_reads_nothing_back():
+    from diffin_lightning.finite import finite_flag
+
+    tensors = [torch.randn(50, 7), torch.randn(13, dtype=torch.float64), torch.arange(4)]
+    flag = finite_flag(tensors)
+    assert flag.dtype == torch.bool and flag.shape == () and bool(flag)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        broken = [t.clone() for t in tensors]
+        broken[1][7] = bad
+        assert not bool(finite_flag(broken)) and not all_finite(broken)
+    assert bool(finite_flag([], device=torch.device("cpu")))
+    # The documented difference: no exact second test, so a float32 sum that overflows reads as non-finite.
+    big = torch.full((4,), torch.finfo(torch.float32).max)
+    assert all_finite([big]) and not bool(finite_flag([big]))

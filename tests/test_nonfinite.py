@@ -193,3 +193,25 @@ def test_a_non_finite_propagation_factor_skips_that_step_for_its_target_on_the_d
         seen_before[torch.tensor(earlier.ids)] = True
     assert (callback._sums["val"]["decayed_first"][seen_before] != 0).all()
     _assert_all_finite(callback.influence)
+
+
+def test_the_train_targets_average_leaves_out_a_gated_fold():
+    """The 'train' target folds G_B into its average under the device gate: a non-finite G_B is left out (the average
+    and the bias correction's count as if the step had been skipped on the host), and no flag is read back."""
+    from diffin_lightning.targets import TrainingLossTarget
+
+    generator = torch.Generator().manual_seed(0)
+    good = [{"w": torch.randn(3, generator=generator, dtype=torch.float64)} for _ in range(3)]
+    bad = {"w": torch.tensor([float("nan"), 1.0, float("inf")], dtype=torch.float64)}
+    gated, skipped = TrainingLossTarget(decay=0.5), TrainingLossTarget(decay=0.5)
+    cpu = torch.device("cpu")
+    gated.target_gradient(None, {}, 0, cpu, bad, usable=torch.tensor(False))  # gated before any fold: the estimate is zero
+    torch.testing.assert_close(gated.current_estimate()["w"], torch.zeros(3, dtype=torch.float64))
+    for step, batch_gradient in enumerate([good[0], bad, good[1], good[2]]):
+        usable = torch.tensor(batch_gradient is not bad)
+        estimate = gated.target_gradient(None, {}, step, cpu, batch_gradient, usable=usable)
+        if batch_gradient is not bad:
+            expected = skipped.target_gradient(None, {}, step, cpu, batch_gradient)
+            torch.testing.assert_close(estimate["w"], expected["w"], rtol=1e-15, atol=0)
+    assert int(gated.updates) == skipped.updates == 3
+    assert gated.state_dict()["updates"] == 3
