@@ -20,13 +20,22 @@ from diffin_lightning import DiffInCallback
 from helpers import TinyClassifier, trainer
 
 
+# Ops whose result's size or value must reach the host: a scalar read, and those whose output shape
+# depends on the data (nonzero, masked_select, indexing by a boolean mask), which wait for the GPU too.
+_READS_BACK = {
+    torch.ops.aten._local_scalar_dense.default,
+    torch.ops.aten.nonzero.default,
+    torch.ops.aten.masked_select.default,
+}
+
+
 class _ReadBacks(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.where: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
+        if func in _READS_BACK or (func is torch.ops.aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1])):
             frames = [f for f in traceback.extract_stack() if "diffin_lightning" in f.filename]
             # One of this library's (Lightning's and the model's own are not the callback's cost). The sample
             # ids' range is checked on every batch on the CPU only, where a read back costs nothing (on a GPU,
@@ -87,3 +96,12 @@ def test_other_settings_read_nothing_back_either(tmp_path, tiny_data, setting):
     trainer(default_root_dir=tmp_path, max_epochs=2, callbacks=[callback]).fit(TinyClassifier().double(), tiny_data.loader())
     assert callback.steps_recorded > 0
     assert callback.read_backs == [], sorted(set(callback.read_backs))
+
+
+def test_the_watch_sees_this_librarys_read_backs_and_names_the_line():
+    from diffin_lightning.finite import all_finite
+
+    with _ReadBacks() as watch:
+        all_finite([torch.ones(3)])  # bool(...) of a tensor: one read back, in finite.py
+        torch.ones(3)[torch.tensor([True, False, True])].sum().item()  # not this library's: not counted
+    assert len(watch.where) == 1 and watch.where[0].startswith("/finite.py:"), watch.where
