@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device checks in one run, for a machine with CUDA (CI never has one): the GPU tests, then the
 # overhead benchmark with CUDA synchronisation. Everything lands under $OUT (default runs/gpu_check):
-# device.txt, gpu_tests.txt, overhead_<workload>.md and its log. Needs torch, lightning, torchmetrics,
+# device.txt, gpu_tests.txt, overhead_gpu.md (every workload's table) and overhead_gpu.log. Needs torch, lightning, torchmetrics,
 # safetensors, scikit-learn and pytest (no hydra-core: neither the GPU tests nor the benchmark import it;
 # pytest from carried wheels where missing, see below).
 #
@@ -28,14 +28,19 @@ fi
 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py > "$out/gpu_tests.txt" 2>&1
 echo "pytest rc $?" >> "$out/gpu_tests.txt"
 # The GPU-sized workloads, one invocation each so that a run stopped at its time limit keeps
-# what finished (REPEATS, default 2: each fit is a fresh process, and the device time is short).
-repeats="${REPEATS:-2}"
+# what finished; their tables are appended to one file and their logs to another (a device call
+# returns at most 8 files). REPEATS defaults to 1: each fit is a fresh process (CUDA and Lightning
+# start-up, a warm-up fit), and on an H100 the four workloads took about 8 minutes at 2 repeats for
+# the MLP and CNN and 1 for the others, most of a 10-minute call.
+repeats="${REPEATS:-1}"
+: > "$out/overhead_gpu.md"
 for workload in ${WORKLOADS:-mlp_gpu cnn_gpu transformer_gpu gpt2_gpu}; do
     breakdown=()
     [ "$workload" = mlp_gpu ] && breakdown=(--breakdown mlp_gpu)
     "$py" -m benchmarks.overhead --device cuda --repeats "$repeats" --epochs 4 --workloads "$workload" \
         --settings "first order (defaults)" "Diff-In (defaults)" "Diff-In, every 10 steps" "${breakdown[@]}" \
-        --out "$out/overhead_$workload.md" > "$out/overhead_$workload.log" 2>&1
-    echo "overhead $workload rc $?" >> "$out/overhead_$workload.log"
+        --out "$out/one_workload.md" >> "$out/overhead_gpu.log" 2>&1
+    echo "overhead $workload rc $?" >> "$out/overhead_gpu.log"
+    [ -f "$out/one_workload.md" ] && cat "$out/one_workload.md" >> "$out/overhead_gpu.md" && rm -f "$out/one_workload.md"
 done
-tail -n 3 "$out/gpu_tests.txt" "$out"/overhead_*.log
+tail -n 3 "$out/gpu_tests.txt"; grep -E "^overhead .* rc" "$out/overhead_gpu.log"

@@ -44,6 +44,38 @@ def test_recorded_steps_after_the_first_never_synchronise_with_the_host(tmp_path
     assert callback._recorder.use_capture and callback.steps_recorded == 8
 
 
+@pytest.mark.gpu
+def test_steps_with_nan_losses_are_skipped_without_synchronising(tmp_path, tiny_data):
+    """The device gates of a faulty step (NaN per-sample losses) under CUDA's sync debug mode: skipped and counted
+    as on the CPU (tests/test_nonfinite.py), with no host synchronisation in the callback's per-step hook."""
+    from test_nonfinite import FaultyClassifier, _faults_in_batches
+
+    class Strict(DiffInCallback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step > 0:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                super().on_before_optimizer_step(trainer, pl_module, optimizer)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+
+    class OnDevice(FaultyClassifier):
+        """The faults' ids moved to the GPU once (a tensor built from a list per call would copy it each time)."""
+
+        def on_fit_start(self):
+            self._on_device = {step: torch.tensor(ids, dtype=torch.long, device=self.device) for step, ids in self.nan_loss.items()}
+            self._none = torch.empty(0, dtype=torch.long, device=self.device)
+
+        def _mask(self, faults, batch):
+            return torch.isin(batch["index"], self._on_device.get(self.global_step, self._none))
+
+    faults = _faults_in_batches(tiny_data, steps=[1, 4, 6], per_step=2)
+    callback = Strict(targets={"val": tiny_data.val, "train": "train", "self": "self"}, target_refresh_every_n_steps=100)
+    trainer(default_root_dir=tmp_path, accelerator="gpu", max_epochs=2, callbacks=[callback]).fit(OnDevice(nan_loss=faults).double(), tiny_data.loader())
+    assert callback.nonfinite_steps_skipped == {"val": 3, "train": 3}
+    assert callback.nonfinite_samples_skipped == {"self": 6}
+
+
 def _encoder_products_match_each_samples_own_gradient(device: str, dtype: torch.dtype, backend, rtol: float, monkeypatch) -> None:
     """A TransformerEncoder's captured per-sample products, with SDPA restricted to ``backend`` (the fused
     kernel it trains with; SDPA raises if that kernel cannot run), equal a loop over samples on the same
