@@ -27,7 +27,11 @@ from benchmarks.harness import TrajectoryRecorder, functional_cross_entropy, lea
 from diffin_lightning import DiffInCallback
 from diffin_lightning.bundled import DigitsDataModule
 
-SCHEDULES: list[tuple[int, int | None]] = [(1, None), (5, None), (10, None), (20, None), (50, None), (10, 128), (1, 128)]
+# (refresh every n steps, max target samples or None for all, extrapolate between refreshes)
+SCHEDULES: list[tuple[int, int | None, bool]] = [
+    (1, None, False), (5, None, False), (10, None, False), (20, None, False), (50, None, False), (10, 128, False), (1, 128, False),
+    (10, None, True),
+]
 
 
 def run(kind: str, regime_name: str, num_ids: int) -> tuple[list[str], float]:
@@ -38,14 +42,15 @@ def run(kind: str, regime_name: str, num_ids: int) -> tuple[list[str], float]:
     recorder = TrajectoryRecorder()
     with tempfile.TemporaryDirectory() as scratch:
         callbacks = {
-            (refresh, cap): DiffInCallback(
+            (refresh, cap, extrapolate): DiffInCallback(
                 targets={"val": datamodule.val_dataset},
                 target_refresh_every_n_steps=refresh,
                 target_max_samples=cap,
-                output_dir=Path(scratch) / f"{refresh}_{cap}",
+                target_extrapolation=extrapolate,
+                output_dir=Path(scratch) / f"{refresh}_{cap}_{extrapolate}",
                 seed=refresh,  # distinct state keys; the seed only picks the subsets
             )
-            for refresh, cap in SCHEDULES
+            for refresh, cap, extrapolate in SCHEDULES
         }
         trainer = pl.Trainer(
             accelerator="cpu", devices=1, precision="64-true", max_epochs=regime.epochs, callbacks=[recorder, *callbacks.values()],
@@ -61,16 +66,16 @@ def run(kind: str, regime_name: str, num_ids: int) -> tuple[list[str], float]:
     lines = [
         f"## {kind}, {regime_name}: {regime.epochs} epochs, lr {regime.lr}, batch 64, |V| = {size_v}",
         "",
-        "| refresh every n steps | max target samples | target cost per step (batch equivalents) | first order Spearman | Diff-In Spearman | Diff-In Pearson |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| refresh every n steps | max target samples | extrapolated between refreshes | target cost per step (batch equivalents) | first order Spearman | Diff-In Spearman | Diff-In Pearson |",
+        "| ---: | ---: | :---: | ---: | ---: | ---: | ---: |",
     ]
-    for (refresh, cap), callback in callbacks.items():
+    for (refresh, cap, extrapolate), callback in callbacks.items():
         scores = callback.influence["val"]
         cost = min(cap or size_v, size_v) / refresh / 64
         first = float(spearman_corrcoef(scores.first_order[ids], truth))
         diffin = float(spearman_corrcoef(scores.diffin[ids], truth))
         pearson = float(pearson_corrcoef(scores.diffin[ids], truth))
-        lines.append(f"| {refresh} | {cap or 'all'} | {cost:.2f} | {first:.3f} | {diffin:.3f} | {pearson:.3f} |")
+        lines.append(f"| {refresh} | {cap or 'all'} | {'yes' if extrapolate else 'no'} | {cost:.2f} | {first:.3f} | {diffin:.3f} | {pearson:.3f} |")
     return lines, time.perf_counter() - started
 
 
@@ -82,14 +87,17 @@ def main() -> None:
     parser.add_argument("--refresh", type=int, nargs="+", default=None, help="only these refresh intervals (whole target)")
     parser.add_argument(
         "--schedules", nargs="+", default=None, metavar="N:CAP",
-        help="only these schedules, each refresh:max_samples (max_samples 'all' for the whole target), e.g. 1:all 10:128",
+        help="only these schedules, each refresh:max_samples[:x] (max_samples 'all' for the whole target; ':x' extrapolates "
+        "g_V between refreshes, target_extrapolation), e.g. 1:all 10:128 10:all:x",
     )
     parser.add_argument("--out", default="benchmarks/results/target_schedule.md")
     args = parser.parse_args()
     if args.refresh:
-        SCHEDULES[:] = [(refresh, None) for refresh in args.refresh]
+        SCHEDULES[:] = [(refresh, None, False) for refresh in args.refresh]
     if args.schedules:
-        SCHEDULES[:] = [(int(n), None if cap == "all" else int(cap)) for n, cap in (item.split(":") for item in args.schedules)]
+        SCHEDULES[:] = [
+            (int(parts[0]), None if parts[1] == "all" else int(parts[1]), parts[2:] == ["x"]) for parts in (item.split(":") for item in args.schedules)
+        ]
     command = f"python -m benchmarks.target_schedule --models {' '.join(args.models)} --regimes {' '.join(args.regimes)} --num-ids {args.num_ids}"
     if args.refresh:
         command += f" --refresh {' '.join(map(str, args.refresh))}"

@@ -115,7 +115,13 @@ class DiffInCallback(Callback):
             train_decay=settings.train_target_decay,
             seed=settings.seed,
             cache_on_device=settings.cache_target_on_device,
+            extrapolate=settings.target_extrapolation,
         )
+        if settings.target_extrapolation and not any(isinstance(target, DatasetTarget) for target in self.targets):
+            raise ValueError(
+                "`target_extrapolation=True` extrapolates a dataset target's g_V, but `targets` holds none (only "
+                f"{sorted(t.kind for t in self.targets)}). Add a dataset target or drop target_extrapolation."
+            )
         self.index_fn = settings.index_fn or _default_index_fn
         self.output_dir: os.PathLike[str] | None = None if settings.output_dir is None else Path(settings.output_dir)
         self.output_path: Path | None = None
@@ -199,6 +205,8 @@ class DiffInCallback(Callback):
             target_refresh_every_n_steps=s.target_refresh_every_n_steps,
             target_max_samples=s.target_max_samples,
             seed=s.seed,
+            # Only when on: the keys of runs without it stay what their checkpoints hold.
+            **({"target_extrapolation": True} if s.target_extrapolation else {}),
         )
 
     # ------------------------------------------------------------------ setup

@@ -76,6 +76,12 @@ class DiffInSettings:
         "correction and the checkpoint schedule use the whole target. None uses the whole target.",
         default=DEFAULT_TARGET_MAX_SAMPLES,
     )
+    target_extrapolation: bool = _help(
+        "Between refreshes, extrapolate a dataset target's g_V linearly from its last two refreshes, "
+        "g(s) + (t - s) (g(s) - g(s')) / (s - s'), instead of holding g(s). Costs two more parameter-sized vectors. "
+        "Needs target_refresh_every_n_steps > 1 and schedule='in_run'.",
+        default=False,
+    )
     cache_target_on_device: bool = _help(
         "Keep a whole dataset target's collated batches on the model's device (no re-collation per refresh).", default=True
     )
@@ -174,6 +180,15 @@ class DiffInSettings:
             raise ValueError(
                 f"`num_checkpoints` only applies to schedule='checkpoints'; got num_checkpoints={self.num_checkpoints} with "
                 f"schedule={self.schedule!r}. Drop it or set schedule='checkpoints'."
+            )
+        if not isinstance(self.target_extrapolation, bool):
+            raise TypeError(f"`target_extrapolation` must be True or False; got {self.target_extrapolation!r}.")
+        if self.target_extrapolation and (self.target_refresh_every_n_steps == 1 or self.schedule != "in_run"):
+            raise ValueError(
+                "`target_extrapolation=True` extrapolates g_V between in-run refreshes, so it needs "
+                f"target_refresh_every_n_steps > 1 and schedule='in_run'; got target_refresh_every_n_steps="
+                f"{self.target_refresh_every_n_steps}, schedule={self.schedule!r}. Refresh less often "
+                "(e.g. target_refresh_every_n_steps=10) or drop target_extrapolation."
             )
         _check_choice("dot_products", self.dot_products, DOT_ENGINES)
         decay = self.train_target_decay

@@ -69,8 +69,13 @@ class DatasetTarget:
         refresh_every_n_steps: int = 1,
         seed: int = 0,
         cache_on_device: bool = True,
+        extrapolate: bool = False,
     ) -> None:
         self.name = name
+        # Between refreshes, g(s) + (t - s) * slope with slope = (g(s) - g(s')) / (s - s') from the last two
+        # in-run refreshes (s' < s); None until two in-run refreshes exist (then g(s) is held, as without it).
+        self.extrapolate = extrapolate
+        self.slope: Params | None = None
         self.cache_on_device = cache_on_device
         self._cached_batches: list[Any] | None = None
         if isinstance(data, DataLoader):
@@ -85,6 +90,7 @@ class DatasetTarget:
         self.seed = seed
         self.gradient: Params | None = None
         self.refreshed_at_step: int | None = None
+        self._whole_last = False  # the last refresh was over the whole target (end of fit, checkpoints): no slope from it
 
     def adopt_batch_size(self, size: int) -> None:
         """Use ``size`` (the training step's micro-batch size) unless a batch size was given."""
@@ -149,8 +155,13 @@ class DatasetTarget:
         """``g_V`` at ``params``, recomputed when due (``batch_gradient`` is unused here)."""
         if self.needs_refresh(step):
             return self._refresh(loss, params, step, device, whole=False)
-        assert self.gradient is not None
-        return self.gradient
+        assert self.gradient is not None and self.refreshed_at_step is not None
+        if self.slope is None or step == self.refreshed_at_step:
+            return self.gradient
+        # A fresh dict each step: callers may keep a step's g_V (the product stream's directions) while the next
+        # one is formed. Same rounding as the reference: g(s) + (t - s) * slope, the slope formed at the refresh.
+        values = torch._foreach_add(list(self.gradient.values()), list(self.slope.values()), alpha=float(step - self.refreshed_at_step))
+        return dict(zip(self.gradient, values))
 
     def fresh_gradient(self, loss: PerSampleLoss, params: Params, step: int, device: torch.device) -> Params:
         """``g_V`` at ``params`` over the WHOLE target, computed now (end of fit, checkpoints).
@@ -163,7 +174,12 @@ class DatasetTarget:
         return self._refresh(loss, params, step, device, whole=True)
 
     def _refresh(self, loss: PerSampleLoss, params: Params, step: int, device: torch.device, whole: bool) -> Params:
-        self.gradient = None  # the old gradient is not held beside the new one (peak memory)
+        previous, previous_step = self.gradient, self.refreshed_at_step
+        previous_in_run = previous is not None and previous_step is not None and previous_step < step and not self._whole_last
+        self.gradient, self.slope = None, None  # the old gradient is not held beside the new one (peak memory) ...
+        keep_previous = self.extrapolate and not whole and previous_in_run
+        if not keep_previous:
+            previous = None  # ... unless the slope needs it (target_extrapolation, two in-run refreshes)
         batches: Iterable[Any]
         if self._cached_batches is not None:
             batches = self._cached_batches
@@ -173,19 +189,31 @@ class DatasetTarget:
             if self.cache_on_device and self._is_whole_dataset():
                 batches = self._cached_batches = list(batches)
         self.gradient = gradient_of_mean(loss, params, batches, across_ranks=True)
-        self.refreshed_at_step = step
+        self.refreshed_at_step, self._whole_last = step, whole
+        if previous is not None:
+            assert previous_step is not None
+            # (g(s) - g(s')) / (s - s'), formed in the old gradient's memory.
+            old = list(previous.values())
+            torch._foreach_sub_(old, list(self.gradient.values()))
+            torch._foreach_div_(old, float(previous_step - step))
+            self.slope = previous
         return self.gradient
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "gradient": None if self.gradient is None else {k: v.detach().cpu() for k, v in self.gradient.items()},
             "refreshed_at_step": self.refreshed_at_step,
+            "slope": None if self.slope is None else {k: v.detach().cpu() for k, v in self.slope.items()},
+            "whole_last": self._whole_last,
         }
 
     def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
         gradient = state.get("gradient")
         self.gradient = None if gradient is None else {k: v.to(device) for k, v in gradient.items()}
         self.refreshed_at_step = state.get("refreshed_at_step")
+        slope = state.get("slope") if self.extrapolate else None
+        self.slope = None if slope is None else {k: v.to(device) for k, v in slope.items()}
+        self._whole_last = bool(state.get("whole_last", False))
 
 
 class TrainingLossTarget:
@@ -289,6 +317,7 @@ def build_targets(
     train_decay: float,
     seed: int,
     cache_on_device: bool = True,
+    extrapolate: bool = False,
 ) -> list[Target]:
     """Turn the callback's ``targets`` argument into target objects, with clear errors for bad values."""
     if not isinstance(spec, Mapping) or not spec:
@@ -319,6 +348,7 @@ def build_targets(
                     refresh_every_n_steps=refresh_every_n_steps,
                     seed=seed,
                     cache_on_device=cache_on_device,
+                    extrapolate=extrapolate,
                 )
             )
         else:

@@ -23,8 +23,12 @@ from helpers import (
 EPS = 1e-6
 
 
-def reference_scores(model, steps, data: TinyData, *, eps, every_n, refresh, decay, scheme):
-    """Accumulate every component by brute force over the recorded trajectory."""
+def reference_scores(model, steps, data: TinyData, *, eps, every_n, refresh, decay, scheme, extrapolate=False):
+    """Accumulate every component by brute force over the recorded trajectory.
+
+    ``extrapolate``: between refreshes the 'val' target is g(s) + (t - s) (g(s) - g(s')) / (s - s') from the
+    last two refreshes s' < s (``target_extrapolation``); g(s) alone until two exist.
+    """
     x, y = data.train.tensors
     xv, yv = data.val.tensors
     n = len(y)
@@ -34,6 +38,7 @@ def reference_scores(model, steps, data: TinyData, *, eps, every_n, refresh, dec
     second_exact = {k: torch.zeros(n, dtype=torch.float64) for k in names}
     visits = torch.zeros(n, dtype=torch.float64)
     cached, refreshed_at, average, updates = None, None, None, 0
+    slope = None
     represented = 0
     # second_order="propagated": decayed sums, carried by (1 - eta <u, H_B u>)^every_n with the FD curvature
     decayed_first = {k: torch.zeros(n, dtype=torch.float64) for k in ("val", "train")}
@@ -48,10 +53,13 @@ def reference_scores(model, steps, data: TinyData, *, eps, every_n, refresh, dec
         grads = torch.stack(sample_gradients(model, p, x[ids], y[ids]))
         batch_gradient = grads.mean(0)
         if cached is None or s.step - refreshed_at >= refresh:
-            cached, refreshed_at = mean_gradient(model, p, xv, yv), s.step
+            fresh = mean_gradient(model, p, xv, yv)
+            slope = None if cached is None else (cached - fresh) / (refreshed_at - s.step)
+            cached, refreshed_at = fresh, s.step
         average = (1 - decay) * batch_gradient if average is None else decay * average + (1 - decay) * batch_gradient
         updates += 1
-        target_gradients = {"val": cached, "train": average / (1 - decay**updates)}
+        val = cached if not extrapolate or slope is None or s.step == refreshed_at else cached + (s.step - refreshed_at) * slope
+        target_gradients = {"val": val, "train": average / (1 - decay**updates)}
         for name, g in target_gradients.items():
             first[name].index_add_(0, ids, every_n * s.lr / batch * (grads @ g))
             coefficient = every_n * (-s.step * s.lr**2 / batch)
@@ -150,6 +158,31 @@ def test_components_match_brute_force_reference(tmp_path, tiny_data, accumulate,
     if accumulate == 1 and every_n == 1:
         # Each sample is visited once per epoch.
         assert torch.equal(visits, torch.full_like(visits, epochs))
+
+
+@pytest.mark.parametrize("every_n", [1, 2])
+def test_extrapolated_target_matches_brute_force_reference(tmp_path, tiny_data, every_n):
+    """target_extrapolation: every component against the reference with g_V extrapolated from the last two refreshes."""
+    model = TinyClassifier().double()
+    recorder = TrajectoryRecorder()
+    callback = DiffInCallback(
+        targets={"val": tiny_data.val, "train": "train", "self": "self"}, eps=EPS, every_n_steps=every_n,
+        target_refresh_every_n_steps=3, target_extrapolation=True, train_target_decay=0.5,
+    )
+    trainer(default_root_dir=tmp_path, max_epochs=3, callbacks=[recorder, callback]).fit(model, tiny_data.loader(batch_size=4))
+    first, second_fd, _, visits, represented, propagated = reference_scores(
+        model, recorder.steps, tiny_data, eps=EPS, every_n=every_n, refresh=3, decay=0.5, scheme="forward", extrapolate=True
+    )
+    held, *_ = reference_scores(model, recorder.steps, tiny_data, eps=EPS, every_n=every_n, refresh=3, decay=0.5, scheme="forward")
+    assert (first["val"] - held["val"]).abs().max() > 1e-6 * held["val"].abs().max()  # the extrapolation moved the scores
+    result = callback.influence_with("sum")
+    for name in ("val", "train", "self"):
+        _close(result[name].first_order, first[name], RTOL)
+        _close(result[name].visits, visits, 0)
+        if name != "self":
+            _close(result[name].second_order, second_fd[name], RTOL)
+            _close(callback.influence[name].second_order, propagated[name], RTOL)
+    assert callback.steps_represented == represented
 
 
 def test_runs_on_the_models_device_without_host_transfers_of_scores(tmp_path, tiny_data):

@@ -27,12 +27,13 @@ class CrashAtEpoch(Callback):
             raise RuntimeError("simulated crash")
 
 
-def _callback(tiny_data):
+def _callback(tiny_data, **options):
     return DiffInCallback(
         targets={"val": tiny_data.val, "train": "train", "self": "self"},
         target_refresh_every_n_steps=3,
         every_n_steps=2,
         eps=1e-6,
+        **options,
     )
 
 
@@ -142,10 +143,14 @@ def _resumable_loader(tiny_data):
     return ResumableDataLoader(indexed, batch_size=4, sampler=EpochSeededSampler(len(indexed), seed=0))
 
 
-@pytest.mark.parametrize("every_n_train_steps, crash_at", [(3, 7), (5, 11), (4, 9)])  # mid-epoch, mid-epoch, epoch end
-def test_resume_from_a_step_checkpoint_mid_epoch_equals_uninterrupted(tmp_path, tiny_data, every_n_train_steps, crash_at):
+@pytest.mark.parametrize(
+    "every_n_train_steps, crash_at, options",
+    [(3, 7, {}), (5, 11, {}), (4, 9, {}), (5, 11, {"target_extrapolation": True})],
+    ids=["mid-epoch", "mid-epoch-2", "epoch-end", "extrapolated-target"],  # the last: the slope travels in the checkpoint
+)
+def test_resume_from_a_step_checkpoint_mid_epoch_equals_uninterrupted(tmp_path, tiny_data, every_n_train_steps, crash_at, options):
     epochs = 4  # 4 steps per epoch
-    reference = _callback(tiny_data)
+    reference = _callback(tiny_data, **options)
     trainer(default_root_dir=tmp_path / "full", max_epochs=epochs, callbacks=[reference]).fit(TinyClassifier().double(), _resumable_loader(tiny_data))
 
     checkpoints = tmp_path / "ckpt"
@@ -153,12 +158,12 @@ def test_resume_from_a_step_checkpoint_mid_epoch_equals_uninterrupted(tmp_path, 
     with pytest.raises(RuntimeError, match="simulated crash"):
         trainer(
             default_root_dir=tmp_path / "crash", max_epochs=epochs, enable_checkpointing=True,
-            callbacks=[_callback(tiny_data), step_checkpoints, CrashAtStep(crash_at)],
+            callbacks=[_callback(tiny_data, **options), step_checkpoints, CrashAtStep(crash_at)],
         ).fit(TinyClassifier().double(), _resumable_loader(tiny_data))
     saved_step = torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"]
     assert saved_step == crash_at - crash_at % every_n_train_steps
 
-    resumed = _callback(tiny_data)
+    resumed = _callback(tiny_data, **options)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no inexact-resume warning: this one is exact
         warnings.filterwarnings("ignore", module="lightning.*")

@@ -68,6 +68,12 @@ def test_defaults_are_documented_in_the_callback_docstring():
         ({"dot_products": "ghost"}, "`dot_products` must be one of"),
         ({"loss_fn": 3}, "`loss_fn` must be callable or None; got int"),
         ({"schedule": "checkpoints", "num_checkpoints": 2, "every_n_steps": 2}, "`every_n_steps` must be 1 with schedule='checkpoints'"),
+        ({"target_extrapolation": 1}, "`target_extrapolation` must be True or False; got 1"),
+        ({"target_extrapolation": True, "target_refresh_every_n_steps": 1}, "needs target_refresh_every_n_steps > 1 .* got target_refresh_every_n_steps=1"),
+        (
+            {"target_extrapolation": True, "schedule": "checkpoints", "num_checkpoints": 2, "second_order": "paper"},
+            "schedule='in_run'; got target_refresh_every_n_steps=10, schedule='checkpoints'",
+        ),
     ],
 )
 def test_checks_name_argument_rule_and_value(options, message):
@@ -78,3 +84,16 @@ def test_checks_name_argument_rule_and_value(options, message):
 def test_readme_option_table_is_the_generated_one():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert DiffInSettings.markdown_table() in readme, "regenerate with: python -m diffin_lightning.settings"
+
+
+def test_target_extrapolation_without_a_dataset_target_is_refused(tiny_data):
+    with pytest.raises(ValueError, match=r"`target_extrapolation=True` extrapolates a dataset target's g_V, but `targets` holds none \(only \['self', 'train'\]\)"):
+        DiffInCallback(targets={"self": "self", "train": "train"}, target_extrapolation=True)
+
+
+def test_extrapolation_has_its_own_state_key_and_the_others_keep_theirs(tiny_data):
+    """Two callbacks that differ only in target_extrapolation share a Trainer (the schedule benchmark does);
+    callbacks without it keep the key their checkpoints were saved under."""
+    plain, extrapolated = (DiffInCallback(targets={"val": tiny_data.val}, target_extrapolation=x) for x in (False, True))
+    assert plain.state_key != extrapolated.state_key
+    assert "target_extrapolation" not in plain.state_key and "target_extrapolation" in extrapolated.state_key
