@@ -57,6 +57,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "Diff-In (defaults)": dict(),
     "Diff-In, every 10 steps": dict(every_n_steps=10),
     "Diff-In, target every step (old default)": dict(target_refresh_every_n_steps=1, target_max_samples=None),
+    "Diff-In, target extrapolated (opt-in)": dict(target_extrapolation=True),
 }
 
 

@@ -91,6 +91,7 @@ class DatasetTarget:
         self.gradient: Params | None = None
         self.refreshed_at_step: int | None = None
         self._whole_last = False  # the last refresh was over the whole target (end of fit, checkpoints): no slope from it
+        self._extrapolated: tuple[int, Params] | None = None  # (step, g_V extrapolated to it)
 
     def adopt_batch_size(self, size: int) -> None:
         """Use ``size`` (the training step's micro-batch size) unless a batch size was given."""
@@ -158,10 +159,15 @@ class DatasetTarget:
         assert self.gradient is not None and self.refreshed_at_step is not None
         if self.slope is None or step == self.refreshed_at_step:
             return self.gradient
-        # A fresh dict each step: callers may keep a step's g_V (the product stream's directions) while the next
-        # one is formed. Same rounding as the reference: g(s) + (t - s) * slope, the slope formed at the refresh.
+        if self._extrapolated is not None and self._extrapolated[0] == step:
+            # The same object all step: the product stream takes its directions before the backward and
+            # knows them by identity when the step's products are read.
+            return self._extrapolated[1]
+        # Same rounding as the reference: g(s) + (t - s) * slope, the slope formed at the refresh. A fresh dict
+        # (not formed in place in the last one): the previous step's may still be referenced.
         values = torch._foreach_add(list(self.gradient.values()), list(self.slope.values()), alpha=float(step - self.refreshed_at_step))
-        return dict(zip(self.gradient, values))
+        self._extrapolated = (step, dict(zip(self.gradient, values)))
+        return self._extrapolated[1]
 
     def fresh_gradient(self, loss: PerSampleLoss, params: Params, step: int, device: torch.device) -> Params:
         """``g_V`` at ``params`` over the WHOLE target, computed now (end of fit, checkpoints).
@@ -176,7 +182,7 @@ class DatasetTarget:
     def _refresh(self, loss: PerSampleLoss, params: Params, step: int, device: torch.device, whole: bool) -> Params:
         previous, previous_step = self.gradient, self.refreshed_at_step
         previous_in_run = previous is not None and previous_step is not None and previous_step < step and not self._whole_last
-        self.gradient, self.slope = None, None  # the old gradient is not held beside the new one (peak memory) ...
+        self.gradient, self.slope, self._extrapolated = None, None, None  # the old gradient is not held beside the new one (peak memory) ...
         keep_previous = self.extrapolate and not whole and previous_in_run
         if not keep_previous:
             previous = None  # ... unless the slope needs it (target_extrapolation, two in-run refreshes)
