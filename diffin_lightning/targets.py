@@ -163,11 +163,15 @@ class DatasetTarget:
             # The same object all step: the product stream takes its directions before the backward and
             # knows them by identity when the step's products are read.
             return self._extrapolated[1]
-        # Same rounding as the reference: g(s) + (t - s) * slope, the slope formed at the refresh. A fresh dict
-        # (not formed in place in the last one): the previous step's may still be referenced.
-        values = torch._foreach_add(list(self.gradient.values()), list(self.slope.values()), alpha=float(step - self.refreshed_at_step))
-        self._extrapolated = (step, dict(zip(self.gradient, values)))
-        return self._extrapolated[1]
+        # g(s) + (t - s) * slope (the reference's rounding), formed in one buffer kept from step to step: a fresh
+        # parameter-sized allocation a step costs page faults and fragments the heap. Nothing holds a step's g_V
+        # past its step (the accumulator copies what it keeps), so the last step's buffer is free to overwrite.
+        buffer = self._extrapolated[1] if self._extrapolated is not None else {k: torch.empty_like(v) for k, v in self.gradient.items()}
+        values = list(buffer.values())
+        torch._foreach_copy_(values, list(self.gradient.values()))
+        torch._foreach_add_(values, list(self.slope.values()), alpha=float(step - self.refreshed_at_step))
+        self._extrapolated = (step, buffer)
+        return buffer
 
     def fresh_gradient(self, loss: PerSampleLoss, params: Params, step: int, device: torch.device) -> Params:
         """``g_V`` at ``params`` over the WHOLE target, computed now (end of fit, checkpoints).
