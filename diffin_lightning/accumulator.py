@@ -35,6 +35,12 @@ Update = Literal["add", "propagate"]
 Reduce = Literal["sum"]
 
 
+def nonzero_counts(counts: Mapping[str, Tensor]) -> dict[str, int]:
+    """Per-target device counters as host ints, the zero ones left out (one read back each: for reports, not the step)."""
+    values = {name: int(count) for name, count in counts.items()}
+    return {name: value for name, value in values.items() if value}
+
+
 @dataclass(frozen=True)
 class StateSpec:
     """How one per-sample state is updated at a step and reduced across processes."""
@@ -174,10 +180,15 @@ class InfluenceAccumulator:
             "sums": {name: {k: v.detach().cpu() for k, v in sums.items()} for name, sums in self.sums.items()},
             "target_sums": {name: {k: v.detach().cpu() for k, v in s.items()} for name, s in self.parameter_states.items()},
             "nonfinite_skipped": int(self.nonfinite),
-            "nonfinite_samples_skipped": {name: int(count) for name, count in self.nonfinite_samples.items() if int(count)},
-            "nonfinite_factor_steps": {name: int(count) for name, count in self.nonfinite_factor_steps.items() if int(count)},
-            "nonfinite_gated_steps": {name: int(count) for name, count in self.nonfinite_gated_steps.items() if int(count)},
+            "nonfinite_samples_skipped": nonzero_counts(self.nonfinite_samples),
+            "nonfinite_factor_steps": nonzero_counts(self.nonfinite_factor_steps),
+            "nonfinite_gated_steps": nonzero_counts(self.nonfinite_gated_steps),
         }
+
+    def _device_counts(self, state: Mapping[str, Any], key: str) -> dict[str, Tensor]:
+        """A checkpoint's per-target counts (``key``, zeros left out there) as device counters, one per target."""
+        counts = {str(k): int(v) for k, v in state.get(key, {}).items()}
+        return {name: torch.tensor(counts.get(name, 0), dtype=torch.int64, device=self.device) for name in self.sums}
 
     def load_state_dict(self, state: Mapping[str, Any], keep_totals: bool = True) -> None:
         """Adopt a checkpoint's sums.
@@ -196,21 +207,12 @@ class InfluenceAccumulator:
             for name, sums in state.get("sums", {}).items()
         }
         self.parameter_states = {name: {k: v.to(self.device) for k, v in s.items()} for name, s in state.get("target_sums", {}).items()}
-        counts = {str(k): int(v) for k, v in state.get("nonfinite_samples_skipped", {}).items()}
-        self.nonfinite_samples = {
-            name: torch.tensor(counts.get(name, 0), dtype=torch.int64, device=self.device) for name in self.sums
-        }
-        if not counts and int(state.get("nonfinite_skipped", 0)) and self.sums:  # an older checkpoint: one total
+        self.nonfinite_samples = self._device_counts(state, "nonfinite_samples_skipped")
+        if not state.get("nonfinite_samples_skipped") and int(state.get("nonfinite_skipped", 0)) and self.sums:  # an older checkpoint: one total
             self.nonfinite_samples[next(iter(self.sums))] += int(state["nonfinite_skipped"])
-        factor_steps = {str(k): int(v) for k, v in state.get("nonfinite_factor_steps", {}).items()}
-        # The run's count, the same on every rank: every rank keeps it.
-        self.nonfinite_factor_steps = {
-            name: torch.tensor(factor_steps.get(name, 0), dtype=torch.int64, device=self.device) for name in self.sums
-        }
-        gated_steps = {str(k): int(v) for k, v in state.get("nonfinite_gated_steps", {}).items()}
-        self.nonfinite_gated_steps = {
-            name: torch.tensor(gated_steps.get(name, 0), dtype=torch.int64, device=self.device) for name in self.sums
-        }
+        # The run's counts, the same on every rank: every rank keeps them.
+        self.nonfinite_factor_steps = self._device_counts(state, "nonfinite_factor_steps")
+        self.nonfinite_gated_steps = self._device_counts(state, "nonfinite_gated_steps")
         if not keep_totals:
             for sums in self.sums.values():
                 for value in sums.values():

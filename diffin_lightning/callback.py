@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from diffin_lightning import distributed
-from diffin_lightning.accumulator import InfluenceAccumulator
+from diffin_lightning.accumulator import InfluenceAccumulator, nonzero_counts
 from diffin_lightning.batch_mixing import batch_mixing_message, batch_mixing_modules
 from diffin_lightning.data import INDEX_KEY, dataset_fingerprint, find_indexed_dataset, inexact_resume_reason
 from diffin_lightning.engine import number_of_batches, replayed_rng, save_rng_state, training_set_batches
@@ -173,7 +173,7 @@ class DiffInCallback(Callback):
     def nonfinite_samples_skipped(self) -> dict[str, int]:
         if self._accumulator is None:
             return {}
-        return {name: int(count) for name, count in self._accumulator.nonfinite_samples.items() if int(count)}
+        return nonzero_counts(self._accumulator.nonfinite_samples)
 
     @property
     def nonfinite_steps_skipped(self) -> dict[str, int]:
@@ -532,14 +532,14 @@ class DiffInCallback(Callback):
                 self._recorder.compute_drift(
                     trainer.global_step, device, self._training_set(trainer, device, progress="DiffIn: end-of-fit drift pass")
                 )
-        factor_steps = {} if self._accumulator is None else {n: int(c) for n, c in self._accumulator.nonfinite_factor_steps.items() if int(c)}
+        factor_steps = {} if self._accumulator is None else nonzero_counts(self._accumulator.nonfinite_factor_steps)
         for name, count in factor_steps.items():
             rank_zero_warn(
                 f"DiffInCallback: the curvature along g_V (the propagation factor) was non-finite at {count} recorded step(s) "
                 f"for target {name!r}: those steps were skipped for it (nothing of them reaches its scores; counted in the "
                 "metadata's 'nonfinite_steps_skipped'). A diverging loss or an eps too small for the dtype can cause this."
             )
-        gated_steps = {} if self._accumulator is None else {n: int(c) for n, c in self._accumulator.nonfinite_gated_steps.items() if int(c)}
+        gated_steps = {} if self._accumulator is None else nonzero_counts(self._accumulator.nonfinite_gated_steps)
         for name, count in gated_steps.items():
             rank_zero_warn(
                 f"DiffInCallback: {count} recorded step(s) were skipped for target {name!r} because the model's parameters, "

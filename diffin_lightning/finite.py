@@ -15,6 +15,11 @@ import torch
 from torch import Tensor
 
 
+def _checkable(tensors: Iterable[Tensor]) -> list[Tensor]:
+    """The non-empty tensors, complex ones as their real and imaginary parts."""
+    return [torch.view_as_real(t) if t.is_complex() else t for t in tensors if t.numel()]
+
+
 def _float32_sums(tensors: list[Tensor]) -> Tensor:
     # float32 sums (half-precision sums overflow easily; MPS has no float64); integer tensors are finite.
     return torch.stack([t.detach().sum(dtype=torch.float32) if t.is_floating_point() else t.new_zeros((), dtype=torch.float32) for t in tensors])
@@ -34,7 +39,7 @@ def finite_flag(tensors: Iterable[Tensor], device: torch.device | None = None) -
         >>> finite_flag([torch.ones(3), torch.tensor([1.0, float("inf")])])
         tensor(False)
     """
-    tensors = [torch.view_as_real(t) if t.is_complex() else t for t in tensors if t.numel()]
+    tensors = _checkable(tensors)
     if not tensors:
         return torch.ones((), dtype=torch.bool, device=device)
     return torch.isfinite(_float32_sums(tensors)).all()
@@ -50,7 +55,7 @@ def all_finite(tensors: Iterable[Tensor]) -> bool:
         >>> all_finite([torch.ones(3), torch.tensor([1.0, float("nan")])])
         False
     """
-    tensors = [torch.view_as_real(t) if t.is_complex() else t for t in tensors if t.numel()]
+    tensors = _checkable(tensors)
     if not tensors:
         return True
     if bool(torch.isfinite(_float32_sums(tensors)).all()):

@@ -488,8 +488,7 @@ class InfluenceRecorder:
         Reads back what the per-step gates found on the device (the first step with non-finite
         parameters), then checks the parameters as they are now.
         """
-        found_on_device = self.record.model_nonfinite_step
-        if found_on_device is None and not _all_finite(self.loss.parameters()):
+        if self.record.model_nonfinite_step is None and not _all_finite(self.loss.parameters()):  # (the read settles the device's)
             self.record.model_nonfinite_step = step
         first = self.record.model_nonfinite_step
         if first is not None and not self._model_nonfinite_warned:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from diffin_lightning import distributed
-from diffin_lightning.accumulator import InfluenceAccumulator
+from diffin_lightning.accumulator import InfluenceAccumulator, nonzero_counts
 from diffin_lightning.estimator import normalize_second_order
 from diffin_lightning.settings import SECOND_ORDER_TERMS, DiffInSettings, SecondOrderTerm
 from diffin_lightning.store import InfluenceResult, TargetInfluence
@@ -77,9 +77,8 @@ def steps_skipped(record: RunRecord, accumulator: InfluenceAccumulator) -> dict[
     """Per target, the recorded steps skipped whole: step-level checks on the host, gated steps and non-finite factors on the device."""
     out = dict(record.nonfinite_steps_skipped)
     for counts in (accumulator.nonfinite_gated_steps, accumulator.nonfinite_factor_steps):
-        for name, count in counts.items():
-            if int(count):
-                out[name] = out.get(name, 0) + int(count)
+        for name, count in nonzero_counts(counts).items():
+            out[name] = out.get(name, 0) + count
     return out
 
 
@@ -156,7 +155,7 @@ def metadata(
         "steps_represented": record.steps_represented,
         "skipped_amp_steps": record.skipped_amp_steps,
         "nonfinite_skipped": int(accumulator.nonfinite),
-        "nonfinite_samples_skipped": {name: int(count) for name, count in accumulator.nonfinite_samples.items() if int(count)},
+        "nonfinite_samples_skipped": nonzero_counts(accumulator.nonfinite_samples),
         "nonfinite_steps_skipped": steps_skipped(record, accumulator),
         "model_nonfinite_step": record.model_nonfinite_step,
         "world_size": distributed.world_size(),
