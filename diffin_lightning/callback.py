@@ -480,7 +480,8 @@ class DiffInCallback(Callback):
         k = trainer.accumulate_grad_batches
         total = size * len(pending)
         gradients = {
-            name: (p.grad.detach() if p.grad is not None else torch.zeros_like(p))
+            # (.grad needs a detach only where the backward built a graph of it: create_graph=True)
+            name: (torch.zeros_like(p) if p.grad is None else p.grad.detach() if p.grad.requires_grad else p.grad)
             for name, p in pl_module.named_parameters()
             if p.requires_grad
         }

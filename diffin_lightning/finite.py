@@ -22,7 +22,9 @@ def _checkable(tensors: Iterable[Tensor]) -> list[Tensor]:
 
 def _float32_sums(tensors: list[Tensor]) -> Tensor:
     # float32 sums (half-precision sums overflow easily; MPS has no float64); integer tensors are finite.
-    return torch.stack([t.detach().sum(dtype=torch.float32) if t.is_floating_point() else t.new_zeros((), dtype=torch.float32) for t in tensors])
+    # Under no_grad rather than a detach per tensor: one operation fewer per tensor, every step.
+    with torch.no_grad():
+        return torch.stack([t.sum(dtype=torch.float32) if t.is_floating_point() else t.new_zeros((), dtype=torch.float32) for t in tensors])
 
 
 def finite_flag(tensors: Iterable[Tensor], device: torch.device | None = None) -> Tensor:

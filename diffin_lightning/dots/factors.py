@@ -147,6 +147,8 @@ class OuterProductFactors(LayerFactors):
         transposed: the weight is stored ``[k, m]`` (GPT-2's Conv1D: ``y = x W + b``).
     """
 
+    _bias_sums: Tensor | None = None  # see _bias_gradients (a class default: subclasses build their own __init__)
+
     def __init__(
         self,
         key: Hashable,
@@ -228,7 +230,9 @@ class OuterProductFactors(LayerFactors):
         return _pad_rows(tensor.reshape(lead, -1), self.bias_rows, self.bias_shape[0], lead)
 
     def dots(self, directions: dict[str, Tensor]) -> Tensor:
-        total = torch.zeros((), dtype=self.backprops.dtype, device=self.backprops.device)
+        # (On a GPU a small model's step is bound by the operations issued, not their arithmetic: this
+        # runs for every covered layer and direction set, so it issues as few as it can.)
+        total: Tensor | None = None
         if self.weight is not None:
             directions_gmk = self._weight_as_gmk(directions[self.weight])  # [D, G, m, k]
             count = directions_gmk.shape[0]
@@ -249,28 +253,40 @@ class OuterProductFactors(LayerFactors):
             step = _chunk_size(groups * rows * width)
             parts = []
             for start in range(0, count, step):
-                chunk = stacked[:, :, start : start + step]  # [G, inner, d, width]
+                chunk = stacked[:, :, start : start + step] if count > step else stacked  # [G, inner, d, width]
                 d = chunk.shape[2]
                 # (One direction: this reshape is a view, the product reads its strides; several: a copy, which
                 # PerSampleDots avoids on wide layers by passing their directions one at a time.)
                 projected = torch.bmm(left, chunk.reshape(groups, chunk.shape[1], d * width)).view(groups, rows, d, width)
-                # [G, B P, d] -> [d, B] (groups and positions summed)
-                parts.append((projected * right).sum(-1).view(groups, self.batch_size, positions, d).sum(dim=(0, 2)).T)
-            total = torch.cat(parts, dim=0)
+                per_row = (projected * right).sum(-1)  # [G, B P, d]
+                if groups * positions > 1:  # groups and positions summed
+                    per_row = per_row.view(groups, self.batch_size, positions, d).sum(dim=(0, 2))
+                parts.append(per_row.view(self.batch_size, d).T)  # [d, B]
+            total = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         if self.bias is not None:
             bias = directions[self.bias]
             if self.bias_rows is not None:
                 bias = bias[:, self.bias_rows]
-            groups, _, m, _ = self._gpmk
-            total = total + torch.einsum("bgm,dgm->db", self.backprops.sum(dim=2), bias.reshape(bias.shape[0], groups, m))
+            # [D, G m] @ [G m, B]: one matrix product (an einsum here issued about 15 operations a call).
+            bias = bias.reshape(bias.shape[0], -1)
+            gradients = self._bias_gradients().T
+            total = bias @ gradients if total is None else torch.addmm(total, bias, gradients)
+        if total is None:
+            return torch.zeros((), dtype=self.backprops.dtype, device=self.backprops.device)
         return total
+
+    def _bias_gradients(self) -> Tensor:
+        """``[B, G m]``: each sample's bias gradient (its output gradients summed over positions), formed once."""
+        if self._bias_sums is None:
+            self._bias_sums = self.backprops.sum(dim=2).reshape(self.batch_size, -1)
+        return self._bias_sums
 
     def per_sample_gradients(self) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         if self.weight is not None:
             out[self.weight] = self._weight_from_gmk(self.backprops.transpose(-1, -2) @ self.activations)
         if self.bias is not None:
-            out[self.bias] = self._bias_from_gm(self.backprops.sum(dim=2))
+            out[self.bias] = self._bias_from_gm(self._bias_gradients())
         return out
 
     def summed_gradient(self) -> dict[str, Tensor]:
@@ -282,7 +298,7 @@ class OuterProductFactors(LayerFactors):
             inputs = self.activations.transpose(0, 1).reshape(groups, -1, k)
             out[self.weight] = self._weight_from_gmk((delta.transpose(-1, -2) @ inputs).unsqueeze(0))[0]
         if self.bias is not None:
-            out[self.bias] = self._bias_from_gm(self.backprops.sum(dim=(0, 2)).unsqueeze(0))[0]
+            out[self.bias] = self._bias_from_gm(self._bias_gradients().sum(dim=0, keepdim=True))[0]
         return out
 
     def gram(self, other: LayerFactors) -> Tensor:

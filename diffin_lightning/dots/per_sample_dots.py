@@ -154,15 +154,34 @@ class PerSampleDots:
     def _direction_elements(direction: Mapping[str, Tensor], block: LayerFactors) -> int:
         return sum(direction[name].numel() for name in block.slices)
 
-    def _zeros(self, *shape: int) -> Tensor:
+    def _sum(self, parts: list[Tensor], *shape: int) -> Tensor:
+        """The sum of the layers' ``parts`` (zeros of ``shape`` for none), in the captured tensors' dtype.
+
+        Two operations however many layers (a chain of additions issues one per layer, and on a GPU
+        a small model's step is bound by the operations issued).
+        """
+        if not parts:
+            return self._zeros(*shape)
+        reference = self._reference()
+        dtype = parts[0].dtype if reference is None else reference.dtype
+        if len(parts) == 1:
+            return parts[0].to(dtype)
+        return torch.stack([part.to(dtype) for part in parts]).sum(dim=0)
+
+    def _reference(self) -> Tensor | None:
+        """A captured tensor (its dtype and device are every product's), or None when nothing was captured."""
         for blocks in self.passes:
             for block in blocks:
-                return block.reference.new_zeros(shape)
+                return block.reference
         for part in self.streamed:
             reference = None if part is None else part.reference()
             if reference is not None:
-                return reference.new_zeros(shape)
-        return torch.zeros(shape)
+                return reference
+        return None
+
+    def _zeros(self, *shape: int) -> Tensor:
+        reference = self._reference()
+        return torch.zeros(shape) if reference is None else reference.new_zeros(shape)
 
     def _refuse_if_streamed(self, what: str) -> None:
         taken = sum(part.layers for part in self.streamed if part is not None)
@@ -254,7 +273,7 @@ class PerSampleDots:
         stacked = _StackedDirections(directions, needed)
         out = []
         for index, (blocks, size) in enumerate(zip(included, self.batch_sizes)):
-            total = self._zeros(count, size)
+            parts = []
             for block in blocks:
                 chosen = self._pick(block, ("direct", "materialised"), self._dots_costs(index, block, count), form)
                 if chosen == "direct" and count > 1 and self._direction_elements(directions[0], block) >= _LARGE_DIRECTION_ELEMENTS:
@@ -264,12 +283,12 @@ class PerSampleDots:
                     part = torch.cat([block.dots(_StackedDirections([direction], needed)) for direction in directions])
                 else:
                     part = block.dots(stacked) if chosen == "direct" else self._materialised_dots(index, block, stacked)
-                total = total + part.to(total.dtype)
+                parts.append(part)
             streamed = self.streamed[index]
             if streamed is not None and only is None:
-                total = total + streamed.rows(directions).to(total.dtype)
-            out.append(total)
-        return torch.cat(out, dim=1) if out else self._zeros(count, 0)
+                parts.append(streamed.rows(directions))
+            out.append(self._sum(parts, count, size))
+        return _cat(out, 1) if out else self._zeros(count, 0)
 
     def gradient_dots(self, form: Form | None = None, gradient: Mapping[str, Tensor] | None = None, gradient_scale: float = 1.0) -> Tensor:
         """``[<G_sum, G_i>]`` as ``Tensor[B_total]``, ``G_sum = sum_j G_j`` over every captured micro-batch.
@@ -289,7 +308,7 @@ class PerSampleDots:
         by_key = [{block.key: block for block in blocks} for blocks in self.passes]
         out = []
         for index, (blocks, size) in enumerate(zip(self.passes, self.batch_sizes)):
-            total = self._zeros(size)
+            parts, given_parts = [], []
             for block in blocks:
                 allowed: tuple[Form, ...] = ("direct", "materialised") if block.key in self._tied else ("direct", "gram", "materialised")
                 partners = [table[block.key] for table in by_key if block.key in table]
@@ -304,21 +323,22 @@ class PerSampleDots:
 
                 chosen = self._pick(block, allowed, costs, form if form in allowed else None)
                 if chosen == "gram":
-                    part = sum(block.gram(partner).sum(dim=1) for partner in partners)
+                    parts.append(sum(block.gram(partner).sum(dim=1) for partner in partners))
                 else:
                     # This layer's parameters only: G_sum is built layer by layer, as the forms need it.
                     from_caller = given(block)
                     source = {n: summed[n] for n in block.slices} if from_caller else self.summed_gradient(block.slices)  # type: ignore[index]
                     direction = {name: value.unsqueeze(0) for name, value in source.items()}
                     part = (block.dots(direction) if chosen == "direct" else self._materialised_dots(index, block, direction))[0]
-                    if from_caller and gradient_scale != 1.0:
-                        part = part * gradient_scale
-                total = total + part
+                    # The caller's gradient is the sum over gradient_scale: its layers' products are scaled once, together.
+                    (given_parts if from_caller and gradient_scale != 1.0 else parts).append(part)
+            if given_parts:
+                parts.append(self._sum(given_parts, size) * gradient_scale)
             streamed = self.streamed[index]
             if streamed is not None:
-                total = total + streamed.require("gradient_dots", streamed.gradient_dots).to(total.dtype)
-            out.append(total)
-        return torch.cat(out) if out else self._zeros(0)
+                parts.append(streamed.require("gradient_dots", streamed.gradient_dots))
+            out.append(self._sum(parts, size))
+        return _cat(out, 0) if out else self._zeros(0)
 
     def gram_form_parameters(self) -> set[str]:
         """The parameters whose every layer block takes ``<G_sum, G_i>`` in the Gram form when ``G_sum`` is given.
@@ -442,3 +462,8 @@ class PerSampleDots:
             chosen = self._pick(block, allowed, costs, None)
             rows.append((block.key, chosen, costs(chosen)))
         return rows
+
+
+def _cat(parts: list[Tensor], dim: int) -> Tensor:
+    """``torch.cat`` that issues nothing for one part (one micro-batch: the usual case)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
