@@ -138,7 +138,7 @@ class InfluenceAccumulator:
                 sums[state].mul_(factor)
             sums[state].index_add_(0, ids, values)
         assert contribution.target_gradient is not None
-        gradient = [g.detach() for g in contribution.target_gradient.values()]
+        gradient = [g.detach() if g.requires_grad else g for g in contribution.target_gradient.values()]  # (no operation issued where none is needed)
         scale = (eta / self.num_samples * weight) * keep.to(gradient[0].dtype)
         previous = self.parameter_states.get(name)
         if previous is None:

@@ -122,6 +122,12 @@ class LayerFactors(ABC):
         return total
 
 
+def _group_major(tensor: Tensor) -> Tensor:
+    """``[B, G, ...]`` -> ``[G, B, ...]``; one group (the usual case) issues no operation: the layout is the same."""
+    # (with one group the reshape that follows reads [B, 1, ...] in the order of [1, B, ...])
+    return tensor if tensor.shape[1] == 1 else tensor.transpose(0, 1)
+
+
 def _pad_rows(block: Tensor, rows: slice | None, full_rows: int, lead: int) -> Tensor:
     """Place ``block`` (``[lead, rows, ...]``) into zeros of ``[lead, full_rows, ...]``."""
     if rows is None:
@@ -248,8 +254,8 @@ class OuterProductFactors(LayerFactors):
             else:
                 left, right, width = self.backprops, self.activations, k
                 stacked = directions_gmk.permute(1, 2, 0, 3)  # [G, m, D, k]
-            left = left.transpose(0, 1).reshape(groups, rows, -1)
-            right = right.transpose(0, 1).reshape(groups, rows, 1, width)
+            left = _group_major(left).reshape(groups, rows, -1)
+            right = _group_major(right).reshape(groups, rows, 1, width)
             step = _chunk_size(groups * rows * width)
             parts = []
             for start in range(0, count, step):
@@ -294,8 +300,8 @@ class OuterProductFactors(LayerFactors):
         groups, positions, m, k = self._gpmk
         if self.weight is not None:
             # [G, B*P, m]^T @ [G, B*P, k]: one matrix product per group, no per-sample tensor.
-            delta = self.backprops.transpose(0, 1).reshape(groups, -1, m)
-            inputs = self.activations.transpose(0, 1).reshape(groups, -1, k)
+            delta = _group_major(self.backprops).reshape(groups, -1, m)
+            inputs = _group_major(self.activations).reshape(groups, -1, k)
             out[self.weight] = self._weight_from_gmk((delta.transpose(-1, -2) @ inputs).unsqueeze(0))[0]
         if self.bias is not None:
             out[self.bias] = self._bias_from_gm(self._bias_gradients().sum(dim=0, keepdim=True))[0]

@@ -223,6 +223,8 @@ class StreamedProducts:
                     "taken. Fix: ask for the stream's directions (the same dictionaries), or run the step without a stream."
                 )
             indices.append(found)
+        if indices == list(range(self.dots.shape[0])):
+            return self.dots  # every row in order (the usual ask): no indexing issued
         return self.dots[indices]
 
     def require(self, what: str, value: Tensor | None) -> Tensor:
