@@ -20,11 +20,34 @@ def _checkable(tensors: Iterable[Tensor]) -> list[Tensor]:
     return [torch.view_as_real(t) if t.is_complex() else t for t in tensors if t.numel()]
 
 
-def _float32_sums(tensors: list[Tensor]) -> Tensor:
-    # float32 sums (half-precision sums overflow easily; MPS has no float64); integer tensors are finite.
-    # Under no_grad rather than a detach per tensor: one operation fewer per tensor, every step.
+def _float32_sums(tensors: list[Tensor], fused: bool | None = None) -> Tensor:
+    """One float32 number per floating tensor, finite when every element is: a sum, or the fused sums of absolute values.
+
+    float32 (half-precision sums overflow easily; MPS has no float64); integer tensors are
+    finite and left out. Under no_grad rather than a detach per tensor: one operation fewer per
+    tensor, every step. ``fused`` (default: on CUDA) takes ``torch._foreach_norm(ord=1)`` per
+    dtype: on a GPU a small model's step is bound by the operations issued, and the foreach
+    norm is one launch per list where the sums are one per tensor; on the CPU it is 4x slower
+    than the sums (2.9 ms against 0.7 ms for the 256-1024-1024-10 MLP's parameters and
+    gradients), so the CPU keeps the sums. Either overflows only beyond float32's range.
+    """
+    floats = [t for t in tensors if t.is_floating_point()]
+    if fused is None:
+        fused = bool(floats) and all(t.is_cuda for t in floats)
     with torch.no_grad():
-        return torch.stack([t.sum(dtype=torch.float32) if t.is_floating_point() else t.new_zeros((), dtype=torch.float32) for t in tensors])
+        if not floats:
+            return torch.zeros(0, dtype=torch.float32, device=tensors[0].device if tensors else None)
+        if not fused:
+            return torch.stack([t.sum(dtype=torch.float32) for t in floats])
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for t in floats:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        parts = []
+        for dtype, group in by_dtype.items():
+            # (vector_norm refuses a dtype narrower than its input's: float64 is summed in float64, then narrowed)
+            norms = torch._foreach_norm(group, 1, dtype=torch.float32) if torch.finfo(dtype).bits <= 32 else torch._foreach_norm(group, 1)
+            parts.append(torch.stack(norms).to(torch.float32))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def finite_flag(tensors: Iterable[Tensor], device: torch.device | None = None) -> Tensor:

@@ -51,3 +51,27 @@ def test_the_device_flag_agrees_with_the_exact_test_and_reads_nothing_back():
     # The documented difference: no exact second test, so a float32 sum that overflows reads as non-finite.
     big = torch.full((4,), torch.finfo(torch.float32).max)
     assert all_finite([big]) and not bool(finite_flag([big]))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_fused_and_the_per_tensor_sums_find_the_same_non_finite_tensors(fused):
+    """The per-step check's two ways (CUDA takes the fused one; forced here on the CPU): one number per floating
+    tensor, non-finite exactly where the tensor holds a NaN or an infinity, whatever the dtypes mixed in the list."""
+    from diffin_lightning.finite import _float32_sums
+
+    dtypes = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float32]
+    for bad in (None, float("nan"), float("inf"), float("-inf")):
+        for where in range(len(dtypes)):
+            tensors = [torch.randn(9, 4).to(dtype) for dtype in dtypes] + [torch.arange(6)]
+            if bad is not None:
+                tensors[where][5, 2] = bad
+            sums = _float32_sums(tensors, fused=fused)
+            assert sums.dtype == torch.float32 and sums.shape == (len(dtypes),)  # the integer tensor left out
+            finite = torch.isfinite(sums)
+            assert bool(finite.all()) == (bad is None)
+            if bad is not None:
+                # Each dtype's group is checked; the number that went non-finite is its tensor's group's.
+                assert int((~finite).sum()) == 1
+    assert _float32_sums([torch.arange(3)], fused=fused).shape == (0,)
+    # Half precision that a half-precision sum would overflow (4 x 60000 > 65504): finite in float32.
+    assert bool(torch.isfinite(_float32_sums([torch.full((4,), 60000.0, dtype=torch.float16)], fused=fused)).all())
