@@ -165,14 +165,6 @@ def workloads() -> dict[str, Workload]:
             lambda: token_data(num_samples=1024),
             lambda data: TokenClassifier(),
         ),
-        # A CPU stand-in for a GPU's small-model step, which is bound by the host issuing operations: kernels
-        # this small finish faster than Python and the dispatcher issue them (its plain step, 8 ms on one
-        # thread, is mostly dispatch). What the callback adds here is what it adds to such a GPU step.
-        "transformer_tiny": (
-            "TransformerEncoder 4x16 (4 heads), 32 tokens, N=512, batch 32 (host-bound: a GPU step's stand-in)",
-            lambda: token_data(num_samples=512, batch_size=32),
-            lambda data: TokenClassifier(width=16, layers=4),
-        ),
         # The GPU rows of the issue that asked for this benchmark (a GPU's step is too short for the
         # CPU workloads above to say anything but launch overhead). Too slow for a CPU run.
         "mlp_gpu": (
