@@ -87,3 +87,20 @@ def test_replay_of_a_dropout_run_draws_the_training_masks(tmp_path, tiny_data):
     final = replay_sgd(loss, recorder.steps, x, y, torch.ones(2, len(y), dtype=torch.float64))
     assert parameters_close({k: v[0] for k, v in final.items()}, recorder.final, rtol=1e-10)
     assert parameters_close({k: v[1] for k, v in final.items()}, recorder.final, rtol=1e-10)
+
+
+def test_the_paired_bootstrap_of_a_spearman_difference():
+    """The interval holds the difference, is a point for identical scores, and narrows with more ids."""
+    from benchmarks.harness import paired_spearman_difference
+    from torchmetrics.functional import spearman_corrcoef
+
+    generator = torch.Generator().manual_seed(0)
+    truth = torch.randn(400, generator=generator, dtype=torch.float64)
+    good = truth + 0.5 * torch.randn(400, generator=generator, dtype=torch.float64)
+    worse = truth + 1.0 * torch.randn(400, generator=generator, dtype=torch.float64)
+    assert paired_spearman_difference(good, good, truth, resamples=200) == (0.0, 0.0, 0.0)
+    difference, low, high = paired_spearman_difference(worse, good, truth, resamples=500)
+    expected = float(spearman_corrcoef(worse, truth) - spearman_corrcoef(good, truth))
+    assert abs(difference - expected) < 1e-12 and low < difference < high and high < 0  # clearly worse, and resolved
+    _, low_few, high_few = paired_spearman_difference(worse[:50], good[:50], truth[:50], resamples=500)
+    assert high_few - low_few > high - low  # 50 ids resolve less than 400
