@@ -74,7 +74,10 @@ class DatasetTarget:
         self.name = name
         # Between refreshes, g(s) + (t - s) * slope with slope = (g(s) - g(s')) / (s - s') from the last two
         # in-run refreshes (s' < s); None until two in-run refreshes exist (then g(s) is held, as without it).
+        # The extrapolated g_V is formed in place in ``gradient``, which then stands for step
+        # ``extrapolated_to``: two parameter-sized vectors in all (the gradient and the slope), not three.
         self.extrapolate = extrapolate
+        self.extrapolated_to: int | None = None
         self.slope: Params | None = None
         self.cache_on_device = cache_on_device
         self._cached_batches: list[Any] | None = None
@@ -91,7 +94,6 @@ class DatasetTarget:
         self.gradient: Params | None = None
         self.refreshed_at_step: int | None = None
         self._whole_last = False  # the last refresh was over the whole target (end of fit, checkpoints): no slope from it
-        self._extrapolated: tuple[int, Params] | None = None  # (step, g_V extrapolated to it)
 
     def adopt_batch_size(self, size: int) -> None:
         """Use ``size`` (the training step's micro-batch size) unless a batch size was given."""
@@ -157,21 +159,19 @@ class DatasetTarget:
         if self.needs_refresh(step):
             return self._refresh(loss, params, step, device, whole=False)
         assert self.gradient is not None and self.refreshed_at_step is not None
-        if self.slope is None or step == self.refreshed_at_step:
+        if self.slope is None or step == self._gradient_step():
             return self.gradient
-        if self._extrapolated is not None and self._extrapolated[0] == step:
-            # The same object all step: the product stream takes its directions before the backward and
-            # knows them by identity when the step's products are read.
-            return self._extrapolated[1]
-        # g(s) + (t - s) * slope (the reference's rounding), formed in one buffer kept from step to step: a fresh
-        # parameter-sized allocation a step costs page faults and fragments the heap. Nothing holds a step's g_V
-        # past its step (the accumulator copies what it keeps), so the last step's buffer is free to overwrite.
-        buffer = self._extrapolated[1] if self._extrapolated is not None else {k: torch.empty_like(v) for k, v in self.gradient.items()}
-        values = list(buffer.values())
-        torch._foreach_copy_(values, list(self.gradient.values()))
-        torch._foreach_add_(values, list(self.slope.values()), alpha=float(step - self.refreshed_at_step))
-        self._extrapolated = (step, buffer)
-        return buffer
+        # g(t) = g(c) + (t - c) * slope, in place (c: the step the gradient stands for now). The same object from
+        # step to step: the product stream takes its directions before the backward and knows them by identity,
+        # and nothing holds a step's g_V past its step (the accumulator copies what it keeps). In place, not in a
+        # buffer of its own: a third parameter-sized vector, or a fresh allocation a step (page faults, heap growth).
+        torch._foreach_add_(list(self.gradient.values()), list(self.slope.values()), alpha=float(step - self._gradient_step()))
+        self.extrapolated_to = step
+        return self.gradient
+
+    def _gradient_step(self) -> int | None:
+        """The step ``gradient`` stands for: its refresh's, or the step it was extrapolated to since."""
+        return self.refreshed_at_step if self.extrapolated_to is None else self.extrapolated_to
 
     def fresh_gradient(self, loss: PerSampleLoss, params: Params, step: int, device: torch.device) -> Params:
         """``g_V`` at ``params`` over the WHOLE target, computed now (end of fit, checkpoints).
@@ -186,10 +186,20 @@ class DatasetTarget:
     def _refresh(self, loss: PerSampleLoss, params: Params, step: int, device: torch.device, whole: bool) -> Params:
         previous, previous_step = self.gradient, self.refreshed_at_step
         previous_in_run = previous is not None and previous_step is not None and previous_step < step and not self._whole_last
-        self.gradient, self.slope, self._extrapolated = None, None, None  # the old gradient is not held beside the new one (peak memory) ...
         keep_previous = self.extrapolate and not whole and previous_in_run
+        if keep_previous and self.slope is not None and self.extrapolated_to is not None:
+            # The gradient was extrapolated to c since its refresh at s: g(s) = g(c) - (c - s) * slope, formed
+            # in the slope's memory, and the extrapolated gradient let go before the pass.
+            assert previous is not None and previous_step is not None
+            slope = list(self.slope.values())
+            torch._foreach_mul_(slope, float(previous_step - self.extrapolated_to))
+            torch._foreach_add_(slope, list(previous.values()))
+            previous = self.slope
+        # The old gradient is not held beside the new one (peak memory), unless the slope needs it
+        # (target_extrapolation, two in-run refreshes).
+        self.gradient, self.slope, self.extrapolated_to = None, None, None
         if not keep_previous:
-            previous = None  # ... unless the slope needs it (target_extrapolation, two in-run refreshes)
+            previous = None
         batches: Iterable[Any]
         if self._cached_batches is not None:
             batches = self._cached_batches
@@ -215,6 +225,7 @@ class DatasetTarget:
             "refreshed_at_step": self.refreshed_at_step,
             "slope": None if self.slope is None else {k: v.detach().cpu() for k, v in self.slope.items()},
             "whole_last": self._whole_last,
+            "extrapolated_to": self.extrapolated_to,  # the step `gradient` stands for, when extrapolated since its refresh
         }
 
     def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
@@ -224,6 +235,8 @@ class DatasetTarget:
         slope = state.get("slope") if self.extrapolate else None
         self.slope = None if slope is None else {k: v.to(device) for k, v in slope.items()}
         self._whole_last = bool(state.get("whole_last", False))
+        # (absent from checkpoints written before the gradient was extrapolated in place: it was g(s) itself)
+        self.extrapolated_to = state.get("extrapolated_to")
 
 
 class TrainingLossTarget:
