@@ -78,7 +78,7 @@ class DiffInSettings:
     )
     target_extrapolation: bool = _help(
         "Between refreshes, extrapolate a dataset target's g_V linearly from its last two refreshes, "
-        "g(s) + (t - s) (g(s) - g(s')) / (s - s'), instead of holding g(s). Costs two more parameter-sized vectors. "
+        "g(s) + (t - s) (g(s) - g(s')) / (s - s'), instead of holding g(s). Costs one more parameter-sized vector (the slope). "
         "Needs target_refresh_every_n_steps > 1 and schedule='in_run'.",
         default=False,
     )
