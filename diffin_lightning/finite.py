@@ -1,10 +1,11 @@
-"""Whether tensors hold only finite numbers, at the cost of one sum per tensor.
+"""Whether tensors hold only finite numbers, at the cost of one sum per tensor (on CUDA one fused norm per dtype).
 
 ``torch.isfinite(t).all()`` writes a boolean tensor as large as ``t`` and reduces it: on the
 256-1024-1024-10 MLP the per-step checks of the parameters and the batch gradient took 1.1 ms
 (8% of a plain training step). A sum is about 20x cheaper and is finite whenever every element
 is (a NaN or an infinity makes it NaN or infinite). A non-finite sum can also come from large
-finite values overflowing, so only then the exact elementwise test decides.
+finite values overflowing, so only then the exact elementwise test decides. On CUDA the sums of
+absolute values of a whole list come from one foreach norm per dtype (see ``_float32_sums``).
 """
 
 from __future__ import annotations
