@@ -38,17 +38,21 @@ def _float32_sums(tensors: list[Tensor], fused: bool | None = None) -> Tensor:
     with torch.no_grad():
         if not floats:
             return torch.zeros(0, dtype=torch.float32, device=tensors[0].device if tensors else None)
-        if not fused:
-            return torch.stack([t.sum(dtype=torch.float32) for t in floats])
-        by_dtype: dict[torch.dtype, list[Tensor]] = {}
-        for t in floats:
-            by_dtype.setdefault(t.dtype, []).append(t)
-        parts = []
-        for dtype, group in by_dtype.items():
-            # (vector_norm refuses a dtype narrower than its input's: float64 is summed in float64, then narrowed)
-            norms = torch._foreach_norm(group, 1, dtype=torch.float32) if torch.finfo(dtype).bits <= 32 else torch._foreach_norm(group, 1)
-            parts.append(torch.stack(norms).to(torch.float32))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        if fused:
+            by_dtype: dict[torch.dtype, list[Tensor]] = {}
+            for t in floats:
+                by_dtype.setdefault(t.dtype, []).append(t)
+            parts = []
+            try:
+                for dtype, group in by_dtype.items():
+                    # (vector_norm refuses a dtype narrower than its input's: float64 is summed in float64, then narrowed)
+                    norms = torch._foreach_norm(group, 1, dtype=torch.float32) if torch.finfo(dtype).bits <= 32 else torch._foreach_norm(group, 1)
+                    parts.append(torch.stack(norms).to(torch.float32))
+            except TypeError:  # torch < 2.4: _foreach_norm takes no dtype; the sums below
+                parts = []
+            if parts:
+                return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return torch.stack([t.sum(dtype=torch.float32) for t in floats])
 
 
 def finite_flag(tensors: Iterable[Tensor], device: torch.device | None = None) -> Tensor:

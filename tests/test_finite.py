@@ -75,3 +75,17 @@ def test_the_fused_and_the_per_tensor_sums_find_the_same_non_finite_tensors(fuse
     assert _float32_sums([torch.arange(3)], fused=fused).shape == (0,)
     # Half precision that a half-precision sum would overflow (4 x 60000 > 65504): finite in float32.
     assert bool(torch.isfinite(_float32_sums([torch.full((4,), 60000.0, dtype=torch.float16)], fused=fused)).all())
+
+
+def test_the_fused_check_falls_back_to_the_sums_where_foreach_norm_takes_no_dtype(monkeypatch):
+    """torch 2.3 (the oldest torch the package allows) has no dtype argument on _foreach_norm: the sums decide there."""
+    from diffin_lightning.finite import _float32_sums
+
+    def old_foreach_norm(tensors, ord=2):  # noqa: A002 (torch's own argument name)
+        return [torch.linalg.vector_norm(t, ord) for t in tensors]
+
+    monkeypatch.setattr(torch, "_foreach_norm", old_foreach_norm)
+    tensors = [torch.randn(5, dtype=torch.float16), torch.tensor([1.0, float("nan")])]
+    sums = _float32_sums(tensors, fused=True)
+    assert sums.dtype == torch.float32 and sums.shape == (2,) and not bool(torch.isfinite(sums).all())
+    assert bool(torch.isfinite(_float32_sums(tensors[:1], fused=True)).all())
