@@ -132,3 +132,22 @@ def test_encoder_products_on_cuda_under_fused_attention(kernel, monkeypatch):
         "flash": (SDPBackend.FLASH_ATTENTION, torch.float16, 5e-2),
     }[kernel]
     _encoder_products_match_each_samples_own_gradient("cuda", dtype, backend, rtol, monkeypatch)
+
+
+@pytest.mark.gpu
+def test_the_fused_finiteness_check_is_the_default_on_cuda_and_agrees_with_the_elementwise_test():
+    """On CUDA the per-step check takes the foreach norm (one launch per dtype): NaN and infinities found in every
+    dtype a model may hold, finite values not flagged, the verdict a device flag read back only here."""
+    from diffin_lightning.finite import _float32_sums, finite_flag
+
+    dtypes = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+    for bad in (None, float("nan"), float("inf")):
+        for where in range(len(dtypes)):
+            tensors = [torch.randn(300, 7, device="cuda").to(dtype) for dtype in dtypes]
+            if bad is not None:
+                tensors[where][123, 4] = bad
+            fused, summed = _float32_sums(tensors), _float32_sums(tensors, fused=False)
+            assert fused.device.type == "cuda" and fused.shape == summed.shape
+            assert bool(torch.isfinite(fused).all()) == bool(torch.isfinite(summed).all()) == (bad is None)
+            flag = finite_flag(tensors)
+            assert flag.device.type == "cuda" and bool(flag) == (bad is None)
