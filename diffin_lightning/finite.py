@@ -33,11 +33,11 @@ def _float32_sums(tensors: list[Tensor], fused: bool | None = None) -> Tensor:
     gradients), so the CPU keeps the sums. Either overflows only beyond float32's range.
     """
     floats = [t for t in tensors if t.is_floating_point()]
+    if not floats:
+        return torch.zeros(0, dtype=torch.float32, device=tensors[0].device if tensors else None)
     if fused is None:
-        fused = bool(floats) and all(t.is_cuda for t in floats)
+        fused = all(t.is_cuda for t in floats)
     with torch.no_grad():
-        if not floats:
-            return torch.zeros(0, dtype=torch.float32, device=tensors[0].device if tensors else None)
         if fused:
             by_dtype: dict[torch.dtype, list[Tensor]] = {}
             for t in floats:

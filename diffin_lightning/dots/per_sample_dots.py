@@ -362,7 +362,7 @@ class PerSampleDots:
             raise ValueError(f"`form` must be None, 'gram' or 'materialised' for squared_norms; got {form!r}.")
         out = []
         for index, (blocks, size) in enumerate(zip(self.passes, self.batch_sizes)):
-            total = self._zeros(size)
+            parts = []
             tied: dict[str, Tensor] = {}
             for block in blocks:
                 if block.key in self._tied:
@@ -376,16 +376,15 @@ class PerSampleDots:
 
                 chosen = self._pick(block, ("gram", "materialised"), costs, form)
                 if chosen == "gram":
-                    total = total + block.squared_norms()
+                    parts.append(block.squared_norms())
                 else:
-                    total = total + sum(value.flatten(1).pow(2).sum(dim=1) for value in self._gradients_of(index, block).values())
-            for value in tied.values():
-                total = total + value.flatten(1).pow(2).sum(dim=1)
+                    parts += [value.flatten(1).pow(2).sum(dim=1) for value in self._gradients_of(index, block).values()]
+            parts += [value.flatten(1).pow(2).sum(dim=1) for value in tied.values()]
             streamed = self.streamed[index]
             if streamed is not None:
-                total = total + streamed.require("squared_norms", streamed.norms).to(total.dtype)
-            out.append(total)
-        return torch.cat(out) if out else self._zeros(0)
+                parts.append(streamed.require("squared_norms", streamed.norms))
+            out.append(self._sum(parts, size))
+        return _cat(out, 0) if out else self._zeros(0)
 
     def per_sample_gradients(self) -> dict[str, Tensor]:
         """``{name: Tensor[B_total, *param.shape]}`` for every covered parameter a layer reached (memory: B copies)."""
