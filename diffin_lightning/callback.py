@@ -423,6 +423,11 @@ class DiffInCallback(Callback):
         recorder = self._recorder
         assert recorder is not None
         step = trainer.global_step
+        if not self._records(step):
+            # No collective on a step that records nothing (the same steps on every rank): under DDP a rank's
+            # error kept by on_train_batch_start waits for the next recorded step's agreement, or the end's.
+            recorder.abandon_step()
+            return
         error, self._rank_error = self._rank_error, None
         if error is None and pending:
             ids = torch.cat([sample_ids for _, sample_ids in pending])
@@ -434,10 +439,16 @@ class DiffInCallback(Callback):
                 )
         if error is not None:
             recorder.abandon_step()
-        # Every rank reaches this point once per optimizer step: the checks' verdicts are shared here,
-        # before any collective maths, so a failure on one rank stops all of them with its message.
-        distributed.raise_if_any_rank_failed(error)
-        if not self._records(step) or not pending:
+        step_gradients = None
+        if error is None and pending and self.settings.schedule == "in_run":
+            step_gradients = self._training_step_gradients(trainer, pl_module, pending)
+        # Every rank reaches this point once per recorded step: the checks' verdicts are shared here, before
+        # any collective maths, so a failure on one rank stops all of them with its message; whether every
+        # rank can reuse its training step rides on the same collective (one host wait a step under DDP).
+        (every_rank_reuses,) = distributed.raise_if_any_rank_failed(
+            error, [step_gradients is not None and recorder.can_reuse(step_gradients[0])]
+        )
+        if not pending:
             recorder.abandon_step()
             return
         if self._scaler_will_skip(trainer, optimizer):
@@ -457,7 +468,8 @@ class DiffInCallback(Callback):
                 weight = self._total_steps / len(self.record.checkpoint_steps)  # the steps this checkpoint stands for
                 recorder.record_checkpoint(step, eta, batches, ids, weight, lambda: self._training_set(trainer, pl_module.device))
             else:
-                recorder.record_step(step, eta, batches, ids, *self._training_step_gradients(trainer, pl_module, pending))
+                assert step_gradients is not None
+                recorder.record_step(step, eta, batches, ids, *step_gradients, every_rank_reuses=every_rank_reuses)
 
     def _training_step_gradients(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pending: list[tuple[Any, Tensor]]) -> tuple[Any, ...]:
         """``(gradients, gradient_to_mean, backprop_scale, forward_context, mixed)`` for the recorder.
@@ -520,6 +532,9 @@ class DiffInCallback(Callback):
             yield batch, self._sample_ids(batch, device)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A rank's error from a step that recorded nothing, before the end's collectives (under DDP).
+        error, self._rank_error = self._rank_error, None
+        distributed.raise_if_any_rank_failed(error)
         self._write_held_checkpoint_result(trainer)
         s = self.settings
         if self._accumulator is not None and self._recorder is not None:

@@ -19,7 +19,10 @@ callback follows the same rule:
   checkpoint time gives one score per sample;
 - an error that one rank raises in the callback's checks is shared with the others by
   :func:`raise_if_any_rank_failed` before any collective maths, so every rank stops
-  with the same message instead of waiting for a partner that left.
+  with the same message instead of waiting for a partner that left; the step's other
+  host-side agreements ride on that one collective;
+- verdicts that gate a step without branching (a non-finite per-sample loss on one
+  rank) are agreed on the device by :func:`true_on_every_rank`.
 
 Outside a process group every helper is the identity (one process, world size 1), so
 the single-device path runs the same code.
@@ -218,17 +221,23 @@ class RankFailure(RuntimeError):
     """Raised on every rank when one or more ranks failed a check; names each failing rank and its message."""
 
 
-def raise_if_any_rank_failed(error: BaseException | None) -> None:
+def raise_if_any_rank_failed(error: BaseException | None, every_rank: Sequence[bool] = ()) -> list[bool]:
     """Raise on every rank if any rank passes an error; return on every rank otherwise.
 
-    Every rank must call it at the same point (it is a collective). The common case
-    costs one all-reduce of a single number; only when a rank failed are the messages
-    gathered, so each rank raises the same :class:`RankFailure` naming them all. A
-    rank's own error is chained as the cause.
+    Every rank must call it at the same point (it is a collective), with as many
+    ``every_rank`` flags. The common case costs one all-reduce of a few numbers; only
+    when a rank failed are the messages gathered, so each rank raises the same
+    :class:`RankFailure` naming them all. A rank's own error is chained as the cause.
+
+    Returns, for each of ``every_rank``, whether every rank passed True: the ranks' other
+    agreements ride on the same collective (a step's agreement waits on the host once).
 
     Example::
 
         >>> raise_if_any_rank_failed(None)  # one process, nothing failed
+        []
+        >>> raise_if_any_rank_failed(None, [True, False])
+        [True, False]
         >>> raise_if_any_rank_failed(ValueError("bad ids"))
         Traceback (most recent call last):
         ...
@@ -237,14 +246,34 @@ def raise_if_any_rank_failed(error: BaseException | None) -> None:
     if world_size() == 1:
         if error is not None:
             raise error
-        return
-    failed = sum_scalars_over_ranks([0.0 if error is None else 1.0])[0]
-    if failed == 0:
-        return
+        return [bool(flag) for flag in every_rank]
+    sums = sum_scalars_over_ranks([0.0 if error is None else 1.0, *(float(bool(flag)) for flag in every_rank)])
+    if sums[0] == 0:
+        return [total == world_size() for total in sums[1:]]
     messages: list[Any] = [None] * world_size()
     dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
     summary = "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
     raise RankFailure(f"DiffInCallback stopped the run on every rank because {summary}") from error
+
+
+def true_on_every_rank(flag: Tensor) -> Tensor:
+    """A boolean on the device: True where ``flag`` is True on every rank (nothing read back to the host).
+
+    A device collective: on a GPU it is queued like a kernel, so a verdict that gates the
+    step (a NaN per-sample loss on one rank skips the step on all) costs no host wait.
+    Every rank must call it at the same point.
+
+    Example::
+
+        >>> true_on_every_rank(torch.tensor(True))  # one process: the flag itself
+        tensor(True)
+    """
+    if world_size() == 1:
+        return flag
+    # An integer MIN (gloo and NCCL both reduce int32; NCCL has no boolean reduction).
+    reduced = flag.to(torch.int32)
+    dist.all_reduce(reduced, op=dist.ReduceOp.MIN)
+    return reduced.bool()
 
 
 __all__ = [
@@ -259,6 +288,7 @@ __all__ = [
     "sum_with_count_over_ranks",
     "sum_over_ranks",
     "sum_scalars_over_ranks",
+    "true_on_every_rank",
     "unsupported_strategy_message",
     "world_size",
 ]

@@ -215,6 +215,7 @@ class InfluenceRecorder:
         backprop_scale: Tensor | float,
         forward_context: ForwardContext,
         mixed_precision: bool,
+        every_rank_reuses: bool = True,
     ) -> None:
         """Accumulate one in-run step.
 
@@ -227,6 +228,9 @@ class InfluenceRecorder:
             backprop_scale: what turns a captured output gradient into that sample's own loss gradient.
             forward_context: the precision context of the training step's forward.
             mixed_precision: whether that context is autocast (looser first-step check).
+            every_rank_reuses: under DDP, whether every rank can reuse its training step
+                (:meth:`can_reuse`, agreed by the caller with the step's other checks): the two
+                paths issue different collectives, so the ranks take one together.
         """
         assert self.accumulator is not None
         self._in_training_step = False
@@ -234,10 +238,10 @@ class InfluenceRecorder:
         self.record.steps_represented += self.settings.every_n_steps
         params = self.loss.parameters()
         gates: StepGates | None = None
-        if math.isfinite(eta) and gradients is not None and self.record.model_nonfinite_known is None and distributed.world_size() == 1:
+        if math.isfinite(eta) and gradients is not None and self.record.model_nonfinite_known is None:
             # The common case: the parameters, the training step's .grad and its per-sample losses checked on the
             # device, and the step gated by the verdicts instead of branching on them (a read back would stall
-            # a GPU every step). Under DDP the ranks must agree on the path, which the host checks below do.
+            # a GPU every step). Nothing branches on a gate, so under DDP every rank issues the same collectives.
             gates = self._device_gates(step, params, gradients)
         # Step-level quantities: a non-finite one leaves nothing of this step that can be trusted.
         elif not self.check_model_finite(step) or not math.isfinite(eta):
@@ -249,8 +253,13 @@ class InfluenceRecorder:
         batch_size = int(ids.numel())
         with other_captures_paused(self.capture):
             self._record_step(
-                step, eta, batches, ids, params, batch_size, gradients, gradient_to_mean, backprop_scale, forward_context, mixed_precision, gates
+                step, eta, batches, ids, params, batch_size, gradients, gradient_to_mean, backprop_scale, forward_context, mixed_precision, gates,
+                every_rank_reuses,
             )
+
+    def can_reuse(self, gradients: Params | None) -> bool:
+        """Whether this rank's step can be scored from its training step's own capture and ``.grad``."""
+        return self.use_capture and gradients is not None
 
     def _device_gates(self, step: int, params: Params, gradients: Params) -> StepGates:
         """This step's verdicts on the device; the first step with non-finite parameters is kept there too."""
@@ -261,7 +270,10 @@ class InfluenceRecorder:
         pending = torch.where((pending < 0) & ~finite_flag(params.values(), device), step, pending)
         self.record.model_nonfinite_pending = pending  # read back when reported (RunRecord.model_nonfinite_step)
         model = pending < 0
-        return StepGates(model, model & finite_flag([*gradients.values(), *self.step_losses], device))
+        # The parameters and the averaged .grad are the same on every rank; the per-sample losses are this
+        # rank's own: a non-finite one skips the step on every rank (as the global batch's G_B is then non-finite).
+        batch = distributed.true_on_every_rank(model & finite_flag([*gradients.values(), *self.step_losses], device))
+        return StepGates(model, batch)
 
     def _record_step(
         self,
@@ -277,6 +289,7 @@ class InfluenceRecorder:
         forward_context: ForwardContext,
         mixed_precision: bool,
         gates: StepGates | None,
+        every_rank_reuses: bool,
     ) -> None:
         view: StepGradients
         try:
@@ -289,12 +302,9 @@ class InfluenceRecorder:
                 micro_batches = list(capture.micro_batches)
                 if len(micro_batches) != len(batches):  # a step whose start was not seen (resumed mid-step)
                     micro_batches = [MicroBatch(batch, int(part.numel())) for batch, part in zip(batches, ids.split(batch_size))]
-                reuse = self.use_capture and gradients is not None
-                if distributed.world_size() > 1:
-                    # The two paths issue different collectives: the ranks reuse the training step only together
-                    # (a rank whose micro-batches differ in size cannot, so all recapture at that step).
-                    reuse = distributed.sum_scalars_over_ranks([float(reuse)])[0] == distributed.world_size()
-                if reuse:
+                # Under DDP the ranks reuse the training step only together (a rank whose micro-batches
+                # differ in size cannot, so all recapture at that step).
+                if self.can_reuse(gradients) and every_rank_reuses:
                     assert gradients is not None
                     # In place: the capture is cleared as soon as the view is built (no copy of every output gradient).
                     per_sample = capture.layers.per_sample(backprop_scale=backprop_scale, in_place=True)
@@ -407,7 +417,7 @@ class InfluenceRecorder:
                     gates = StepGates(gates.model, gates.batch & finite_flag([*view.batch_gradient.values(), *(losses or [])], device))
             else:
                 batch_gradient_finite = all_finite([*view.batch_gradient.values(), *(losses or [])])
-            if distributed.world_size() > 1:
+            if gates is None and distributed.world_size() > 1:
                 # The per-sample losses are this rank's: the ranks skip together (a target's refresh is a collective).
                 agreed = distributed.sum_scalars_over_ranks([float(batch_gradient_finite)])[0]
                 batch_gradient_finite = agreed == distributed.world_size()

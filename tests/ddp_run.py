@@ -19,6 +19,7 @@ final parameters (``params.safetensors``), all float64.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -27,12 +28,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(1, str(Path(__file__).parent.parent))
 
 import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from diffin_lightning import DiffInCallback, EpochSeededSampler, IndexedDataset  # noqa: E402
+from diffin_lightning import DiffInCallback, EpochSeededSampler, IndexedDataset, distributed  # noqa: E402
 from diffin_lightning.store import save_influence  # noqa: E402
 from helpers import TinyClassifier, TinyData  # noqa: E402
 
@@ -67,6 +69,90 @@ class FailingIds:
         return ids
 
 
+class NanLossAt(TinyClassifier):
+    """The loss of the sample at global batch position ``q`` of step ``s`` is NaN in every pass of that step's batch.
+
+    A position of the global batch, not an id: under DDP rank ``q % W`` holds it at its
+    position ``q // W`` (the run's sampler deals the global batch out that way), so the
+    one-process run and the DDP run fault the same sample, on whichever rank it lands. The
+    fault follows the training batch into the callback's passes of that step (the same ids),
+    never into a target batch (whose ids number the target set). Training stays alive as
+    careful users keep it: the non-finite losses count as zero (the mean keeps its
+    denominator, so the other samples' gradients stay those of the mean of
+    ``per_sample_loss``, as the callback's capture assumes), and non-finite gradients are
+    zeroed before the update.
+    """
+
+    def __init__(self, faults: dict[int, list[int]]) -> None:
+        super().__init__()
+        self.faults = faults
+        self.faulty: tuple[int, torch.Tensor, list[int]] | None = None  # (step, the batch's ids, positions)
+
+    def training_step(self, batch, batch_idx):
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        positions = [q // world for q in self.faults.get(self.global_step, []) if q % world == rank]
+        self.faulty = (self.global_step, batch["index"].clone(), positions)
+        losses = self.per_sample_loss(batch)
+        return torch.where(torch.isfinite(losses), losses, 0.0).sum() / losses.numel()
+
+    def per_sample_loss(self, batch):
+        losses = super().per_sample_loss(batch)
+        if self.faulty is None:
+            return losses
+        step, ids, positions = self.faulty
+        if positions and step == self.global_step and batch["index"].shape == ids.shape and torch.equal(batch["index"], ids):
+            mask = torch.zeros_like(losses, dtype=torch.bool)
+            mask[positions] = True
+            # Through torch.where the gradient stays finite: only the rank holding the sample sees the
+            # NaN (in its per-sample losses), so the ranks must agree to skip the step.
+            losses = torch.where(mask, float("nan"), losses)
+        return losses
+
+    def on_before_optimizer_step(self, optimizer):
+        for parameter in self.parameters():
+            if parameter.grad is not None:
+                parameter.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def watched_for_host_syncs(base: type[DiffInCallback], out: Path) -> type[DiffInCallback]:
+    """``base`` whose recorded steps after the first are watched for what waits on the host.
+
+    Two kinds: read backs issued by this library (tests/test_host_sync.py's watch) and the
+    host agreements (``distributed.sum_scalars_over_ranks``: a collective whose result the
+    host reads). Each rank writes ``host_syncs_rank{r}.json`` at the end of fit.
+    """
+    from test_host_sync import _strict
+
+    agreements = {"count": 0, "watching": False}
+    original = distributed.sum_scalars_over_ranks
+
+    def counted(values):
+        agreements["count"] += agreements["watching"]
+        return original(values)
+
+    distributed.sum_scalars_over_ranks = counted
+
+    class Watched(_strict(base)):  # type: ignore[misc, valid-type]
+        watched_steps = 0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+            if self._watch is not None:
+                agreements["watching"] = True
+                self.watched_steps += 1
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            agreements["watching"] = False
+
+        def on_fit_end(self, trainer, pl_module):
+            super().on_fit_end(trainer, pl_module)
+            report = {"read_backs": self.read_backs, "agreements": agreements["count"], "watched_steps": self.watched_steps}
+            (out / f"host_syncs_rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+    return Watched
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategy", default="auto")
@@ -89,6 +175,8 @@ def main() -> None:
     parser.add_argument("--save-on-checkpoint", action="store_true")
     parser.add_argument("--fail-rank", type=int, default=None)
     parser.add_argument("--fail-step", type=int, default=2)
+    parser.add_argument("--nan-loss", default=None, help="STEP:POSITION,...: NaN losses at global batch positions (NanLossAt)")
+    parser.add_argument("--watch-host-syncs", action="store_true", help="write what waits on the host per recorded step")
     args = parser.parse_args()
 
     data = TinyData.make(num_train=args.num_train, num_val=6, seed=0)
@@ -102,7 +190,9 @@ def main() -> None:
     loader = DataLoader(indexed, batch_size=args.batch_size, sampler=sampler)
     spec = {"val": data.val, "train": "train", "self": "self"}
     targets = {name: spec[name] for name in args.targets.split(",")}
-    influence = DiffInCallback(
+    callback_class = watched_for_host_syncs(DiffInCallback, args.out) if args.watch_host_syncs else DiffInCallback
+    args.out.mkdir(parents=True, exist_ok=True)
+    influence = callback_class(
         targets=targets,
         every_n_steps=args.every_n_steps,
         target_refresh_every_n_steps=args.refresh,
@@ -139,7 +229,14 @@ def main() -> None:
         callbacks=callbacks,
     )
     # float64 before fit: a checkpoint restored into a float32 model would be rounded (as in test_resume.py).
-    trainer.fit(TinyClassifier().double(), loader, ckpt_path=args.ckpt_path)
+    model = TinyClassifier()
+    if args.nan_loss:
+        faults: dict[int, list[int]] = {}
+        for fault in args.nan_loss.split(","):
+            step, position = (int(part) for part in fault.split(":"))
+            faults.setdefault(step, []).append(position)
+        model = NanLossAt(faults)
+    trainer.fit(model.double(), loader, ckpt_path=args.ckpt_path)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 from safetensors.torch import load_file
 
-from diffin_lightning import distributed
+from diffin_lightning import distributed, load_influence
 from diffin_lightning.distributed import unsupported_strategy_message
 from diffin_lightning.engine import gradient_of_mean
 from diffin_lightning.per_sample import PerSampleLoss
@@ -88,6 +88,35 @@ def test_ddp_two_processes_match_one_process_all_targets(tmp_path):
     assert float(scores["val/second_order"].abs().max()) > 0 and float(scores["self/first_order"].min()) > 0
 
 
+def test_ddp_a_nan_loss_on_one_rank_skips_the_step_on_every_rank_as_one_process_does(tmp_path):
+    # Step 1's NaN lands on rank 1 (global position 1), step 3's on rank 0 (position 2): the
+    # one-process run skips both steps for the targets that use G_B, and so must every rank.
+    single, ddp = _fit_pair(tmp_path, "--targets", "val,train,self", "--nan-loss", "1:1,3:2", "--refresh", "3")
+    _assert_same_scores(single, ddp)
+    for run in (single, ddp):
+        meta = load_influence(run / "files").metadata
+        assert meta["nonfinite_steps_skipped"] == {"val": 2, "train": 2}, (run.name, meta["nonfinite_steps_skipped"])
+        assert meta["nonfinite_samples_skipped"] == {"self": 2}, (run.name, meta["nonfinite_samples_skipped"])
+        assert meta["complete"] is True
+
+
+def test_ddp_recorded_steps_wait_on_the_host_once_each(tmp_path):
+    """Under DDP a recorded step after the first reads nothing back and agrees with the other ranks once.
+
+    The one agreement is the step's checks (a rank whose ids failed stops every rank) and
+    whether every rank can reuse its training step; the finiteness gates stay on the device
+    (their agreement is a device collective, which waits for nothing on the host).
+    """
+    out = tmp_path / "ddp"
+    run = _run(out, "--devices", "2", "--strategy", "ddp", "--batch-size", "2", "--targets", "val,train,self", "--refresh", "100", "--watch-host-syncs")
+    assert run.returncode == 0, run.stderr[-3000:]
+    for rank in (0, 1):
+        report = json.loads((out / f"host_syncs_rank{rank}.json").read_text())
+        assert report["watched_steps"] == 7  # 2 epochs of 4 steps, the first not watched
+        assert report["read_backs"] == [], sorted(set(report["read_backs"]))
+        assert report["agreements"] == report["watched_steps"], report
+
+
 # ---------------------------------------------------------------- the full matrix (slow)
 
 
@@ -138,6 +167,23 @@ def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path, failin
     result = _run(
         tmp_path / "out", "--devices", "2", "--strategy", "ddp", "--batch-size", "2", "--fail-rank", str(failing_rank), timeout=120
     )
+    _assert_every_rank_raised(result, failing_rank)
+
+
+@pytest.mark.parametrize(
+    "fail_step", [pytest.param(2, id="before_the_next_recorded_step"), pytest.param(7, id="after_the_last_recorded_step", marks=pytest.mark.slow)]
+)
+def test_an_error_on_a_step_that_records_nothing_stops_every_rank_at_the_next_agreement(tmp_path, fail_step):
+    # Steps 0 and 4 of 0..7 are recorded: a step between them issues no collective, so rank 1's error
+    # waits for step 4's agreement, or, after step 4, for the end of training's.
+    result = _run(
+        tmp_path / "out", "--devices", "2", "--strategy", "ddp", "--batch-size", "2", "--every-n-steps", "4",
+        "--fail-rank", "1", "--fail-step", str(fail_step), timeout=120,
+    )
+    _assert_every_rank_raised(result, 1)
+
+
+def _assert_every_rank_raised(result: subprocess.CompletedProcess[str], failing_rank: int) -> None:
     assert result.returncode != 0
     message = f"stopped the run on every rank because rank {failing_rank}: ValueError: DiffInCallback: sample ids must lie in [0, N)"
     for rank in (0, 1):  # both ranks raise it, each in its own traceback
