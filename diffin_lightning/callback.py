@@ -444,10 +444,9 @@ class DiffInCallback(Callback):
             step_gradients = self._training_step_gradients(trainer, pl_module, pending)
         # Every rank reaches this point once per recorded step: the checks' verdicts are shared here, before
         # any collective maths, so a failure on one rank stops all of them with its message; whether every
-        # rank can reuse its training step rides on the same collective (one host wait a step under DDP).
-        (every_rank_reuses,) = distributed.raise_if_any_rank_failed(
-            error, [step_gradients is not None and recorder.can_reuse(step_gradients[0])]
-        )
+        # rank has its training step's gradients (the paths that use them issue their own collectives) rides
+        # on the same collective: one host wait a recorded step under DDP.
+        (every_rank_has_gradients,) = distributed.raise_if_any_rank_failed(error, [step_gradients is not None and step_gradients[0] is not None])
         if not pending:
             recorder.abandon_step()
             return
@@ -469,7 +468,7 @@ class DiffInCallback(Callback):
                 recorder.record_checkpoint(step, eta, batches, ids, weight, lambda: self._training_set(trainer, pl_module.device))
             else:
                 assert step_gradients is not None
-                recorder.record_step(step, eta, batches, ids, *step_gradients, every_rank_reuses=every_rank_reuses)
+                recorder.record_step(step, eta, batches, ids, *step_gradients, every_rank_has_gradients=every_rank_has_gradients)
 
     def _training_step_gradients(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pending: list[tuple[Any, Tensor]]) -> tuple[Any, ...]:
         """``(gradients, gradient_to_mean, backprop_scale, forward_context, mixed)`` for the recorder.

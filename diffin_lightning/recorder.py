@@ -215,7 +215,7 @@ class InfluenceRecorder:
         backprop_scale: Tensor | float,
         forward_context: ForwardContext,
         mixed_precision: bool,
-        every_rank_reuses: bool = True,
+        every_rank_has_gradients: bool = True,
     ) -> None:
         """Accumulate one in-run step.
 
@@ -228,9 +228,10 @@ class InfluenceRecorder:
             backprop_scale: what turns a captured output gradient into that sample's own loss gradient.
             forward_context: the precision context of the training step's forward.
             mixed_precision: whether that context is autocast (looser first-step check).
-            every_rank_reuses: under DDP, whether every rank can reuse its training step
-                (:meth:`can_reuse`, agreed by the caller with the step's other checks): the two
-                paths issue different collectives, so the ranks take one together.
+            every_rank_has_gradients: under DDP, whether every rank has its ``gradients``
+                (agreed by the caller with the step's other checks): the paths that hang on them
+                (reusing the training step, the device gates) issue different collectives from
+                the others, so the ranks take one together.
         """
         assert self.accumulator is not None
         self._in_training_step = False
@@ -238,7 +239,11 @@ class InfluenceRecorder:
         self.record.steps_represented += self.settings.every_n_steps
         params = self.loss.parameters()
         gates: StepGates | None = None
-        if math.isfinite(eta) and gradients is not None and self.record.model_nonfinite_known is None:
+        # (Under DDP only what every rank knows alike picks the path: not model_nonfinite_known, which a read
+        # on one rank, rank zero's file write, settles there alone; once the parameters are non-finite the
+        # gates say so on every rank.)
+        known_finite = self.record.model_nonfinite_known is None or distributed.world_size() > 1
+        if math.isfinite(eta) and gradients is not None and every_rank_has_gradients and known_finite:
             # The common case: the parameters, the training step's .grad and its per-sample losses checked on the
             # device, and the step gated by the verdicts instead of branching on them (a read back would stall
             # a GPU every step). Nothing branches on a gate, so under DDP every rank issues the same collectives.
@@ -254,12 +259,8 @@ class InfluenceRecorder:
         with other_captures_paused(self.capture):
             self._record_step(
                 step, eta, batches, ids, params, batch_size, gradients, gradient_to_mean, backprop_scale, forward_context, mixed_precision, gates,
-                every_rank_reuses,
+                every_rank_has_gradients,
             )
-
-    def can_reuse(self, gradients: Params | None) -> bool:
-        """Whether this rank's step can be scored from its training step's own capture and ``.grad``."""
-        return self.use_capture and gradients is not None
 
     def _device_gates(self, step: int, params: Params, gradients: Params) -> StepGates:
         """This step's verdicts on the device; the first step with non-finite parameters is kept there too."""
@@ -289,7 +290,7 @@ class InfluenceRecorder:
         forward_context: ForwardContext,
         mixed_precision: bool,
         gates: StepGates | None,
-        every_rank_reuses: bool,
+        every_rank_has_gradients: bool,
     ) -> None:
         view: StepGradients
         try:
@@ -304,7 +305,7 @@ class InfluenceRecorder:
                     micro_batches = [MicroBatch(batch, int(part.numel())) for batch, part in zip(batches, ids.split(batch_size))]
                 # Under DDP the ranks reuse the training step only together (a rank whose micro-batches
                 # differ in size cannot, so all recapture at that step).
-                if self.can_reuse(gradients) and every_rank_reuses:
+                if self.use_capture and gradients is not None and every_rank_has_gradients:
                     assert gradients is not None
                     # In place: the capture is cleared as soon as the view is built (no copy of every output gradient).
                     per_sample = capture.layers.per_sample(backprop_scale=backprop_scale, in_place=True)

@@ -114,6 +114,29 @@ class NanLossAt(TinyClassifier):
                 parameter.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
+class NanParametersAfter(Callback):
+    """Makes one weight NaN on every rank after one step's update (the learning rate stays finite)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step + 1:  # (global_step counts the update just made)
+            with torch.no_grad():
+                next(pl_module.parameters())[0, 0] = float("nan")
+
+
+class ReadOnRankZero(Callback):
+    """Reads the callback's ``model_nonfinite_step`` after every batch on global rank zero only, as a rank-zero logger would."""
+
+    def __init__(self, influence: DiffInCallback) -> None:
+        self.influence = influence
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.is_global_zero:
+            self.influence.model_nonfinite_step
+
+
 def watched_for_host_syncs(base: type[DiffInCallback], out: Path) -> type[DiffInCallback]:
     """``base`` whose recorded steps after the first are watched for what waits on the host.
 
@@ -177,6 +200,8 @@ def main() -> None:
     parser.add_argument("--fail-step", type=int, default=2)
     parser.add_argument("--nan-loss", default=None, help="STEP:POSITION,...: NaN losses at global batch positions (NanLossAt)")
     parser.add_argument("--watch-host-syncs", action="store_true", help="write what waits on the host per recorded step")
+    parser.add_argument("--nan-parameters-after", type=int, default=None, help="a weight becomes NaN after this step's update")
+    parser.add_argument("--read-on-rank-zero", action="store_true", help="read model_nonfinite_step on rank zero after every batch")
     args = parser.parse_args()
 
     data = TinyData.make(num_train=args.num_train, num_val=6, seed=0)
@@ -208,6 +233,10 @@ def main() -> None:
         index_fn=None if args.fail_rank is None else FailingIds(args.fail_rank, args.fail_step),
     )
     callbacks: list[Callback] = [influence, SaveEveryTerm(influence, args.out)]
+    if args.nan_parameters_after is not None:
+        callbacks.append(NanParametersAfter(args.nan_parameters_after))
+    if args.read_on_rank_zero:
+        callbacks.append(ReadOnRankZero(influence))
     if args.checkpoint_every is not None:
         callbacks.append(
             pl.callbacks.ModelCheckpoint(

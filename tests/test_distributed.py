@@ -47,11 +47,11 @@ def _run(out: Path, *args: str, timeout: float = 240) -> subprocess.CompletedPro
     )
 
 
-def _fit_pair(tmp_path: Path, *args: str, strategy: str = "ddp", batch_size: int = 2) -> tuple[Path, Path]:
+def _fit_pair(tmp_path: Path, *args: str, strategy: str = "ddp", batch_size: int = 2, timeout: float = 240) -> tuple[Path, Path]:
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    one = _run(single, "--devices", "1", "--batch-size", str(2 * batch_size), *args)
+    one = _run(single, "--devices", "1", "--batch-size", str(2 * batch_size), *args, timeout=timeout)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _run(ddp, "--devices", "2", "--strategy", strategy, "--batch-size", str(batch_size), *args)
+    two = _run(ddp, "--devices", "2", "--strategy", strategy, "--batch-size", str(batch_size), *args, timeout=timeout)
     assert two.returncode == 0, two.stderr[-3000:]
     return single, ddp
 
@@ -98,6 +98,21 @@ def test_ddp_a_nan_loss_on_one_rank_skips_the_step_on_every_rank_as_one_process_
         assert meta["nonfinite_steps_skipped"] == {"val": 2, "train": 2}, (run.name, meta["nonfinite_steps_skipped"])
         assert meta["nonfinite_samples_skipped"] == {"self": 2}, (run.name, meta["nonfinite_samples_skipped"])
         assert meta["complete"] is True
+
+
+def test_ddp_parameters_turned_non_finite_end_the_scoring_on_every_rank_as_in_one_process(tmp_path):
+    # A weight turns NaN after step 2's update, so the parameters are non-finite from step 3 on (the learning
+    # rate stays finite). A rank-zero logger reading the verdict makes rank zero alone know it on the host:
+    # the ranks must still take the same path at the later steps (else they meet in different collectives).
+    # (A hang ends in subprocess.TimeoutExpired; the runs take 5 to 10 s each on 2 shared cores.)
+    single, ddp = _fit_pair(tmp_path, "--targets", "val,train,self", "--nan-parameters-after", "2", "--read-on-rank-zero", timeout=120)
+    for run in (single, ddp):
+        meta = load_influence(run / "files").metadata
+        assert meta["complete"] is False and meta["model_nonfinite_step"] == 3, (run.name, meta["model_nonfinite_step"])
+    reference, scores = load_influence(single / "files"), load_influence(ddp / "files")
+    for name in ("val", "train", "self"):
+        for component in ("first_order", "visits"):
+            torch.testing.assert_close(scores[name].component(component), reference[name].component(component), rtol=0, atol=1e-12)
 
 
 def test_ddp_recorded_steps_wait_on_the_host_once_each(tmp_path):
