@@ -501,10 +501,14 @@ class CapturedStep:
         assert out is not None
         return out
 
-    def perturbed(self, shift: Params) -> tuple[Params, Tensor]:
+    def perturbed(self, shift: Params | ScaledShift) -> tuple[Params, Tensor]:
+        if self.capture.uncovered and isinstance(shift, ScaledShift):
+            shift = shift.materialised()  # the fallback's functional pass reads the moved point as one dictionary
+        # (A ScaledShift moves the module's parameters one share at a time: no parameter-sized copy of the shift.)
         summed, per_sample = capture_pass(self.capture, self.loss, list(self.params), shift, self.micro_batches, self.forward_context)
         point = self.params
         if self.capture.uncovered:
+            assert not isinstance(shift, ScaledShift)
             point = dict(zip(self.params, torch._foreach_add(list(self.params.values()), [shift[n] for n in self.params])))
         torch._foreach_div_(list(summed.values()), float(self.batch_size))  # the mean, in place (no copy)
         gradient = distributed.mean_over_ranks(summed)  # the global batch's, like .grad
@@ -514,7 +518,7 @@ class CapturedStep:
         if self.capture.uncovered or distributed.world_size() > 1:
             # The fallback reads G_B at the point as a direction, and under DDP f_i needs the global
             # batch's G_B: both need the parameter gradient itself.
-            gradient, f = self.perturbed(shift.materialised())
+            gradient, f = self.perturbed(shift)
             return along.dot(gradient), f
         if self.stream_perturbed and len(self.micro_batches) == 1:
             return self._streamed_perturbed_along(shift, along)

@@ -294,3 +294,58 @@ def test_scaled_shift_keeps_one_scratch_per_dtype():
     assert all(torch.equal(p.detach(), before[name]) for name, p in model.named_parameters())
     other = {name: torch.ones_like(p) for name, p in model.named_parameters()}
     assert shift.dot(other).dtype == torch.float64  # summed in the widest dtype of the parts
+
+
+@pytest.mark.parametrize("covered", [True, False])
+def test_the_perturbed_pass_moves_by_a_scaled_shift_without_a_copy_of_it_where_every_layer_is_captured(monkeypatch, covered):
+    """``perturbed`` (DDP's and the fallback's pass) takes the shift as one share at a time where no layer needs the fallback.
+
+    Bit for bit the pass at the materialised shift: the same elementwise operations move the parameters.
+    With a layer outside the rules the fallback's functional pass reads the moved point, and the shift is
+    materialised for it.
+    """
+    from diffin_lightning.engine import CapturedStep, MicroBatch, ScaledShift, StepCapture, capture_pass
+    from diffin_lightning.per_sample import PerSampleLoss
+
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+
+        def forward(self, x):
+            return x * self.weight
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(5, 8), nn.Tanh()] + ([] if covered else [Scale()]) + [nn.Linear(8, 3)]
+    model = nn.Sequential(*layers).double()
+    inputs, labels = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    loss = PerSampleLoss(model, lambda module, batch: nn.functional.cross_entropy(module(batch[0]), batch[1], reduction="none"), seed=None)
+    names = [name for name, _ in model.named_parameters()]
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    capture = StepCapture(model, names)
+    micro_batches = [MicroBatch((inputs, labels), 4)]
+    direction = {name: torch.randn_like(p) for name, p in params.items()}
+    shift = ScaledShift(direction, torch.tensor(2.0, dtype=torch.float64), torch.tensor(1e-3, dtype=torch.float64))
+
+    def step() -> CapturedStep:
+        gradient, per_sample = capture_pass(capture, loss, names, None, micro_batches)
+        return CapturedStep(capture, loss, params, micro_batches, per_sample, {name: value / 4 for name, value in gradient.items()})
+
+    reference_gradient, reference_f = step().perturbed(shift.materialised())
+    materialised = []
+    original = ScaledShift.materialised
+    monkeypatch.setattr(ScaledShift, "materialised", lambda self: materialised.append(1) or original(self))
+    gradient, f = step().perturbed(shift)
+    assert len(materialised) == (0 if covered else 1)
+    assert torch.equal(f, reference_f) and all(torch.equal(gradient[name], reference_gradient[name]) for name in names)
+    assert all(torch.equal(p, params[name]) for name, p in model.named_parameters())  # moved back bit for bit
+    # DDP's perturbed_along hands the shift over as it is (a world of two, its averages over ranks the identity here).
+    from diffin_lightning import distributed
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "mean_over_ranks", lambda params: dict(params))
+    materialised.clear()
+    along, f = step().perturbed_along(shift, shift)
+    assert len(materialised) == (0 if covered else 1)
+    assert torch.equal(f, reference_f) and torch.equal(along, shift.dot(reference_gradient))
+    capture.remove()
