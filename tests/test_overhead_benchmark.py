@@ -93,3 +93,16 @@ def test_the_breakdown_times_every_part_of_a_diffin_step(tmp_path) -> None:
         _trainer("cpu", 2, [callback]).fit(model, datamodule=data)
     for part in ("perturbed pass", "per-sample dot products at theta", "f_i = <G_B, G_i> at theta", "target gradient", "end-of-fit pass"):
         assert any(name.startswith(part) and seconds > 0 for name, seconds in parts.items()), (part, dict(parts))
+
+
+@pytest.mark.slow
+def test_the_ddp_benchmark_times_a_two_process_fit_with_and_without_the_callback() -> None:
+    """Each DDP fit runs in a fresh process pair and reports rank zero's time after the warm-up epoch (about 25 s)."""
+    from benchmarks.overhead_ddp import DDPFitSpec
+    from benchmarks.overhead_ddp import fit_in_subprocess as ddp_fit_in_subprocess
+
+    plain = ddp_fit_in_subprocess(DDPFitSpec("mlp", 1, None), timeout=300)
+    with_callback = ddp_fit_in_subprocess(DDPFitSpec("mlp", 1, "first order (defaults)"), timeout=300)
+    assert 0 < plain < 60 and 0 < with_callback < 60
+    with pytest.raises(RuntimeError, match="failed"):  # a setting the benchmark does not know ends the fit with its error
+        ddp_fit_in_subprocess(DDPFitSpec("mlp", 1, "no such setting"), timeout=300)
