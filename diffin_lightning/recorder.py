@@ -229,7 +229,7 @@ class InfluenceRecorder:
             forward_context: the precision context of the training step's forward.
             mixed_precision: whether that context is autocast (looser first-step check).
             every_rank_has_gradients: under DDP, whether every rank has its ``gradients``
-                (agreed by the caller with the step's other checks): the paths that hang on them
+                (agreed by the caller with the step's other checks): the paths that depend on them
                 (reusing the training step, the device gates) issue different collectives from
                 the others, so the ranks take one together.
         """
