@@ -33,7 +33,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from benchmarks.overhead import SETTINGS, workloads
+from benchmarks.overhead import SETTINGS, _atomic_write, workloads
 from diffin_lightning import DiffInCallback
 
 _REPOSITORY = Path(__file__).resolve().parent.parent
@@ -84,9 +84,7 @@ def one_ddp_fit(spec: DDPFitSpec, result: Path, output_dir: Path) -> None:
     )
     trainer.fit(model, datamodule=data)
     if trainer.is_global_zero:
-        partial = result.with_name(result.name + ".partial")
-        partial.write_text(json.dumps({"wall": clock.seconds}))
-        os.replace(partial, result)
+        _atomic_write(result, json.dumps({"wall": clock.seconds}))
 
 
 def fit_in_subprocess(spec: DDPFitSpec, timeout: float) -> float:

@@ -85,6 +85,19 @@ def trainer(**kwargs: Any) -> pl.Trainer:
     return pl.Trainer(**defaults)
 
 
+def captured_model(model: nn.Module, inputs: Tensor, labels: Tensor) -> tuple[Any, list[str], dict[str, Tensor], Any, list[Any]]:
+    """``(loss, names, params, capture, micro_batches)`` for the engine's passes: the model's per-sample
+    cross-entropy (unseeded), its parameters' names and detached copies, a capture on every
+    parameter, and ``(inputs, labels)`` as one micro-batch."""
+    from diffin_lightning.engine import MicroBatch, StepCapture
+    from diffin_lightning.per_sample import PerSampleLoss
+
+    loss = PerSampleLoss(model, lambda module, batch: F.cross_entropy(module(batch[0]), batch[1], reduction="none"), seed=None)
+    names = [name for name, _ in model.named_parameters()]
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    return loss, names, params, StepCapture(model, names), [MicroBatch((inputs, labels), len(labels))]
+
+
 # ---------------------------------------------------------------- brute-force references
 
 

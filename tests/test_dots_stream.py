@@ -11,7 +11,7 @@ from diffin_lightning import DiffInCallback
 from diffin_lightning.dots import LayerCapture
 from diffin_lightning.dots import stream as stream_module
 from diffin_lightning.dots.stream import ProductStream
-from helpers import TinyClassifier, TinyData, trainer
+from helpers import TinyClassifier, TinyData, captured_model, trainer
 
 
 @pytest.fixture(autouse=True)
@@ -234,18 +234,13 @@ def test_a_streamed_perturbed_pass_equals_the_held_one_and_forms_only_the_held_l
     called twice); the others' G_sum (attention's too), where their form reads it, is built from
     their factors.
     """
-    from diffin_lightning.engine import CapturedStep, MicroBatch, RecomputedStep, ScaledShift, StepCapture, capture_pass
-    from diffin_lightning.per_sample import PerSampleLoss
+    from diffin_lightning.engine import CapturedStep, RecomputedStep, ScaledShift, capture_pass
 
     torch.manual_seed(0)
     model = make().double()
     inputs = _inputs(model, 4, 0)
     labels = torch.randint(0, 11, (4,), generator=torch.Generator().manual_seed(1))
-    loss = PerSampleLoss(model, lambda module, batch: F.cross_entropy(module(batch[0]), batch[1], reduction="none"), seed=None)
-    names = [name for name, _ in model.named_parameters()]
-    params = {name: p.detach().clone() for name, p in model.named_parameters()}
-    capture = StepCapture(model, names)
-    micro_batches = [MicroBatch((inputs, labels), 4)]
+    loss, names, params, capture, micro_batches = captured_model(model, inputs, labels)
     direction = {name: torch.randn_like(p) for name, p in params.items()}
     shift = ScaledShift(direction, torch.tensor(2.0, dtype=torch.float64), torch.tensor(1e-3, dtype=torch.float64))
     computed: list[str] = []

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from diffin_lightning import DiffInCallback, EpochSeededSampler, IndexedDataset
-from helpers import RTOL, TinyClassifier, TinyData, trainer
+from helpers import RTOL, TinyClassifier, TinyData, captured_model, trainer
 
 EPS = 1e-6
 
@@ -168,6 +168,17 @@ def test_products_only_capture_pass_computes_no_parameter_gradient_and_equal_pro
     capture.remove()
 
 
+class _Scale(nn.Module):
+    """An elementwise scale: a layer outside the capture rules (its parameter goes through the fallback)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x):
+        return x * self.weight
+
+
 @pytest.mark.parametrize("covered", [True, False])
 def test_perturbed_pass_skips_the_gram_form_layers_parameter_gradients_and_equals_the_recomputed_one(covered):
     """The perturbed pass computes no parameter gradient for the layers whose f_i is in the Gram form; (<s, G_B>, f_i) unchanged.
@@ -175,27 +186,14 @@ def test_perturbed_pass_skips_the_gram_form_layers_parameter_gradients_and_equal
     Wide layers at a small batch take the Gram form, the narrow head the direct one (it reads G_B).
     With a layer outside the rules (a bare parameter) the pass needs every parameter gradient.
     """
-    from diffin_lightning.engine import CapturedStep, MicroBatch, RecomputedStep, ScaledShift, StepCapture, capture_pass
-    from diffin_lightning.per_sample import PerSampleLoss
-
-    class Scale(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.weight = nn.Parameter(torch.linspace(0.5, 1.5, 48))
-
-        def forward(self, x):
-            return x * self.weight
+    from diffin_lightning.engine import CapturedStep, RecomputedStep, ScaledShift, capture_pass
 
     torch.manual_seed(0)
-    layers = [nn.Linear(32, 48), nn.Tanh(), nn.Linear(48, 48), nn.LayerNorm(48)] + ([] if covered else [Scale()]) + [nn.Linear(48, 3)]
+    layers = [nn.Linear(32, 48), nn.Tanh(), nn.Linear(48, 48), nn.LayerNorm(48)] + ([] if covered else [_Scale(48)]) + [nn.Linear(48, 3)]
     model = nn.Sequential(*layers).double()
     inputs, labels = torch.randn(3, 32, dtype=torch.float64), torch.randint(0, 3, (3,))
-    loss = PerSampleLoss(model, lambda module, batch: nn.functional.cross_entropy(module(batch[0]), batch[1], reduction="none"), seed=None)
-    names = [name for name, _ in model.named_parameters()]
-    params = {name: p.detach().clone() for name, p in model.named_parameters()}
-    capture = StepCapture(model, names)
+    loss, names, params, capture, micro_batches = captured_model(model, inputs, labels)
     assert bool(capture.uncovered) != covered
-    micro_batches = [MicroBatch((inputs, labels), 3)]
     gradient, per_sample = capture_pass(capture, loss, names, None, micro_batches)
     gradient = {name: value / 3 for name, value in gradient.items()}
     gram = per_sample.gram_form_parameters()
@@ -304,26 +302,13 @@ def test_the_perturbed_pass_moves_by_a_scaled_shift_without_a_copy_of_it_where_e
     With a layer outside the rules the fallback's functional pass reads the moved point, and the shift is
     materialised for it.
     """
-    from diffin_lightning.engine import CapturedStep, MicroBatch, ScaledShift, StepCapture, capture_pass
-    from diffin_lightning.per_sample import PerSampleLoss
-
-    class Scale(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.weight = nn.Parameter(torch.linspace(0.5, 1.5, 8))
-
-        def forward(self, x):
-            return x * self.weight
+    from diffin_lightning.engine import CapturedStep, ScaledShift, capture_pass
 
     torch.manual_seed(0)
-    layers = [nn.Linear(5, 8), nn.Tanh()] + ([] if covered else [Scale()]) + [nn.Linear(8, 3)]
+    layers = [nn.Linear(5, 8), nn.Tanh()] + ([] if covered else [_Scale(8)]) + [nn.Linear(8, 3)]
     model = nn.Sequential(*layers).double()
     inputs, labels = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
-    loss = PerSampleLoss(model, lambda module, batch: nn.functional.cross_entropy(module(batch[0]), batch[1], reduction="none"), seed=None)
-    names = [name for name, _ in model.named_parameters()]
-    params = {name: p.detach().clone() for name, p in model.named_parameters()}
-    capture = StepCapture(model, names)
-    micro_batches = [MicroBatch((inputs, labels), 4)]
+    loss, names, params, capture, micro_batches = captured_model(model, inputs, labels)
     direction = {name: torch.randn_like(p) for name, p in params.items()}
     shift = ScaledShift(direction, torch.tensor(2.0, dtype=torch.float64), torch.tensor(1e-3, dtype=torch.float64))
 

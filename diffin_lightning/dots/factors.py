@@ -122,6 +122,11 @@ class LayerFactors(ABC):
         return total
 
 
+def cat_parts(parts: list[Tensor], dim: int) -> Tensor:
+    """``torch.cat`` that issues nothing for one part (one micro-batch, one direction chunk: the usual case)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
 def _group_major(tensor: Tensor) -> Tensor:
     """``[B, G, ...]`` -> ``[G, B, ...]``; one group (the usual case) issues no operation: the layout is the same."""
     # (with one group the reshape that follows reads [B, 1, ...] in the order of [1, B, ...])
@@ -268,7 +273,7 @@ class OuterProductFactors(LayerFactors):
                 if groups * positions > 1:  # groups and positions summed
                     per_row = per_row.view(groups, self.batch_size, positions, d).sum(dim=(0, 2))
                 parts.append(per_row.view(self.batch_size, d).T)  # [d, B]
-            total = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            total = cat_parts(parts, 0)
         if self.bias is not None:
             bias = directions[self.bias]
             if self.bias_rows is not None:

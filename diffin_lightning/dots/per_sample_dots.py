@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
-from diffin_lightning.dots.factors import Form, LayerFactors
+from diffin_lightning.dots.factors import Form, LayerFactors, cat_parts as _cat
 
 if TYPE_CHECKING:
     from diffin_lightning.dots.stream import StreamedProducts
@@ -461,8 +461,3 @@ class PerSampleDots:
             chosen = self._pick(block, allowed, costs, None)
             rows.append((block.key, chosen, costs(chosen)))
         return rows
-
-
-def _cat(parts: list[Tensor], dim: int) -> Tensor:
-    """``torch.cat`` that issues nothing for one part (one micro-batch: the usual case)."""
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
