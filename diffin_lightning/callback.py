@@ -138,6 +138,7 @@ class DiffInCallback(Callback):
         self._ids_checked = False
         self._total_steps = 0
         self._checkpoint_result: InfluenceResult | None = None  # see on_save_checkpoint
+        self._stale_gradients_releasable = False  # see _lightning_discards_stale_gradients
 
     # ------------------------------------------------------------------ read-only views
 
@@ -272,6 +273,7 @@ class DiffInCallback(Callback):
         # The fingerprint covers the id space: the IndexedDataset the ids index (also under a Subset).
         self.record.fingerprint = dataset_fingerprint(indexed if indexed is not None else (dataset if dataset is not None else num_samples))
         self._check_optimizer(trainer)
+        self._stale_gradients_releasable = self.settings.release_stale_gradients and self._lightning_discards_stale_gradients(trainer, pl_module)
         if self.settings.schedule == "checkpoints":
             self.record.checkpoint_steps = self._plan_checkpoints(trainer)
         device = pl_module.device
@@ -352,6 +354,31 @@ class DiffInCallback(Callback):
         if approximations:
             rank_zero_warn("DiffInCallback's maths assumes plain SGD; the scores are an approximation here: " + "; ".join(approximations) + ".")
 
+    @staticmethod
+    def _lightning_discards_stale_gradients(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Whether the previous step's ``.grad`` is dead at a step's start: Lightning sets it to None before the backward.
+
+        Lightning's automatic optimization calls ``optimizer_zero_grad`` (``optimizer.zero_grad()``,
+        ``set_to_none=True``) after the training step's forward and before its backward, so until
+        then the old gradients are held for nothing but the hooks in between; releasing them at the
+        start of a recorded step lets the callback's passes ahead of the forward use their memory.
+        Only where nothing can have asked for them: no accumulation (the micro-batches add up in
+        ``.grad``), no user zero_grad, no ``on_before_zero_grad`` of the module or of any
+        callback, and one process (under DDP the callback runs no pass ahead of the forward).
+        """
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
+        optimizer = trainer.optimizers[0]
+        return (
+            pl_module.automatic_optimization
+            and trainer.accumulate_grad_batches == 1
+            and distributed.world_size() == 1
+            and type(optimizer).zero_grad is torch.optim.Optimizer.zero_grad
+            and not is_overridden("optimizer_zero_grad", pl_module)
+            and not is_overridden("on_before_zero_grad", pl_module)
+            and not any(is_overridden("on_before_zero_grad", callback, parent=Callback) for callback in trainer.callbacks)
+        )
+
     # ------------------------------------------------------------------ per batch / per step
 
     def _records(self, step: int) -> bool:
@@ -377,7 +404,14 @@ class DiffInCallback(Callback):
             assert self._recorder is not None
             mixed = isinstance(trainer.precision_plugin, MixedPrecision)
             self._recorder.begin_micro_batch(
-                batch, int(ids.numel()), save_rng_state(pl_module.device), trainer.global_step, trainer.accumulate_grad_batches, mixed
+                batch,
+                int(ids.numel()),
+                save_rng_state(pl_module.device),
+                trainer.global_step,
+                trainer.accumulate_grad_batches,
+                mixed,
+                forward_context=trainer.precision_plugin.forward_context,
+                release_stale_gradients=self._stale_gradients_releasable,
             )
 
     def _sample_ids(self, batch: Any, device: torch.device) -> Tensor:
@@ -543,6 +577,10 @@ class DiffInCallback(Callback):
         if s.schedule == "in_run" and s.compute_second_order and self._accumulator is not None and self._accumulator.parameter_states:
             assert self._recorder is not None
             device = pl_module.device
+            if self._stale_gradients_releasable:
+                # The last step's .grad, spent by its update, would sit beside the end-of-fit pass (its peak).
+                for parameter in pl_module.parameters():
+                    parameter.grad = None
             with replayed_rng(None, device):
                 self._recorder.compute_drift(
                     trainer.global_step, device, self._training_set(trainer, device, progress="DiffIn: end-of-fit drift pass")

@@ -36,7 +36,7 @@ from diffin_lightning.finite import all_finite, finite_flag
 from diffin_lightning.per_sample import LossFn, Params, PerSampleLoss
 from diffin_lightning.results import RunRecord
 from diffin_lightning.settings import DiffInSettings
-from diffin_lightning.step import Contribution, checkpoint_step, finite_difference_step, in_run_step
+from diffin_lightning.step import Contribution, PerturbedPasses, checkpoint_step, finite_difference_step, in_run_step, perturbed_passes, unit_shift
 from diffin_lightning.targets import DatasetTarget, SelfTarget, Target, TrainingLossTarget
 
 ForwardContext = Callable[[], contextlib.AbstractContextManager[Any]]
@@ -64,6 +64,24 @@ class StepGates:
         return self.model if isinstance(target, SelfTarget) else self.batch
 
 
+@dataclasses.dataclass(frozen=True)
+class EarlyPasses:
+    """A recorded step's perturbed passes, taken before its forward, and what they were taken at.
+
+    Attributes:
+        eps: the finite-difference step (the step's own: ``theta`` does not move before the update).
+        gradients: target name -> the ``g_V`` they moved along (the step uses them only with that very ``g_V``).
+        passes: target name -> its passes.
+    """
+
+    eps: Tensor
+    gradients: dict[str, Params]
+    passes: dict[str, PerturbedPasses]
+
+    def for_targets(self, target_gradients: dict[str, Params | None]) -> dict[str, PerturbedPasses]:
+        return {name: self.passes[name] for name, gradient in target_gradients.items() if name in self.passes and self.gradients[name] is gradient}
+
+
 class InfluenceRecorder:
     """Turns each recorded optimizer step into per-sample contributions.
 
@@ -89,6 +107,7 @@ class InfluenceRecorder:
         self.verified = False
         self._model_nonfinite_warned = False
         self._stream: ProductStream | None = None  # what the current step's capture takes during its backward
+        self._early: EarlyPasses | None = None  # the current step's perturbed passes, taken before its forward
         self.record = record
         record.engine = (
             "captured from the training step"
@@ -131,25 +150,42 @@ class InfluenceRecorder:
     # ------------------------------------------------------------------ per micro-batch
 
     def begin_micro_batch(
-        self, batch: Any, size: int, rng: RngState | None, step: int = 0, micro_batches_per_step: int = 1, mixed_precision: bool = False
+        self,
+        batch: Any,
+        size: int,
+        rng: RngState | None,
+        step: int = 0,
+        micro_batches_per_step: int = 1,
+        mixed_precision: bool = False,
+        forward_context: ForwardContext = contextlib.nullcontext,
+        release_stale_gradients: bool = False,
     ) -> None:
-        """A recorded step's micro-batch is about to run its training step (``step``: its ``global_step``)."""
+        """A recorded step's micro-batch is about to run its training step (``step``: its ``global_step``).
+
+        Where the step's products are streamed (:meth:`_product_stream`) and it has one micro-batch,
+        its perturbed passes run here, ahead of its forward (:meth:`_early_passes`).
+        ``release_stale_gradients``: the previous step's ``.grad`` is dead here (the callback checked
+        that Lightning discards it before the backward) and goes before those passes.
+        """
         if self.capture is not None and self.settings.schedule == "in_run":
             first = not self.capture.micro_batches
             # A refresh below batches the target by the training micro-batch: known from here on, where the
             # loader did not say (a refresh in 256s would hold twice the activations of a step in 128s).
             self.adopt_micro_batch_size(size)
             # Before the capture and the loss wrapper are on: a refresh here is none of the step's.
-            stream = self._product_stream(step, micro_batches_per_step, mixed_precision) if first else self._stream
+            stream = self._product_stream(step, micro_batches_per_step, mixed_precision, release_stale_gradients) if first else self._stream
             if first:
                 self.step_losses = []
                 self._stream = stream
+                self._early = None
+                if stream is not None and stream.second_order and micro_batches_per_step == 1:
+                    self._early = self._early_passes(stream, MicroBatch(batch, size, rng), forward_context)
             self.capture.begin_micro_batch(batch, size, rng, hooks=self.use_capture)
             if stream is not None:
                 self.capture.layers.stream_products(stream)
             self._in_training_step = True
 
-    def _product_stream(self, step: int, micro_batches_per_step: int, mixed_precision: bool) -> ProductStream | None:
+    def _product_stream(self, step: int, micro_batches_per_step: int, mixed_precision: bool, release_stale_gradients: bool = False) -> ProductStream | None:
         """Before a recorded step's first forward: what the capture is to take during the step's backward, if it can.
 
         The directions must be known before the backward, so the dataset targets' gradients are
@@ -183,6 +219,9 @@ class InfluenceRecorder:
         gradient_dots = second_order and settings.finite_difference == "forward"
         if gradient_dots and micro_batches_per_step != 1:
             return None
+        if release_stale_gradients:
+            for parameter in self.module.parameters():
+                parameter.grad = None
         # The refresh's own forward and backward reach no capture: another callback's may be on for its step already.
         with other_captures_paused(capture), replayed_rng(None, reference.device):
             directions = tuple(target.target_gradient(self.loss, params, step, reference.device, {}) for target in datasets)
@@ -195,10 +234,35 @@ class InfluenceRecorder:
             max_materialised_elements=capture.layers.max_materialised_elements,
         )
 
+    def _early_passes(self, stream: ProductStream, micro_batch: MicroBatch, forward_context: ForwardContext) -> EarlyPasses:
+        """The step's perturbed passes, before its forward: they read only the batch, ``theta``, ``g_V`` and ``eps``.
+
+        The same passes as after the backward (the batch's random state replayed, the parameters
+        and buffers restored bit for bit), so the same scores; but run here, they do not sit
+        beside the training step's ``.grad`` (one parameter-sized buffer of peak memory, the
+        fit's peak on the 256-1024-1024-10 MLP). A step later skipped just drops them.
+        """
+        params = self.loss.parameters()
+        eps = finite_difference_step(self.settings.eps, params)
+        view = CapturedStep(
+            self.capture, self.unseeded_loss, params, [micro_batch], None, {}, forward_context, self.settings.self_chunk_size,  # type: ignore[arg-type]
+            stream_perturbed=self.settings.stream_products,
+        )
+        datasets = [target for target in self.targets if not isinstance(target, SelfTarget)]
+        gradients = {target.name: gradient for target, gradient in zip(datasets, stream.directions)}
+        passes = {}
+        reference = next(iter(params.values()))
+        with other_captures_paused(self.capture), replayed_rng(None, reference.device):
+            for name, gradient in gradients.items():
+                _, shift = unit_shift(gradient, eps)
+                passes[name] = perturbed_passes(view, shift, self.settings.finite_difference)
+        return EarlyPasses(eps, gradients, passes)
+
     def abandon_step(self) -> None:
         """Forget the current step's captures (a skipped step)."""
         self._in_training_step = False
         self._stream = None
+        self._early = None
         if self.capture is not None:
             self.capture.clear()
 
@@ -324,6 +388,7 @@ class InfluenceRecorder:
             self._accumulate_step(view, step, eta, params, ids, batch_size, gates)
         finally:
             self._stream = None
+            self._early = None
             self.loss.clear_captures()
             if self.capture is not None:
                 self.capture.clear()
@@ -444,7 +509,11 @@ class InfluenceRecorder:
                         target.refreshed_at_step = None  # refresh again next step
                     continue
             target_gradients[target.name] = gradient
-        eps = finite_difference_step(settings.eps, params) if settings.compute_second_order else torch.zeros(())
+        early = self._early
+        if early is not None:
+            eps = early.eps  # (the same tensor finite_difference_step gives: theta has not moved since)
+        else:
+            eps = finite_difference_step(settings.eps, params) if settings.compute_second_order else torch.zeros(())
         if settings.compute_second_order:
             previous = self.record.last_eps
             # A gated step's eps may be non-finite (non-finite parameters): the last usable step's is reported.
@@ -465,6 +534,7 @@ class InfluenceRecorder:
             compute_second_order=settings.compute_second_order,
             eps=eps,
             scheme=settings.finite_difference,
+            passes=None if early is None else early.for_targets(target_gradients),
         )
         for name, contribution in contributions.items():
             # A non-finite propagation factor skips the step for its target inside the accumulator, counted

@@ -129,6 +129,16 @@ class DiffInSettings:
         "always hold them (a training step that backpropagates through the same graph twice needs it).",
         default=True,
     )
+    release_stale_gradients: bool = _help(
+        "At the start of a recorded step, set the parameters' .grad left by the previous step to None before the passes "
+        "the callback runs ahead of the forward (the target refresh, the perturbed pass): Lightning's zero_grad discards "
+        "them before the backward anyway, and kept they sit beside those passes (one parameter-sized buffer of peak memory). "
+        "Likewise the last step's, spent by its update, before the end-of-fit pass (after the fit .grad is then None). "
+        "Done only where Lightning would discard them: automatic optimization, accumulate_grad_batches=1, one process, "
+        "and neither the module's optimizer_zero_grad / on_before_zero_grad nor the optimizer's zero_grad overridden. "
+        "False if your training_step or a hook reads the previous step's .grad before the backward.",
+        default=True,
+    )
     output_dir: str | os.PathLike[str] | None = _help(
         "Where influence.safetensors and influence.json go; default trainer.log_dir (default_root_dir without a logger).",
         default=None,
@@ -194,6 +204,9 @@ class DiffInSettings:
         decay = self.train_target_decay
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
             raise ValueError(f"`train_target_decay` must be in [0, 1); got {decay!r}. Example: 0.9.")
+        for name in ("stream_products", "release_stale_gradients"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"`{name}` must be True or False; got {getattr(self, name)!r}.")
         if self.reuse_training_step is not None and not isinstance(self.reuse_training_step, bool):
             raise TypeError(f"`reuse_training_step` must be True, False or None (automatic); got {self.reuse_training_step!r}.")
         for name in ("loss_fn", "index_fn"):

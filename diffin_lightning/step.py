@@ -62,27 +62,57 @@ def propagation_factor(eta: float, curvature: Tensor, steps: int) -> Tensor:
     return (1.0 - eta * curvature).clamp(0.0, 1.0) ** steps
 
 
+@dataclass(frozen=True)
+class PerturbedPasses:
+    """One target's perturbed passes at one step: ``(<eps u, G_B>, f_i)`` at ``theta + eps u`` (``plus``) and,
+    for the central scheme, at ``theta - eps u`` (``minus``).
+
+    They read nothing of the training step (the batch, ``theta``, ``g_V`` and ``eps`` are known
+    before its forward), so the recorder may take them before it: see
+    :meth:`diffin_lightning.recorder.InfluenceRecorder.begin_micro_batch`.
+    """
+
+    plus: tuple[Tensor, Tensor]
+    minus: tuple[Tensor, Tensor] | None = None
+
+
+def unit_shift(target_gradient: Params, eps: Tensor) -> tuple[Tensor, ScaledShift]:
+    """``(|g_V|, eps u)`` with ``u = g_V / |g_V|``, the shift formed one parameter at a time.
+
+    No parameter-sized buffer for the shift, nor for ``G_B`` at the moved point (each pass returns
+    ``<eps u, G_B>`` there): each is 5 MB on the 256-1024-1024-10 MLP, whose plain fit grows by 27 MB.
+    """
+    target_norm = parameters_norm(target_gradient)
+    return target_norm, ScaledShift(target_gradient, target_norm.clamp_min(torch.finfo(target_norm.dtype).tiny), eps)
+
+
+def perturbed_passes(view: StepGradients, shift: ScaledShift, scheme: FiniteDifferenceScheme) -> PerturbedPasses:
+    """The forward (one pass) or central (two passes) scheme's passes for one target along ``shift`` (:func:`unit_shift`)."""
+    plus = view.perturbed_along(shift, shift)
+    minus = view.perturbed_along(shift.negated(), shift) if scheme == "central" else None
+    return PerturbedPasses(plus, minus)
+
+
 def bracket_and_curvature(
-    view: StepGradients, target_gradient: Params, eps: Tensor, scheme: FiniteDifferenceScheme
+    view: StepGradients, target_gradient: Params, eps: Tensor, scheme: FiniteDifferenceScheme, passes: PerturbedPasses | None = None
 ) -> tuple[Tensor, Tensor]:
     """``<g_V, H_B G_i + H_i G_B>`` for every sample and ``<u, H_B u>``, by one (forward) or two (central) perturbed passes.
 
-    A zero target gradient gives a zero bracket and zero curvature (the point is not moved).
+    ``passes``: the passes taken already (before the training step's forward) at the same
+    ``theta``, ``g_V`` and ``eps``; ``None`` takes them here. A zero target gradient gives a zero
+    bracket and zero curvature (the point is not moved).
     """
-    target_norm = parameters_norm(target_gradient)
-    # The shift eps u is formed one parameter at a time and each pass returns <eps u, G_B> at its point
-    # rather than G_B itself: no parameter-sized buffer for either (each is 5 MB on the 256-1024-1024-10
-    # MLP, whose plain fit grows by 27 MB).
-    shift = ScaledShift(target_gradient, target_norm.clamp_min(torch.finfo(target_norm.dtype).tiny), eps)
+    target_norm, shift = unit_shift(target_gradient, eps)
     if scheme == "forward":
-        # <eps u, G_B> at theta before the pass: the shift's scratch is then let go when the parameters are
-        # moved, not held through the pass.
+        # <eps u, G_B> at theta before the pass, with the same shift: its scratch is then let go when the
+        # parameters are moved, not held through the pass (or here, when the passes ran ahead of the forward).
         along_reference, width = shift.dot(view.batch_gradient), eps
-        along_plus, f_plus = view.perturbed_along(shift, shift)
+        along_plus, f_plus = (passes or perturbed_passes(view, shift, scheme)).plus
         f_reference = view.gradient_dots()
     else:
-        along_plus, f_plus = view.perturbed_along(shift, shift)
-        along_reference, f_reference = view.perturbed_along(shift.negated(), shift)
+        passes = passes or perturbed_passes(view, shift, scheme)
+        assert passes.minus is not None, "the central scheme needs the pass at theta - eps u"
+        (along_plus, f_plus), (along_reference, f_reference) = passes.plus, passes.minus
         width = 2 * eps
     bracket = target_norm * (f_plus - f_reference) / width
     curvature = (along_plus - along_reference) / (eps * width)
@@ -100,6 +130,7 @@ def in_run_step(
     compute_second_order: bool,
     eps: Tensor,
     scheme: FiniteDifferenceScheme,
+    passes: Mapping[str, PerturbedPasses] | None = None,
 ) -> dict[str, Contribution]:
     """Every target's contribution from one in-run step.
 
@@ -113,7 +144,10 @@ def in_run_step(
         compute_second_order: ``False`` gives zero second-order terms and no factor.
         eps: the finite-difference step (0-d tensor).
         scheme: ``"forward"`` or ``"central"``.
+        passes: name -> that target's perturbed passes, taken before the step's forward at the
+            same ``theta``, ``g_V`` and ``eps`` (the others are taken here).
     """
+    passes = passes or {}
     names = [name for name, gradient in target_gradients.items() if gradient is not None]
     dots = view.dots([target_gradients[name] for name in names]) if names else None  # type: ignore[misc]
     out: dict[str, Contribution] = {}
@@ -125,7 +159,7 @@ def in_run_step(
         view.gradient_dots()  # f_i(theta), cached, before the perturbed passes ...
     # ... so that everything read at theta is read by now, and the view can let the step's captured
     # factors go: a perturbed pass then never holds them beside its own (peak memory).
-    view.release_theta(perturbed_passes_follow=bool(names) and compute_second_order)
+    view.release_theta(perturbed_passes_follow=compute_second_order and any(name not in passes for name in names))
     for name in names:
         gradient = target_gradients[name]
         assert dots is not None and gradient is not None
@@ -133,7 +167,7 @@ def in_run_step(
         if not compute_second_order:
             out[name] = Contribution(first, torch.zeros_like(first))
             continue
-        bracket, curvature = bracket_and_curvature(view, gradient, eps, scheme)
+        bracket, curvature = bracket_and_curvature(view, gradient, eps, scheme, passes.get(name))
         second = (-step * eta**2 / batch_size) * bracket
         out[name] = Contribution(first, second, propagation_factor(eta, curvature, every_n_steps), gradient)
     return out

@@ -233,17 +233,20 @@ def test_perturbed_passes_run_after_the_steps_captured_factors_are_let_go(tmp_pa
 
 
 def test_only_steps_with_a_perturbed_pass_plan_it(tmp_path, tiny_data, monkeypatch):
-    """The per-layer cost model for the perturbed pass runs only where one follows (first order: never)."""
+    """The per-layer cost model for the perturbed pass runs only where one follows the backward: never for first order,
+    nor where the passes ran ahead of the forward (one micro-batch a step); with two micro-batches a step, at every step."""
     from diffin_lightning.dots.per_sample_dots import PerSampleDots
 
     original = PerSampleDots.gram_form_parameters
     calls = []
     monkeypatch.setattr(PerSampleDots, "gram_form_parameters", lambda self: calls.append(1) or original(self))
-    for second_order in (False, True):
+    for second_order, accumulate, planned in ((False, 1, False), (True, 1, False), (True, 2, True)):
         calls.clear()
         callback = DiffInCallback(targets={"val": tiny_data.val}, compute_second_order=second_order)
-        trainer(default_root_dir=tmp_path / str(second_order), max_epochs=1, callbacks=[callback]).fit(TinyClassifier().double(), tiny_data.loader())
-        assert bool(calls) == second_order, (second_order, len(calls))
+        trainer(default_root_dir=tmp_path / f"{second_order}{accumulate}", max_epochs=1, accumulate_grad_batches=accumulate, callbacks=[callback]).fit(
+            TinyClassifier().double(), tiny_data.loader()
+        )
+        assert bool(calls) == planned, (second_order, accumulate, len(calls))
 
 
 def test_scaled_shift_moves_by_the_rounded_unit_direction_times_the_step_and_holds_no_buffer_after():

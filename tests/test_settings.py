@@ -69,6 +69,8 @@ def test_defaults_are_documented_in_the_callback_docstring():
         ({"loss_fn": 3}, "`loss_fn` must be callable or None; got int"),
         ({"schedule": "checkpoints", "num_checkpoints": 2, "every_n_steps": 2}, "`every_n_steps` must be 1 with schedule='checkpoints'"),
         ({"target_extrapolation": 1}, "`target_extrapolation` must be True or False; got 1"),
+        ({"release_stale_gradients": "no"}, "`release_stale_gradients` must be True or False; got 'no'"),
+        ({"stream_products": 0}, "`stream_products` must be True or False; got 0"),
         ({"target_extrapolation": True, "target_refresh_every_n_steps": 1}, "needs target_refresh_every_n_steps > 1 .* got target_refresh_every_n_steps=1"),
         (
             {"target_extrapolation": True, "schedule": "checkpoints", "num_checkpoints": 2, "second_order": "paper"},
