@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -318,6 +318,7 @@ def fit_once(
     output_dir: str = "/tmp/diffin_overhead",
     extra_bytes: int = 0,
     memory_limit_bytes: int | None = None,
+    extra_callbacks: Sequence[pl.Callback] = (),
 ) -> dict[str, Any]:
     """One fit, timed and measured.
 
@@ -341,6 +342,7 @@ def fit_once(
     if extra_bytes:
         callbacks.append(_HoldMemory(extra_bytes, device))
     callbacks.append(_EndOfFitStop(timer))
+    callbacks += list(extra_callbacks)
     trainer = _trainer(device, epochs, callbacks)
     if device == "cuda":
         model.to(device)  # the parameters are in the baseline on both devices

@@ -31,6 +31,15 @@ class WideClassifier(TinyClassifier):
         self.net = nn.Sequential(nn.Linear(5, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 3))
 
 
+class WideDropoutClassifier(TinyClassifier):
+    """Dropout draws masks: the early passes must replay the training step's, as the late ones do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.net = nn.Sequential(nn.Linear(5, 64), nn.Tanh(), nn.Dropout(0.3), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 3))
+
+
 class KeepsGradients(WideClassifier):
     """Zeroes .grad instead of dropping it: Lightning's zero_grad is not the default one."""
 
@@ -67,15 +76,18 @@ def _watch_perturbed_passes(monkeypatch) -> list[dict[str, Any]]:
     return passes
 
 
-@pytest.mark.parametrize("scheme", ["forward", "central"])
-def test_passes_ahead_of_the_forward_give_the_scores_of_passes_after_the_backward(tmp_path, monkeypatch, scheme):
+@pytest.mark.parametrize(
+    ("scheme", "make"), [("forward", WideClassifier), ("central", WideClassifier), ("forward", WideDropoutClassifier)], ids=["forward", "central", "dropout"]
+)
+def test_passes_ahead_of_the_forward_give_the_scores_of_passes_after_the_backward(tmp_path, monkeypatch, scheme, make):
     data = TinyData.make(num_train=16, num_val=6, seed=3)
     passes = _watch_perturbed_passes(monkeypatch)
-    early, early_model = _fit(tmp_path / "early", WideClassifier().double(), data, finite_difference=scheme)
+    # (Building the model seeds the global RNG: both fits draw the same dropout masks.)
+    early, early_model = _fit(tmp_path / "early", make().double(), data, finite_difference=scheme)
     taken_early = list(passes)
     passes.clear()
     monkeypatch.setattr(InfluenceRecorder, "_early_passes", lambda self, *args: None)  # every pass after the backward
-    late, late_model = _fit(tmp_path / "late", WideClassifier().double(), data, finite_difference=scheme)
+    late, late_model = _fit(tmp_path / "late", make().double(), data, finite_difference=scheme)
     per_step = 2 if scheme == "central" else 1
     assert len(taken_early) == len(passes) == 8 * per_step  # 2 epochs of 4 steps, one target with a second order
     assert all(p["early"] for p in taken_early) and not any(p["early"] for p in passes)
