@@ -182,6 +182,11 @@ class StepCapture:
         )
 
 
+# A dot product along a ScaledShift forms the share of a larger parameter in pieces of this many elements
+# (1 MiB of float32): 4 pieces for the MLP's 1024 x 1024 weight, a dozen operations a recorded step.
+DOT_CHUNK_ELEMENTS = 1 << 18
+
+
 @dataclass(frozen=True)
 class ScaledShift:
     """The shift ``step * direction / norm`` (``step`` and ``norm`` 0-d tensors), one parameter's share at a time.
@@ -270,11 +275,29 @@ class ScaledShift:
         return {name: self._share(name).clone() for name in self.direction}
 
     def dot(self, other: Mapping[str, Tensor]) -> Tensor:
-        """``<shift, other>`` over ``other``'s names (a subset of the shift's), a 0-d tensor; zero for none."""
+        """``<shift, other>`` over ``other``'s names (a subset of the shift's), a 0-d tensor; zero for none.
+
+        A parameter larger than :data:`DOT_CHUNK_ELEMENTS` has its share formed and read a chunk at
+        a time (each element rounded as in :meth:`_share`): a dot product needs no share as large as
+        the largest parameter, whose scratch beside the training step's ``.grad`` was a Diff-In
+        step's peak once its perturbed passes ran ahead of the forward.
+        """
         if not other:
             return self.norm.new_zeros(())
-        parts = {name: torch.dot(_flat(share), _flat(other[name])) for name, share in self._shares(other)}
+        large = [name for name in other if self.direction[name].numel() > DOT_CHUNK_ELEMENTS]
+        parts = {name: self._chunked_dot(name, other[name]) for name in large}
+        parts.update((name, torch.dot(_flat(share), _flat(other[name]))) for name, share in self._shares([n for n in other if n not in parts]))
         return torch.stack([parts[name] for name in other]).sum()  # summed in the caller's order
+
+    def _chunked_dot(self, name: str, other: Tensor) -> Tensor:
+        direction, other = _flat(self.direction[name]), _flat(other)
+        scratch = direction.new_empty(DOT_CHUNK_ELEMENTS)
+        total = direction.new_zeros(())
+        for start in range(0, direction.numel(), DOT_CHUNK_ELEMENTS):
+            piece = direction[start : start + DOT_CHUNK_ELEMENTS]
+            share = torch.div(piece, self.norm, out=scratch[: piece.numel()]).mul_(self.step)
+            total = total + torch.dot(share, other[start : start + DOT_CHUNK_ELEMENTS])
+        return total
 
     def per_sample_dots(self, per_sample: PerSampleDots, only: Iterable[str]) -> Tensor:
         """``[<shift, G_i>]_i`` over the parameters in ``only`` (their layers' per-sample products)."""

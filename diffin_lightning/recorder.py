@@ -31,7 +31,7 @@ from diffin_lightning.engine import (
     relative_difference,
     replayed_rng,
 )
-from diffin_lightning.dots.stream import ProductStream
+from diffin_lightning.dots.stream import ProductStream, gradient_gap_parts
 from diffin_lightning.finite import all_finite, finite_flag
 from diffin_lightning.per_sample import LossFn, Params, PerSampleLoss
 from diffin_lightning.results import RunRecord
@@ -432,18 +432,29 @@ class InfluenceRecorder:
         # The recomputation takes what the training step's stream took, the same way: the step's captures
         # and the recomputation's are then never held together (that was the fit's peak memory).
         stream = self._stream
-        # Its backward computes no .grad: G_sum, where a form reads it, from the layers' own factors.
-        recheck = None if stream is None else dataclasses.replace(stream, gradient_source="factors")
-        recomputed = self._recaptured(view.params, view.micro_batches, forward_context, self.unseeded_loss, stream=recheck)
         dtype = next(iter(view.params.values())).dtype
         tolerance = _CHECK_TOLERANCE_MIXED if mixed else _CHECK_TOLERANCE.get(dtype, 1e-2)
-        gradient_gap = relative_difference(view.batch_gradient, recomputed.batch_gradient)
-        if stream is None or stream.gradient_dots:
-            captured, expected = view.gradient_dots().double(), recomputed.gradient_dots().double()
-        elif stream.directions:
-            captured, expected = view.dots(list(stream.directions)).double(), recomputed.dots(list(stream.directions)).double()
+        recomputed: CapturedStep | None = None
+        if stream is not None and len(view.micro_batches) == 1 and not self.capture.uncovered:
+            gradient_gap, expected = self._streamed_check(view, stream, forward_context)
         else:
-            captured, expected = view.squared_norms().double(), recomputed.squared_norms().double()
+            # Its backward computes no .grad: G_sum, where a form reads it, from the layers' own factors.
+            recheck = None if stream is None else dataclasses.replace(stream, gradient_source="factors")
+            recomputed = self._recaptured(view.params, view.micro_batches, forward_context, self.unseeded_loss, stream=recheck)
+            gradient_gap = relative_difference(view.batch_gradient, recomputed.batch_gradient)
+            if stream is None or stream.gradient_dots:
+                expected = recomputed.gradient_dots()
+            elif stream.directions:
+                expected = recomputed.dots(list(stream.directions))
+            else:
+                expected = recomputed.squared_norms()
+        if stream is None or stream.gradient_dots:
+            captured = view.gradient_dots()
+        elif stream.directions:
+            captured = view.dots(list(stream.directions))
+        else:
+            captured = view.squared_norms()
+        captured, expected = captured.double(), expected.double()
         capture_gap = float((captured - expected).abs().max() / expected.abs().max().clamp_min(1e-300))
         passed = gradient_gap <= tolerance and capture_gap <= tolerance
         # Under DDP every rank must take the same path (their passes meet in collectives): the
@@ -460,7 +471,41 @@ class InfluenceRecorder:
             "regulariser, weights samples, or uses a different loss. Make training_step return "
             "per_sample_loss(batch).mean() to get the fast path."
         )
+        if recomputed is None:  # (the streamed check kept no view to go on with)
+            recomputed = self._recaptured(view.params, view.micro_batches, forward_context, self.unseeded_loss)
         return recomputed
+
+    def _streamed_check(self, view: CapturedStep, stream: ProductStream, forward_context: ForwardContext) -> tuple[float, Tensor]:
+        """``_verify``'s recomputation with no parameter-sized gradient: ``(gradient gap, expected products)``.
+
+        Each layer the stream takes builds its ``G_sum`` from its factors, compares ``G_sum / B`` with
+        the training step's ``.grad`` and lets it go there (:attr:`ProductStream.gradient_check`);
+        autograd forms the gradients of the layers it holds only, and the eager layers' come from
+        their factors. The recomputed gradient was the first recorded step's peak (beside ``.grad``
+        and ``g_V``: the fit's peak of a first-order run on the MLP). The gap is
+        :func:`~diffin_lightning.engine.relative_difference`'s ``|.grad - G_B| / |G_B|``.
+        """
+        assert self.capture is not None
+        mean = view.batch_gradient
+        size = view.batch_size
+        recheck = dataclasses.replace(stream, gradient_source="factors", gradient_check=mean)
+        summed, per_sample = capture_pass(
+            self.capture, self.unseeded_loss, list(view.params), None, view.micro_batches, forward_context, summed_gradient="held", stream=recheck
+        )
+        if stream.gradient_dots:
+            expected = per_sample.gradient_dots(gradient=summed) / size  # before the held gradients become differences
+        elif stream.directions:
+            expected = per_sample.dots(list(stream.directions))
+        else:
+            expected = per_sample.squared_norms()
+        parts = [part for part in [per_sample.streamed_check()] if part is not None]
+        if summed:
+            parts.append(gradient_gap_parts(summed, mean, size))
+        rest = set(self.capture.covered) - set(summed) - per_sample.streamed_parameters()
+        if rest:  # eager layers (normalisation): their G_sum from their factors
+            parts.append(gradient_gap_parts({name: value.clone() for name, value in per_sample.summed_gradient(rest).items()}, mean, size))
+        difference, reference = torch.stack(parts).sum(dim=0).sqrt()
+        return float(difference / reference.clamp_min(1e-300)), expected
 
     def _accumulate_step(
         self, view: StepGradients, step: int, eta: float, params: Params, ids: Tensor, batch_size: int, gates: StepGates | None

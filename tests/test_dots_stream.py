@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -283,3 +285,56 @@ def test_small_layers_are_held_even_with_a_stream(monkeypatch):
     assert ProductStream().min_elements == 1 << 17
     _, _, none_taken = _captured(model, directions, ProductStream(directions=directions))
     assert none_taken == []
+
+
+class _Classifier(TinyClassifier):
+    """One of the models above under Lightning; ``regularised``: training_step adds a penalty with a different
+    weight on every parameter, so the check fails by an amount every parameter's gradient enters."""
+
+    def __init__(self, net: nn.Module, regularised: bool = False) -> None:
+        super().__init__()
+        self.net = net
+        self.regularised = regularised
+
+    def training_step(self, batch, batch_idx):
+        loss = self.per_sample_loss(batch).mean()
+        if self.regularised:
+            loss = loss + sum(0.01 * (k + 1) * p.pow(2).sum() for k, p in enumerate(self.parameters()))
+        return loss
+
+
+@pytest.mark.parametrize("regularised", [False, True], ids=["mean", "regularised"])
+@pytest.mark.parametrize("options", [dict(compute_second_order=False), dict()], ids=["first-order", "diffin"])
+@pytest.mark.parametrize("make", [TokenModel, ConvModel, _wide], ids=["tokens", "conv", "wide"])
+def test_the_first_step_check_without_a_recomputed_gradient_reads_what_the_full_recomputation_reads(tmp_path, monkeypatch, make, options, regularised):
+    """The check's gradient gap and products, each taken layer's G_sum compared and let go during the backward,
+    against a recomputation that holds every gradient (taken, held, tied, twice-called, eager and attention layers)."""
+    from torch.utils.data import TensorDataset
+
+    from diffin_lightning.engine import relative_difference
+    from diffin_lightning.recorder import InfluenceRecorder
+
+    checks = []
+    original = InfluenceRecorder._streamed_check
+
+    def with_full_recomputation(self, view, stream, forward_context):
+        gap, expected = original(self, view, stream, forward_context)
+        full = self._recaptured(view.params, view.micro_batches, forward_context, self.unseeded_loss)  # every gradient from autograd
+        reference = full.gradient_dots() if stream.gradient_dots else full.dots(list(stream.directions))
+        checks.append((gap, relative_difference(view.batch_gradient, full.batch_gradient), expected, reference))
+        return gap, expected
+
+    monkeypatch.setattr(InfluenceRecorder, "_streamed_check", with_full_recomputation)
+    model = make().double()
+    inputs = _inputs(model, 22, seed=5)
+    labels = torch.randint(0, 11, (22,), generator=torch.Generator().manual_seed(6))
+    data = TinyData(TensorDataset(inputs[:16], labels[:16]), TensorDataset(inputs[16:], labels[16:]))
+    callback = DiffInCallback(targets={"val": data.val}, eps=1e-6, **options)
+    with pytest.warns(UserWarning, match="differs from the gradient of the mean") if regularised else contextlib.nullcontext():
+        trainer(default_root_dir=tmp_path, max_epochs=1, callbacks=[callback]).fit(_Classifier(model, regularised), data.loader(batch_size=4))
+    assert len(checks) == 1
+    gap, full_gap, expected, reference = checks[0]
+    assert gap == pytest.approx(full_gap, rel=1e-9, abs=1e-13)
+    assert (gap > 1e-6) == regularised
+    torch.testing.assert_close(expected, reference, rtol=1e-9, atol=1e-12 * float(reference.abs().max()))
+    assert callback._recorder.use_capture == (not regularised)

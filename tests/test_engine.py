@@ -337,3 +337,18 @@ def test_the_perturbed_pass_moves_by_a_scaled_shift_without_a_copy_of_it_where_e
     assert len(materialised) == (0 if covered else 1)
     assert torch.equal(f, reference_f) and torch.equal(along, shift.dot(reference_gradient))
     capture.remove()
+
+
+def test_scaled_shift_dot_reads_a_large_parameter_in_pieces_with_each_element_rounded_as_the_move():
+    """A parameter over DOT_CHUNK_ELEMENTS: the share is formed a piece at a time (no scratch of its size), each
+    element the same ``(direction / norm) * step`` the move uses; the sum agrees with the whole share's dot."""
+    from diffin_lightning.engine import DOT_CHUNK_ELEMENTS, ScaledShift
+
+    g = torch.Generator().manual_seed(0)
+    direction = {"big": torch.randn(3, DOT_CHUNK_ELEMENTS + 5, generator=g, dtype=torch.float64), "small": torch.randn(7, generator=g, dtype=torch.float64)}
+    other = {name: torch.randn(value.shape, generator=g, dtype=torch.float64) for name, value in direction.items()}
+    shift = ScaledShift(direction, torch.tensor(2.5, dtype=torch.float64), torch.tensor(1e-4, dtype=torch.float64))
+    expected = sum(((direction[n] / shift.norm) * shift.step * other[n]).sum() for n in direction)
+    assert torch.allclose(shift.dot(other), expected, rtol=1e-12)
+    assert all(buffer.numel() < direction["big"].numel() for buffer in shift._scratch.values())
+    assert torch.allclose(shift.dot({"big": other["big"]}), ((direction["big"] / shift.norm) * shift.step * other["big"]).sum(), rtol=1e-12)

@@ -226,6 +226,11 @@ class PerSampleDots:
         parts = [part.along for part in self.streamed if part is not None and part.along is not None]
         return sum(parts[1:], parts[0]) if parts else None
 
+    def streamed_check(self) -> Tensor | None:
+        """``[|G_sum/B - mean|^2, |G_sum/B|^2]`` over the layers a checking stream took (``ProductStream.gradient_check``)."""
+        parts = [part.check for part in self.streamed if part is not None and part.check is not None]
+        return sum(parts[1:], parts[0]) if parts else None
+
     def _has_summed(self, block: LayerFactors) -> bool:
         return all(name in self._summed for name in block.slices)
 

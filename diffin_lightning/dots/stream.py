@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+import torch
 from torch import Tensor
 
 from diffin_lightning.dots.factors import LayerFactors
@@ -70,6 +71,10 @@ class ProductStream:
             be taken: its ``G_sum`` is built from its factors where its form reads it (the cost
             autograd's weight gradient would have had), and ``<G_sum, G_i>`` (whatever the form)
             and ``<along, G_sum>`` (:attr:`StreamedProducts.along`) are taken.
+        gradient_check: a batch gradient (the mean) to compare each taken layer's ``G_sum / B``
+            with, built from its factors and let go there (:attr:`StreamedProducts.check`): the
+            first recorded step's check of the training step's ``.grad`` without a parameter-sized
+            recomputed gradient beside it.
     """
 
     directions: tuple[Mapping[str, Tensor], ...] = ()
@@ -79,6 +84,7 @@ class ProductStream:
     second_order: bool = False
     max_materialised_elements: int = DEFAULT_MAX_MATERIALISED_ELEMENTS
     along: Along | None = None
+    gradient_check: Mapping[str, Tensor] | None = None
     min_elements: int = field(default_factory=lambda: DEFAULT_MIN_STREAMED_ELEMENTS)
     # Set by the capture that runs the stream: modules whose parameters another covered module shares.
     shared_modules: frozenset[str] = frozenset()
@@ -130,6 +136,8 @@ class ProductStream:
                 gram_parameters=set(block.slices) if self.second_order and self._gram(single) else set(),
                 parameters=set(block.slices),
             )
+            if self.gradient_check is not None:
+                part.check = gradient_gap_parts(single.summed_gradient(block.slices), self.gradient_check, block.batch_size, block.slices)
             total.add(part)
         return total
 
@@ -149,6 +157,24 @@ class ProductStream:
         else:  # the Gram form: no G_sum; <along, G_sum> is the sum of the per-sample products
             along = self.along.per_sample_dots(single, block.slices).sum()
         return StreamedProducts(block.batch_size, (), gradient_dots=f, layers=1, parameters=set(block.slices), along=along)
+
+
+def gradient_gap_parts(summed: Mapping[str, Tensor], mean: Mapping[str, Tensor], size: int, rows: Mapping[str, slice | None] | None = None) -> Tensor:
+    """``[|G_sum / size - mean|^2, |G_sum / size|^2]`` (float64) over ``summed``'s parameters.
+
+    ``rows``: per parameter, the rows a block answers for (a projection's share of a stacked
+    weight), ``None`` for all. ``summed`` is consumed: each tensor is turned into its difference
+    in place (no second copy of a layer's gradient), so it must be the caller's own.
+    """
+    parts = []
+    for name, whole in summed.items():
+        part_rows = None if rows is None else rows.get(name)
+        gradient = whole if part_rows is None else whole[part_rows]
+        reference_mean = mean[name] if part_rows is None else mean[name][part_rows]
+        gradient.div_(size)
+        reference = torch.linalg.vector_norm(gradient).double()
+        parts.append(torch.stack([torch.linalg.vector_norm(gradient.sub_(reference_mean)).double() ** 2, reference**2]))
+    return torch.stack(parts).sum(dim=0)
 
 
 def _plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -180,6 +206,7 @@ class StreamedProducts:
     gram_parameters: set[str] = field(default_factory=set)
     parameters: set[str] = field(default_factory=set)
     along: Tensor | None = None
+    check: Tensor | None = None  # [|G_sum/B - mean|^2, |G_sum/B|^2] over the taken layers (ProductStream.gradient_check)
 
     def add(self, other: StreamedProducts) -> None:
         self.dots = _plus(self.dots, other.dots)
@@ -189,10 +216,13 @@ class StreamedProducts:
         self.gram_parameters |= other.gram_parameters
         self.parameters |= other.parameters
         self.along = _plus(self.along, other.along)
+        self.check = _plus(self.check, other.check)
 
     def scaled(self, scale: float | Tensor) -> StreamedProducts:
         """The products for output gradients multiplied by ``scale`` (dots scale once, the quadratic ones twice)."""
         square = scale * scale
+        if self.check is not None and not (isinstance(scale, float) and scale == 1.0):
+            raise ValueError("StreamedProducts: a gradient check compares G_sum itself; its pass's output gradients must be the samples' own (scale 1).")
         return StreamedProducts(
             self.batch_size,
             self.directions,
@@ -203,6 +233,7 @@ class StreamedProducts:
             set(self.gram_parameters),
             set(self.parameters),
             None if self.along is None else self.along * scale,
+            self.check,
         )
 
     def reference(self) -> Tensor | None:
