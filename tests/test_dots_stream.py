@@ -325,6 +325,8 @@ def test_the_first_step_check_without_a_recomputed_gradient_reads_what_the_full_
         return gap, expected
 
     monkeypatch.setattr(InfluenceRecorder, "_streamed_check", with_full_recomputation)
+    # (A model with attention takes the full recomputation by default, see the next test; its layers are checked here too.)
+    monkeypatch.setattr(LayerCapture, "keeps_whole_outputs", property(lambda self: False))
     model = make().double()
     inputs = _inputs(model, 22, seed=5)
     labels = torch.randint(0, 11, (22,), generator=torch.Generator().manual_seed(6))
@@ -338,3 +340,24 @@ def test_the_first_step_check_without_a_recomputed_gradient_reads_what_the_full_
     assert (gap > 1e-6) == regularised
     torch.testing.assert_close(expected, reference, rtol=1e-9, atol=1e-12 * float(reference.abs().max()))
     assert callback._recorder.use_capture == (not regularised)
+
+
+@pytest.mark.parametrize(("make", "streamed"), [(TokenModel, False), (ConvModel, True)], ids=["attention", "conv"])
+def test_the_first_step_check_recomputes_the_whole_gradient_where_a_pass_would_keep_attention_outputs_whole(tmp_path, monkeypatch, make, streamed):
+    """Attention's outputs go to the backward whole (not as 0-d probes): their gradients would stand in for the
+    parameter-sized one, so a model with attention keeps the full recomputation."""
+    from torch.utils.data import TensorDataset
+
+    from diffin_lightning.recorder import InfluenceRecorder
+
+    calls = []
+    original = InfluenceRecorder._streamed_check
+    monkeypatch.setattr(InfluenceRecorder, "_streamed_check", lambda self, *args: calls.append(1) or original(self, *args))
+    model = make().double()
+    inputs = _inputs(model, 22, seed=5)
+    labels = torch.randint(0, 11, (22,), generator=torch.Generator().manual_seed(6))
+    data = TinyData(TensorDataset(inputs[:16], labels[:16]), TensorDataset(inputs[16:], labels[16:]))
+    callback = DiffInCallback(targets={"val": data.val}, eps=1e-6, compute_second_order=False)
+    trainer(default_root_dir=tmp_path, max_epochs=1, callbacks=[callback]).fit(_Classifier(model), data.loader(batch_size=4))
+    assert callback._recorder.capture.layers.keeps_whole_outputs == (not streamed)
+    assert bool(calls) == streamed and callback._recorder.use_capture

@@ -296,6 +296,15 @@ class LayerCapture:
         """
         self.stream = None if stream is None else dataclasses.replace(stream, shared_modules=self._shared_modules)
 
+    @property
+    def keeps_whole_outputs(self) -> bool:
+        """Whether a pass that keeps the layers' outputs (:meth:`take_outputs`) keeps some whole, not as 0-d probes.
+
+        A rule whose call has several outputs (attention's) hands them to the backward as
+        themselves, so such a pass holds their gradients to its end.
+        """
+        return any(type(entry.rule).outputs is not LayerRule.outputs for entry in self._covered.values())
+
     def held_parameter_names(self) -> set[str]:
         """After a forward with a stream on: the covered parameters of the calls it cannot take (see :meth:`_takeable`).
 
