@@ -445,19 +445,8 @@ class InfluenceRecorder:
             recheck = None if stream is None else dataclasses.replace(stream, gradient_source="factors")
             recomputed = self._recaptured(view.params, view.micro_batches, forward_context, self.unseeded_loss, stream=recheck)
             gradient_gap = relative_difference(view.batch_gradient, recomputed.batch_gradient)
-            if stream is None or stream.gradient_dots:
-                expected = recomputed.gradient_dots()
-            elif stream.directions:
-                expected = recomputed.dots(list(stream.directions))
-            else:
-                expected = recomputed.squared_norms()
-        if stream is None or stream.gradient_dots:
-            captured = view.gradient_dots()
-        elif stream.directions:
-            captured = view.dots(list(stream.directions))
-        else:
-            captured = view.squared_norms()
-        captured, expected = captured.double(), expected.double()
+            expected = _checked_products(recomputed, stream)
+        captured, expected = _checked_products(view, stream).double(), expected.double()
         capture_gap = float((captured - expected).abs().max() / expected.abs().max().clamp_min(1e-300))
         passed = gradient_gap <= tolerance and capture_gap <= tolerance
         # Under DDP every rank must take the same path (their passes meet in collectives): the
@@ -779,6 +768,15 @@ class InfluenceRecorder:
                 drift.index_add_(0, ids, torch.where(finite, correction, 0))
         self.drift.update(drifts)
 
+
+
+def _checked_products(view: CapturedStep, stream: ProductStream | None) -> Tensor:
+    """The products the first-step check compares: what the step's stream took (``<G_B, G_i>`` without one)."""
+    if stream is None or stream.gradient_dots:
+        return view.gradient_dots()
+    if stream.directions:
+        return view.dots(list(stream.directions))
+    return view.squared_norms()
 
 
 def _all_finite(tensors: dict[str, Tensor]) -> bool:

@@ -56,6 +56,11 @@ def _fit(tmp_path, model: nn.Module, data: TinyData, accumulate: int = 1, **opti
     return callback, model
 
 
+def _assert_same_training(a: nn.Module, b: nn.Module) -> None:
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), f"{name}: training changed"
+
+
 def _watch_perturbed_passes(monkeypatch) -> list[dict[str, Any]]:
     """Every perturbed pass: whether it ran ahead of the forward, and whether any parameter held a .grad then."""
     passes: list[dict[str, Any]] = []
@@ -95,8 +100,7 @@ def test_passes_ahead_of_the_forward_give_the_scores_of_passes_after_the_backwar
         for component in COMPONENTS:
             expected = late.influence[name].component(component)
             torch.testing.assert_close(early.influence[name].component(component), expected, rtol=1e-12, atol=1e-15 * expected.abs().max())
-    for (name, a), b in zip(early_model.state_dict().items(), late_model.state_dict().values()):
-        assert torch.equal(a, b), f"{name}: training changed"
+    _assert_same_training(early_model, late_model)
 
 
 def test_the_early_passes_run_without_the_previous_steps_gradients_and_the_fit_ends_without_them(tmp_path, monkeypatch):
@@ -115,8 +119,7 @@ def test_the_early_passes_run_without_the_previous_steps_gradients_and_the_fit_e
     for name in ("val", "self"):
         for component in COMPONENTS:
             assert torch.equal(callback.influence[name].component(component), kept_callback.influence[name].component(component))
-    for (name, a), b in zip(released.state_dict().items(), kept.state_dict().values()):
-        assert torch.equal(a, b), f"{name}: training changed"
+    _assert_same_training(released, kept)
 
 
 def test_gradients_lightning_would_keep_are_kept(tmp_path, monkeypatch):
