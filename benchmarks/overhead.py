@@ -57,8 +57,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "Diff-In (defaults)": dict(),
     "Diff-In, every 10 steps": dict(every_n_steps=10),
     "Diff-In, target every step (old default)": dict(target_refresh_every_n_steps=1, target_max_samples=None),
-    "Diff-In, target extrapolated (opt-in)": dict(target_extrapolation=True),
-    "first order, target extrapolated (opt-in)": dict(compute_second_order=False, target_extrapolation=True),
+    # The defaults before g_V was extrapolated (damped) between refreshes: what the extrapolation costs.
+    "Diff-In, g_V held between refreshes": dict(target_extrapolation="none"),
+    "first order, g_V held between refreshes": dict(compute_second_order=False, target_extrapolation="none"),
     # On a GPU a small model's step is bound by the operations issued: the default refreshes 1,024 target
     # samples in batches of the training micro-batch (8 on the 4x256 encoder); one batch issues an eighth
     # of the refresh's operations for eight times its activations. Not in the default list: run it by name.

@@ -36,6 +36,21 @@ from diffin_lightning.store import COMPONENTS, TENSOR_FILE, InfluenceResult, Tar
 from diffin_lightning.targets import FALLBACK_BATCH_SIZE, DatasetTarget, SelfTarget, Target, TrainingLossTarget, build_targets
 
 
+def _extrapolation_key(settings: DiffInSettings) -> dict[str, Any]:
+    """The state key's part for target_extrapolation: the keys that runs' checkpoints already hold stay as they were.
+
+    'linear' keeps the ``True`` it was saved under; 'damped', the automatic choice where refreshes
+    leave gaps, adds nothing (a run from before it resumes under its key and continues damped);
+    holding g_V where 'damped' would be chosen is named, so two such callbacks can share a Trainer.
+    """
+    mode = settings.resolved_target_extrapolation
+    if mode == "linear":
+        return {"target_extrapolation": True}
+    if mode == "none" and settings.refreshes_leave_recorded_steps:
+        return {"target_extrapolation": "none"}
+    return {}
+
+
 def _default_loss_fn(module: torch.nn.Module, batch: Any) -> Tensor:
     return module.per_sample_loss(batch)  # type: ignore[operator]
 
@@ -115,12 +130,12 @@ class DiffInCallback(Callback):
             train_decay=settings.train_target_decay,
             seed=settings.seed,
             cache_on_device=settings.cache_target_on_device,
-            extrapolate=settings.target_extrapolation,
+            extrapolate=settings.resolved_target_extrapolation,
         )
-        if settings.target_extrapolation and not any(isinstance(target, DatasetTarget) for target in self.targets):
+        if settings.extrapolation_named and not any(isinstance(target, DatasetTarget) for target in self.targets):
             raise ValueError(
-                "`target_extrapolation=True` extrapolates a dataset target's g_V, but `targets` holds none (only "
-                f"{sorted(t.kind for t in self.targets)}). Add a dataset target or drop target_extrapolation."
+                f"`target_extrapolation={settings.target_extrapolation!r}` extrapolates a dataset target's g_V, but `targets` "
+                f"holds none (only {sorted(t.kind for t in self.targets)}). Add a dataset target or drop target_extrapolation."
             )
         self.index_fn = settings.index_fn or _default_index_fn
         self.output_dir: os.PathLike[str] | None = None if settings.output_dir is None else Path(settings.output_dir)
@@ -206,8 +221,7 @@ class DiffInCallback(Callback):
             target_refresh_every_n_steps=s.target_refresh_every_n_steps,
             target_max_samples=s.target_max_samples,
             seed=s.seed,
-            # Only when on: the keys of runs without it stay what their checkpoints hold.
-            **({"target_extrapolation": True} if s.target_extrapolation else {}),
+            **_extrapolation_key(s),
         )
 
     # ------------------------------------------------------------------ setup

@@ -18,6 +18,8 @@ FiniteDifferenceScheme = Literal["forward", "central"]
 SecondOrderTerm = Literal["propagated", "paper", "sum"]
 Schedule = Literal["in_run", "checkpoints"]
 DotEngine = Literal["auto", "functional"]
+TargetExtrapolation = Literal["none", "linear", "damped"]
+TARGET_EXTRAPOLATIONS: tuple[TargetExtrapolation, ...] = ("none", "linear", "damped")
 FINITE_DIFFERENCE_SCHEMES: tuple[FiniteDifferenceScheme, ...] = ("forward", "central")
 SECOND_ORDER_TERMS: tuple[SecondOrderTerm, ...] = ("propagated", "paper", "sum")
 SCHEDULES: tuple[Schedule, ...] = ("in_run", "checkpoints")
@@ -76,11 +78,14 @@ class DiffInSettings:
         "correction and the checkpoint schedule use the whole target. None uses the whole target.",
         default=DEFAULT_TARGET_MAX_SAMPLES,
     )
-    target_extrapolation: bool = _help(
-        "Between refreshes, extrapolate a dataset target's g_V linearly from its last two refreshes, "
-        "g(s) + (t - s) (g(s) - g(s')) / (s - s'), instead of holding g(s). Costs one more parameter-sized vector (the slope). "
-        "Needs target_refresh_every_n_steps > 1 and schedule='in_run'.",
-        default=False,
+    target_extrapolation: TargetExtrapolation | bool | None = _help(
+        "How a dataset target's g_V stands in between refreshes s' < s. 'damped': g(s) + rho (t - s) (g(s) - g(s')) / (s - s'), "
+        "rho in [0, 1] the persistence of the last two changes (<c_k, c_k-1> / |c_k-1|^2, clamped, on a strided sketch of the "
+        "coordinates; 0 until two changes exist): a steady trend is followed, SGD noise is not. 'linear': rho = 1. 'none': hold "
+        "g(s). True/False mean 'linear'/'none'. None (auto): 'damped' where in-run refreshes leave recorded steps between "
+        "them (target_refresh_every_n_steps > every_n_steps, schedule='in_run'), else 'none'. Either extrapolation holds one "
+        "more parameter-sized vector (the slope); named explicitly it needs those and a dataset target.",
+        default=None,
     )
     cache_target_on_device: bool = _help(
         "Keep a whole dataset target's collated batches on the model's device (no re-collation per refresh).", default=True
@@ -191,14 +196,19 @@ class DiffInSettings:
                 f"`num_checkpoints` only applies to schedule='checkpoints'; got num_checkpoints={self.num_checkpoints} with "
                 f"schedule={self.schedule!r}. Drop it or set schedule='checkpoints'."
             )
-        if not isinstance(self.target_extrapolation, bool):
-            raise TypeError(f"`target_extrapolation` must be True or False; got {self.target_extrapolation!r}.")
-        if self.target_extrapolation and (self.target_refresh_every_n_steps == 1 or self.schedule != "in_run"):
+        extrapolation = self.target_extrapolation
+        if extrapolation is not None and not isinstance(extrapolation, bool) and extrapolation not in TARGET_EXTRAPOLATIONS:
             raise ValueError(
-                "`target_extrapolation=True` extrapolates g_V between in-run refreshes, so it needs "
-                f"target_refresh_every_n_steps > 1 and schedule='in_run'; got target_refresh_every_n_steps="
-                f"{self.target_refresh_every_n_steps}, schedule={self.schedule!r}. Refresh less often "
-                "(e.g. target_refresh_every_n_steps=10) or drop target_extrapolation."
+                f"`target_extrapolation` must be one of {TARGET_EXTRAPOLATIONS}, True ('linear'), False ('none') or None "
+                f"(auto); got {extrapolation!r}. Example: target_extrapolation='damped'."
+            )
+        if self.extrapolation_named and not self.refreshes_leave_recorded_steps:
+            raise ValueError(
+                f"`target_extrapolation={extrapolation!r}` extrapolates g_V to the recorded steps between in-run refreshes, "
+                "so it needs target_refresh_every_n_steps > every_n_steps and schedule='in_run'; got "
+                f"target_refresh_every_n_steps={self.target_refresh_every_n_steps}, every_n_steps={self.every_n_steps}, "
+                f"schedule={self.schedule!r}. Refresh less often than you record "
+                "(e.g. target_refresh_every_n_steps=10, every_n_steps=1) or drop target_extrapolation."
             )
         _check_choice("dot_products", self.dot_products, DOT_ENGINES)
         decay = self.train_target_decay
@@ -226,6 +236,27 @@ class DiffInSettings:
         return cls(**options)
 
     @property
+    def refreshes_leave_recorded_steps(self) -> bool:
+        """Whether some recorded step falls between two refreshes of a dataset target's g_V (in-run, refreshed
+        less often than recorded: a recorded step refreshes when the interval has passed since the last)."""
+        return self.schedule == "in_run" and self.target_refresh_every_n_steps > self.every_n_steps
+
+    @property
+    def extrapolation_named(self) -> bool:
+        """Whether an extrapolation was asked for by name (not left to ``None``, not ``'none'``/False)."""
+        return self.target_extrapolation not in (None, False, "none")
+
+    @property
+    def resolved_target_extrapolation(self) -> TargetExtrapolation:
+        """``target_extrapolation`` as one of TARGET_EXTRAPOLATIONS (``None``: 'damped' where refreshes leave gaps)."""
+        value = self.target_extrapolation
+        if value is None:
+            return "damped" if self.refreshes_leave_recorded_steps else "none"
+        if isinstance(value, bool):
+            return "linear" if value else "none"
+        return value
+
+    @property
     def resolved_second_order(self) -> SecondOrderTerm:
         """``second_order``, or its schedule's default when ``None``."""
         if self.second_order is not None:
@@ -243,6 +274,7 @@ class DiffInSettings:
                 value = os.fspath(value)
             out[f.name] = value
         out["second_order"] = self.resolved_second_order
+        out["target_extrapolation"] = self.resolved_target_extrapolation
         return out
 
     @classmethod
@@ -255,7 +287,7 @@ class DiffInSettings:
         """The README's option table, generated from the fields (``python -m diffin_lightning.settings``)."""
         rows = ["| option | default | meaning |", "| --- | --- | --- |"]
         for f in fields(cls):
-            default = "auto" if f.default is None and f.name in ("eps", "second_order", "reuse_training_step") else f.default
+            default = "auto" if f.default is None and f.name in ("eps", "second_order", "reuse_training_step", "target_extrapolation") else f.default
             text = f.metadata["help"].replace("|", "\\|")
             rows.append(f"| `{f.name}` | `{default}` | {text} |")
         return "\n".join(rows)

@@ -26,8 +26,14 @@ from diffin_lightning import distributed
 from diffin_lightning.data import INDEX_KEY, IndexedDataset
 from diffin_lightning.engine import gradient_of_mean
 from diffin_lightning.per_sample import Params, PerSampleLoss
+from diffin_lightning.settings import TARGET_EXTRAPOLATIONS, TargetExtrapolation
 
 TargetKind = Literal["dataset", "train", "self"]
+
+# The damped extrapolation's persistence is measured on a fixed strided sample of each parameter's
+# coordinates (at most this many per tensor, each tensor's share weighted by its stride: an unbiased
+# estimate of the full inner product), so that it costs kilobytes, not a third parameter-sized vector.
+PERSISTENCE_SKETCH_ELEMENTS = 4096
 
 # The batch of a pass (over a target or the training set) when neither its setting nor the training
 # micro-batch size is known (a batch sampler without batch_size, a run resumed after its last step).
@@ -55,6 +61,13 @@ class DatasetTarget:
         cache_on_device: keep a whole-Dataset target's collated batches on the model's
             device after the first refresh (no re-collation per refresh); costs the target
             set's size in device memory. Subsets and DataLoader targets are never cached.
+        extrapolate: how ``g_V`` stands in between refreshes s' < s: ``"none"`` holds g(s);
+            ``"linear"`` returns g(s) + (t - s) (g(s) - g(s')) / (s - s'); ``"damped"`` returns
+            g(s) + rho (t - s) (g(s) - g(s')) / (s - s') with rho in [0, 1] the persistence of the
+            last two changes, ``<c_k, c_{k-1}> / |c_{k-1}|^2`` clamped (c_k the change per step
+            between refreshes k-1 and k, read on a strided sketch of the coordinates), and 0
+            until two changes exist: a steady trend (a smooth run) is followed, changes that do
+            not persist (SGD noise in a hot run) are not. ``True``/``False`` mean linear/none.
     """
 
     kind: TargetKind = "dataset"
@@ -69,16 +82,23 @@ class DatasetTarget:
         refresh_every_n_steps: int = 1,
         seed: int = 0,
         cache_on_device: bool = True,
-        extrapolate: bool = False,
+        extrapolate: TargetExtrapolation | bool = "none",
     ) -> None:
         self.name = name
         # Between refreshes, g(s) + (t - s) * slope with slope = (g(s) - g(s')) / (s - s') from the last two
         # in-run refreshes (s' < s); None until two in-run refreshes exist (then g(s) is held, as without it).
         # The extrapolated g_V is formed in place in ``gradient``, which then stands for step
         # ``extrapolated_to``: two parameter-sized vectors in all (the gradient and the slope), not three.
-        self.extrapolate = extrapolate
+        self.extrapolation: TargetExtrapolation = {True: "linear", False: "none"}.get(extrapolate, extrapolate)  # type: ignore[call-overload]
+        if self.extrapolation not in TARGET_EXTRAPOLATIONS:
+            raise ValueError(f"`extrapolate` must be one of {TARGET_EXTRAPOLATIONS} (or True/False); got {extrapolate!r}.")
+        self.extrapolate = self.extrapolation != "none"
         self.extrapolated_to: int | None = None
+        # Under "damped", ``slope`` is the damped one, persistence * the last change per step (so stepping and
+        # undoing the extrapolation read it as the linear mode does); the undamped change is kept as a sketch.
         self.slope: Params | None = None
+        self.persistence: Tensor | None = None
+        self._change_sketch: dict[str, Tensor] | None = None
         self.cache_on_device = cache_on_device
         self._cached_batches: list[Any] | None = None
         if isinstance(data, DataLoader):
@@ -200,6 +220,7 @@ class DatasetTarget:
         self.gradient, self.slope, self.extrapolated_to = None, None, None
         if not keep_previous:
             previous = None
+            self.persistence, self._change_sketch = None, None  # a change measured across a whole refresh is no trend
         batches: Iterable[Any]
         if self._cached_batches is not None:
             batches = self._cached_batches
@@ -216,8 +237,21 @@ class DatasetTarget:
             old = list(previous.values())
             torch._foreach_sub_(old, list(self.gradient.values()))
             torch._foreach_div_(old, float(previous_step - step))
+            if self.extrapolation == "damped":
+                self._damp(previous)
             self.slope = previous
         return self.gradient
+
+    def _damp(self, change: Params) -> None:
+        """Scale this refresh's change per step by its persistence from the last one (in place), and keep its sketch."""
+        sketch = _sketch(change)
+        if self._change_sketch is None:
+            persistence = torch.zeros((), dtype=next(iter(change.values())).dtype, device=next(iter(change.values())).device)
+        else:
+            strides = {name: _sketch_stride(tensor) for name, tensor in change.items()}
+            persistence = persistence_of(sketch, self._change_sketch, strides)
+        torch._foreach_mul_(list(change.values()), persistence)  # a device scalar: no host synchronisation
+        self.persistence, self._change_sketch = persistence, sketch
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -226,6 +260,8 @@ class DatasetTarget:
             "slope": None if self.slope is None else {k: v.detach().cpu() for k, v in self.slope.items()},
             "whole_last": self._whole_last,
             "extrapolated_to": self.extrapolated_to,  # the step `gradient` stands for, when extrapolated since its refresh
+            "persistence": None if self.persistence is None else self.persistence.detach().cpu(),
+            "change_sketch": None if self._change_sketch is None else {k: v.detach().cpu() for k, v in self._change_sketch.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
@@ -237,6 +273,14 @@ class DatasetTarget:
         self._whole_last = bool(state.get("whole_last", False))
         # (absent from checkpoints written before the gradient was extrapolated in place: it was g(s) itself)
         self.extrapolated_to = state.get("extrapolated_to")
+        damped = self.extrapolation == "damped" and self.slope is not None
+        persistence, sketch = state.get("persistence"), state.get("change_sketch")
+        self.persistence = persistence.to(device) if damped and persistence is not None else None
+        self._change_sketch = {k: v.to(device) for k, v in sketch.items()} if damped and sketch is not None else None
+        if damped and self._change_sketch is None:
+            # A slope from a checkpoint without a sketch (written by the linear mode, or before the damped one):
+            # its persistence is unknown, so it is not followed until the next refresh measures one.
+            torch._foreach_mul_(list(self.slope.values()), 0.0)
 
 
 class TrainingLossTarget:
@@ -297,6 +341,17 @@ class TrainingLossTarget:
             correction = 1 - self.decay**self.updates
         return dict(zip(self.average, torch._foreach_div(list(self.average.values()), correction)))
 
+    def _damp(self, change: Params) -> None:
+        """Scale this refresh's change per step by its persistence from the last one (in place), and keep its sketch."""
+        sketch = _sketch(change)
+        if self._change_sketch is None:
+            persistence = torch.zeros((), dtype=next(iter(change.values())).dtype, device=next(iter(change.values())).device)
+        else:
+            strides = {name: _sketch_stride(tensor) for name, tensor in change.items()}
+            persistence = persistence_of(sketch, self._change_sketch, strides)
+        torch._foreach_mul_(list(change.values()), persistence)  # a device scalar: no host synchronisation
+        self.persistence, self._change_sketch = persistence, sketch
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "average": None if self.average is None else {k: v.detach().cpu() for k, v in self.average.items()},
@@ -321,6 +376,17 @@ class SelfTarget:
     def check_not_empty(self) -> None:
         return None
 
+    def _damp(self, change: Params) -> None:
+        """Scale this refresh's change per step by its persistence from the last one (in place), and keep its sketch."""
+        sketch = _sketch(change)
+        if self._change_sketch is None:
+            persistence = torch.zeros((), dtype=next(iter(change.values())).dtype, device=next(iter(change.values())).device)
+        else:
+            strides = {name: _sketch_stride(tensor) for name, tensor in change.items()}
+            persistence = persistence_of(sketch, self._change_sketch, strides)
+        torch._foreach_mul_(list(change.values()), persistence)  # a device scalar: no host synchronisation
+        self.persistence, self._change_sketch = persistence, sketch
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -329,6 +395,34 @@ class SelfTarget:
 
 
 Target = DatasetTarget | TrainingLossTarget | SelfTarget
+
+
+def _sketch_stride(tensor: Tensor) -> int:
+    return max(1, -(-tensor.numel() // PERSISTENCE_SKETCH_ELEMENTS))
+
+
+def _sketch(params: Params) -> dict[str, Tensor]:
+    """A fixed strided sample of each tensor's coordinates (all of a tensor up to PERSISTENCE_SKETCH_ELEMENTS)."""
+    return {name: tensor.detach().reshape(-1)[:: _sketch_stride(tensor)].clone() for name, tensor in params.items()}
+
+
+def _sketched_dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor], strides: Mapping[str, int]) -> Tensor:
+    return torch.stack([strides[name] * torch.vdot(a[name].reshape(-1), b[name].reshape(-1)) for name in a]).sum()
+
+
+def persistence_of(change: Mapping[str, Tensor], previous_change: Mapping[str, Tensor], strides: Mapping[str, int] | None = None) -> Tensor:
+    """``<c, c'> / |c'|^2`` clamped to [0, 1] (0 where c' = 0 or either is non-finite), on sketches or whole tensors.
+
+    The least-squares factor by which the previous change per step predicts this one: 1 for a
+    steady trend, 0 for changes that do not persist (or reverse). ``strides`` weight each tensor's
+    sketch by its stride (1 each when None: whole tensors, or sketches of tensors below the sketch size).
+    """
+    strides = strides or {name: 1 for name in change}
+    numerator = _sketched_dot(change, previous_change, strides)
+    denominator = _sketched_dot(previous_change, previous_change, strides)
+    ratio = numerator / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+    ratio = torch.where((denominator > 0) & torch.isfinite(ratio), ratio, torch.zeros_like(ratio))
+    return ratio.clamp(0.0, 1.0)
 
 
 def build_targets(
@@ -340,7 +434,7 @@ def build_targets(
     train_decay: float,
     seed: int,
     cache_on_device: bool = True,
-    extrapolate: bool = False,
+    extrapolate: TargetExtrapolation | bool = "none",
 ) -> list[Target]:
     """Turn the callback's ``targets`` argument into target objects, with clear errors for bad values."""
     if not isinstance(spec, Mapping) or not spec:

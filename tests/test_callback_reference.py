@@ -26,9 +26,13 @@ EPS = 1e-6
 def reference_scores(model, steps, data: TinyData, *, eps, every_n, refresh, decay, scheme, extrapolate=False):
     """Accumulate every component by brute force over the recorded trajectory.
 
-    ``extrapolate``: between refreshes the 'val' target is g(s) + (t - s) (g(s) - g(s')) / (s - s') from the
-    last two refreshes s' < s (``target_extrapolation``); g(s) alone until two exist.
+    ``extrapolate`` (``target_extrapolation``, resolved): between refreshes the 'val' target is, for
+    'linear' (or True), g(s) + (t - s) c with c = (g(s) - g(s')) / (s - s') from the last two refreshes
+    s' < s; for 'damped', g(s) + rho (t - s) c with rho = <c, c'> / |c'|^2 clamped to [0, 1] (c' the change
+    per step of the refreshes before; rho = 0 until it exists; these parameters are below the sketch size, so
+    the sketch is every coordinate); g(s) alone until two refreshes exist, and always for 'none' (or False).
     """
+    extrapolate = {True: "linear", False: "none"}.get(extrapolate, extrapolate)
     x, y = data.train.tensors
     xv, yv = data.val.tensors
     n = len(y)
@@ -38,7 +42,7 @@ def reference_scores(model, steps, data: TinyData, *, eps, every_n, refresh, dec
     second_exact = {k: torch.zeros(n, dtype=torch.float64) for k in names}
     visits = torch.zeros(n, dtype=torch.float64)
     cached, refreshed_at, average, updates = None, None, None, 0
-    slope = None
+    slope, change = None, None
     represented = 0
     # second_order="propagated": decayed sums, carried by (1 - eta <u, H_B u>)^every_n with the FD curvature
     decayed_first = {k: torch.zeros(n, dtype=torch.float64) for k in ("val", "train")}
@@ -54,11 +58,17 @@ def reference_scores(model, steps, data: TinyData, *, eps, every_n, refresh, dec
         batch_gradient = grads.mean(0)
         if cached is None or s.step - refreshed_at >= refresh:
             fresh = mean_gradient(model, p, xv, yv)
-            slope = None if cached is None else (cached - fresh) / (refreshed_at - s.step)
+            previous_change, change = change, None if cached is None else (fresh - cached) / (s.step - refreshed_at)
+            slope = change
+            if extrapolate == "damped" and change is not None:
+                rho = 0.0
+                if previous_change is not None and float(previous_change @ previous_change) > 0:
+                    rho = min(1.0, max(0.0, float(change @ previous_change) / float(previous_change @ previous_change)))
+                slope = rho * change
             cached, refreshed_at = fresh, s.step
         average = (1 - decay) * batch_gradient if average is None else decay * average + (1 - decay) * batch_gradient
         updates += 1
-        val = cached if not extrapolate or slope is None or s.step == refreshed_at else cached + (s.step - refreshed_at) * slope
+        val = cached if extrapolate == "none" or slope is None or s.step == refreshed_at else cached + (s.step - refreshed_at) * slope
         target_gradients = {"val": val, "train": average / (1 - decay**updates)}
         for name, g in target_gradients.items():
             first[name].index_add_(0, ids, every_n * s.lr / batch * (grads @ g))
@@ -131,7 +141,8 @@ def test_components_match_brute_force_reference(tmp_path, tiny_data, accumulate,
     assert len(recorder.steps) == epochs * 4 // accumulate
 
     first, second_fd, second_exact, visits, represented, propagated = reference_scores(
-        model, recorder.steps, tiny_data, eps=EPS, every_n=every_n, refresh=refresh, decay=0.5, scheme=scheme
+        model, recorder.steps, tiny_data, eps=EPS, every_n=every_n, refresh=refresh, decay=0.5, scheme=scheme,
+        extrapolate=callback.settings.resolved_target_extrapolation,  # 'damped' where refreshes leave gaps (the default)
     )
     result = callback.influence_with("sum")
     paper = callback.influence_with("paper")
@@ -160,13 +171,14 @@ def test_components_match_brute_force_reference(tmp_path, tiny_data, accumulate,
         assert torch.equal(visits, torch.full_like(visits, epochs))
 
 
+@pytest.mark.parametrize("mode", [True, "damped"], ids=["linear", "damped"])
 @pytest.mark.parametrize(
     ("every_n", "names"),
     [(1, ("val", "train", "self")), (2, ("val", "train", "self")), (1, ("val", "self"))],
     ids=["every_step", "every_2", "streamed"],  # without a 'train' target the training step's products are streamed
 )
-def test_extrapolated_target_matches_brute_force_reference(tmp_path, tiny_data, every_n, names, monkeypatch):
-    """target_extrapolation: every component against the reference with g_V extrapolated from the last two refreshes."""
+def test_extrapolated_target_matches_brute_force_reference(tmp_path, tiny_data, every_n, names, mode, monkeypatch):
+    """target_extrapolation: every component against the reference with g_V extrapolated from the last refreshes."""
     from diffin_lightning.dots import stream as stream_module
     from diffin_lightning.recorder import InfluenceRecorder
 
@@ -179,13 +191,13 @@ def test_extrapolated_target_matches_brute_force_reference(tmp_path, tiny_data, 
     specs = {"val": tiny_data.val, "train": "train", "self": "self"}
     callback = DiffInCallback(
         targets={name: specs[name] for name in names}, eps=EPS, every_n_steps=every_n,
-        target_refresh_every_n_steps=3, target_extrapolation=True, train_target_decay=0.5,
+        target_refresh_every_n_steps=3, target_extrapolation=mode, train_target_decay=0.5,
     )
     trainer(default_root_dir=tmp_path, max_epochs=3, callbacks=[recorder, callback]).fit(model, tiny_data.loader(batch_size=4))
     first, second_fd, _, visits, represented, propagated = reference_scores(
-        model, recorder.steps, tiny_data, eps=EPS, every_n=every_n, refresh=3, decay=0.5, scheme="forward", extrapolate=True
+        model, recorder.steps, tiny_data, eps=EPS, every_n=every_n, refresh=3, decay=0.5, scheme="forward", extrapolate=mode
     )
-    held, *_ = reference_scores(model, recorder.steps, tiny_data, eps=EPS, every_n=every_n, refresh=3, decay=0.5, scheme="forward")
+    held, *_ = reference_scores(model, recorder.steps, tiny_data, eps=EPS, every_n=every_n, refresh=3, decay=0.5, scheme="forward", extrapolate="none")
     assert (first["val"] - held["val"]).abs().max() > 1e-6 * held["val"].abs().max()  # the extrapolation moved the scores
     result = callback.influence_with("sum")
     assert any(stream is not None for stream in streams) == ("train" not in names)  # which path the test covers

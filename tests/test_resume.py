@@ -145,8 +145,10 @@ def _resumable_loader(tiny_data):
 
 @pytest.mark.parametrize(
     "every_n_train_steps, crash_at, options",
-    [(3, 7, {}), (5, 11, {}), (4, 9, {}), (5, 11, {"target_extrapolation": True})],
-    ids=["mid-epoch", "mid-epoch-2", "epoch-end", "extrapolated-target"],  # the last: the slope travels in the checkpoint
+    [(3, 7, {}), (5, 11, {}), (4, 9, {}), (5, 11, {"target_extrapolation": True}), (3, 7, {"target_extrapolation": "none"})],
+    # The defaults extrapolate g_V damped (refreshed every 3 steps here): its slope, persistence and last change's sketch
+    # travel in the checkpoint (the crash at 11 resumes from 10, past the refresh at 8 that measured a persistence).
+    ids=["mid-epoch", "mid-epoch-2", "epoch-end", "linear-extrapolation", "held-target"],
 )
 def test_resume_from_a_step_checkpoint_mid_epoch_equals_uninterrupted(tmp_path, tiny_data, every_n_train_steps, crash_at, options):
     epochs = 4  # 4 steps per epoch

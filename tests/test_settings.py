@@ -68,13 +68,19 @@ def test_defaults_are_documented_in_the_callback_docstring():
         ({"dot_products": "ghost"}, "`dot_products` must be one of"),
         ({"loss_fn": 3}, "`loss_fn` must be callable or None; got int"),
         ({"schedule": "checkpoints", "num_checkpoints": 2, "every_n_steps": 2}, "`every_n_steps` must be 1 with schedule='checkpoints'"),
-        ({"target_extrapolation": 1}, "`target_extrapolation` must be True or False; got 1"),
+        ({"target_extrapolation": 1}, r"`target_extrapolation` must be one of \('none', 'linear', 'damped'\), True \('linear'\), False \('none'\) or None \(auto\); got 1"),
+        ({"target_extrapolation": "quadratic"}, "`target_extrapolation` must be one of .*; got 'quadratic'. Example: target_extrapolation='damped'"),
+        ({"target_extrapolation": "damped", "target_refresh_every_n_steps": 1}, "`target_extrapolation='damped'` extrapolates g_V .* got target_refresh_every_n_steps=1"),
+        (
+            {"target_extrapolation": "linear", "every_n_steps": 10},
+            r"needs target_refresh_every_n_steps > every_n_steps .* got target_refresh_every_n_steps=10, every_n_steps=10",
+        ),
         ({"release_stale_gradients": "no"}, "`release_stale_gradients` must be True or False; got 'no'"),
         ({"stream_products": 0}, "`stream_products` must be True or False; got 0"),
-        ({"target_extrapolation": True, "target_refresh_every_n_steps": 1}, "needs target_refresh_every_n_steps > 1 .* got target_refresh_every_n_steps=1"),
+        ({"target_extrapolation": True, "target_refresh_every_n_steps": 1}, "needs target_refresh_every_n_steps > every_n_steps .* got target_refresh_every_n_steps=1"),
         (
             {"target_extrapolation": True, "schedule": "checkpoints", "num_checkpoints": 2, "second_order": "paper"},
-            "schedule='in_run'; got target_refresh_every_n_steps=10, schedule='checkpoints'",
+            "schedule='in_run'; got target_refresh_every_n_steps=10, every_n_steps=1, schedule='checkpoints'",
         ),
     ],
 )
@@ -94,8 +100,32 @@ def test_target_extrapolation_without_a_dataset_target_is_refused(tiny_data):
 
 
 def test_extrapolation_has_its_own_state_key_and_the_others_keep_theirs(tiny_data):
-    """Two callbacks that differ only in target_extrapolation share a Trainer (the schedule benchmark does);
-    callbacks without it keep the key their checkpoints were saved under."""
-    plain, extrapolated = (DiffInCallback(targets={"val": tiny_data.val}, target_extrapolation=x) for x in (False, True))
-    assert plain.state_key != extrapolated.state_key
-    assert "target_extrapolation" not in plain.state_key and "target_extrapolation" in extrapolated.state_key
+    """Callbacks that differ only in target_extrapolation share a Trainer (the schedule benchmark does), so each
+    mode has its own key; the automatic choice ('damped') adds nothing, so a default run's key is the one its
+    checkpoints were saved under before 'damped' existed, and 'linear' keeps the True it was saved under."""
+    keys = {
+        x: DiffInCallback(targets={"val": tiny_data.val}, target_extrapolation=x).state_key
+        for x in (None, "damped", "linear", True, "none", False)
+    }
+    assert keys[None] == keys["damped"] and "target_extrapolation" not in keys[None]
+    assert keys["linear"] == keys[True] and "'target_extrapolation': True" in keys["linear"]
+    assert keys["none"] == keys[False] and "'target_extrapolation': 'none'" in keys["none"]
+    assert len({keys[None], keys["linear"], keys["none"]}) == 3
+    # Refreshed every step there is nothing to extrapolate: holding is the automatic choice, and unnamed.
+    every_step = (
+        DiffInCallback(targets={"val": tiny_data.val}, target_refresh_every_n_steps=1, target_extrapolation=x).state_key for x in (None, False)
+    )
+    assert len(set(every_step)) == 1
+
+
+def test_extrapolation_resolves_automatically_where_refreshes_leave_gaps():
+    assert DiffInSettings().resolved_target_extrapolation == "damped"
+    assert DiffInSettings(target_refresh_every_n_steps=1).resolved_target_extrapolation == "none"
+    # Recorded every 10 steps with g_V refreshed every 10: every recorded step refreshes, no slope is held.
+    assert DiffInSettings(every_n_steps=10).resolved_target_extrapolation == "none"
+    assert DiffInSettings(every_n_steps=4, target_refresh_every_n_steps=5).resolved_target_extrapolation == "damped"
+    assert DiffInSettings(schedule="checkpoints", num_checkpoints=2, second_order="paper").resolved_target_extrapolation == "none"
+    assert DiffInSettings(target_extrapolation=True).resolved_target_extrapolation == "linear"
+    assert DiffInSettings(target_extrapolation=False).resolved_target_extrapolation == "none"
+    assert DiffInSettings(target_extrapolation="linear").to_dict()["target_extrapolation"] == "linear"
+    assert DiffInSettings().to_dict()["target_extrapolation"] == "damped"  # the metadata says what ran

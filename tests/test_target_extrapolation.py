@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 
 from diffin_lightning.engine import gradient_of_mean
@@ -79,3 +82,100 @@ def test_the_extrapolated_step_travels_in_the_state(tiny_data):
     older = {k: v for k, v in original.state_dict().items() if k != "extrapolated_to"}  # a checkpoint from before the key
     restored.load_state_dict(older, device)
     assert restored.extrapolated_to is None
+
+
+def _damped_reference(fresh, refreshes):
+    """Brute force: the change per step c_k between consecutive refreshes and rho_k = clip(<c_k, c_k-1>/|c_k-1|^2, 0, 1)."""
+    changes, rhos = {}, {}
+    for previous, step in zip(refreshes, refreshes[1:]):
+        changes[step] = torch.cat([(fresh[step][k] - fresh[previous][k]).reshape(-1) for k in fresh[step]]) / (step - previous)
+        before = changes.get(previous)
+        rhos[step] = 0.0 if before is None else min(1.0, max(0.0, float(changes[step] @ before / (before @ before))))
+    return changes, rhos
+
+
+def test_the_damped_slope_is_the_last_change_scaled_by_its_persistence(tiny_data):
+    """Refreshes at 0, 3, 6, 9 (the parameters moved between them, steadily and then back and forth); steps between.
+
+    The first change is not followed (rho = 0: no trend measured yet); later ones by rho = <c_k, c_k-1> / |c_k-1|^2
+    clamped to [0, 1], against gradients taken afresh; between refreshes g_V = g(s) + rho (t - s) c_k, in place.
+    """
+    torch.manual_seed(0)
+    model = TinyClassifier().double()
+    loss = PerSampleLoss(model, lambda m, b: m.per_sample_loss(b))
+    target = DatasetTarget("val", tiny_data.val, batch_size=7, refresh_every_n_steps=3, extrapolate="damped")
+    device = torch.device("cpu")
+    fresh, moves = {}, {0: 0.0, 3: 0.05, 4: 0.0, 5: 0.0, 6: 0.05, 7: 0.0, 8: 0.0, 9: -0.04, 10: 0.0}
+    direction = {n: torch.sin(torch.arange(p.numel(), dtype=p.dtype)).reshape(p.shape) for n, p in model.named_parameters()}
+    gradients = {}
+
+    for step, move in moves.items():
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.add_(move * direction[name])
+        params = loss.parameters()
+        fresh[step] = {k: v.clone() for k, v in gradient_of_mean(loss, params, _as_batches(tiny_data.val)).items()}
+        gradients[step] = {k: v.clone() for k, v in target.target_gradient(loss, params, step, device, {}).items()}
+        if step in (3, 6, 9):
+            changes, rhos = _damped_reference(fresh, [s for s in (0, 3, 6, 9) if s <= step])
+            assert float(target.persistence) == pytest.approx(rhos[step], abs=1e-12)
+            slope = torch.cat([v.reshape(-1) for v in target.slope.values()])
+            torch.testing.assert_close(slope, rhos[step] * changes[step], rtol=1e-10, atol=1e-14)
+    _, rhos = _damped_reference(fresh, [0, 3, 6, 9])
+    assert rhos[3] == 0.0 and rhos[6] > 0.5 and rhos[9] == 0.0  # none measured; a steady move followed; a reversal not
+    changes, _ = _damped_reference(fresh, [0, 3, 6])
+    for t in (7, 8):
+        expected = torch.cat([v.reshape(-1) for v in fresh[6].values()]) + rhos[6] * (t - 6) * changes[6]
+        torch.testing.assert_close(torch.cat([v.reshape(-1) for v in gradients[t].values()]), expected, rtol=1e-10, atol=1e-14)
+    for k in fresh[10]:  # rho = 0 after the reversal: g(9) held
+        torch.testing.assert_close(gradients[10][k], fresh[9][k], rtol=1e-12, atol=1e-14)
+
+
+def test_the_persistence_and_the_last_change_travel_in_the_state(tiny_data):
+    torch.manual_seed(0)
+    model = TinyClassifier().double()
+    loss = PerSampleLoss(model, lambda m, b: m.per_sample_loss(b))
+    device = torch.device("cpu")
+    original = DatasetTarget("val", tiny_data.val, batch_size=7, refresh_every_n_steps=3, extrapolate="damped")
+    for step in (0, 3, 6, 7):
+        with torch.no_grad():
+            next(model.parameters()).add_(0.01 * (step + 1))
+        original.target_gradient(loss, loss.parameters(), step, device, {})
+    assert float(original.persistence) > 0
+    restored = DatasetTarget("val", tiny_data.val, batch_size=7, refresh_every_n_steps=3, extrapolate="damped")
+    restored.load_state_dict(copy.deepcopy(original.state_dict()), device)  # a checkpoint's copy, not the live tensors
+    for step in (8, 9, 10, 12):
+        with torch.no_grad():
+            next(model.parameters()).add_(0.01 * (step + 1))
+        params = loss.parameters()
+        expected, got = (t.target_gradient(loss, params, step, device, {}) for t in (original, restored))
+        for k in expected:
+            assert torch.equal(expected[k], got[k]), (step, k)
+        assert torch.equal(original.persistence, restored.persistence)
+    # A linear run's checkpoint (a slope, no sketch) resumed damped: its slope is not followed until one is measured.
+    linear = DatasetTarget("val", tiny_data.val, batch_size=7, refresh_every_n_steps=3, extrapolate=True)
+    for step in (0, 3):
+        linear.target_gradient(loss, loss.parameters(), step, device, {})
+    restored.load_state_dict(linear.state_dict(), device)
+    assert all(torch.count_nonzero(v) == 0 for v in restored.slope.values())
+
+
+def test_the_sketched_persistence_reads_large_tensors_by_stride():
+    """Tensors above the sketch size are read every stride-th coordinate, each share weighted by its stride."""
+    from diffin_lightning.targets import PERSISTENCE_SKETCH_ELEMENTS, _sketch, _sketch_stride, persistence_of
+
+    generator = torch.Generator().manual_seed(0)
+    previous = {"big": torch.randn(300, 100, generator=generator, dtype=torch.float64), "bias": torch.randn(7, generator=generator, dtype=torch.float64)}
+    change = {k: 0.6 * v + 0.3 * torch.randn(v.shape, generator=generator, dtype=torch.float64) for k, v in previous.items()}
+    strides = {k: _sketch_stride(v) for k, v in change.items()}
+    assert strides == {"big": 8, "bias": 1} and _sketch(change)["big"].numel() == 3750 <= PERSISTENCE_SKETCH_ELEMENTS
+    whole = persistence_of(change, previous)
+    sketched = persistence_of(_sketch(change), _sketch(previous), strides)
+    assert float(whole) == pytest.approx(0.6, abs=0.02) and float(sketched) == pytest.approx(float(whole), abs=0.02)
+    # The rule's edges: a reversal and an orthogonal move are not followed; no previous change or a non-finite one gives 0.
+    ones = {"w": torch.ones(4, dtype=torch.float64)}
+    assert float(persistence_of({"w": -ones["w"]}, ones)) == 0.0
+    assert float(persistence_of({"w": torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)}, ones)) == 0.0
+    assert float(persistence_of({"w": 3 * ones["w"]}, ones)) == 1.0
+    assert float(persistence_of(ones, {"w": torch.zeros(4, dtype=torch.float64)})) == 0.0
+    assert float(persistence_of({"w": torch.full((4,), float("nan"), dtype=torch.float64)}, ones)) == 0.0
