@@ -209,12 +209,16 @@ class DatasetTarget:
         keep_previous = self.extrapolate and not whole and previous_in_run
         if keep_previous and self.slope is not None and self.extrapolated_to is not None:
             # The gradient was extrapolated to c since its refresh at s: g(s) = g(c) - (c - s) * slope, formed
-            # in the slope's memory, and the extrapolated gradient let go before the pass.
+            # in the slope's memory (the extrapolated gradient let go before the pass), or in the gradient's own
+            # where the slope is held in a narrower dtype.
             assert previous is not None and previous_step is not None
             slope = list(self.slope.values())
-            torch._foreach_mul_(slope, float(previous_step - self.extrapolated_to))
-            torch._foreach_add_(slope, list(previous.values()))
-            previous = self.slope
+            if slope[0].dtype == next(iter(previous.values())).dtype:
+                torch._foreach_mul_(slope, float(previous_step - self.extrapolated_to))
+                torch._foreach_add_(slope, list(previous.values()))
+                previous = self.slope
+            else:
+                torch._foreach_add_(list(previous.values()), slope, alpha=float(previous_step - self.extrapolated_to))
         # The old gradient is not held beside the new one (peak memory), unless the slope needs it
         # (target_extrapolation, two in-run refreshes).
         self.gradient, self.slope, self.extrapolated_to = None, None, None
@@ -239,7 +243,7 @@ class DatasetTarget:
             torch._foreach_div_(old, float(previous_step - step))
             if self.extrapolation == "damped":
                 self._damp(previous)
-            self.slope = previous
+            self.slope = {name: change.to(slope_dtype(change.dtype)) for name, change in previous.items()}
         return self.gradient
 
     def _damp(self, change: Params) -> None:
@@ -395,6 +399,17 @@ class SelfTarget:
 
 
 Target = DatasetTarget | TrainingLossTarget | SelfTarget
+
+
+def slope_dtype(gradient_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the extrapolation's slope is held in: bfloat16 for a float32 g_V, else g_V's own.
+
+    Half the memory of the one parameter-sized vector that extrapolation adds. The rounding (2^-9
+    relative) touches only the extrapolated increment, (t - s) rho c, a fraction of g_V's change over
+    a refresh interval; g(s) is recovered at the next refresh from the same rounded slope. float64
+    keeps float64 (the reference tests' precision); bfloat16 and float16 models hold their own dtype.
+    """
+    return torch.bfloat16 if gradient_dtype == torch.float32 else gradient_dtype
 
 
 def _sketch_stride(tensor: Tensor) -> int:

@@ -179,3 +179,34 @@ def test_the_sketched_persistence_reads_large_tensors_by_stride():
     assert float(persistence_of({"w": 3 * ones["w"]}, ones)) == 1.0
     assert float(persistence_of(ones, {"w": torch.zeros(4, dtype=torch.float64)})) == 0.0
     assert float(persistence_of({"w": torch.full((4,), float("nan"), dtype=torch.float64)}, ones)) == 0.0
+
+
+def test_a_float32_targets_slope_is_held_in_bfloat16_and_gives_back_the_refreshed_gradient(tiny_data):
+    """Half a vector for a float32 model: the slope in bfloat16, g_V extrapolated in float32 from it, g(s) recovered
+    at the next refresh from the same rounded slope (so the next change is measured from g(s), not from g(c))."""
+    torch.manual_seed(0)
+    model = TinyClassifier().float()
+    x, y = tiny_data.val.tensors
+    val = torch.utils.data.TensorDataset(x.float(), y)
+    loss = PerSampleLoss(model, lambda m, b: m.per_sample_loss(b))
+    target = DatasetTarget("val", val, batch_size=7, refresh_every_n_steps=3, extrapolate="linear")
+    device, fresh, got = torch.device("cpu"), {}, {}
+    for step in range(8):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.sin(torch.arange(p.numel(), dtype=p.dtype) + step).reshape(p.shape))
+        params = loss.parameters()
+        fresh[step] = {k: v.clone() for k, v in gradient_of_mean(loss, params, [{"input": x.float(), "target": y}]).items()}
+        got[step] = {k: v.clone() for k, v in target.target_gradient(loss, params, step, device, {}).items()}
+        if step >= 3:
+            assert all(v.dtype == torch.bfloat16 for v in target.slope.values())
+            assert all(v.dtype == torch.float32 for v in target.gradient.values())
+    for k in fresh[3]:
+        rounded = ((fresh[3][k] - fresh[0][k]) / 3).to(torch.bfloat16).float()
+        exact = (fresh[3][k] - fresh[0][k]) / 3
+        torch.testing.assert_close(got[5][k], fresh[3][k] + 2 * rounded, rtol=1e-6, atol=1e-7)  # float32 arithmetic on the rounded slope
+        scale = (2 * exact).abs().max().clamp_min(1e-12)
+        assert float((got[5][k] - (fresh[3][k] + 2 * exact)).abs().max()) <= 2**-7 * float(scale)  # the rounding: a fraction of the increment
+        # At the refresh at 6 the slope is (g(6) - g(3)) / 3 with g(3) recovered from g(5) and the rounded slope.
+        torch.testing.assert_close(target.slope[k].float(), ((fresh[6][k] - fresh[3][k]) / 3).to(torch.bfloat16).float(), rtol=2**-7, atol=1e-6)
+        torch.testing.assert_close(got[6][k], fresh[6][k])
