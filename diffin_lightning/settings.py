@@ -25,9 +25,10 @@ SECOND_ORDER_TERMS: tuple[SecondOrderTerm, ...] = ("propagated", "paper", "sum")
 SCHEDULES: tuple[Schedule, ...] = ("in_run", "checkpoints")
 DOT_ENGINES: tuple[DotEngine, ...] = ("auto", "functional")
 
-# Chosen by measurement (benchmarks/results/target_schedule.md): refreshing the dataset
-# target's gradient every 10 steps from at most 1,024 samples moved no fidelity cell by more
-# than 0.01 Spearman and costs a tenth of refreshing every step.
+# Chosen by measurement (benchmarks/results/target_schedule*.md): refreshing the dataset target's
+# gradient every 10 steps from at most 1,024 samples, extrapolated damped in between, costs a
+# tenth of refreshing every step and moves the smooth runs' fidelity cells by at most 0.010
+# Spearman (the long, hot runs' moves are inside their noise; README, "Fidelity").
 DEFAULT_TARGET_REFRESH_EVERY_N_STEPS = 10
 DEFAULT_TARGET_MAX_SAMPLES = 1024
 
