@@ -185,7 +185,7 @@ class DatasetTarget:
         # step to step: the product stream takes its directions before the backward and knows them by identity,
         # and nothing holds a step's g_V past its step (the accumulator copies what it keeps). In place, not in a
         # buffer of its own: a third parameter-sized vector, or a fresh allocation a step (page faults, heap growth).
-        torch._foreach_add_(list(self.gradient.values()), list(self.slope.values()), alpha=float(step - self._gradient_step()))
+        add_slope(list(self.gradient.values()), list(self.slope.values()), float(step - self._gradient_step()))
         self.extrapolated_to = step
         return self.gradient
 
@@ -218,7 +218,7 @@ class DatasetTarget:
                 torch._foreach_add_(slope, list(previous.values()))
                 previous = self.slope
             else:
-                torch._foreach_add_(list(previous.values()), slope, alpha=float(previous_step - self.extrapolated_to))
+                add_slope(list(previous.values()), slope, float(previous_step - self.extrapolated_to))
         # The old gradient is not held beside the new one (peak memory), unless the slope needs it
         # (target_extrapolation, two in-run refreshes).
         self.gradient, self.slope, self.extrapolated_to = None, None, None
@@ -410,6 +410,27 @@ def slope_dtype(gradient_dtype: torch.dtype) -> torch.dtype:
     keeps float64 (the reference tests' precision); bfloat16 and float16 models hold their own dtype.
     """
     return torch.bfloat16 if gradient_dtype == torch.float32 else gradient_dtype
+
+
+# Elements per piece when a narrower slope is added on the CPU: a mixed-dtype add there first casts its whole
+# operand to the gradient's dtype, a parameter-sized temporary a step; in pieces it is at most 1 MiB (as
+# ScaledShift.dot's pieces), and a handful of Python calls a step on the benchmark MLP.
+SLOPE_ADD_PIECE_ELEMENTS = 1 << 18
+
+
+def add_slope(gradients: list[Tensor], slopes: list[Tensor], alpha: float) -> None:
+    """``gradients += alpha * slopes`` in place, without a parameter-sized temporary when the dtypes differ."""
+    if slopes[0].dtype == gradients[0].dtype:
+        torch._foreach_add_(gradients, slopes, alpha=alpha)
+        return
+    for gradient, slope in zip(gradients, slopes):
+        if gradient.device.type != "cpu":
+            gradient.add_(slope, alpha=alpha)  # the cast happens inside the kernel
+            continue
+        flat_gradient, flat_slope = gradient.view(-1), slope.reshape(-1)
+        for start in range(0, flat_gradient.numel(), SLOPE_ADD_PIECE_ELEMENTS):
+            end = start + SLOPE_ADD_PIECE_ELEMENTS
+            flat_gradient[start:end].add_(flat_slope[start:end], alpha=alpha)
 
 
 def _sketch_stride(tensor: Tensor) -> int:

@@ -210,3 +210,16 @@ def test_a_float32_targets_slope_is_held_in_bfloat16_and_gives_back_the_refreshe
         # At the refresh at 6 the slope is (g(6) - g(3)) / 3 with g(3) recovered from g(5) and the rounded slope.
         torch.testing.assert_close(target.slope[k].float(), ((fresh[6][k] - fresh[3][k]) / 3).to(torch.bfloat16).float(), rtol=2**-7, atol=1e-6)
         torch.testing.assert_close(got[6][k], fresh[6][k])
+
+
+def test_a_narrower_slope_is_added_in_pieces_with_the_whole_adds_result(monkeypatch):
+    import diffin_lightning.targets as targets
+
+    monkeypatch.setattr(targets, "SLOPE_ADD_PIECE_ELEMENTS", 1000)  # several pieces, the last one short
+    generator = torch.Generator().manual_seed(0)
+    gradients = [torch.randn(37, 91, generator=generator), torch.randn(5, generator=generator)]
+    slopes = [torch.randn(g.shape, generator=generator).to(torch.bfloat16) for g in gradients]
+    expected = [g + 2.5 * s.float() for g, s in zip(gradients, slopes)]
+    targets.add_slope(gradients, slopes, 2.5)
+    for got, want in zip(gradients, expected):
+        assert torch.equal(got, want)
