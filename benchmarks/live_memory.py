@@ -32,7 +32,7 @@ import lightning.pytorch as pl
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.overhead import SETTINGS, _atomic_write, fit_once, workloads
+from benchmarks.overhead import SETTINGS, _atomic_write, fit_once, reproducing_command, workloads
 
 DEFAULT_SETTINGS = ["first order (defaults)", "Diff-In (defaults)", "Diff-In, every 10 steps"]
 
@@ -109,10 +109,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    command = "python -m benchmarks.live_memory " + " ".join(
-        ["--workloads " + " ".join(args.workloads), f"--epochs {args.epochs}", f"--threads {args.threads}"]
-        + (["--settings " + " ".join(f"'{s}'" for s in args.settings)] if args.settings != DEFAULT_SETTINGS else [])
-        + ([f"--out {args.out}"] if args.out != "benchmarks/results/live_memory.md" else [])
+    command = reproducing_command(
+        "benchmarks.live_memory",
+        ["--workloads " + " ".join(args.workloads), f"--epochs {args.epochs}", f"--threads {args.threads}"],
+        args.settings,
+        DEFAULT_SETTINGS,
+        args.out,
+        "benchmarks/results/live_memory.md",
     )
     lines = [
         f"# Peak live tensor memory with and without the DiffInCallback (CPU, {args.epochs} epochs)",

@@ -425,6 +425,19 @@ def _why(returncode: int, stderr: str) -> str:
     return (lines[-1][:200] if lines else "") + f" (exit status {returncode})"
 
 
+def reproducing_command(
+    module: str, arguments: list[str], settings: list[str], default_settings: list[str], out: str, default_out: str, flags: Sequence[str] = ()
+) -> str:
+    """The command line a results file names: ``arguments``, then ``--settings`` where not the default, ``flags``,
+    and ``--out`` where not the default (shared by the cost benchmarks)."""
+    return f"python -m {module} " + " ".join(
+        arguments
+        + (["--settings " + " ".join(f"'{s}'" for s in settings)] if settings != default_settings else [])
+        + list(flags)
+        + ([f"--out {out}"] if out != default_out else [])
+    )
+
+
 def _atomic_write(path: Path, text: str) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(text)
@@ -608,14 +621,17 @@ def main() -> None:
         _atomic_write(Path(args.result), json.dumps(result))
         return
     torch.set_num_threads(args.threads)
-    command = "python -m benchmarks.overhead " + " ".join(
-        [f"--device {args.device}", f"--threads {args.threads}", f"--repeats {args.repeats}", f"--epochs {args.epochs}", "--workloads " + " ".join(args.workloads)]
-        + (["--settings " + " ".join(f"'{s}'" for s in args.settings)] if args.settings != DEFAULT_SETTINGS else [])
-        + ([f"--breakdown {args.breakdown}"] if args.breakdown else [])
+    command = reproducing_command(
+        "benchmarks.overhead",
+        [f"--device {args.device}", f"--threads {args.threads}", f"--repeats {args.repeats}", f"--epochs {args.epochs}", "--workloads " + " ".join(args.workloads)],
+        args.settings,
+        DEFAULT_SETTINGS,
+        args.out,
+        "benchmarks/results/overhead.md",
+        flags=([f"--breakdown {args.breakdown}"] if args.breakdown else [])
         + (["--one-epoch-end"] if args.one_epoch_end else [])
         + (["--opacus"] if args.opacus else [])
-        + (["--in-process"] if args.in_process else [])
-        + ([f"--out {args.out}"] if args.out != "benchmarks/results/overhead.md" else [])
+        + (["--in-process"] if args.in_process else []),
     )
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     load_at_start, started = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

@@ -33,7 +33,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from benchmarks.overhead import SETTINGS, _atomic_write, workloads
+from benchmarks.overhead import SETTINGS, _atomic_write, reproducing_command, workloads
 from diffin_lightning import DiffInCallback
 
 _REPOSITORY = Path(__file__).resolve().parent.parent
@@ -132,10 +132,13 @@ def main() -> None:
             mine = statistics.median(walls[label])
             spread = (max(walls[label]) - min(walls[label])) / mine
             rows.append(f"| {workloads()[key][0]} | {label} | {plain:.2f} | {mine:.2f} | **{mine / plain:.2f}** | {100 * spread:.0f}% |")
-    command = "python -m benchmarks.overhead_ddp " + " ".join(
-        ["--workloads " + " ".join(args.workloads), f"--repeats {args.repeats}", f"--epochs {args.epochs}"]
-        + (["--settings " + " ".join(f"'{s}'" for s in args.settings)] if args.settings != DEFAULT_SETTINGS else [])
-        + ([f"--out {args.out}"] if args.out != "benchmarks/results/overhead_ddp.md" else [])
+    command = reproducing_command(
+        "benchmarks.overhead_ddp",
+        ["--workloads " + " ".join(args.workloads), f"--repeats {args.repeats}", f"--epochs {args.epochs}"],
+        args.settings,
+        DEFAULT_SETTINGS,
+        args.out,
+        "benchmarks/results/overhead_ddp.md",
     )
     lines = [
         f"# DiffInCallback cost under DDP (CPU, gloo, 2 processes of 1 thread; {args.epochs} measured epochs; median of {args.repeats}, alternating)",

@@ -254,9 +254,7 @@ class DiffInSettings:
         value = self.target_extrapolation
         if value is None:
             return "damped" if self.refreshes_leave_recorded_steps else "none"
-        if isinstance(value, bool):
-            return "linear" if value else "none"
-        return value
+        return extrapolation_mode(value)
 
     @property
     def resolved_second_order(self) -> SecondOrderTerm:
@@ -302,6 +300,13 @@ class DiffInSettings:
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive int; got {value!r}. Use 1 for every step.")
+
+
+def extrapolation_mode(value: TargetExtrapolation | bool) -> TargetExtrapolation:
+    """A target_extrapolation value as its mode: True/False stand for 'linear'/'none'; a mode is itself."""
+    if isinstance(value, bool):
+        return "linear" if value else "none"
+    return value
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

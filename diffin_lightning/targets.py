@@ -26,7 +26,7 @@ from diffin_lightning import distributed
 from diffin_lightning.data import INDEX_KEY, IndexedDataset
 from diffin_lightning.engine import gradient_of_mean
 from diffin_lightning.per_sample import Params, PerSampleLoss
-from diffin_lightning.settings import TARGET_EXTRAPOLATIONS, TargetExtrapolation
+from diffin_lightning.settings import TARGET_EXTRAPOLATIONS, TargetExtrapolation, extrapolation_mode
 
 TargetKind = Literal["dataset", "train", "self"]
 
@@ -89,10 +89,9 @@ class DatasetTarget:
         # in-run refreshes (s' < s); None until two in-run refreshes exist (then g(s) is held, as without it).
         # The extrapolated g_V is formed in place in ``gradient``, which then stands for step
         # ``extrapolated_to``: two parameter-sized vectors in all (the gradient and the slope), not three.
-        self.extrapolation: TargetExtrapolation = {True: "linear", False: "none"}.get(extrapolate, extrapolate)  # type: ignore[call-overload]
+        self.extrapolation: TargetExtrapolation = extrapolation_mode(extrapolate)
         if self.extrapolation not in TARGET_EXTRAPOLATIONS:
             raise ValueError(f"`extrapolate` must be one of {TARGET_EXTRAPOLATIONS} (or True/False); got {extrapolate!r}.")
-        self.extrapolate = self.extrapolation != "none"
         self.extrapolated_to: int | None = None
         # Under "damped", ``slope`` is the damped one, persistence * the last change per step (so stepping and
         # undoing the extrapolation read it as the linear mode does); the undamped change is kept as a sketch.
@@ -206,7 +205,7 @@ class DatasetTarget:
     def _refresh(self, loss: PerSampleLoss, params: Params, step: int, device: torch.device, whole: bool) -> Params:
         previous, previous_step = self.gradient, self.refreshed_at_step
         previous_in_run = previous is not None and previous_step is not None and previous_step < step and not self._whole_last
-        keep_previous = self.extrapolate and not whole and previous_in_run
+        keep_previous = self.extrapolation != "none" and not whole and previous_in_run
         if keep_previous and self.slope is not None and self.extrapolated_to is not None:
             # The gradient was extrapolated to c since its refresh at s: g(s) = g(c) - (c - s) * slope, formed
             # in the slope's memory (the extrapolated gradient let go before the pass), or in the gradient's own
@@ -272,7 +271,7 @@ class DatasetTarget:
         gradient = state.get("gradient")
         self.gradient = None if gradient is None else {k: v.to(device) for k, v in gradient.items()}
         self.refreshed_at_step = state.get("refreshed_at_step")
-        slope = state.get("slope") if self.extrapolate else None
+        slope = state.get("slope") if self.extrapolation != "none" else None
         self.slope = None if slope is None else {k: v.to(device) for k, v in slope.items()}
         self._whole_last = bool(state.get("whole_last", False))
         # (absent from checkpoints written before the gradient was extrapolated in place: it was g(s) itself)
@@ -345,17 +344,6 @@ class TrainingLossTarget:
             correction = 1 - self.decay**self.updates
         return dict(zip(self.average, torch._foreach_div(list(self.average.values()), correction)))
 
-    def _damp(self, change: Params) -> None:
-        """Scale this refresh's change per step by its persistence from the last one (in place), and keep its sketch."""
-        sketch = _sketch(change)
-        if self._change_sketch is None:
-            persistence = torch.zeros((), dtype=next(iter(change.values())).dtype, device=next(iter(change.values())).device)
-        else:
-            strides = {name: _sketch_stride(tensor) for name, tensor in change.items()}
-            persistence = persistence_of(sketch, self._change_sketch, strides)
-        torch._foreach_mul_(list(change.values()), persistence)  # a device scalar: no host synchronisation
-        self.persistence, self._change_sketch = persistence, sketch
-
     def state_dict(self) -> dict[str, Any]:
         return {
             "average": None if self.average is None else {k: v.detach().cpu() for k, v in self.average.items()},
@@ -379,17 +367,6 @@ class SelfTarget:
 
     def check_not_empty(self) -> None:
         return None
-
-    def _damp(self, change: Params) -> None:
-        """Scale this refresh's change per step by its persistence from the last one (in place), and keep its sketch."""
-        sketch = _sketch(change)
-        if self._change_sketch is None:
-            persistence = torch.zeros((), dtype=next(iter(change.values())).dtype, device=next(iter(change.values())).device)
-        else:
-            strides = {name: _sketch_stride(tensor) for name, tensor in change.items()}
-            persistence = persistence_of(sketch, self._change_sketch, strides)
-        torch._foreach_mul_(list(change.values()), persistence)  # a device scalar: no host synchronisation
-        self.persistence, self._change_sketch = persistence, sketch
 
     def state_dict(self) -> dict[str, Any]:
         return {}
