@@ -610,7 +610,8 @@ class DiffInCallback(Callback):
         for name, count in gated_steps.items():
             rank_zero_warn(
                 f"DiffInCallback: {count} recorded step(s) were skipped for target {name!r} because the model's parameters, "
-                "the batch gradient G_B or the step's per-sample losses were non-finite (found on the device, without "
+                "the batch gradient G_B, the step's per-sample losses or the target gradient g_V (from its last refresh "
+                "to the next) were non-finite (found on the device, without "
                 "stopping the step; nothing of them reaches its scores; counted in the metadata's 'nonfinite_steps_skipped'). "
                 "A diverging loss or a NaN per-sample loss can cause this."
             )

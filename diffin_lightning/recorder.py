@@ -538,13 +538,18 @@ class InfluenceRecorder:
             else:
                 gradient = target.target_gradient(self.loss, params, step, device, {})
             # A dataset target's gradient changes only at a refresh, here or before the step's forward
-            # (_product_stream): checked at that step (and every step for 'train', unless the gates guard its fold).
-            if getattr(target, "refreshed_at_step", None) == step or (isinstance(target, TrainingLossTarget) and gates is None):
-                if not _all_finite(gradient):
+            # (_product_stream), which says whether it was finite (a device flag; targets.py zeroes a non-finite
+            # one). Under the device gates that flag gates the target's steps until its next refresh (no read
+            # back, so no earlier retry); checked on the host, the step is skipped and the target refreshed again.
+            # The 'train' target's fold is checked every step, unless the gates guard it.
+            if isinstance(target, DatasetTarget):
+                if gates is None and target.refreshed_at_step == step and not bool(target.gradient_finite):
                     self.skip_step(target.name, step, "the target gradient g_V")
-                    if isinstance(target, DatasetTarget):
-                        target.refreshed_at_step = None  # refresh again next step
+                    target.refreshed_at_step = None  # refresh again next step
                     continue
+            elif gates is None and not _all_finite(gradient):
+                self.skip_step(target.name, step, "the target gradient g_V")
+                continue
             target_gradients[target.name] = gradient
         early = self._early
         if early is not None:
@@ -584,7 +589,10 @@ class InfluenceRecorder:
                     contribution.factor,
                     contribution.target_gradient,
                 )
-            usable = None if gates is None else gates.for_target(next(t for t in self.targets if t.name == name))
+            target = next(t for t in self.targets if t.name == name)
+            usable = None if gates is None else gates.for_target(target)
+            if usable is not None and isinstance(target, DatasetTarget) and target.gradient_finite is not None:
+                usable = usable & target.gradient_finite
             self.accumulator.add(name, ids, contribution, float(settings.every_n_steps), eta, batch_size, step_usable=usable)
 
     def skip_step(self, name: str, step: int, what: str) -> None:

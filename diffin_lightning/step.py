@@ -53,7 +53,8 @@ def finite_difference_step(eps: float | None, params: Params) -> Tensor:
     """The finite-difference step as a 0-d tensor: ``eps``, or ``sqrt(machine eps) * max(1, |theta|)``."""
     reference = next(iter(params.values()))
     if eps is not None:
-        return torch.tensor(float(eps), dtype=reference.dtype, device=reference.device)
+        # Filled on the device (torch.tensor would copy it from the host, which waits on a GPU).
+        return torch.full((), float(eps), dtype=reference.dtype, device=reference.device)
     return torch.finfo(reference.dtype).eps ** 0.5 * parameters_norm(params).clamp_min(1.0)
 
 

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from diffin_lightning import distributed
 from diffin_lightning.data import INDEX_KEY, IndexedDataset
 from diffin_lightning.engine import gradient_of_mean
+from diffin_lightning.finite import finite_flag
 from diffin_lightning.per_sample import Params, PerSampleLoss
 from diffin_lightning.settings import TARGET_EXTRAPOLATIONS, TargetExtrapolation, extrapolation_mode
 
@@ -111,6 +112,10 @@ class DatasetTarget:
         self.refresh_every_n_steps = refresh_every_n_steps
         self.seed = seed
         self.gradient: Params | None = None
+        # Whether the last in-run refresh's g_V was finite (a device flag; None before one). A non-finite one
+        # is zeroed in place: its steps are gated by this flag, and a gated step's g_V, scaled by 0 in the
+        # accumulator's parameter-sized sums, must not be NaN there (NaN * 0 is NaN).
+        self.gradient_finite: Tensor | None = None
         self.refreshed_at_step: int | None = None
         self._whole_last = False  # the last refresh was over the whole target (end of fit, checkpoints): no slope from it
 
@@ -234,15 +239,26 @@ class DatasetTarget:
                 batches = self._cached_batches = list(batches)
         self.gradient = gradient_of_mean(loss, params, batches, across_ranks=True)
         self.refreshed_at_step, self._whole_last = step, whole
+        finite = finite_flag(self.gradient.values())  # on the device: nothing read back
         if previous is not None:
             assert previous_step is not None
             # (g(s) - g(s')) / (s - s'), formed in the old gradient's memory.
             old = list(previous.values())
             torch._foreach_sub_(old, list(self.gradient.values()))
             torch._foreach_div_(old, float(previous_step - step))
+            # A non-finite g_V at either end (zeroed, its steps gated) gives no trend: a zero change, not one
+            # that would carry non-finite (or zeroed) values through the next interval's extrapolation.
+            unusable = (finite & self.gradient_finite).logical_not() if self.gradient_finite is not None else ~finite
+            for change in old:
+                change.masked_fill_(unusable, 0.0)  # a device flag broadcast: no read back
             if self.extrapolation == "damped":
                 self._damp(previous)
             self.slope = {name: change.to(slope_dtype(change.dtype)) for name, change in previous.items()}
+        if not whole:
+            # (A whole pass's gradient, end of fit or a checkpoint, is checked on the host where it is used.)
+            for value in self.gradient.values():
+                value.masked_fill_(~finite, 0.0)
+            self.gradient_finite = finite
         return self.gradient
 
     def _damp(self, change: Params) -> None:
@@ -265,12 +281,15 @@ class DatasetTarget:
             "extrapolated_to": self.extrapolated_to,  # the step `gradient` stands for, when extrapolated since its refresh
             "persistence": None if self.persistence is None else self.persistence.detach().cpu(),
             "change_sketch": None if self._change_sketch is None else {k: v.detach().cpu() for k, v in self._change_sketch.items()},
+            "gradient_finite": None if self.gradient_finite is None else bool(self.gradient_finite),
         }
 
     def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
         gradient = state.get("gradient")
         self.gradient = None if gradient is None else {k: v.to(device) for k, v in gradient.items()}
         self.refreshed_at_step = state.get("refreshed_at_step")
+        finite = state.get("gradient_finite")  # (absent from older checkpoints: their gradient was checked on the host)
+        self.gradient_finite = None if finite is None else torch.tensor(bool(finite), device=device)
         slope = state.get("slope") if self.extrapolation != "none" else None
         self.slope = None if slope is None else {k: v.to(device) for k, v in slope.items()}
         self._whole_last = bool(state.get("whole_last", False))
@@ -336,10 +355,11 @@ class TrainingLossTarget:
         """The bias-corrected average as it stands (the training loss's gradient estimate at the end)."""
         assert self.average is not None, "no step recorded yet"
         if isinstance(self.updates, Tensor):
-            # In float64, as the host's float is (a float32 power would move the estimate by 1e-7).
-            decay = torch.tensor(self.decay, dtype=torch.float64, device=self.updates.device)
+            # In float64, as the host's float is (a float32 power would move the estimate by 1e-7); the decay
+            # is the kernel's scalar argument, not a tensor built from it (a host-to-device copy, which waits).
+            power = torch.pow(self.decay, self.updates.to(torch.float64))
             # No fold yet (every step so far gated): the average is zero; 1 - decay is the least a fold gives.
-            correction = (1 - decay**self.updates).clamp_min(1 - self.decay).to(next(iter(self.average.values())).dtype)
+            correction = (1 - power).clamp_min(1 - self.decay).to(next(iter(self.average.values())).dtype)
         else:
             correction = 1 - self.decay**self.updates
         return dict(zip(self.average, torch._foreach_div(list(self.average.values()), correction)))

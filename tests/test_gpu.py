@@ -26,20 +26,31 @@ def test_cuda_scores_match_cpu_scores(tmp_path, tiny_data):
 
 
 @pytest.mark.gpu
-def test_recorded_steps_after_the_first_never_synchronise_with_the_host(tmp_path, tiny_data):
+@pytest.mark.parametrize("refresh", [100, 2], ids=["one refresh", "refresh every 2 steps, damped"])
+def test_recorded_steps_after_the_first_never_synchronise_with_the_host(tmp_path, tiny_data, refresh):
     """eps, |g_V|, the curvature and the propagation factor stay on the device: CUDA's sync debug mode raises
-    on any host synchronisation inside the callback's per-step hooks after the first step (which checks once)."""
-    class Strict(DiffInCallback):
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            strict = trainer.global_step > 0
-            if strict:
+    on any host synchronisation inside the callback's per-step hooks after the first step (which checks once),
+    the batch start's too (where a refresh before the forward runs), refreshes and their extrapolation included."""
+
+    def strict_after_the_first_step(hook):
+        def watched(self, trainer, *args):
+            if trainer.global_step > 0:
                 torch.cuda.set_sync_debug_mode("error")
             try:
-                super().on_before_optimizer_step(trainer, pl_module, optimizer)
+                return hook(self, trainer, *args)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
 
-    callback = Strict(targets={"val": tiny_data.val, "train": "train", "self": "self"}, target_refresh_every_n_steps=100)
+        return watched
+
+    class Strict(DiffInCallback):
+        on_before_optimizer_step = strict_after_the_first_step(DiffInCallback.on_before_optimizer_step)
+        on_train_batch_start = strict_after_the_first_step(DiffInCallback.on_train_batch_start)
+
+    callback = Strict(
+        targets={"val": tiny_data.val, "train": "train", "self": "self"}, target_refresh_every_n_steps=refresh,
+        target_extrapolation="damped" if refresh == 2 else None,
+    )
     trainer(default_root_dir=tmp_path, accelerator="gpu", max_epochs=2, callbacks=[callback]).fit(TinyClassifier().double(), tiny_data.loader())
     assert callback._recorder.use_capture and callback.steps_recorded == 8
 

@@ -215,3 +215,60 @@ def test_the_train_targets_average_leaves_out_a_gated_fold():
             torch.testing.assert_close(estimate["w"], expected["w"], rtol=1e-15, atol=0)
     assert int(gated.updates) == skipped.updates == 3
     assert gated.state_dict()["updates"] == 3
+
+
+class PoisonedTargetPass(TinyClassifier):
+    """NaN losses for the target's samples (known by their inputs) at chosen steps: its refreshes then, nothing else."""
+
+    def __init__(self, poisoned_steps: set[int], target_inputs: torch.Tensor) -> None:
+        super().__init__()
+        self.poisoned_steps = poisoned_steps
+        self.register_buffer("target_marks", target_inputs[:, 0].clone())
+
+    def per_sample_loss(self, batch):
+        losses = super().per_sample_loss(batch)
+        if self.global_step in self.poisoned_steps:
+            # (times NaN, not replaced by it: the gradient must be NaN too)
+            losses = losses * torch.where(torch.isin(batch["input"][:, 0], self.target_marks), float("nan"), 1.0)
+        return losses
+
+
+@pytest.mark.parametrize("path", ["device gates", "host checks"])
+def test_a_non_finite_target_refresh_skips_its_steps_and_leaves_no_slope(tmp_path, tiny_data, path):
+    """A refresh whose g_V is non-finite. Under the device gates (the default) nothing is read back: the target's
+    steps are gated until its next refresh (steps 2 and 3 of a refresh every 2 steps), and the change across the bad
+    refresh gives the extrapolation no slope (a NaN one would poison the next interval too). Checked on the host
+    (micro-batches of unequal sizes: the step is recomputed), the step is skipped and the target refreshed again at
+    the next step."""
+    gated = path == "device gates"
+    # Host checks: batches of 6, 6, 4 accumulated into one step an epoch.
+    loader, fit = (tiny_data.loader(), dict(max_epochs=2)) if gated else (tiny_data.loader(batch_size=6), dict(max_epochs=8, accumulate_grad_batches=3))
+    settings = dict(targets={"val": tiny_data.val, "self": "self"}, target_refresh_every_n_steps=2, target_extrapolation="damped")
+    poisoned = DiffInCallback(output_dir=tmp_path / "a", **settings)
+    clean = DiffInCallback(output_dir=tmp_path / "b", **settings)
+
+    class Slopes(Callback):
+        """Whether the target's slope is finite after each step (None before the second refresh)."""
+
+        def __init__(self):
+            self.finite: list[bool | None] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            slope = poisoned._recorder.targets[0].slope
+            self.finite.append(None if slope is None else all(bool(torch.isfinite(s).all()) for s in slope.values()))
+
+    slopes = Slopes()
+    marks = tiny_data.val.tensors[0]
+    with pytest.warns(UserWarning, match="non-finite"):
+        trainer(default_root_dir=tmp_path / "a", callbacks=[poisoned, slopes], **fit).fit(PoisonedTargetPass({2}, marks).double(), loader)
+    trainer(default_root_dir=tmp_path / "b", callbacks=[clean], **fit).fit(PoisonedTargetPass(set(), marks).double(), loader)
+    result = load_influence(tmp_path / "a")
+    _assert_all_finite(result)
+    skipped = 2 if gated else 1
+    assert result.metadata["nonfinite_steps_skipped"] == {"val": skipped}
+    samples_per_step = 4 if gated else 16
+    assert result["val"].visits.sum() == result["self"].visits.sum() - samples_per_step * skipped
+    # Nothing non-finite leaked into the per-sample sums or the end-of-fit drift (NaN * 0 in a gated step's g_V).
+    assert result.metadata["nonfinite_samples_skipped"] == {}
+    assert all(finite in (None, True) for finite in slopes.finite), slopes.finite
+    torch.testing.assert_close(result["self"].diffin, load_influence(tmp_path / "b")["self"].diffin)  # training untouched
