@@ -163,6 +163,13 @@ def workloads() -> dict[str, Workload]:
             lambda: SyntheticDataModule(num_samples=2048, dim=256, num_classes=10, batch_size=256),
             lambda data: MLPClassifier(**data.model_kwargs(), hidden_dims=(1024, 1024)),
         ),
+        # The same MLP trained hot (lr 3.0): the damped extrapolation's persistence is 0 at every refresh (measured
+        # over 8 epochs), the regime where the CPU keeps no slope (targets.persistence_known_zero).
+        "mlp_hot": (
+            "MLP 256-1024-1024-10, synthetic N=2048, batch 256, lr 3.0 (hot)",
+            lambda: SyntheticDataModule(num_samples=2048, dim=256, num_classes=10, batch_size=256),
+            lambda data: MLPClassifier(**data.model_kwargs(), hidden_dims=(1024, 1024), lr=3.0),
+        ),
         "cnn": (
             "bundled CNN (conv8-conv16) on digits, batch 64",
             lambda: DigitsDataModule(batch_size=64, image=True),

@@ -253,7 +253,12 @@ class DatasetTarget:
                 change.masked_fill_(unusable, 0.0)  # a device flag broadcast: no read back
             if self.extrapolation == "damped":
                 self._damp(previous)
-            self.slope = {name: change.to(slope_dtype(change.dtype)) for name, change in previous.items()}
+            if self.extrapolation == "damped" and persistence_known_zero(self.persistence):
+                # rho = 0 (most refreshes of a hot run): the slope would be zero, so g(s) is held without one, no add
+                # a step and no half a vector (the change's sketch is kept for the next refresh's persistence).
+                self.slope = None
+            else:
+                self.slope = {name: change.to(slope_dtype(change.dtype)) for name, change in previous.items()}
         if not whole:
             # (A whole pass's gradient, end of fit or a checkpoint, is checked on the host where it is used.)
             for value in self.gradient.values():
@@ -295,11 +300,12 @@ class DatasetTarget:
         self._whole_last = bool(state.get("whole_last", False))
         # (absent from checkpoints written before the gradient was extrapolated in place: it was g(s) itself)
         self.extrapolated_to = state.get("extrapolated_to")
-        damped = self.extrapolation == "damped" and self.slope is not None
+        # (A damped slope of rho = 0 is not kept, persistence_known_zero: the sketch then travels without one.)
+        damped = self.extrapolation == "damped"
         persistence, sketch = state.get("persistence"), state.get("change_sketch")
         self.persistence = persistence.to(device) if damped and persistence is not None else None
         self._change_sketch = {k: v.to(device) for k, v in sketch.items()} if damped and sketch is not None else None
-        if damped and self._change_sketch is None:
+        if damped and self.slope is not None and self._change_sketch is None:
             # A slope from a checkpoint without a sketch (written by the linear mode, or before the damped one):
             # its persistence is unknown, so it is not followed until the next refresh measures one.
             torch._foreach_mul_(list(self.slope.values()), 0.0)
@@ -428,6 +434,13 @@ def add_slope(gradients: list[Tensor], slopes: list[Tensor], alpha: float) -> No
         for start in range(0, flat_gradient.numel(), SLOPE_ADD_PIECE_ELEMENTS):
             end = start + SLOPE_ADD_PIECE_ELEMENTS
             flat_gradient[start:end].add_(flat_slope[start:end], alpha=alpha)
+
+
+def persistence_known_zero(persistence: Tensor | None) -> bool:
+    """Whether a damped slope's persistence is 0, where that is known for free: on the CPU, where a read back
+    waits for nothing. On an accelerator it stays a device scalar (a read would wait for the queue), and its
+    zero slope is kept and added."""
+    return persistence is not None and persistence.device.type == "cpu" and float(persistence) == 0.0
 
 
 def _sketch_stride(tensor: Tensor) -> int:

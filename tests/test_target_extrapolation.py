@@ -119,6 +119,9 @@ def test_the_damped_slope_is_the_last_change_scaled_by_its_persistence(tiny_data
         if step in (3, 6, 9):
             changes, rhos = _damped_reference(fresh, [s for s in (0, 3, 6, 9) if s <= step])
             assert float(target.persistence) == pytest.approx(rhos[step], abs=1e-12)
+            if rhos[step] == 0.0:
+                assert target.slope is None  # on the CPU a zero slope is not kept (persistence_known_zero)
+                continue
             slope = torch.cat([v.reshape(-1) for v in target.slope.values()])
             torch.testing.assert_close(slope, rhos[step] * changes[step], rtol=1e-10, atol=1e-14)
     _, rhos = _damped_reference(fresh, [0, 3, 6, 9])
@@ -129,6 +132,49 @@ def test_the_damped_slope_is_the_last_change_scaled_by_its_persistence(tiny_data
         torch.testing.assert_close(torch.cat([v.reshape(-1) for v in gradients[t].values()]), expected, rtol=1e-10, atol=1e-14)
     for k in fresh[10]:  # rho = 0 after the reversal: g(9) held
         torch.testing.assert_close(gradients[10][k], fresh[9][k], rtol=1e-12, atol=1e-14)
+
+
+def _steady_then_reversing(model, loss, target, steps, device, move_at=lambda step: 0.03 if step < 6 else 0.05 * (-1) ** step):
+    """g_V at each step while the parameters move by ``move_at(step)`` along a fixed direction (by default steadily
+    for 6 steps and then back and forth: rho > 0, then 0)."""
+    direction = {n: torch.cos(torch.arange(p.numel(), dtype=p.dtype)).reshape(p.shape) for n, p in model.named_parameters()}
+    out = []
+    for step in steps:
+        move = move_at(step)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.add_(move * direction[name])
+        out.append({k: v.clone() for k, v in target.target_gradient(loss, loss.parameters(), step, device, {}).items()})
+    return out
+
+
+def test_a_zero_persistence_holds_g_without_a_slope_and_gives_what_a_zero_slope_gives(tiny_data, monkeypatch):
+    """On the CPU, where reading rho costs nothing, a refresh with rho = 0 keeps no slope (no add a step, no half a
+    vector); on an accelerator the zero slope is kept and added. Both give the same g_V at every step."""
+    from diffin_lightning import targets as targets_module
+
+    device, steps = torch.device("cpu"), list(range(16))
+    runs, slopes_kept = {}, {}
+    for path in ("cpu", "accelerator"):
+        if path == "accelerator":
+            monkeypatch.setattr(targets_module, "persistence_known_zero", lambda persistence: False)
+        torch.manual_seed(0)
+        model = TinyClassifier().double()
+        loss = PerSampleLoss(model, lambda m, b: m.per_sample_loss(b))
+        target = DatasetTarget("val", tiny_data.val, batch_size=7, refresh_every_n_steps=2, extrapolate="damped")
+        kept, gradients = [], []
+        for step in steps:
+            gradients += _steady_then_reversing(model, loss, target, [step], device)
+            kept.append((step, target.slope is not None, None if target.persistence is None else float(target.persistence)))
+        runs[path], slopes_kept[path] = gradients, kept
+    zero_refreshes = [step for step, _, rho in slopes_kept["cpu"] if rho == 0.0 and step % 2 == 0 and step >= 2]
+    assert zero_refreshes and any(rho and rho > 0 for _, _, rho in slopes_kept["cpu"]), slopes_kept["cpu"]
+    for step, has_slope, rho in slopes_kept["cpu"]:
+        assert has_slope == (rho is not None and rho > 0), (step, has_slope, rho)
+    assert all(has_slope for step, has_slope, _ in slopes_kept["accelerator"] if step >= 2)
+    for step, (cpu, accelerator) in enumerate(zip(runs["cpu"], runs["accelerator"])):
+        for k in cpu:
+            assert torch.equal(cpu[k], accelerator[k]), (step, k)
 
 
 def test_the_persistence_and_the_last_change_travel_in_the_state(tiny_data):
@@ -152,6 +198,27 @@ def test_the_persistence_and_the_last_change_travel_in_the_state(tiny_data):
         for k in expected:
             assert torch.equal(expected[k], got[k]), (step, k)
         assert torch.equal(original.persistence, restored.persistence)
+    # A checkpoint taken where rho = 0 left no slope (the sketch travels alone): resumed, the same g_V and rho. The
+    # parameters move one way to step 4 and back after it (refreshes every 2 steps: rho 1 at step 4, 0 at step 6, and
+    # about 1 again at step 8, which the sketch of step 6's change measures).
+    torch.manual_seed(1)
+    model = TinyClassifier().double()
+    loss = PerSampleLoss(model, lambda m, b: m.per_sample_loss(b))
+    turn = lambda step: 0.03 if step <= 4 else -0.03  # noqa: E731
+    uninterrupted = DatasetTarget("val", tiny_data.val, batch_size=7, refresh_every_n_steps=2, extrapolate="damped")
+    _steady_then_reversing(model, loss, uninterrupted, range(8), device, turn)
+    assert uninterrupted.slope is None and float(uninterrupted.persistence) == 0.0 and uninterrupted._change_sketch is not None
+    resumed = DatasetTarget("val", tiny_data.val, batch_size=7, refresh_every_n_steps=2, extrapolate="damped")
+    resumed.load_state_dict(copy.deepcopy(uninterrupted.state_dict()), device)
+    state = copy.deepcopy(model.state_dict())
+    expected = _steady_then_reversing(model, loss, uninterrupted, range(8, 12), device, turn)
+    assert float(uninterrupted.persistence) > 0.5  # followed again: the resumed target must know step 6's change
+    model.load_state_dict(state)
+    got = _steady_then_reversing(model, loss, resumed, range(8, 12), device, turn)
+    for step, (a, b) in enumerate(zip(expected, got)):
+        for k in a:
+            assert torch.equal(a[k], b[k]), (step + 8, k)
+    assert torch.equal(uninterrupted.persistence, resumed.persistence)
     # A linear run's checkpoint (a slope, no sketch) resumed damped: its slope is not followed until one is measured.
     linear = DatasetTarget("val", tiny_data.val, batch_size=7, refresh_every_n_steps=3, extrapolate=True)
     for step in (0, 3):
