@@ -85,7 +85,8 @@ class DiffInSettings:
         "coordinates; 0 until two changes exist): a steady trend is followed, SGD noise is not. 'linear': rho = 1. 'none': hold "
         "g(s). True/False mean 'linear'/'none'. None (auto): 'damped' where in-run refreshes leave recorded steps between "
         "them (target_refresh_every_n_steps > every_n_steps, schedule='in_run'), else 'none'. Either extrapolation holds one "
-        "more parameter-sized vector (the slope; in bfloat16 for a float32 model: half a vector); named explicitly it needs "
+        "more parameter-sized vector (the slope; in bfloat16 for a float32 model: half a vector; on the CPU none while "
+        "'damped' measures rho = 0); named explicitly it needs "
         "those and a dataset target.",
         default=None,
     )
