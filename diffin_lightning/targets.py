@@ -239,9 +239,11 @@ class DatasetTarget:
                 batches = self._cached_batches = list(batches)
         self.gradient = gradient_of_mean(loss, params, batches, across_ranks=True)
         self.refreshed_at_step, self._whole_last = step, whole
-        finite = finite_flag(self.gradient.values())  # on the device: nothing read back
+        # An in-run g_V's finiteness, on the device (nothing read back). A whole pass's gradient (end of fit, a
+        # checkpoint) is checked on the host where it is used, and keeps no previous gradient.
+        finite = None if whole else finite_flag(self.gradient.values())
         if previous is not None:
-            assert previous_step is not None
+            assert previous_step is not None and finite is not None
             # (g(s) - g(s')) / (s - s'), formed in the old gradient's memory.
             old = list(previous.values())
             torch._foreach_sub_(old, list(self.gradient.values()))
@@ -259,10 +261,10 @@ class DatasetTarget:
                 self.slope = None
             else:
                 self.slope = {name: change.to(slope_dtype(change.dtype)) for name, change in previous.items()}
-        if not whole:
-            # (A whole pass's gradient, end of fit or a checkpoint, is checked on the host where it is used.)
+        if finite is not None:
+            non_finite = ~finite
             for value in self.gradient.values():
-                value.masked_fill_(~finite, 0.0)
+                value.masked_fill_(non_finite, 0.0)
             self.gradient_finite = finite
         return self.gradient
 

@@ -16,6 +16,7 @@ import pytest
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data import TensorDataset
 
 from diffin_lightning import DiffInCallback
 from helpers import TinyClassifier, trainer
@@ -135,7 +136,11 @@ def test_the_watch_sees_this_librarys_read_backs_and_names_the_line():
 
 def test_the_watch_sees_a_tensor_made_from_host_values():
     """The 'train' target's bias correction once made its decay a tensor each step (a copy that waits on a GPU)."""
-    from diffin_lightning.targets import TrainingLossTarget
+    from diffin_lightning.targets import DatasetTarget, TrainingLossTarget
+
+    with _ReadBacks() as watch:  # loading a checkpoint makes its flag from a host bool: seen (it is no step's)
+        DatasetTarget("val", TensorDataset(torch.zeros(2, 1))).load_state_dict({"gradient_finite": True}, torch.device("cpu"))
+    assert len(watch.where) == 1 and watch.where[0].startswith("/targets.py:"), watch.where
 
     target = TrainingLossTarget(decay=0.9)
     target.average, target.updates = {"w": torch.ones(2, dtype=torch.float64)}, torch.tensor(3)
