@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from diffin_lightning import distributed
 from diffin_lightning.accumulator import InfluenceAccumulator, nonzero_counts
 from diffin_lightning.batch_mixing import batch_mixing_message, batch_mixing_modules
+from diffin_lightning.precision import widest_float
 from diffin_lightning.data import INDEX_KEY, dataset_fingerprint, find_indexed_dataset, inexact_resume_reason
 from diffin_lightning.engine import number_of_batches, replayed_rng, save_rng_state, training_set_batches
 from diffin_lightning.recorder import InfluenceRecorder
@@ -137,6 +139,9 @@ class DiffInCallback(Callback):
                 f"`target_extrapolation={settings.target_extrapolation!r}` extrapolates a dataset target's g_V, but `targets` "
                 f"holds none (only {sorted(t.kind for t in self.targets)}). Add a dataset target or drop target_extrapolation."
             )
+        inert = settings.inert_options([target.kind for target in self.targets])
+        if inert:
+            warnings.warn("DiffInCallback: " + " ".join(inert), UserWarning, stacklevel=2)
         self.index_fn = settings.index_fn or _default_index_fn
         self.output_dir: os.PathLike[str] | None = None if settings.output_dir is None else Path(settings.output_dir)
         self.output_path: Path | None = None
@@ -291,7 +296,7 @@ class DiffInCallback(Callback):
         if self.settings.schedule == "checkpoints":
             self.record.checkpoint_steps = self._plan_checkpoints(trainer)
         device = pl_module.device
-        dtype = torch.float32 if device.type == "mps" else torch.float64
+        dtype = widest_float(device)
         if self._accumulator is None or self._loaded_state is not None:
             self._accumulator = InfluenceAccumulator([t.name for t in self.targets], num_samples, device, dtype)
         if self._loaded_state is not None:

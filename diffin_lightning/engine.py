@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from diffin_lightning import distributed
 from diffin_lightning.dots import LayerCapture, PerSampleDots, functional_dots, functional_squared_norms, supported_layers_message
+from diffin_lightning.precision import widened
 from diffin_lightning.dots.stream import ProductStream
 from diffin_lightning.per_sample import Params, PerSampleLoss
 
@@ -639,10 +640,10 @@ def relative_difference(a: Params, b: Params) -> float:
     """``|a - b| / max(|b|, tiny)`` over all parameters (one host sync; used once per run).
 
     Per-parameter norms in the parameters' dtype (one difference of one parameter at a time, no
-    float64 copies: they set the peak memory of a first-order run), combined in float64.
+    float64 copies: they set the peak memory of a first-order run), combined in float64 (float32 on MPS).
     """
-    difference = torch.stack([torch.linalg.vector_norm(a[k] - b[k]).double() for k in b]).norm()
-    scale = torch.stack([torch.linalg.vector_norm(b[k]).double() for k in b]).norm()
+    difference = torch.stack([widened(torch.linalg.vector_norm(a[k] - b[k])) for k in b]).norm()
+    scale = torch.stack([widened(torch.linalg.vector_norm(b[k])) for k in b]).norm()
     return float(difference / scale.clamp_min(1e-300))
 
 

@@ -155,16 +155,11 @@ class PerSampleLoss:
         """``[l_i(params)]`` for the samples of ``batch``."""
         return self._call(params, batch)
 
-    def uses_ghost(self, params: Params) -> bool:
-        """Always ``False``: the Linear-only activation cache is gone (the dots package replaced it); kept for callers."""
-        return False
-
-    def batch_gradient(self, params: Params, batches: Iterable[Any], total: int | None = None, keep_captures: bool = False) -> Params:
+    def batch_gradient(self, params: Params, batches: Iterable[Any], total: int | None = None) -> Params:
         """``grad (1/total) sum_{i in batches} l_i`` at ``params``.
 
         ``batches`` are the step's micro-batches (or a target's batches); ``total``
         defaults to the number of samples they hold, which makes this the mean loss's gradient.
-        ``keep_captures`` is accepted and ignored (nothing is cached any more).
         """
         result: Params | None = None
         count = 0

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from diffin_lightning import distributed
 from diffin_lightning.accumulator import InfluenceAccumulator
+from diffin_lightning.precision import widened
 from diffin_lightning.engine import (
     CapturedStep,
     MicroBatch,
@@ -95,7 +96,8 @@ class InfluenceRecorder:
 
     def __init__(self, settings: DiffInSettings, targets: list[Target], module: nn.Module, loss_fn: LossFn, record: RunRecord) -> None:
         self.settings, self.targets, self.module = settings, targets, module
-        # The torch.func path (dot_products="functional") and the checkpoint schedule seed their passes.
+        # Passes over target batches, and every pass of the torch.func path (dot_products="functional") and of
+        # the checkpoint schedule, are seeded per step (``seed``): their dropout masks are the run's to choose.
         self.loss = PerSampleLoss(module, loss_fn)
         # The capture path replays the training step's own random state instead.
         self.unseeded_loss = PerSampleLoss(module, loss_fn, seed=None)
@@ -108,13 +110,16 @@ class InfluenceRecorder:
         self._model_nonfinite_warned = False
         self._stream: ProductStream | None = None  # what the current step's capture takes during its backward
         self._early: EarlyPasses | None = None  # the current step's perturbed passes, taken before its forward
+        # Paths without the capture (torch.func's, the checkpoint schedule's): the step's micro-batches with the RNG
+        # state their training forward started from, replayed by their recomputations (the training step's masks).
+        self._step_rng_states: list[tuple[Any, RngState]] = []
         self.record = record
         record.engine = (
             "captured from the training step"
             if self.use_capture
             else "captured from one recomputed forward+backward per step"
-            if self.fast
-            else "recomputed (torch.func)"
+            if self.fast and settings.schedule == "in_run"
+            else "recomputed (torch.func)"  # (the checkpoint schedule's passes are torch.func's whatever dot_products says)
         )
         self.accumulator: InfluenceAccumulator | None = None
         # The training step's micro-batch size: the default batch of every extra pass (targets, training set).
@@ -167,6 +172,8 @@ class InfluenceRecorder:
         ``release_stale_gradients``: the previous step's ``.grad`` is dead here (the callback checked
         that Lightning discards it before the backward) and goes before those passes.
         """
+        if (self.capture is None or self.settings.schedule != "in_run") and rng is not None:
+            self._step_rng_states.append((batch, rng))
         if self.capture is not None and self.settings.schedule == "in_run":
             first = not self.capture.micro_batches
             # A refresh below batches the target by the training micro-batch: known from here on, where the
@@ -222,6 +229,7 @@ class InfluenceRecorder:
         if release_stale_gradients:
             for parameter in self.module.parameters():
                 parameter.grad = None
+        self.loss.seed = settings.seed * 1_000_003 + step  # the refresh's dropout masks, as on every other path
         # The refresh's own forward and backward reach no capture: another callback's may be on for its step already.
         with other_captures_paused(capture), replayed_rng(None, reference.device):
             directions = tuple(target.target_gradient(self.loss, params, step, reference.device, {}) for target in datasets)
@@ -263,6 +271,7 @@ class InfluenceRecorder:
         self._in_training_step = False
         self._stream = None
         self._early = None
+        self._step_rng_states = []
         if self.capture is not None:
             self.capture.clear()
 
@@ -358,8 +367,10 @@ class InfluenceRecorder:
     ) -> None:
         view: StepGradients
         try:
+            # Seeds this step's passes over target batches (and, on the torch.func path, over its own batches).
+            self.loss.seed = self.settings.seed * 1_000_003 + step
             if self.capture is None:
-                self.loss.seed = self.settings.seed * 1_000_003 + step
+                self.loss.replay_rng_states(self._step_rng_states)
                 view = RecomputedStep(self.loss, params, batches, batch_size, self.settings.self_chunk_size)
             else:
                 capture = self.capture
@@ -389,6 +400,7 @@ class InfluenceRecorder:
         finally:
             self._stream = None
             self._early = None
+            self._step_rng_states = []
             self.loss.clear_captures()
             if self.capture is not None:
                 self.capture.clear()
@@ -446,7 +458,7 @@ class InfluenceRecorder:
             recomputed = self._recaptured(view.params, view.micro_batches, forward_context, self.unseeded_loss, stream=recheck)
             gradient_gap = relative_difference(view.batch_gradient, recomputed.batch_gradient)
             expected = _checked_products(recomputed, stream)
-        captured, expected = _checked_products(view, stream).double(), expected.double()
+        captured, expected = widened(_checked_products(view, stream)), widened(expected)
         capture_gap = float((captured - expected).abs().max() / expected.abs().max().clamp_min(1e-300))
         passed = gradient_gap <= tolerance and capture_gap <= tolerance
         # Under DDP every rank must take the same path (their passes meet in collectives): the
@@ -656,8 +668,11 @@ class InfluenceRecorder:
         training_set: Callable[[], Iterable[tuple[Any, Tensor]]],
     ) -> None:
         """schedule='checkpoints': score every training sample with this step's batch as the proxy batch."""
-        with other_captures_paused(self.capture):
-            self._record_checkpoint(step, eta, batches, ids, weight, training_set)
+        try:
+            with other_captures_paused(self.capture):
+                self._record_checkpoint(step, eta, batches, ids, weight, training_set)
+        finally:
+            self._step_rng_states = []
 
     def _record_checkpoint(
         self, step: int, eta: float, batches: list[Any], ids: Tensor, weight: float, training_set: Callable[[], Iterable[tuple[Any, Tensor]]]
@@ -674,6 +689,7 @@ class InfluenceRecorder:
             return
         loss = self.loss
         loss.seed = self.settings.seed * 1_000_003 + step
+        loss.replay_rng_states(self._step_rng_states)  # the checkpoint step's own batches: their training masks
         params = loss.parameters()
         proxy = RecomputedStep(loss, params, batches, int(ids.numel()), self.settings.self_chunk_size)
         target_gradients: dict[str, Params | None] = {}

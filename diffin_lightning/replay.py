@@ -181,7 +181,7 @@ class _StepEngine:
         total: Params | None = None
         for k, batch in enumerate(batches):
             with self._rng(rng[k] if rng else None):
-                part = self.loss.batch_gradient(params, [batch], total=self._weight(batch), keep_captures=keep_captures)
+                part = self.loss.batch_gradient(params, [batch], total=self._weight(batch))
             total = part if total is None else {n: total[n] + part[n] for n in total}
         assert total is not None
         return total

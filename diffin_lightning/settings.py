@@ -9,8 +9,9 @@ hand-written list of options.
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 
@@ -174,8 +175,8 @@ class DiffInSettings:
             if getattr(self, name) is not None:
                 _check_positive_int(name, getattr(self, name))
         eps = self.eps
-        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0):
-            raise ValueError(f"`eps` must be a positive float or None (automatic); got {eps!r}. Example: eps=1e-4.")
+        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf):
+            raise ValueError(f"`eps` must be a positive float or None (automatic), and finite; got {eps!r}. Example: eps=1e-4.")
         _check_choice("finite_difference", self.finite_difference, FINITE_DIFFERENCE_SCHEMES)
         if self.second_order is not None:
             _check_choice("second_order", self.second_order, SECOND_ORDER_TERMS)
@@ -217,9 +218,17 @@ class DiffInSettings:
         decay = self.train_target_decay
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
             raise ValueError(f"`train_target_decay` must be in [0, 1); got {decay!r}. Example: 0.9.")
-        for name in ("stream_products", "release_stale_gradients"):
+        for name in _BOOL_OPTIONS:
             if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"`{name}` must be True or False; got {getattr(self, name)!r}.")
+                # (A string such as "false" is truthy: taken as given it would turn the option on.)
+                raise TypeError(f"`{name}` must be True or False; got {getattr(self, name)!r}. Example: {name}={not _DEFAULTS[name]}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"`seed` must be an int; got {self.seed!r}. Example: seed=0.")
+        if self.output_dir is not None and not isinstance(self.output_dir, (str, os.PathLike)):
+            raise TypeError(
+                f"`output_dir` must be a path (str or os.PathLike) or None (the Trainer's default_root_dir); got "
+                f"{type(self.output_dir).__name__} {self.output_dir!r}. Example: output_dir='runs/influence'."
+            )
         if self.reuse_training_step is not None and not isinstance(self.reuse_training_step, bool):
             raise TypeError(f"`reuse_training_step` must be True, False or None (automatic); got {self.reuse_training_step!r}.")
         for name in ("loss_fn", "index_fn"):
@@ -264,6 +273,50 @@ class DiffInSettings:
             return self.second_order
         return "paper" if self.schedule == "checkpoints" else "propagated"
 
+    def inert_options(self, target_kinds: Collection[str]) -> list[str]:
+        """The options set away from their defaults that this combination never reads, each with why and the fix.
+
+        ``target_kinds``: the kinds of the callback's targets ('dataset', 'train', 'self'). The
+        callback warns with these once: a value that is accepted and silently ignored reads as if
+        it had acted.
+        """
+        inert: dict[str, str] = {}  # option -> message (the first reason found)
+
+        def changed(name: str) -> bool:
+            return getattr(self, name) != _DEFAULTS[name]
+
+        def add(name: str, why: str, fix: str) -> None:
+            inert.setdefault(name, f"`{name}={getattr(self, name)!r}` has no effect: {why}. {fix}")
+
+        if not self.compute_second_order:
+            why = "compute_second_order=False records the first-order term only"
+            if self.second_order is not None and self.second_order != ("paper" if self.schedule == "checkpoints" else "propagated"):
+                add("second_order", why, "Drop it, or set compute_second_order=True.")
+            for name in ("finite_difference", "eps"):
+                if changed(name):
+                    add(name, why, "Drop it, or set compute_second_order=True.")
+        if self.schedule == "checkpoints":
+            why = "schedule='checkpoints' recomputes each checkpoint's gradients with torch.func and the whole target"
+            for name in ("target_refresh_every_n_steps", "dot_products", "stream_products"):
+                if changed(name):
+                    add(name, why, "Drop it, or use schedule='in_run'.")
+            if self.reuse_training_step:
+                add("reuse_training_step", why, "Drop it, or use schedule='in_run'.")
+        elif self.dot_products == "functional":
+            why = "dot_products='functional' recomputes every step through torch.func, with no layer capture"
+            if self.reuse_training_step:
+                add("reuse_training_step", why, "Drop it, or use dot_products='auto'.")
+            if changed("stream_products"):
+                add("stream_products", why, "Drop it, or use dot_products='auto'.")
+        if "dataset" not in target_kinds:
+            why = f"it applies to dataset targets, and `targets` holds none (only {sorted(set(target_kinds))})"
+            for name in ("target_batch_size", "target_max_samples", "target_refresh_every_n_steps", "cache_target_on_device"):
+                if changed(name):
+                    add(name, why, "Drop it, or add a dataset target (for example targets={'val': val_dataset}).")
+        if "train" not in target_kinds and changed("train_target_decay"):
+            add("train_target_decay", "it applies to the 'train' target, and `targets` holds none", "Drop it, or add targets={..., 'train': 'train'}.")
+        return list(inert.values())
+
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON values (callables by their qualified name), saved in the results' metadata."""
         out: dict[str, Any] = {}
@@ -298,9 +351,25 @@ class DiffInSettings:
         return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
 
 
+_BOOL_OPTIONS = ("compute_second_order", "cache_target_on_device", "stream_products", "release_stale_gradients", "save_on_checkpoint", "allow_batch_mixing")
+_DEFAULTS = {f.name: f.default for f in fields(DiffInSettings)}
+
+# What a positive-int option's error suggests: a valid value and what it does.
+_POSITIVE_INT_EXAMPLES = {
+    "every_n_steps": "every_n_steps=1 records every step",
+    "target_refresh_every_n_steps": "target_refresh_every_n_steps=10 refreshes g_V every 10 steps (1: every step)",
+    "target_batch_size": "target_batch_size=256, or None for the training micro-batch size",
+    "target_max_samples": "target_max_samples=1024, or None for the whole target",
+    "self_chunk_size": "self_chunk_size=64, or None for one chunk",
+    "num_samples": "num_samples=50000, or None to read it from the training set",
+    "training_set_batch_size": "training_set_batch_size=512, or None for the training micro-batch size",
+    "num_checkpoints": "num_checkpoints=5",
+}
+
+
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int; got {value!r}. Use 1 for every step.")
+        raise ValueError(f"`{name}` must be a positive int; got {value!r}. Example: {_POSITIVE_INT_EXAMPLES[name]}.")
 
 
 def extrapolation_mode(value: TargetExtrapolation | bool) -> TargetExtrapolation:

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from diffin_lightning import distributed
 from diffin_lightning.data import INDEX_KEY, IndexedDataset
+from diffin_lightning.precision import widened
 from diffin_lightning.engine import gradient_of_mean
 from diffin_lightning.finite import finite_flag
 from diffin_lightning.per_sample import Params, PerSampleLoss
@@ -363,9 +364,9 @@ class TrainingLossTarget:
         """The bias-corrected average as it stands (the training loss's gradient estimate at the end)."""
         assert self.average is not None, "no step recorded yet"
         if isinstance(self.updates, Tensor):
-            # In float64, as the host's float is (a float32 power would move the estimate by 1e-7); the decay
+            # In float64 (float32 on MPS), as the host's float is (a float32 power would move the estimate by 1e-7); the decay
             # is the kernel's scalar argument, not a tensor built from it (a host-to-device copy, which waits).
-            power = torch.pow(self.decay, self.updates.to(torch.float64))
+            power = torch.pow(self.decay, widened(self.updates))
             # No fold yet (every step so far gated): the average is zero; 1 - decay is the least a fold gives.
             correction = (1 - power).clamp_min(1 - self.decay).to(next(iter(self.average.values())).dtype)
         else:

@@ -76,6 +76,19 @@ def test_defaults_are_documented_in_the_callback_docstring():
             r"needs target_refresh_every_n_steps > every_n_steps .* got target_refresh_every_n_steps=10, every_n_steps=10",
         ),
         ({"release_stale_gradients": "no"}, "`release_stale_gradients` must be True or False; got 'no'"),
+        # A string "false" is truthy: accepted as given it turned the second order on (found in review).
+        ({"compute_second_order": "false"}, "`compute_second_order` must be True or False; got 'false'. Example: compute_second_order=False"),
+        ({"save_on_checkpoint": "yes"}, "`save_on_checkpoint` must be True or False; got 'yes'"),
+        ({"allow_batch_mixing": 1}, "`allow_batch_mixing` must be True or False; got 1"),
+        ({"cache_target_on_device": None}, "`cache_target_on_device` must be True or False; got None"),
+        ({"seed": 1.5}, "`seed` must be an int; got 1.5. Example: seed=0"),
+        ({"seed": True}, "`seed` must be an int; got True"),
+        ({"output_dir": 3}, r"`output_dir` must be a path \(str or os.PathLike\) or None .*; got int 3. Example: output_dir="),
+        ({"eps": float("inf")}, "`eps` must be a positive float or None \\(automatic\\), and finite; got inf"),
+        # Each positive-int option's error suggests a value of its own (it once said "Use 1 for every step" to all).
+        ({"target_batch_size": 0}, "`target_batch_size` must be a positive int; got 0. Example: target_batch_size=256, or None"),
+        ({"training_set_batch_size": -2}, "`training_set_batch_size` must be a positive int; got -2. Example: training_set_batch_size=512"),
+        ({"schedule": "checkpoints", "num_checkpoints": 0}, "`num_checkpoints` must be a positive int; got 0. Example: num_checkpoints=5"),
         ({"stream_products": 0}, "`stream_products` must be True or False; got 0"),
         ({"target_extrapolation": True, "target_refresh_every_n_steps": 1}, "needs target_refresh_every_n_steps > every_n_steps .* got target_refresh_every_n_steps=1"),
         (
@@ -129,3 +142,39 @@ def test_extrapolation_resolves_automatically_where_refreshes_leave_gaps():
     assert DiffInSettings(target_extrapolation=False).resolved_target_extrapolation == "none"
     assert DiffInSettings(target_extrapolation="linear").to_dict()["target_extrapolation"] == "linear"
     assert DiffInSettings().to_dict()["target_extrapolation"] == "damped"  # the metadata says what ran
+
+
+@pytest.mark.parametrize(
+    ("targets", "options", "inert"),
+    [
+        ({"val": None}, {"compute_second_order": False, "eps": 1e-3, "finite_difference": "central", "second_order": "sum"}, ["second_order", "finite_difference", "eps"]),
+        ({"s": "self"}, {"target_max_samples": 10, "target_refresh_every_n_steps": 3, "target_batch_size": 8, "cache_target_on_device": False}, ["target_batch_size", "target_max_samples", "target_refresh_every_n_steps", "cache_target_on_device"]),
+        ({"val": None}, {"train_target_decay": 0.5}, ["train_target_decay"]),
+        ({"val": None}, {"schedule": "checkpoints", "num_checkpoints": 2, "dot_products": "functional", "reuse_training_step": True, "target_refresh_every_n_steps": 3}, ["target_refresh_every_n_steps", "dot_products", "reuse_training_step"]),
+        ({"val": None}, {"dot_products": "functional", "reuse_training_step": True, "stream_products": False}, ["reuse_training_step", "stream_products"]),
+    ],
+    ids=["first-order", "no-dataset-target", "no-train-target", "checkpoints", "functional"],
+)
+def test_options_this_combination_never_reads_are_named_in_one_warning(tiny_data, targets, options, inert):
+    """An option accepted and silently ignored reads as if it had acted: each is named with why and the fix."""
+    targets = {name: tiny_data.val if value is None else value for name, value in targets.items()}
+    with pytest.warns(UserWarning, match="DiffInCallback: ") as caught:
+        DiffInCallback(targets=targets, **options)
+    (warning,) = [w for w in caught if "has no effect" in str(w.message)]
+    named = [part.split("=")[0].strip("` ") for part in str(warning.message).removeprefix("DiffInCallback: ").split(". `")]
+    assert named == inert, str(warning.message)
+    assert "Drop it, or" in str(warning.message)
+
+
+def test_defaults_and_the_bundled_configs_warn_of_no_inert_option(tiny_data, recwarn):
+    """What the library and its Hydra configs set by default is all read (no warning a user would learn to ignore)."""
+    import yaml
+
+    DiffInCallback(targets={"val": tiny_data.val, "train": "train", "self": "self"})
+    folder = Path(__file__).parent.parent / "diffin_lightning" / "configs" / "influence"
+    base = yaml.safe_load((folder / "diffin.yaml").read_text())
+    for path in folder.glob("*.yaml"):
+        config = {**base, **yaml.safe_load(path.read_text())}
+        options = {k: v for k, v in config.items() if k not in ("_target_", "targets", "defaults")}
+        assert DiffInSettings(**options).inert_options(["dataset", "self"]) == [], path.name
+    assert [str(w.message) for w in recwarn if "has no effect" in str(w.message)] == []

@@ -31,6 +31,8 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
+from diffin_lightning.precision import widened
+
 Params = dict[str, Tensor]
 FallbackMethod = Literal["auto", "jvp", "finite_difference"]
 FALLBACK_METHODS: tuple[FallbackMethod, ...] = ("auto", "jvp", "finite_difference")
@@ -49,7 +51,7 @@ def finite_difference_step(dtype: torch.dtype) -> float:
 
 
 def _norm(tensors: Mapping[str, Tensor], names: Sequence[str]) -> Tensor:
-    return torch.sqrt(sum(tensors[name].double().pow(2).sum() for name in names))  # type: ignore[arg-type]
+    return torch.sqrt(sum(widened(tensors[name]).pow(2).sum() for name in names))  # type: ignore[arg-type]
 
 
 def functional_dots(
@@ -133,7 +135,7 @@ def _finite_difference_dots(
     with torch.no_grad():
         plus = loss_vector_fn({**params, **{name: params[name] + (step * direction[name]).to(dtype) for name in names}})
         minus = loss_vector_fn({**params, **{name: params[name] - (step * direction[name]).to(dtype) for name in names}})
-    return ((plus.double() - minus.double()) / (2 * step)).to(plus.dtype)
+    return ((widened(plus) - widened(minus)) / (2 * step)).to(plus.dtype)
 
 
 def functional_squared_norms(

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from diffin_lightning.dots.factors import LayerFactors
 from diffin_lightning.dots.per_sample_dots import DEFAULT_MAX_MATERIALISED_ELEMENTS, PerSampleDots
+from diffin_lightning.precision import widened
 
 
 # Where a taken layer's G_sum comes from, where its <G_sum, G_i> form reads it (the Gram form never does):
@@ -160,7 +161,7 @@ class ProductStream:
 
 
 def gradient_gap_parts(summed: Mapping[str, Tensor], mean: Mapping[str, Tensor], size: int, rows: Mapping[str, slice | None] | None = None) -> Tensor:
-    """``[|G_sum / size - mean|^2, |G_sum / size|^2]`` (float64) over ``summed``'s parameters.
+    """``[|G_sum / size - mean|^2, |G_sum / size|^2]`` (float64; float32 on MPS) over ``summed``'s parameters.
 
     ``rows``: per parameter, the rows a block answers for (a projection's share of a stacked
     weight), ``None`` for all. ``summed`` is consumed: each tensor is turned into its difference
@@ -172,8 +173,8 @@ def gradient_gap_parts(summed: Mapping[str, Tensor], mean: Mapping[str, Tensor],
         gradient = whole if part_rows is None else whole[part_rows]
         reference_mean = mean[name] if part_rows is None else mean[name][part_rows]
         gradient.div_(size)
-        reference = torch.linalg.vector_norm(gradient).double()
-        parts.append(torch.stack([torch.linalg.vector_norm(gradient.sub_(reference_mean)).double() ** 2, reference**2]))
+        reference = widened(torch.linalg.vector_norm(gradient))
+        parts.append(torch.stack([widened(torch.linalg.vector_norm(gradient.sub_(reference_mean))) ** 2, reference**2]))
     return torch.stack(parts).sum(dim=0)
 
 
