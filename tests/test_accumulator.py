@@ -52,8 +52,11 @@ def test_a_nonfinite_factor_carries_everything_unchanged():
     acc.add("v", torch.tensor([0]), Contribution(one, 0 * one, torch.tensor(0.5, dtype=torch.float64), gradient), 1.0, 1.0, 1)
     before = {k: v.clone() for k, v in acc.sums["v"].items()}
     acc.add("v", torch.tensor([1]), Contribution(one, 0 * one, torch.tensor(float("nan"), dtype=torch.float64), gradient), 1.0, 1.0, 1)
-    torch.testing.assert_close(acc.sums["v"]["decayed_first"], before["decayed_first"])
+    for key, value in before.items():  # every state, sample 1's finite contribution included: nothing added, nothing scaled
+        torch.testing.assert_close(acc.sums["v"][key], value, rtol=0, atol=0)
     torch.testing.assert_close(acc.parameter_states["v"]["w"], gradient["w"] / 3)
+    # One factor step counted; not skipped samples, not a gated step.
+    assert int(acc.nonfinite_factor_steps["v"]) == 1 and int(acc.nonfinite) == 0 and int(acc.nonfinite_gated_steps["v"]) == 0
     assert propagation_factor(0.1, torch.tensor(-3.0), 2) == 1.0  # the tensor form clamps like the float form
 
 

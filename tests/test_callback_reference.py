@@ -140,9 +140,11 @@ def test_components_match_brute_force_reference(tmp_path, tiny_data, accumulate,
     assert all(len(s.ids) == 4 * accumulate for s in recorder.steps), "a step must hold all its micro-batches"
     assert len(recorder.steps) == epochs * 4 // accumulate
 
+    # target_extrapolation left to auto: 'damped' where refreshes leave recorded steps between them, else 'none'.
+    extrapolate = "damped" if refresh > every_n else "none"
+    assert callback.settings.resolved_target_extrapolation == extrapolate
     first, second_fd, second_exact, visits, represented, propagated = reference_scores(
-        model, recorder.steps, tiny_data, eps=EPS, every_n=every_n, refresh=refresh, decay=0.5, scheme=scheme,
-        extrapolate=callback.settings.resolved_target_extrapolation,  # 'damped' where refreshes leave gaps (the default)
+        model, recorder.steps, tiny_data, eps=EPS, every_n=every_n, refresh=refresh, decay=0.5, scheme=scheme, extrapolate=extrapolate
     )
     result = callback.influence_with("sum")
     paper = callback.influence_with("paper")
@@ -211,10 +213,16 @@ def test_extrapolated_target_matches_brute_force_reference(tmp_path, tiny_data, 
 
 
 def test_runs_on_the_models_device_without_host_transfers_of_scores(tmp_path, tiny_data):
-    callback = DiffInCallback(targets={"val": tiny_data.val}, eps=EPS)
+    """The default settings with a fixed eps (test_host_sync runs other settings): the sums stay on the model's device
+    and no step after the first reads a value back, across the in-run refresh at step 10 and the damped extrapolation."""
+    from test_host_sync import _strict
+
+    callback = _strict(DiffInCallback)(targets={"val": tiny_data.val}, eps=EPS)
     model = TinyClassifier().double()
-    trainer(default_root_dir=tmp_path, max_epochs=1, callbacks=[callback]).fit(model, tiny_data.loader())
+    trainer(default_root_dir=tmp_path, max_epochs=3, callbacks=[callback]).fit(model, tiny_data.loader())
+    assert callback.steps_recorded == 12 and callback.settings.resolved_target_extrapolation == "damped"
     assert all(t.device == model.device for sums in callback._sums.values() for t in sums.values())
+    assert callback.read_backs == [], sorted(set(callback.read_backs))
 
 
 def test_first_order_only_matches_the_full_runs_first_order(tmp_path, tiny_data):
@@ -291,18 +299,35 @@ def test_dataloader_target_equals_dataset_target(tmp_path, tiny_data):
     _close(results[1].second_order, results[0].second_order, RTOL)
 
 
-def test_target_subsets_are_drawn_per_refresh(tmp_path, tiny_data):
-    """max_samples below the target's size: each refresh uses a seeded subset, so scores differ from the full
-    target but repeat exactly for the same seed."""
+def test_target_subsets_are_drawn_per_refresh(tmp_path, tiny_data, monkeypatch):
+    """max_samples below the target's size: each refresh (every step here) uses a seeded subset drawn afresh, so
+    scores differ from the full target but repeat exactly for the same seed."""
+    from diffin_lightning.targets import DatasetTarget
+
+    batches = DatasetTarget._batches
+    drawn: list[dict[int, list[int]]] = []  # per run: in-run refresh step -> the target ids its batches held
+
+    def spy(self, step, whole=False):
+        ids = [] if whole else drawn[-1].setdefault(step, [])
+        for batch in batches(self, step, whole):
+            ids.extend(batch["index"].tolist())
+            yield batch
+
+    monkeypatch.setattr(DatasetTarget, "_batches", spy)
     scores = []
     for max_samples in (None, 3, 3):
-        callback = DiffInCallback(targets={"val": tiny_data.val}, eps=EPS, target_max_samples=max_samples)
+        drawn.append({})
+        callback = DiffInCallback(targets={"val": tiny_data.val}, eps=EPS, target_max_samples=max_samples, target_refresh_every_n_steps=1)
         trainer(default_root_dir=tmp_path / str(len(scores)), max_epochs=1, callbacks=[callback]).fit(
             TinyClassifier().double(), tiny_data.loader()
         )
         scores.append(callback.influence["val"].first_order)
     assert not torch.allclose(scores[1], scores[0])
     assert torch.equal(scores[1], scores[2])
+    subsets = drawn[1]
+    assert sorted(subsets) == [0, 1, 2, 3] and all(len(set(ids)) == 3 for ids in subsets.values())
+    assert len({frozenset(ids) for ids in subsets.values()}) == 4, subsets  # a new subset at every refresh
+    assert drawn[2] == subsets  # the same seed draws the same subsets
 
 
 def test_end_of_fit_drift_uses_the_whole_target_with_subset_refreshes(tmp_path, tiny_data):

@@ -39,18 +39,26 @@ def test_complex():
 
 def test_the_device_flag_agrees_with_the_exact_test_and_reads_nothing_back():
     from diffin_lightning.finite import finite_flag
+    from test_host_sync import _ReadBacks
 
     tensors = [torch.randn(50, 7), torch.randn(13, dtype=torch.float64), torch.arange(4)]
-    flag = finite_flag(tensors)
+    with _ReadBacks() as watch:  # the flags are made under the watch; the test's own bool(...) reads after it
+        flag = finite_flag(tensors)
+        broken_flags = {}
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            broken = [t.clone() for t in tensors]
+            broken[1][7] = bad
+            broken_flags[bad] = (finite_flag(broken), broken)
+        empty = finite_flag([], device=torch.device("cpu"))
+        # The documented difference: no exact second test, so a float32 sum that overflows reads as non-finite.
+        big = torch.full((4,), torch.finfo(torch.float32).max)
+        overflowed = finite_flag([big])
+    assert watch.where == [], watch.where
     assert flag.dtype == torch.bool and flag.shape == () and bool(flag)
-    for bad in (float("nan"), float("inf"), float("-inf")):
-        broken = [t.clone() for t in tensors]
-        broken[1][7] = bad
-        assert not bool(finite_flag(broken)) and not all_finite(broken)
-    assert bool(finite_flag([], device=torch.device("cpu")))
-    # The documented difference: no exact second test, so a float32 sum that overflows reads as non-finite.
-    big = torch.full((4,), torch.finfo(torch.float32).max)
-    assert all_finite([big]) and not bool(finite_flag([big]))
+    for broken_flag, broken in broken_flags.values():
+        assert not bool(broken_flag) and not all_finite(broken)
+    assert bool(empty)
+    assert all_finite([big]) and not bool(overflowed)
 
 
 @pytest.mark.parametrize("fused", [False, True])

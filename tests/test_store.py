@@ -77,8 +77,13 @@ def test_round_trip_float32(tmp_path):
 
 def test_overwrite_is_atomic_and_complete(tmp_path):
     save_influence(_result(fingerprint="first"), tmp_path)
-    save_influence(_result(fingerprint="second"), tmp_path)
-    assert load_influence(tmp_path).metadata["fingerprint"] == "second"
+    second = _result(n=7, fingerprint="second")  # other tensors too: both files must be the second write's
+    save_influence(second, tmp_path)
+    loaded = load_influence(tmp_path)
+    assert loaded.metadata["fingerprint"] == "second"
+    _assert_equal_results(loaded, second)
+    # Nothing of the write is left beside the pair: no temporary (.<name>.<pid>.<random>.tmp), no pending metadata.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["influence.json", "influence.safetensors"]
 
 
 def test_refuses_other_format_version(tmp_path):
@@ -102,7 +107,6 @@ def test_refuses_mismatched_pair(tmp_path):
     # The header is checked first: the other file's shapes give it away before any data is read.
     with pytest.raises(InfluenceFileError, match=r"tensor '.*' has shape \[6\].*must be \[5\]"):
         load_influence(tmp_path / "a")
-    save_influence(_result(n=5, fingerprint="other"), tmp_path / "c")
     other = _result(n=5)
     other.targets["val"] = TargetInfluence("val", "dataset", *(2 * other["val"].component(c) for c in COMPONENTS))
     save_influence(other, tmp_path / "b")
