@@ -227,6 +227,9 @@ class DiffInCallback(Callback):
             target_max_samples=s.target_max_samples,
             seed=s.seed,
             **_extrapolation_key(s),
+            # The 'train' target's decay changes its numbers; named only away from its default, so that the key a
+            # run's checkpoints were saved under before it was part of the key stays the same.
+            **({"train_target_decay": s.train_target_decay} if s.train_target_decay != DiffInSettings.defaults()["train_target_decay"] else {}),
         )
 
     # ------------------------------------------------------------------ setup
@@ -339,7 +342,17 @@ class DiffInCallback(Callback):
         self._total_steps = int(total)
         m = self.settings.num_checkpoints
         assert m is not None
-        return sorted({int((k + 0.5) * self._total_steps / m) for k in range(m)})
+        steps = sorted({int((k + 0.5) * self._total_steps / m) for k in range(m)})
+        if len(steps) < m:
+            # Each checkpoint then stands for T / len(steps) = one step (the weights use the distinct count).
+            warnings.warn(
+                f"DiffInCallback: `num_checkpoints={m}` exceeds the run's {self._total_steps} optimizer step(s); every step is "
+                f"a checkpoint ({len(steps)} in all, recorded in the metadata's checkpoint_steps). Set num_checkpoints <= "
+                f"{self._total_steps}, or use schedule='in_run', which records every step.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return steps
 
     @staticmethod
     def _train_dataset(trainer: pl.Trainer) -> Any:

@@ -178,3 +178,20 @@ def test_defaults_and_the_bundled_configs_warn_of_no_inert_option(tiny_data, rec
         options = {k: v for k, v in config.items() if k not in ("_target_", "targets", "defaults")}
         assert DiffInSettings(**options).inert_options(["dataset", "self"]) == [], path.name
     assert [str(w.message) for w in recwarn if "has no effect" in str(w.message)] == []
+
+
+def test_the_train_targets_decay_has_its_own_state_key_and_the_default_keeps_the_old_one(tiny_data):
+    """Callbacks differing only in the 'train' target's decay record different numbers: each resumes its own state.
+    The default adds nothing to the key (checkpoints saved before the decay was part of it resume under theirs)."""
+    keys = {decay: DiffInCallback(targets={"train": "train"}, train_target_decay=decay).state_key for decay in (0.9, 0.5, 0.99)}
+    assert "train_target_decay" not in keys[0.9] and "'train_target_decay': 0.5" in keys[0.5]
+    assert len(set(keys.values())) == 3
+
+
+def test_more_checkpoints_than_steps_warns_and_records_every_step(tmp_path, tiny_data):
+    from helpers import TinyClassifier, trainer
+
+    callback = DiffInCallback(targets={"val": tiny_data.val}, schedule="checkpoints", num_checkpoints=9, second_order="paper")
+    with pytest.warns(UserWarning, match=r"`num_checkpoints=9` exceeds the run's 4 optimizer step\(s\); every step is a checkpoint \(4 in all"):
+        trainer(default_root_dir=tmp_path, max_epochs=1, callbacks=[callback]).fit(TinyClassifier().double(), tiny_data.loader())
+    assert callback.checkpoint_steps == [0, 1, 2, 3] and callback.steps_recorded == 4
