@@ -139,7 +139,8 @@ class DiffInCallback(Callback):
                 f"`target_extrapolation={settings.target_extrapolation!r}` extrapolates a dataset target's g_V, but `targets` "
                 f"holds none (only {sorted(t.kind for t in self.targets)}). Add a dataset target or drop target_extrapolation."
             )
-        inert = settings.inert_options([target.kind for target in self.targets])
+        datasets = [target for target in self.targets if isinstance(target, DatasetTarget)]
+        inert = settings.inert_options([target.kind for target in self.targets], bool(datasets) and all(t.loader is not None for t in datasets))
         if inert:
             warnings.warn("DiffInCallback: " + " ".join(inert), UserWarning, stacklevel=2)
         self.index_fn = settings.index_fn or _default_index_fn

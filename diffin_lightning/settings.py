@@ -273,12 +273,13 @@ class DiffInSettings:
             return self.second_order
         return "paper" if self.schedule == "checkpoints" else "propagated"
 
-    def inert_options(self, target_kinds: Collection[str]) -> list[str]:
+    def inert_options(self, target_kinds: Collection[str], dataset_targets_are_loaders: bool = False) -> list[str]:
         """The options set away from their defaults that this combination never reads, each with why and the fix.
 
-        ``target_kinds``: the kinds of the callback's targets ('dataset', 'train', 'self'). The
-        callback warns with these once: a value that is accepted and silently ignored reads as if
-        it had acted.
+        ``target_kinds``: the kinds of the callback's targets ('dataset', 'train', 'self');
+        ``dataset_targets_are_loaders``: every dataset target is a DataLoader (it brings its own
+        batches). The callback warns with these once: a value that is accepted and silently
+        ignored reads as if it had acted.
         """
         inert: dict[str, str] = {}  # option -> message (the first reason found)
 
@@ -313,6 +314,11 @@ class DiffInSettings:
             for name in ("target_batch_size", "target_max_samples", "target_refresh_every_n_steps", "cache_target_on_device"):
                 if changed(name):
                     add(name, why, "Drop it, or add a dataset target (for example targets={'val': val_dataset}).")
+        elif dataset_targets_are_loaders:
+            why = "every dataset target is a DataLoader, which brings its own batches (and is not cached)"
+            for name in ("target_batch_size", "cache_target_on_device"):
+                if changed(name):
+                    add(name, why, "Drop it, or pass the target as a Dataset.")
         if "train" not in target_kinds and changed("train_target_decay"):
             add("train_target_decay", "it applies to the 'train' target, and `targets` holds none", "Drop it, or add targets={..., 'train': 'train'}.")
         return list(inert.values())

@@ -152,12 +152,19 @@ def test_extrapolation_resolves_automatically_where_refreshes_leave_gaps():
         ({"val": None}, {"train_target_decay": 0.5}, ["train_target_decay"]),
         ({"val": None}, {"schedule": "checkpoints", "num_checkpoints": 2, "dot_products": "functional", "reuse_training_step": True, "target_refresh_every_n_steps": 3}, ["target_refresh_every_n_steps", "dot_products", "reuse_training_step"]),
         ({"val": None}, {"dot_products": "functional", "reuse_training_step": True, "stream_products": False}, ["reuse_training_step", "stream_products"]),
+        ({"val": "loader"}, {"target_batch_size": 2, "cache_target_on_device": False, "target_max_samples": 3}, ["target_batch_size", "cache_target_on_device"]),
     ],
-    ids=["first-order", "no-dataset-target", "no-train-target", "checkpoints", "functional"],
+    ids=["first-order", "no-dataset-target", "no-train-target", "checkpoints", "functional", "loader-target"],
 )
 def test_options_this_combination_never_reads_are_named_in_one_warning(tiny_data, targets, options, inert):
     """An option accepted and silently ignored reads as if it had acted: each is named with why and the fix."""
-    targets = {name: tiny_data.val if value is None else value for name, value in targets.items()}
+    from torch.utils.data import DataLoader
+
+    from diffin_lightning import IndexedDataset
+
+    # None: the validation Dataset; "loader": the same in a DataLoader (max_samples still applies to it).
+    loader = DataLoader(IndexedDataset(tiny_data.val), batch_size=3)
+    targets = {name: tiny_data.val if value is None else loader if value == "loader" else value for name, value in targets.items()}
     with pytest.warns(UserWarning, match="DiffInCallback: ") as caught:
         DiffInCallback(targets=targets, **options)
     (warning,) = [w for w in caught if "has no effect" in str(w.message)]
