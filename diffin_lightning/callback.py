@@ -589,7 +589,8 @@ class DiffInCallback(Callback):
         size = self.settings.training_set_batch_size
         if size is None:
             size = (self._recorder.micro_batch_size if self._recorder is not None else None) or FALLBACK_BATCH_SIZE
-        batches = training_set_batches(dataset, size, device)
+        # The training loader's collate_fn: the pass's batches go to the same per_sample_loss as the training step's.
+        batches = training_set_batches(dataset, size, device, getattr(trainer.train_dataloader, "collate_fn", None))
         if progress is not None and trainer.progress_bar_callback is not None and trainer.is_global_zero:
             from tqdm.auto import tqdm
 

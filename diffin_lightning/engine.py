@@ -682,18 +682,23 @@ def gradient_of_mean(loss: PerSampleLoss, params: Params, batches: Iterable[Any]
 def training_set_batches(dataset: Any, batch_size: int, device: torch.device, collate: Callable[[list[Any]], Any] | None = None) -> Iterator[Any]:
     """The training set in id order, ``batch_size`` samples at a time, each batch moved to ``device``.
 
-    An ``IndexedDataset`` over a ``TensorDataset`` is sliced directly (no per-sample Python
-    ``__getitem__``); anything else goes through a ``DataLoader``. Under DDP, this rank's
-    share (every W-th sample): a pass over the training set runs once in total, not once per rank.
+    ``collate``: the training loader's ``collate_fn`` (the batches must look like the training
+    step's; ``None`` or PyTorch's default: the default). An ``IndexedDataset`` over a
+    ``TensorDataset`` with the default collate is sliced directly (no per-sample Python
+    ``__getitem__``, the same batches the default collate makes); anything else goes through a
+    ``DataLoader`` with ``collate``. Under DDP, this rank's share (every W-th sample): a pass over
+    the training set runs once in total, not once per rank.
     """
     from lightning.fabric.utilities.apply_func import move_data_to_device
-    from torch.utils.data import DataLoader, Subset, TensorDataset
+    from torch.utils.data import DataLoader, Subset, TensorDataset, default_collate
 
     from diffin_lightning.data import INDEX_KEY, IndexedDataset
 
+    if collate is default_collate:
+        collate = None
     world, rank = distributed.world_size(), distributed.rank()
     inner = dataset.dataset if isinstance(dataset, IndexedDataset) else None
-    if isinstance(inner, TensorDataset) and len(inner.tensors) == 2:
+    if isinstance(inner, TensorDataset) and len(inner.tensors) == 2 and collate is None:
         inputs, targets = inner.tensors
         if world == 1:
             for start in range(0, len(inner), batch_size):

@@ -82,3 +82,45 @@ def test_the_fix_an_error_about_n_names_works(tmp_path, tiny_data):
         _fit(tmp_path / "own", own, targets={"s": "self"}, index_fn=shifted)
     scores = _fit(tmp_path / "own2", own, targets={"s": "self"}, index_fn=shifted, num_samples=115 + 1).influence["s"]
     assert torch.equal(scores.visits[100:], torch.full((16,), 2.0, dtype=torch.float64))
+
+
+class _RenamedKeys(TinyClassifier):
+    """A model whose batches come from a collate_fn of its own (keys renamed): the training step's layout."""
+
+    def per_sample_loss(self, batch):
+        import torch.nn.functional as F
+
+        return F.cross_entropy(self(batch["features"]), batch["labels"], reduction="none")
+
+
+def _renaming_collate(items):
+    from torch.utils.data import default_collate
+
+    batch = default_collate(items)
+    return {"index": batch["index"], "features": batch["input"], "labels": batch["target"]}
+
+
+@pytest.mark.parametrize("schedule", ["in_run", "checkpoints"])
+def test_passes_over_the_training_set_use_the_training_loaders_collate_fn(tmp_path, tiny_data, schedule):
+    """The end-of-fit pass (and each checkpoint's pass) batch the training set as the training loader does: with the
+    default collate instead, a collate_fn of one's own failed after training (KeyError: 'features', found in review)."""
+    from diffin_lightning import EpochSeededSampler
+
+    class RenamedVal(Dataset):
+        def __len__(self):
+            return len(tiny_data.val)
+
+        def __getitem__(self, i):
+            x, y = tiny_data.val[i]
+            return {"features": x, "labels": y}
+
+    options = dict(eps=1e-6) if schedule == "in_run" else dict(eps=1e-6, schedule="checkpoints", num_checkpoints=2, second_order="paper")
+    indexed = IndexedDataset(tiny_data.train)
+    runs = []
+    for model, collate, val in ((TinyClassifier(), None, tiny_data.val), (_RenamedKeys(), _renaming_collate, RenamedVal())):
+        loader = DataLoader(indexed, batch_size=4, sampler=EpochSeededSampler(len(indexed), seed=0), **({"collate_fn": collate} if collate else {}))
+        callback = DiffInCallback(targets={"val": val}, **options)
+        trainer(default_root_dir=tmp_path / str(len(runs)), max_epochs=2, callbacks=[callback]).fit(model.double(), loader)
+        runs.append(callback.influence["val"])
+    for component in ("first_order", "second_order", "diffin"):
+        torch.testing.assert_close(getattr(runs[1], component), getattr(runs[0], component), rtol=1e-12, atol=1e-15)
