@@ -125,12 +125,46 @@ def _gather_visits(ids: Tensor, correct: Tensor, error: Tensor) -> tuple[Tensor,
     return tuple(torch.cat([part[k] for part in gathered]) for k in range(3))  # type: ignore[return-value]
 
 
+class DynamicsFileError(ValueError):
+    """``dynamics.safetensors`` is unreadable or not what :class:`TrainingDynamicsCallback` writes."""
+
+
+_DYNAMICS_FIX = "Re-run the training with TrainingDynamicsCallback (the file is written at the end of fit), and do not edit it by hand."
+
+
 def load_dynamics(directory: str | Path) -> dict[str, Tensor]:
-    """Read ``dynamics.safetensors`` (EL2N and forgetting counts) from a run directory."""
+    """Read ``dynamics.safetensors`` (EL2N and forgetting counts) from a run directory, checked.
+
+    safetensors runs no code on load; what it reads is then checked to be the pair this
+    callback writes: ``el2n`` (floating, finite) and ``forgetting`` (whole counts >= 0), one
+    value per training sample each. Anything else is refused naming the file, the rule, the
+    value and the fix, instead of failing later inside a task.
+    """
     path = Path(directory) / DYNAMICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: the run was trained without TrainingDynamicsCallback.")
-    return load_safetensors_bytes(path.read_bytes())
+    try:
+        scores = load_safetensors_bytes(path.read_bytes())
+    except Exception as error:  # safetensors' own error types vary by version: a truncated or foreign file
+        raise DynamicsFileError(f"{path}: not a readable safetensors file ({type(error).__name__}: {error}). {_DYNAMICS_FIX}") from error
+    if set(scores) != {"el2n", "forgetting"}:
+        raise DynamicsFileError(f"{path}: must hold the tensors ['el2n', 'forgetting']; holds {sorted(scores)}. {_DYNAMICS_FIX}")
+    el2n, forgetting = scores["el2n"], scores["forgetting"]
+    for name, tensor in scores.items():
+        if tensor.dim() != 1:
+            raise DynamicsFileError(f"{path}: {name!r} must be 1-d, one value per sample; has shape {tuple(tensor.shape)}. {_DYNAMICS_FIX}")
+    if el2n.shape != forgetting.shape:
+        raise DynamicsFileError(
+            f"{path}: 'el2n' and 'forgetting' must hold one value per sample each; they hold {el2n.numel()} and "
+            f"{forgetting.numel()}. {_DYNAMICS_FIX}"
+        )
+    if not el2n.dtype.is_floating_point or not bool(torch.isfinite(el2n).all()):
+        problem = f"dtype {el2n.dtype}" if not el2n.dtype.is_floating_point else f"{int((~torch.isfinite(el2n)).sum())} non-finite value(s)"
+        raise DynamicsFileError(f"{path}: 'el2n' must be finite floats; got {problem}. {_DYNAMICS_FIX}")
+    counts = forgetting.double()
+    if forgetting.dtype == torch.bool or not bool((torch.isfinite(counts) & (counts >= 0) & (counts == counts.round())).all()):
+        raise DynamicsFileError(f"{path}: 'forgetting' must be counts (whole numbers >= 0, stored as float64); got dtype {forgetting.dtype} with other values. {_DYNAMICS_FIX}")
+    return scores
 
 
-__all__ = ["TrainingDynamicsCallback", "load_dynamics"]
+__all__ = ["DynamicsFileError", "TrainingDynamicsCallback", "load_dynamics"]
