@@ -20,7 +20,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -42,13 +42,35 @@ def nonzero_counts(counts: Mapping[str, Tensor]) -> dict[str, int]:
 
 
 @dataclass(frozen=True)
+class StepValues:
+    """What one recorded step hands every declared state, for the samples it visited (``[B]`` each).
+
+    ``first``/``second``: the step's terms, zero where non-finite, times the step's weight;
+    ``visited``: 1 where the sample's contribution counted, else 0; ``step_weight``: the steps
+    the recorded one stands for times ``eta/|B|``; ``keep``: 1 where the step's propagation
+    factor was usable, else 0 (a 0-d tensor; 1 for targets without one).
+    """
+
+    first: Tensor
+    second: Tensor
+    visited: Tensor
+    step_weight: float
+    keep: Tensor | float
+
+
+@dataclass(frozen=True)
 class StateSpec:
-    """How one per-sample state is updated at a step and reduced across processes."""
+    """How one per-sample state is updated at a step and reduced across processes.
+
+    ``values``: what the step adds at the visited ids (a rule of :class:`StepValues`); a
+    ``"propagate"`` state is first multiplied by the step's factor (targets with a second order only).
+    """
 
     name: str
     update: Update
     reduce: Reduce
     help: str
+    values: Callable[[StepValues], Tensor]
 
 
 class InfluenceAccumulator:
@@ -64,11 +86,13 @@ class InfluenceAccumulator:
     def __init__(self, target_names: list[str], num_samples: int, device: torch.device, dtype: torch.dtype) -> None:
         self.num_samples, self.device, self.dtype = num_samples, device, dtype
         self.declared: dict[str, StateSpec] = {}
-        self.add_state("first_order", "add", "sum of (eta/|B|) <g_V, G_i> over the sample's visits (times every_n_steps)")
-        self.add_state("second_order_sum", "add", "sum of the in-run Eq. 9 terms -(t eta^2/|B|) <g_V, H_B G_i + H_i G_B>")
-        self.add_state("visits", "add", "recorded steps whose finite contribution reached the sample")
-        self.add_state("decayed_first", "propagate", "first-order sum, every earlier part carried by each later step's factor")
-        self.add_state("decayed_weight", "propagate", "sum of eta/|B| over visits, carried the same way (drift correction)")
+        self.add_state("first_order", "add", "sum of (eta/|B|) <g_V, G_i> over the sample's visits (times every_n_steps)", lambda v: v.first)
+        self.add_state("second_order_sum", "add", "sum of the in-run Eq. 9 terms -(t eta^2/|B|) <g_V, H_B G_i + H_i G_B>", lambda v: v.second)
+        self.add_state("visits", "add", "recorded steps whose finite contribution reached the sample", lambda v: v.visited)
+        self.add_state("decayed_first", "propagate", "first-order sum, every earlier part carried by each later step's factor", lambda v: v.first * v.keep)
+        self.add_state(
+            "decayed_weight", "propagate", "sum of eta/|B| over visits, carried the same way (drift correction)", lambda v: v.visited * v.step_weight * v.keep
+        )
         # Parameter-shaped, per target: sum_t (eta_t/N) g_V(theta_t), carried by the same factors.
         self.parameter_states: dict[str, Params] = {}
         self.sums: dict[str, dict[str, Tensor]] = {name: self._zeros() for name in target_names}
@@ -87,9 +111,18 @@ class InfluenceAccumulator:
         """All targets' skipped (sample, step) contributions."""
         return torch.stack(list(self.nonfinite_samples.values())).sum()
 
-    def add_state(self, name: str, update: Update, help: str, reduce: Reduce = "sum") -> None:
-        """Declare a per-sample state (a zero tensor ``[N]`` per target)."""
-        self.declared[name] = StateSpec(name, update, reduce, help)
+    def add_state(self, name: str, update: Update, help: str, values: Callable[[StepValues], Tensor], reduce: Reduce = "sum") -> None:
+        """Declare a per-sample state (a zero tensor ``[N]`` per target) and what a step adds to it.
+
+        :meth:`add` updates every declared state from its declaration alone, so a state declared
+        here is updated, reduced across processes and saved with no other change.
+        """
+        if update not in ("add", "propagate") or reduce != "sum":
+            raise ValueError(f"add_state({name!r}): update must be 'add' or 'propagate' and reduce 'sum'; got update={update!r}, reduce={reduce!r}.")
+        self.declared[name] = StateSpec(name, update, reduce, help, values)
+        if hasattr(self, "sums"):  # declared after construction: every target gets its zeros now
+            for sums in self.sums.values():
+                sums.setdefault(name, torch.zeros(self.num_samples, dtype=self.dtype, device=self.device))
 
     def _zeros(self) -> dict[str, Tensor]:
         return {name: torch.zeros(self.num_samples, dtype=self.dtype, device=self.device) for name in self.declared}
@@ -126,17 +159,22 @@ class InfluenceAccumulator:
         mask = finite.to(self.dtype)
         first = torch.where(finite, first, 0).to(self.dtype) * weight
         second = torch.where(finite, second, 0).to(self.dtype) * weight
-        sums["first_order"].index_add_(0, ids, first)
-        sums["second_order_sum"].index_add_(0, ids, second)
-        sums["visits"].index_add_(0, ids, mask)
-        if contribution.factor is None:
+        factor: Tensor | None = None
+        keep: Tensor | float = 1.0
+        if contribution.factor is not None:
+            assert usable is not None
+            factor = torch.where(usable, contribution.factor, 1.0).to(self.dtype)
+            keep = usable.to(self.dtype)
+        step = StepValues(first, second, mask, eta_over_batch * weight, keep)
+        # Every declared state from its declaration: the propagated ones only where the target has a factor.
+        for spec in self.declared.values():
+            if spec.update == "propagate":
+                if factor is None:
+                    continue
+                sums[spec.name].mul_(factor)
+            sums[spec.name].index_add_(0, ids, spec.values(step))
+        if factor is None:
             return
-        factor = torch.where(usable, contribution.factor, 1.0).to(self.dtype)
-        keep = usable.to(self.dtype)
-        for state, values in (("decayed_first", first * keep), ("decayed_weight", mask * (eta_over_batch * weight) * keep)):
-            if self.declared[state].update == "propagate":
-                sums[state].mul_(factor)
-            sums[state].index_add_(0, ids, values)
         assert contribution.target_gradient is not None
         gradient = [g.detach() if g.requires_grad else g for g in contribution.target_gradient.values()]  # (no operation issued where none is needed)
         scale = (eta / self.num_samples * weight) * keep.to(gradient[0].dtype)

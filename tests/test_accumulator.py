@@ -84,3 +84,31 @@ def test_a_gated_step_adds_nothing_and_is_counted_once():
     restored = InfluenceAccumulator(["v", "s"], 3, torch.device("cpu"), torch.float64)
     restored.load_state_dict(acc.state_dict())
     assert {n: int(c) for n, c in restored.nonfinite_gated_steps.items()} == {"v": 1, "s": 1}
+
+
+def test_a_state_declared_with_its_rule_is_updated_reduced_and_carried_with_no_other_change():
+    """add() updates every state from its declaration (it once named each state itself: a new one was never updated)."""
+    import pytest
+
+    n, cpu = 5, torch.device("cpu")
+    acc = InfluenceAccumulator(["val", "self"], n, cpu, torch.float64)
+    acc.add_state("second_order_decayed", "propagate", "second-order sum carried by the factors", lambda v: v.second * v.keep)
+    acc.add_state("squared_first", "add", "sum of squared first-order terms", lambda v: v.first**2)
+    gradient = {"w": torch.ones(2, dtype=torch.float64)}
+    expected_decayed, expected_squares = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    for step, ids in enumerate([[0, 3], [1, 3], [4]]):
+        ids = torch.tensor(ids)
+        first, second = torch.full((len(ids),), 0.5 + step, dtype=torch.float64), torch.full((len(ids),), 2.0 - step, dtype=torch.float64)
+        factor = torch.tensor(0.8, dtype=torch.float64)
+        acc.add("val", ids, Contribution(first, second, factor, gradient), 1.0, 0.1, len(ids))
+        acc.add("self", ids, Contribution(first, second), 1.0, 0.1, len(ids))  # no factor: propagated states untouched
+        expected_decayed = 0.8 * expected_decayed
+        expected_decayed[ids] += second
+        expected_squares[ids] += first**2
+    torch.testing.assert_close(acc.sums["val"]["second_order_decayed"], expected_decayed, rtol=1e-12, atol=0)
+    torch.testing.assert_close(acc.sums["val"]["squared_first"], expected_squares, rtol=1e-12, atol=0)
+    assert torch.equal(acc.sums["self"]["second_order_decayed"], torch.zeros(n, dtype=torch.float64))
+    torch.testing.assert_close(acc.sums["self"]["squared_first"], expected_squares, rtol=1e-12, atol=0)
+    assert "squared_first" in acc.reduced().sums["val"]  # one process: the copy holds the declared state too
+    with pytest.raises(ValueError, match=r"add_state\('bad'\): update must be 'add' or 'propagate' and reduce 'sum'; got update='max'"):
+        acc.add_state("bad", "max", "?", lambda v: v.first)  # type: ignore[arg-type]
