@@ -70,7 +70,16 @@ def test_conv2d(options):
     _run(nn.Conv2d(4, 6, **options), torch.randn(5, 4, 7, 6, dtype=torch.float64))
 
 
-CONV1D_CASES = [dict(kernel_size=3), dict(kernel_size=3, stride=2, padding=1, bias=False), dict(kernel_size=2, dilation=3, groups=2), dict(kernel_size=4, padding="same")]
+CONV1D_CASES = [
+    dict(kernel_size=3),
+    dict(kernel_size=3, stride=2, padding=1, bias=False),
+    dict(kernel_size=2, dilation=3, groups=2),
+    dict(kernel_size=4, padding="same"),
+    # Non-zero padding modes pad the input before the convolution: the rule must see the padded input.
+    dict(kernel_size=3, padding=2, padding_mode="reflect"),
+    dict(kernel_size=3, padding=1, padding_mode="circular", stride=2, groups=2),
+    dict(kernel_size=3, padding=1, padding_mode="replicate"),
+]
 
 
 @pytest.mark.parametrize("options", CONV1D_CASES, ids=[str(c) for c in CONV1D_CASES])
