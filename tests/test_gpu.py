@@ -131,6 +131,59 @@ def test_encoder_products_under_the_cpu_flash_kernel(monkeypatch):
     _encoder_products_match_each_samples_own_gradient("cpu", torch.float32, SDPBackend.FLASH_ATTENTION, 1e-4, monkeypatch)
 
 
+def _gpt2_products_match_each_samples_own_gradient(device: str, dtype: torch.dtype, backend, rtol: float) -> None:
+    """A Hugging Face GPT-2 (its Conv1D projections, SDPA attention restricted to ``backend``): every parameter's
+    per-sample products from the registry equal a loop over samples on the same device and kernel."""
+    import logging
+
+    from torch.nn import functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    from diffin_lightning.dots import LayerCapture
+    from dots_reference import per_sample_gradients_by_loop
+
+    transformers = pytest.importorskip("transformers")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=80, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=0, eos_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).to(device, dtype)
+    assert model.config._attn_implementation == "sdpa"
+    ids = torch.randint(0, 80, (6, 12), device=device)
+
+    def losses(tokens):
+        logits = model(input_ids=tokens).logits.float()
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view(tokens.shape[0], -1).mean(1)
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    with sdpa_kernel(backend), LayerCapture(model, names) as capture:
+        with capture.recording():
+            losses(ids).sum().backward()
+        per_sample = capture.per_sample()
+        direction = {n: torch.randn_like(p) for n, p in model.named_parameters() if p.requires_grad}
+        got = per_sample.dots([direction])[0].float()
+        reference = per_sample_gradients_by_loop(model, losses, ids, names)
+    expected = sum((reference[n].flatten(1).float() @ direction[n].flatten().float()) for n in names)
+    assert capture.uncovered_parameter_names == ()
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol * float(expected.abs().max()))
+
+
+def test_gpt2_products_under_the_cpu_flash_kernel():
+    """GPT-2 as it trains in float32 on the CPU: SDPA's flash kernel (tests/test_dots_capture checks float64, the math kernel)."""
+    from torch.nn.attention import SDPBackend
+
+    _gpt2_products_match_each_samples_own_gradient("cpu", torch.float32, SDPBackend.FLASH_ATTENTION, 1e-4)
+
+
+@pytest.mark.gpu
+def test_gpt2_products_on_cuda_under_the_efficient_kernel():
+    from torch.nn.attention import SDPBackend
+
+    _gpt2_products_match_each_samples_own_gradient("cuda", torch.float32, SDPBackend.EFFICIENT_ATTENTION, 1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["efficient", "flash"])
 def test_encoder_products_on_cuda_under_fused_attention(kernel, monkeypatch):
