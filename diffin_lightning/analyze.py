@@ -15,7 +15,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from diffin_lightning.cli import CONFIG_DIR, UsageError, one_line_errors
+from diffin_lightning.cli import CONFIG_DIR, one_line_errors
+from diffin_lightning.errors import UsageError
 from diffin_lightning.tasks import clean, coreset, delete, load_run
 from diffin_lightning.tasks import replay as replay_task
 

@@ -1,10 +1,13 @@
-"""What the Hydra apps share: where the configs live, one-line errors, building objects from configs."""
+"""What the Hydra apps share: where the configs live, one-line errors, build errors named by config group.
+
+The post-hoc tasks import none of this: :class:`~diffin_lightning.errors.UsageError` and the builders
+(:mod:`diffin_lightning.builders`) live outside it.
+"""
 
 from __future__ import annotations
 
 import difflib
 import functools
-import inspect
 import os
 import re
 import sys
@@ -15,9 +18,9 @@ from typing import Any, TypeVar
 import torch
 from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException, OverrideParseException
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from diffin_lightning.errors import UsageError
 from diffin_lightning.store import InfluenceFileError
 
 # Inside the package (package data), so a wheel or `pip install .` carries them and the apps find
@@ -27,10 +30,6 @@ CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
 F = TypeVar("F", bound=Callable[..., Any])
 # The config groups of the apps (overrides of these pick files; the rest set keys).
 _GROUP_NAMES = ("data", "model", "trainer", "influence", "experiment")
-
-
-class UsageError(ValueError):
-    """A mistake in the command line or the files it names: printed as one line, exit code 2."""
 
 
 def one_line_errors(app: F) -> F:
@@ -137,14 +136,6 @@ def _keys_of(parent: str) -> list[str]:
         return []
 
 
-def accepted_kwargs(config: DictConfig, offered: dict[str, Any]) -> dict[str, Any]:
-    """The offered keyword arguments that ``config._target_`` accepts and the config does not already set."""
-    target = get_class(config._target_)
-    parameters = inspect.signature(target.__init__).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    return {k: v for k, v in offered.items() if k not in config and (takes_any or k in parameters)}
-
-
 def built(group: str, config: DictConfig, build: Callable[[], Any]) -> Any:
     """``build()``, with a bad value in config group ``group`` turned into a :class:`UsageError` naming it.
 
@@ -163,17 +154,6 @@ def built(group: str, config: DictConfig, build: Callable[[], Any]) -> Any:
         if group == "trainer" and "gpu" in message.lower() and not torch.cuda.is_available():
             fix = " This machine has no CUDA GPU: use trainer=cpu."
         raise UsageError(f"{group} ({target}): {message}{fix}") from error
-
-
-def build_datamodule(data_config: DictConfig, **overrides: Any) -> Any:
-    return instantiate(data_config, _convert_="all", **overrides)
-
-
-def build_model(model_config: DictConfig, datamodule: Any) -> Any:
-    """The model, told the data's input shape and class count where it takes them."""
-    offered = datamodule.model_kwargs() if hasattr(datamodule, "model_kwargs") else {}
-    # Plain containers, not OmegaConf ones: the saved hyperparameters must load with weights_only=True.
-    return instantiate(model_config, _convert_="all", **accepted_kwargs(model_config, offered))
 
 
 def resolved_yaml(config: DictConfig) -> str:

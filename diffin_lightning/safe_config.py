@@ -29,7 +29,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from diffin_lightning.cli import UsageError
+from diffin_lightning.errors import UsageError
 
 ENVIRONMENT_VARIABLE = "DIFFIN_ALLOWED_TARGETS"
 DEFAULT_ALLOWED_MODULES: tuple[str, ...] = (

@@ -25,7 +25,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from diffin_lightning.callback import DiffInCallback
-from diffin_lightning.cli import CONFIG_DIR, UsageError, build_datamodule, build_model, built, one_line_errors, resolved_yaml
+from diffin_lightning.builders import build_datamodule, build_model
+from diffin_lightning.cli import CONFIG_DIR, built, one_line_errors, resolved_yaml
+from diffin_lightning.errors import UsageError
 from diffin_lightning.dynamics import TrainingDynamicsCallback
 from diffin_lightning.store import atomic_write_bytes
 from diffin_lightning.trajectory import TrajectoryLog

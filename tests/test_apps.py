@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from diffin_lightning import load_influence
 from diffin_lightning.analyze import analyze
-from diffin_lightning.cli import UsageError
+from diffin_lightning.errors import UsageError
 from diffin_lightning.dynamics import load_dynamics
 from diffin_lightning.train import train
 from helpers import compose_app_config

@@ -11,7 +11,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from diffin_lightning import DiffInCallback
-from diffin_lightning.cli import CONFIG_DIR, build_datamodule, build_model
+from diffin_lightning.builders import build_datamodule, build_model
+from diffin_lightning.cli import CONFIG_DIR
 from diffin_lightning.train import build_influence_callback
 
 GROUPS = {group: sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml")) for group in ("data", "model", "trainer", "influence", "experiment")}

@@ -10,7 +10,7 @@ import torch
 
 from diffin_lightning import IndexedDataset, load_influence, trajectory_influence
 from diffin_lightning.analyze import analyze
-from diffin_lightning.cli import UsageError
+from diffin_lightning.errors import UsageError
 from diffin_lightning.tasks.run import load_run
 from diffin_lightning.train import train
 from helpers import compose_app_config

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffin_lightning.cli import UsageError
+from diffin_lightning.errors import UsageError
 from diffin_lightning.dynamics import load_dynamics
 from diffin_lightning.tasks import plots
 from diffin_lightning.tasks.report import format_table, write_csv, write_json

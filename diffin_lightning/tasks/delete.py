@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from diffin_lightning.cli import UsageError
+from diffin_lightning.errors import UsageError
 from diffin_lightning.tasks import plots
 from diffin_lightning.tasks.report import format_table, write_csv, write_json
 from diffin_lightning.tasks.retrain import progress, retrain

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import Subset
 
-from diffin_lightning.cli import UsageError
+from diffin_lightning.errors import UsageError
 from diffin_lightning.replay import HVP_MODES, trajectory_influence
 from diffin_lightning.store import InfluenceFileError, InfluenceResult, has_result, load_influence, save_influence
 from diffin_lightning.tasks.report import format_table, write_json

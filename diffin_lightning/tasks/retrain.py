@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from tqdm.auto import tqdm
 
-from diffin_lightning.cli import build_datamodule, build_model
+from diffin_lightning.builders import build_datamodule, build_model
 from diffin_lightning.tasks.run import TrainedRun
 
 

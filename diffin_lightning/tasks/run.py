@@ -12,7 +12,8 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 from torch import Tensor
 
-from diffin_lightning.cli import UsageError, build_datamodule
+from diffin_lightning.builders import build_datamodule
+from diffin_lightning.errors import UsageError
 from diffin_lightning.safe_config import check_run_config
 from diffin_lightning.store import METADATA_FILE, TENSOR_FILE, InfluenceResult, has_result, load_influence
 
