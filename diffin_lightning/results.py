@@ -18,7 +18,7 @@ from diffin_lightning import distributed
 from diffin_lightning.accumulator import InfluenceAccumulator, nonzero_counts
 from diffin_lightning.estimator import normalize_second_order
 from diffin_lightning.settings import SECOND_ORDER_TERMS, DiffInSettings, SecondOrderTerm
-from diffin_lightning.store import InfluenceResult, TargetInfluence
+from diffin_lightning.store import COMPONENTS, InfluenceResult, TargetInfluence
 from diffin_lightning.version import __version__
 
 
@@ -163,3 +163,55 @@ def metadata(
         "settings": settings.to_dict(),
         "self_target_second_order": "not defined: the 'self' target is first order only, second_order is 0",
     }
+
+
+def mark_completion(result: InfluenceResult, record: RunRecord, complete: bool, global_step: int, epoch: int) -> InfluenceResult:
+    """``result`` with its metadata saying whether the run finished, and if not why (written into the files)."""
+    reason = None
+    if record.model_nonfinite_step is not None:
+        complete = False
+        reason = f"the model's parameters became non-finite at step {record.model_nonfinite_step}; later steps were not scored"
+    elif not complete:
+        reason = "training did not finish"
+    result.metadata.update(complete=complete, incomplete_reason=reason, global_step=global_step, epoch=epoch)
+    return result
+
+
+def checkpoint_copy(result: InfluenceResult, global_step: int, epoch: int) -> InfluenceResult:
+    """A copy of ``result`` as of a checkpoint (incomplete), held until the checkpoint is on disk: training goes on adding to the sums."""
+    result = InfluenceResult(
+        targets={
+            name: TargetInfluence(target.name, target.kind, *(target.component(c).clone() for c in COMPONENTS))
+            for name, target in result.targets.items()
+        },
+        metadata=result.metadata,
+    )
+    result.metadata.update(complete=False, global_step=global_step, epoch=epoch)
+    return result
+
+
+def nonfinite_skip_messages(accumulator: InfluenceAccumulator | None) -> list[str]:
+    """The end of fit's reports of what was skipped as non-finite, per target: steps for their curvature, gated steps, samples."""
+    if accumulator is None:
+        return []
+    messages = [
+        f"DiffInCallback: the curvature along g_V (the propagation factor) was non-finite at {count} recorded step(s) "
+        f"for target {name!r}: those steps were skipped for it (nothing of them reaches its scores; counted in the "
+        "metadata's 'nonfinite_steps_skipped'). A diverging loss or an eps too small for the dtype can cause this."
+        for name, count in nonzero_counts(accumulator.nonfinite_factor_steps).items()
+    ]
+    messages += [
+        f"DiffInCallback: {count} recorded step(s) were skipped for target {name!r} because the model's parameters, "
+        "the batch gradient G_B, the step's per-sample losses or the target gradient g_V (from its last refresh "
+        "to the next) were non-finite (found on the device, without "
+        "stopping the step; nothing of them reaches its scores; counted in the metadata's 'nonfinite_steps_skipped'). "
+        "A diverging loss or a NaN per-sample loss can cause this."
+        for name, count in nonzero_counts(accumulator.nonfinite_gated_steps).items()
+    ]
+    messages += [
+        f"DiffInCallback: {count} (sample, step) non-finite contribution(s) to target {name!r} were skipped: "
+        "those samples got nothing from those steps, the others were kept (counted in the metadata's "
+        "'nonfinite_samples_skipped'). A NaN per-sample loss or gradient, or an eps too small for the dtype, can cause this."
+        for name, count in nonzero_counts(accumulator.nonfinite_samples).items()
+    ]
+    return messages

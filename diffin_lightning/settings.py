@@ -273,6 +273,29 @@ class DiffInSettings:
             return self.second_order
         return "paper" if self.schedule == "checkpoints" else "propagated"
 
+    def state_key_fields(self) -> dict[str, Any]:
+        """The options that change the recorded numbers, named in the callback's Lightning ``state_key``.
+
+        So that several callbacks (say, two schedules side by side) can share a Trainer and each
+        resume its own state. The order and the values are those of checkpoints already saved:
+        changing either changes the key, and such a checkpoint would no longer resume.
+        """
+        return dict(
+            schedule=self.schedule,
+            num_checkpoints=self.num_checkpoints,
+            every_n_steps=self.every_n_steps,
+            finite_difference=self.finite_difference,
+            compute_second_order=self.compute_second_order,
+            eps=self.eps,
+            target_refresh_every_n_steps=self.target_refresh_every_n_steps,
+            target_max_samples=self.target_max_samples,
+            seed=self.seed,
+            **_extrapolation_key(self),
+            # The 'train' target's decay changes its numbers; named only away from its default, so that the key a
+            # run's checkpoints were saved under before it was part of the key stays the same.
+            **({"train_target_decay": self.train_target_decay} if self.train_target_decay != self.defaults()["train_target_decay"] else {}),
+        )
+
     def inert_options(self, target_kinds: Collection[str], dataset_targets_are_loaders: bool = False) -> list[str]:
         """The options set away from their defaults that this combination never reads, each with why and the fix.
 
@@ -371,6 +394,21 @@ _POSITIVE_INT_EXAMPLES = {
     "training_set_batch_size": "training_set_batch_size=512, or None for the training micro-batch size",
     "num_checkpoints": "num_checkpoints=5",
 }
+
+
+def _extrapolation_key(settings: DiffInSettings) -> dict[str, Any]:
+    """The state key's part for target_extrapolation: the keys that runs' checkpoints already hold stay as they were.
+
+    'linear' keeps the ``True`` it was saved under; 'damped', the automatic choice where refreshes
+    leave gaps, adds nothing (a run from before it resumes under its key and continues damped);
+    holding g_V where 'damped' would be chosen is named, so two such callbacks can share a Trainer.
+    """
+    mode = settings.resolved_target_extrapolation
+    if mode == "linear":
+        return {"target_extrapolation": True}
+    if mode == "none" and settings.refreshes_leave_recorded_steps:
+        return {"target_extrapolation": "none"}
+    return {}
 
 
 def _check_positive_int(name: str, value: Any) -> None:

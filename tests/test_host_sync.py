@@ -36,7 +36,7 @@ _READS_BACK = {
 
 
 # Reads that happen on the CPU only, where they wait for nothing (on a GPU the same functions read nothing).
-_NOT_COUNTED = {"_sample_ids", "persistence_known_zero", "sum_scalars_over_ranks"}
+_NOT_COUNTED = {"check_id_range", "persistence_known_zero", "sum_scalars_over_ranks"}
 
 
 class _ReadBacks(TorchDispatchMode):
@@ -50,7 +50,7 @@ class _ReadBacks(TorchDispatchMode):
             # The op's issuer: the innermost frame outside torch itself. Only this library's count (Lightning's
             # and the model's own, a per_sample_loss run inside the library's wrapper too, are not the
             # callback's cost). The sample ids' range is checked on every batch on the CPU only, where a read
-            # back costs nothing (on a GPU, the first batch's): `_sample_ids` says so, so that one is not counted,
+            # back costs nothing (on a GPU, the first batch's only: sample_ids.SampleIdChecks), so `check_id_range` is not counted,
             # nor the damped extrapolation's check for a zero persistence (CPU only, `persistence_known_zero`);
             # nor is DDP's host agreement, `sum_scalars_over_ranks`, which tests/ddp_run.py counts on its own.
             issuer = next((f for f in reversed(stack) if f"{os.sep}torch{os.sep}" not in f.filename), None)
