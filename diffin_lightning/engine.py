@@ -173,13 +173,14 @@ class StepCapture:
         """Which parameters go through the functional fallback and why (``None`` when all are covered)."""
         if not self.uncovered:
             return None
+        # One reason per module (its parameters together), each naming the module by its path in the model.
         reasons = sorted(set(self.layers.uncovered_reasons.get(name, name) for name in self.uncovered))
         return (
             f"DiffInCallback: {len(self.uncovered)} of {len(self.parameter_names)} trainable parameters lie outside the "
-            f"per-layer rules and use the functional fallback (jvp, or finite differences where forward-mode AD fails): "
-            + "; ".join(reasons[:6])
-            + (" ..." if len(reasons) > 6 else "")
-            + f". Supported layers: {supported_layers_message()}."
+            f"per-layer rules and use the functional fallback (jvp, or finite differences where forward-mode AD fails):"
+            + "".join(f"\n  - {reason}" for reason in reasons[:6])
+            + (f"\n  - and {len(reasons) - 6} more" if len(reasons) > 6 else "")
+            + f"\nSupported layers: {supported_layers_message()}."
         )
 
 

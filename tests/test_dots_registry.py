@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from diffin_lightning.dots import LayerCapture, rule_for, supported_layer_types
+from diffin_lightning.engine import StepCapture
 from dots_reference import captured, check_against_reference, per_sample_gradients_by_loop
 
 
@@ -337,13 +338,33 @@ def test_unsupported_layers_are_named_with_the_registry_list():
     capture = LayerCapture(model)
     assert capture.covered_parameter_names == ("0.weight", "0.bias")
     assert capture.uncovered_parameter_names == ("1.scale", "2.weight")
-    message = capture.uncovered_reasons["1.scale"]
-    assert "Scale" in message and "no rule" in message
-    for layer_type in supported_layer_types():
-        assert layer_type.rsplit(".", 1)[-1] in message
-    assert "max_norm" in capture.uncovered_reasons["2.weight"]
+    assert capture.uncovered_reasons["1.scale"] == "1 (Scale) has no rule; scale goes through the fallback"
+    assert capture.uncovered_reasons["2.weight"].startswith("2 (Embedding): ") and "max_norm" in capture.uncovered_reasons["2.weight"]
     with pytest.raises(ValueError, match="`parameter_names` must name parameters"):
         LayerCapture(model, ["nope"])
+    capture.remove()
+    # The callback's message: every reason, then the registry's list once (not once per reason).
+    step_capture = StepCapture(model, [name for name, _ in model.named_parameters()])
+    message = step_capture.fallback_message()
+    step_capture.remove()
+    assert "1 (Scale) has no rule" in message and "2 (Embedding): " in message
+    tail = message.split("Supported layers: ")
+    assert len(tail) == 2 and "supported" not in tail[0].lower()
+    for layer_type in supported_layer_types():
+        assert layer_type.rsplit(".", 1)[-1] in tail[1]
+
+
+def test_a_parameter_a_covered_layers_rule_leaves_out_is_reported_as_such():
+    """Attention with add_bias_kv: MultiheadAttention has a rule, which covers the projections and not bias_k / bias_v."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 2, batch_first=True, add_bias_kv=True))
+    capture = LayerCapture(model)
+    assert capture.uncovered_parameter_names == ("1.bias_k", "1.bias_v")
+    expected = (
+        "1 (MultiheadAttention): MultiheadAttention's rule covers its projections "
+        "(in_proj_weight, in_proj_bias, out_proj.weight, out_proj.bias); bias_k and bias_v go through the fallback"
+    )
+    assert capture.uncovered_reasons == {"1.bias_k": expected, "1.bias_v": expected}
+    capture.remove()
 
 
 @pytest.mark.parametrize("in_features, out_features", [(3, 5), (5, 3)])

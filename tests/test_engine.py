@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import DataLoader, TensorDataset
 
 from diffin_lightning import DiffInCallback, EpochSeededSampler, IndexedDataset
 from helpers import RTOL, TinyClassifier, TinyData, captured_model, trainer
@@ -16,7 +19,7 @@ EPS = 1e-6
 
 
 def _fit(tmp_path, model, loader, *, epochs=2, accumulate=1, **options):
-    callback = DiffInCallback(targets={"val": options.pop("val"), "train": "train", "self": "self"}, eps=EPS, **options)
+    callback = DiffInCallback(targets={"val": options.pop("val"), "train": "train", "self": "self"}, **{"eps": EPS, **options})
     trainer(default_root_dir=tmp_path, max_epochs=epochs, accumulate_grad_batches=accumulate, callbacks=[callback]).fit(model, loader)
     return callback
 
@@ -353,3 +356,217 @@ def test_scaled_shift_dot_reads_a_large_parameter_in_pieces_with_each_element_ro
     torch.testing.assert_close(shift.dot(other), expected, rtol=1e-12, atol=0)
     assert all(buffer.numel() < direction["big"].numel() for buffer in shift._scratch.values())
     torch.testing.assert_close(shift.dot({"big": other["big"]}), ((direction["big"] / shift.norm) * shift.step * other["big"]).sum(), rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------- covered layers beside the functional fallback
+
+
+class _Mean(nn.Module):
+    """The mean over the tokens (no parameter)."""
+
+    def forward(self, x):
+        return x.mean(1)
+
+
+class _ChannelScale(nn.Module):
+    """A per-channel scale of a feature map: outside the capture rules."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, channels).view(channels, 1, 1))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+class _FallbackClassifier(TinyClassifier):
+    """TinyClassifier's loss and optimiser around a model mixing covered layers with one the rules leave to the fallback."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        if kind == "scale":  # Linear-Tanh-Scale-Linear
+            self.net = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), _Scale(4), nn.Linear(4, 3))
+        elif kind == "conv":
+            self.net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), _ChannelScale(4), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+        elif kind == "token":
+            self.net = nn.Sequential(nn.Embedding(11, 8), nn.Linear(8, 8), nn.LayerNorm(8), nn.Tanh(), _Scale(8), _Mean(), nn.Linear(8, 3))
+        else:  # attention with add_bias_kv: its bias_k and bias_v lie outside MultiheadAttention's rule
+            self.embed = nn.Embedding(11, 8)
+            self.attention = nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True)
+            self.net = nn.Sequential(nn.Tanh(), _Mean(), nn.Linear(8, 3))
+        self.kind = kind
+
+    def forward(self, x):
+        if self.kind != "attention":
+            return self.net(x)
+        hidden = self.embed(x)
+        # The math kernel: torch.func's reference engine takes forward-mode products through it (the CPU's flash kernel has none).
+        with sdpa_kernel(SDPBackend.MATH):
+            return self.net(hidden + self.attention(hidden, hidden, hidden, need_weights=False)[0])
+
+
+def _fallback_data(kind: str) -> TinyData:
+    """14 training samples (a last batch of 2 in batches of 4) and 6 target samples of the model's input kind."""
+    g = torch.Generator().manual_seed(3)
+    count = 20
+    if kind in ("token", "attention"):
+        inputs = torch.randint(0, 11, (count, 5), generator=g)
+    elif kind == "conv":
+        inputs = torch.randn(count, 2, 5, 5, generator=g, dtype=torch.float64)
+    else:
+        inputs = torch.randn(count, 5, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (count,), generator=g)
+    return TinyData(TensorDataset(inputs[:14], labels[:14]), TensorDataset(inputs[14:], labels[14:]))
+
+
+@pytest.mark.parametrize("kind", ["scale", "conv", "token", "attention"])
+def test_captured_equals_recomputed_with_covered_and_fallback_parameters(tmp_path, kind):
+    """A real fit of a model whose parameters are partly captured, partly the functional fallback's: the same
+    first-order, second-order and Diff-In scores as the all-torch.func engine, to 1e-9 in float64.
+
+    eps is the same fixed 1e-4 in both: the engines' f_i differ by rounding (1e-16), which a finite difference over
+    eps magnifies by 1/eps; at 1e-6 the conv model's 'sum' second order differed by 9.7e-10 of its largest score,
+    at 1e-4 by 1e-11 (every case), well inside the tolerance.
+    """
+    data = _fallback_data(kind)
+    runs = {}
+    for engine in ("auto", "functional"):
+        runs[engine] = _fit(
+            tmp_path / engine, _FallbackClassifier(kind).double(), data.loader(batch_size=4), val=data.val, dot_products=engine,
+            target_refresh_every_n_steps=1, eps=1e-4,
+        )
+    recorder = runs["auto"]._recorder
+    assert recorder.use_capture and recorder.capture.covered and recorder.capture.uncovered, recorder.capture.uncovered
+    assert runs["auto"].influence.metadata["per_sample_engine"] == "captured from the training step"
+    _assert_same_scores(runs["auto"], runs["functional"], rtol=1e-9)
+    assert runs["auto"].influence["val"].second_order.abs().max() > 0
+
+
+def test_the_fallback_message_names_each_module_by_its_path_and_the_supported_layers_once(tmp_path, tiny_data, caplog):
+    """Logged once per fit: the module by its path in the model and its type, the supported layers listed once."""
+    from diffin_lightning.dots import supported_layers_message
+
+    caplog.set_level(logging.INFO)
+    callback = DiffInCallback(targets={"val": tiny_data.val}, eps=EPS)
+    trainer(default_root_dir=tmp_path, max_epochs=2, callbacks=[callback]).fit(_FallbackClassifier("scale").double(), tiny_data.loader())
+    messages = [record.getMessage() for record in caplog.records if "functional fallback" in record.getMessage()]
+    assert len(messages) == 1, messages
+    (message,) = messages
+    assert "1 of 5 trainable parameters" in message
+    assert "net.2 (_Scale) has no rule; weight goes through the fallback" in message, message
+    assert message.count("Supported layers") == 1 and message.count(supported_layers_message()) == 1, message
+    assert "supported:" not in message and "owned by" not in message
+
+
+def test_attention_with_add_bias_kv_is_reported_as_covered_but_for_bias_k_and_bias_v(tmp_path, caplog):
+    """MultiheadAttention has a rule: its bias_k and bias_v go through the fallback, and the message says so
+    (not that the module has no rule while listing it as supported)."""
+    caplog.set_level(logging.INFO)
+    data = _fallback_data("attention")
+    callback = _fit(tmp_path, _FallbackClassifier("attention").double(), data.loader(batch_size=4), val=data.val, epochs=1)
+    assert callback._recorder.capture.uncovered == ("attention.bias_k", "attention.bias_v")
+    (message,) = [record.getMessage() for record in caplog.records if "functional fallback" in record.getMessage()]
+    assert (
+        "attention (MultiheadAttention): MultiheadAttention's rule covers its projections "
+        "(in_proj_weight, in_proj_bias, out_proj.weight, out_proj.bias); bias_k and bias_v go through the fallback"
+    ) in message, message
+    assert "no rule" not in message, message
+
+
+# ---------------------------------------------------------------- the passes a recorded step costs
+
+
+class _ForwardCounter(pl.Callback):
+    """The model's forward calls (a pre-hook on the LightningModule) as each training batch starts and when training ends.
+
+    First in the callback list: its hooks run before DiffInCallback's, so the calls between two batch starts are
+    all of one step's (its early perturbed passes, its training forward, whatever runs after its backward).
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.marks: list[int] = []
+
+    def setup(self, trainer, pl_module, stage):
+        pl_module.register_forward_pre_hook(lambda module, args: setattr(self, "calls", self.calls + 1))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.marks.append(self.calls)
+
+    def on_train_end(self, trainer, pl_module):
+        self.marks.append(self.calls)
+
+    def per_step(self) -> list[int]:
+        return [after - before for before, after in zip(self.marks, self.marks[1:])]
+
+
+@pytest.mark.parametrize(
+    "options, forwards",
+    [(dict(), 2), (dict(compute_second_order=False), 1), (dict(finite_difference="central"), 3)],
+    ids=["default", "first-order", "central"],
+)
+def test_a_recorded_step_runs_the_model_forward_once_more_than_training_per_perturbed_point(tmp_path, tiny_data, monkeypatch, options, forwards):
+    """The training step's own forward+backward give the products: a recorded step after the first (no target
+    refresh, no first-step check) runs the training forward and one forward per perturbed point, no other."""
+    from diffin_lightning.targets import DatasetTarget
+
+    refreshes = []
+    original = DatasetTarget._refresh
+
+    def refresh(self, loss, params, step, device, whole):
+        refreshes.append((step, whole))
+        return original(self, loss, params, step, device, whole)
+
+    monkeypatch.setattr(DatasetTarget, "_refresh", refresh)
+    counter = _ForwardCounter()
+    callback = DiffInCallback(targets={"val": tiny_data.val}, eps=EPS, target_refresh_every_n_steps=1000, **options)
+    trainer(default_root_dir=tmp_path, max_epochs=2, callbacks=[counter, callback]).fit(TinyClassifier().double(), tiny_data.loader())
+    assert callback.steps_recorded == 8 and callback._recorder.use_capture
+    assert [step for step, whole in refreshes if not whole] == [0]  # in training, the target refreshed at the first step only
+    steps = counter.per_step()
+    assert len(steps) == 8
+    # The first step besides: the per-sample loss check (1), the target refresh (6 samples in batches of 4: 2) and the
+    # first-step check's recomputation (1).
+    assert steps[0] == forwards + 4, steps
+    assert steps[1:] == [forwards] * 7, steps
+
+
+def test_the_end_of_fit_drift_pass_runs_through_the_capture_once_per_training_batch(tmp_path, tiny_data, monkeypatch):
+    """The drift correction's pass over the training set uses the fast engine: one products-only capture pass per
+    batch (16 samples in batches of 4), and no torch.func forward-mode product."""
+    from diffin_lightning import per_sample
+    from diffin_lightning.dots import functional
+    from diffin_lightning.recorder import InfluenceRecorder
+
+    calls = {"recaptured": [], "jvp": 0, "drift": False}
+    original_recaptured, original_drift = InfluenceRecorder._recaptured, InfluenceRecorder._compute_drift
+
+    def recaptured(self, *args, **kwargs):
+        if calls["drift"]:
+            calls["recaptured"].append(kwargs.get("products_only", False))
+        return original_recaptured(self, *args, **kwargs)
+
+    def compute_drift(self, *args, **kwargs):
+        calls["drift"] = True
+        try:
+            return original_drift(self, *args, **kwargs)
+        finally:
+            calls["drift"] = False
+
+    def counted(jvp):
+        def wrapper(*args, **kwargs):
+            calls["jvp"] += calls["drift"]
+            return jvp(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(InfluenceRecorder, "_recaptured", recaptured)
+    monkeypatch.setattr(InfluenceRecorder, "_compute_drift", compute_drift)
+    monkeypatch.setattr(per_sample, "jvp", counted(per_sample.jvp))
+    monkeypatch.setattr(functional, "jvp", counted(functional.jvp))
+    callback = DiffInCallback(targets={"val": tiny_data.val}, eps=EPS)
+    trainer(default_root_dir=tmp_path, max_epochs=1, callbacks=[callback]).fit(TinyClassifier().double(), tiny_data.loader())
+    assert callback.influence.metadata["propagated_drift_included"]
+    assert calls["recaptured"] == [True] * 4, calls
+    assert calls["jvp"] == 0

@@ -17,7 +17,7 @@ from torch.utils.hooks import RemovableHandle
 
 from diffin_lightning.dots.factors import LayerFactors
 from diffin_lightning.dots.per_sample_dots import DEFAULT_MAX_MATERIALISED_ELEMENTS, PerSampleDots
-from diffin_lightning.dots.registry import LayerRule, rule_for, supported_layers_message
+from diffin_lightning.dots.registry import LayerRule, rule_for
 from diffin_lightning.dots.stream import ProductStream, StreamedProducts
 
 
@@ -191,6 +191,7 @@ class LayerCapture:
                 entries.append((local, id(value)))
             claims[module_name] = (child, rule, entries)
         covered: set[str] = set()
+        missing_holders: dict[str, list[nn.Module]] = {}
         for name in requested:
             value = parameters[name]
             if not value.requires_grad:
@@ -205,8 +206,26 @@ class LayerCapture:
             elif id(value) in reasons:
                 self.uncovered_reasons[name] = reasons[id(value)]
             else:
-                kinds = sorted({type(holder).__name__ for holder in missing})
-                self.uncovered_reasons[name] = f"owned by {', '.join(kinds)}, which has no rule (supported: {supported_layers_message()})"
+                missing_holders[name] = missing
+        # The rest: each module that owns the parameter and answers for it with no rule, named by its path in
+        # the model. (The supported layers are listed once, by whoever reports these: StepCapture.fallback_message.)
+        uncovered_ids = {id(parameters[name]) for name in requested if name not in covered}
+        paths = {id(child): child_name for child_name, child in module.named_modules()}
+        for name, missing in missing_holders.items():
+            parts = []
+            for holder in missing:
+                kind = type(holder).__name__
+                label = f"{paths[id(holder)]} ({kind})" if paths.get(id(holder)) else f"the model itself ({kind})"
+                # Its parameters that go through the fallback, by their names in the module (bias_k and bias_v together).
+                local = [key for key, other in holder._parameters.items() if other is not None and id(other) in uncovered_ids]
+                goes = f"{' and '.join(local)} {'goes' if len(local) == 1 else 'go'} through the fallback"
+                rule = rule_for(holder)
+                if rule is not None and paths.get(id(holder)) in claims:
+                    # A covered type whose rule does not answer for this parameter (attention's bias_k with add_bias_kv).
+                    parts.append(f"{label}: {kind}'s rule covers {rule.coverage(holder)}; {goes}")
+                else:
+                    parts.append(f"{label} has no rule; {goes}")
+            self.uncovered_reasons[name] = "; ".join(parts)
         for module_name, (child, rule, entries) in claims.items():
             names = {local: name_of[identity] for local, identity in entries if name_of.get(identity) in covered}
             if names:

@@ -49,6 +49,10 @@ class LayerRule:
         """Names (relative to ``module``) of the parameters this rule gives gradients for."""
         return tuple(name for name, _ in module.named_parameters(recurse=False))
 
+    def coverage(self, module: nn.Module) -> str:
+        """What the rule covers of ``module``, in words (messages about the parameters it leaves to the fallback)."""
+        return ", ".join(self.parameter_names(module))
+
     def unsupported_reason(self, module: nn.Module) -> str | None:
         """Why this instance cannot be handled (its parameters then go to the fallback), or ``None``."""
         return None

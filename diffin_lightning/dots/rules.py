@@ -234,6 +234,9 @@ class MultiheadAttentionRule(LayerRule):
             names.append("out_proj.bias")
         return tuple(names)
 
+    def coverage(self, module: nn.Module) -> str:
+        return f"its projections ({', '.join(self.parameter_names(module))})"
+
     def unsupported_reason(self, module: nn.Module) -> str | None:
         assert isinstance(module, nn.MultiheadAttention)
         if module.dropout > 0:
