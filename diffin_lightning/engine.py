@@ -272,6 +272,10 @@ class ScaledShift:
             parameters[name].add_(share)
         self._scratch.clear()
 
+    def release_scratch(self) -> None:
+        """Let the scratch buffer go (a shift kept for later holds no memory meanwhile; the next share allocates it)."""
+        self._scratch.clear()
+
     def materialised(self) -> Params:
         """The whole shift as a parameter dictionary (for the passes that need it as one)."""
         return {name: self._share(name).clone() for name in self.direction}

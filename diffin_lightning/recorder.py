@@ -262,8 +262,8 @@ class InfluenceRecorder:
         reference = next(iter(params.values()))
         with other_captures_paused(self.capture), replayed_rng(None, reference.device):
             for name, gradient in gradients.items():
-                _, shift = unit_shift(gradient, eps)
-                passes[name] = perturbed_passes(view, shift, self.settings.finite_difference)
+                target_norm, shift = unit_shift(gradient, eps)
+                passes[name] = perturbed_passes(view, shift, self.settings.finite_difference, target_norm)
         return EarlyPasses(eps, gradients, passes)
 
     def abandon_step(self) -> None:

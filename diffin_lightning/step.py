@@ -75,6 +75,8 @@ class PerturbedPasses:
 
     plus: tuple[Tensor, Tensor]
     minus: tuple[Tensor, Tensor] | None = None
+    # (|g_V|, eps u) they moved along, where the caller kept them: the step reuses them rather than take |g_V| again.
+    unit: tuple[Tensor, ScaledShift] | None = None
 
 
 def unit_shift(target_gradient: Params, eps: Tensor) -> tuple[Tensor, ScaledShift]:
@@ -87,11 +89,18 @@ def unit_shift(target_gradient: Params, eps: Tensor) -> tuple[Tensor, ScaledShif
     return target_norm, ScaledShift(target_gradient, target_norm.clamp_min(torch.finfo(target_norm.dtype).tiny), eps)
 
 
-def perturbed_passes(view: StepGradients, shift: ScaledShift, scheme: FiniteDifferenceScheme) -> PerturbedPasses:
-    """The forward (one pass) or central (two passes) scheme's passes for one target along ``shift`` (:func:`unit_shift`)."""
+def perturbed_passes(view: StepGradients, shift: ScaledShift, scheme: FiniteDifferenceScheme, target_norm: Tensor | None = None) -> PerturbedPasses:
+    """The forward (one pass) or central (two passes) scheme's passes for one target along ``shift`` (:func:`unit_shift`).
+
+    ``target_norm``: ``|g_V|`` from the same :func:`unit_shift`, given where the passes are kept for a later
+    :func:`bracket_and_curvature` (taken before the forward): it then reuses both instead of a second norm of ``g_V``.
+    """
     plus = view.perturbed_along(shift, shift)
     minus = view.perturbed_along(shift.negated(), shift) if scheme == "central" else None
-    return PerturbedPasses(plus, minus)
+    if target_norm is None:
+        return PerturbedPasses(plus, minus)
+    shift.release_scratch()  # kept through the training step: no buffer of its own held beside it
+    return PerturbedPasses(plus, minus, (target_norm, shift))
 
 
 def bracket_and_curvature(
@@ -103,7 +112,8 @@ def bracket_and_curvature(
     ``theta``, ``g_V`` and ``eps``; ``None`` takes them here. A zero target gradient gives a zero
     bracket and zero curvature (the point is not moved).
     """
-    target_norm, shift = unit_shift(target_gradient, eps)
+    # The passes' own (|g_V|, eps u) where they were taken before the forward: the same g_V and eps, so the same values.
+    target_norm, shift = passes.unit if passes is not None and passes.unit is not None else unit_shift(target_gradient, eps)
     if scheme == "forward":
         # <eps u, G_B> at theta before the pass, with the same shift: its scratch is then let go when the
         # parameters are moved, not held through the pass (or here, when the passes ran ahead of the forward).
