@@ -319,6 +319,9 @@ class DiffInSettings:
             for name in ("finite_difference", "eps"):
                 if changed(name):
                     add(name, why, "Drop it, or set compute_second_order=True.")
+            if self.schedule == "in_run" and changed("training_set_batch_size"):
+                # (The only pass over the whole training set in-run is the second order's end-of-fit drift pass.)
+                add("training_set_batch_size", why + ", and in-run only the second order passes over the training set", "Drop it, or set compute_second_order=True.")
         if self.schedule == "checkpoints":
             why = "schedule='checkpoints' recomputes each checkpoint's gradients with torch.func and the whole target"
             for name in ("target_refresh_every_n_steps", "dot_products", "stream_products"):

@@ -147,7 +147,11 @@ def test_extrapolation_resolves_automatically_where_refreshes_leave_gaps():
 @pytest.mark.parametrize(
     ("targets", "options", "inert"),
     [
-        ({"val": None}, {"compute_second_order": False, "eps": 1e-3, "finite_difference": "central", "second_order": "sum"}, ["second_order", "finite_difference", "eps"]),
+        (
+            {"val": None},
+            {"compute_second_order": False, "eps": 1e-3, "finite_difference": "central", "second_order": "sum", "training_set_batch_size": 64},
+            ["second_order", "finite_difference", "eps", "training_set_batch_size"],
+        ),
         ({"s": "self"}, {"target_max_samples": 10, "target_refresh_every_n_steps": 3, "target_batch_size": 8, "cache_target_on_device": False}, ["target_batch_size", "target_max_samples", "target_refresh_every_n_steps", "cache_target_on_device"]),
         ({"val": None}, {"train_target_decay": 0.5}, ["train_target_decay"]),
         ({"val": None}, {"schedule": "checkpoints", "num_checkpoints": 2, "dot_products": "functional", "reuse_training_step": True, "target_refresh_every_n_steps": 3}, ["target_refresh_every_n_steps", "dot_products", "reuse_training_step"]),
