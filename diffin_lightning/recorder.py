@@ -229,7 +229,7 @@ class InfluenceRecorder:
         if release_stale_gradients:
             for parameter in self.module.parameters():
                 parameter.grad = None
-        self.loss.seed = settings.seed * 1_000_003 + step  # the refresh's dropout masks, as on every other path
+        self._seed_passes(step)  # the refresh's dropout masks, as on every other path
         # The refresh's own forward and backward reach no capture: another callback's may be on for its step already.
         with other_captures_paused(capture), replayed_rng(None, reference.device):
             directions = tuple(target.target_gradient(self.loss, params, step, reference.device, {}) for target in datasets)
@@ -265,6 +265,11 @@ class InfluenceRecorder:
                 target_norm, shift = unit_shift(gradient, eps)
                 passes[name] = perturbed_passes(view, shift, self.settings.finite_difference, target_norm)
         return EarlyPasses(eps, gradients, passes)
+
+    def _seed_passes(self, step: int) -> None:
+        """Seed the passes ``self.loss`` runs at ``step`` (target batches, the end-of-fit pass, torch.func's and the
+        checkpoints' own): fixed dropout masks from ``seed`` and the step, the same on every path."""
+        self.loss.seed = self.settings.seed * 1_000_003 + step
 
     def abandon_step(self) -> None:
         """Forget the current step's captures (a skipped step)."""
@@ -367,8 +372,8 @@ class InfluenceRecorder:
     ) -> None:
         view: StepGradients
         try:
-            # Seeds this step's passes over target batches (and, on the torch.func path, over its own batches).
-            self.loss.seed = self.settings.seed * 1_000_003 + step
+            # This step's passes over target batches (and, on the torch.func path, over its own batches).
+            self._seed_passes(step)
             if self.capture is None:
                 self.loss.replay_rng_states(self._step_rng_states)
                 view = RecomputedStep(self.loss, params, batches, batch_size, self.settings.self_chunk_size)
@@ -687,8 +692,8 @@ class InfluenceRecorder:
             self.record.steps_recorded += 1
             self.record.steps_represented += weight
             return
+        self._seed_passes(step)
         loss = self.loss
-        loss.seed = self.settings.seed * 1_000_003 + step
         loss.replay_rng_states(self._step_rng_states)  # the checkpoint step's own batches: their training masks
         params = loss.parameters()
         proxy = RecomputedStep(loss, params, batches, int(ids.numel()), self.settings.self_chunk_size)
@@ -743,8 +748,8 @@ class InfluenceRecorder:
 
     def _compute_drift(self, step: int, device: torch.device, training_set: Iterable[tuple[Any, Tensor]]) -> None:
         assert self.accumulator is not None
+        self._seed_passes(step)
         loss = self.loss
-        loss.seed = self.settings.seed * 1_000_003 + step
         params = loss.parameters()
         finals: dict[str, Params] = {}
         for target in self.targets:

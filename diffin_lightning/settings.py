@@ -293,7 +293,7 @@ class DiffInSettings:
             **_extrapolation_key(self),
             # The 'train' target's decay changes its numbers; named only away from its default, so that the key a
             # run's checkpoints were saved under before it was part of the key stays the same.
-            **({"train_target_decay": self.train_target_decay} if self.train_target_decay != self.defaults()["train_target_decay"] else {}),
+            **({"train_target_decay": self.train_target_decay} if self.train_target_decay != _DEFAULTS["train_target_decay"] else {}),
         )
 
     def inert_options(self, target_kinds: Collection[str], dataset_targets_are_loaders: bool = False) -> list[str]:
@@ -384,7 +384,7 @@ class DiffInSettings:
 
 
 _BOOL_OPTIONS = ("compute_second_order", "cache_target_on_device", "stream_products", "release_stale_gradients", "save_on_checkpoint", "allow_batch_mixing")
-_DEFAULTS = {f.name: f.default for f in fields(DiffInSettings)}
+_DEFAULTS = DiffInSettings.defaults()
 
 # What a positive-int option's error suggests: a valid value and what it does.
 _POSITIVE_INT_EXAMPLES = {

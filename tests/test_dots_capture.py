@@ -192,15 +192,16 @@ def test_a_forward_without_backward_is_dropped_and_sample_axis_mismatch_is_named
             capture.per_sample()
 
 
-def _gpt2(dtype):
+def _gpt2(dtype, width: int = 32, heads: int = 2, vocab: int = 50, device: str = "cpu"):
+    """A small Hugging Face GPT-2 without dropout (its SDPA attention, its Conv1D projections); tests/test_gpu.py uses it too."""
     transformers = pytest.importorskip("transformers")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     config = transformers.GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        n_layer=2, n_embd=width, n_head=heads, vocab_size=vocab, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=0, eos_token_id=0,
     )
     torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(config).to(dtype)
+    return transformers.GPT2LMHeadModel(config).to(device, dtype)
 
 
 def _sequence_losses(model, ids):

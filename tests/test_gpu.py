@@ -134,22 +134,14 @@ def test_encoder_products_under_the_cpu_flash_kernel(monkeypatch):
 def _gpt2_products_match_each_samples_own_gradient(device: str, dtype: torch.dtype, backend, rtol: float) -> None:
     """A Hugging Face GPT-2 (its Conv1D projections, SDPA attention restricted to ``backend``): every parameter's
     per-sample products from the registry equal a loop over samples on the same device and kernel."""
-    import logging
-
     from torch.nn import functional as F
     from torch.nn.attention import sdpa_kernel
 
     from diffin_lightning.dots import LayerCapture
     from dots_reference import per_sample_gradients_by_loop
+    from test_dots_capture import _gpt2
 
-    transformers = pytest.importorskip("transformers")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    config = transformers.GPT2Config(
-        n_layer=2, n_embd=64, n_head=4, vocab_size=80, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=0, eos_token_id=0,
-    )
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).to(device, dtype)
+    model = _gpt2(dtype, width=64, heads=4, vocab=80, device=device)
     assert model.config._attn_implementation == "sdpa"
     ids = torch.randint(0, 80, (6, 12), device=device)
 
