@@ -29,8 +29,16 @@ def train_dataset(trainer: pl.Trainer) -> Any:
 
 
 def is_mixed_precision(precision: Precision) -> bool:
-    """Whether the training step runs under AMP's autocast."""
-    return isinstance(precision, MixedPrecision)
+    """Whether the training step runs under autocast or scales its loss (AMP, or a plugin of the user's doing the same).
+
+    Such a step's captures are in half precision or scaled: the recorder then takes its products
+    from a full-precision pass of its own (``training_step_gradients``), never from the step's.
+    """
+    return (
+        isinstance(precision, MixedPrecision)
+        or getattr(precision, "scaler", None) is not None
+        or str(getattr(precision, "precision", "")).endswith("-mixed")
+    )
 
 
 def discards_stale_gradients(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
@@ -64,8 +72,9 @@ def training_step_gradients(
     """``(gradients, gradient_to_mean, backprop_scale, forward_context, mixed)`` for the recorder.
 
     Lightning divides each micro-batch's loss by ``accumulate_grad_batches`` (k), so a
-    captured output gradient is sample i's own times ``1/(k |b|)`` (times AMP's loss
-    scale), and ``.grad`` is ``(1/(k |b|)) sum_i G_i``. Micro-batches of unequal sizes make
+    captured output gradient is sample i's own times ``1/(k |b|)``, and ``.grad`` is
+    ``(1/(k |b|)) sum_i G_i``. Under mixed precision (autocast, a loss scale) nothing of the
+    step is read: ``gradients`` is ``None`` and the recorder recomputes in full precision. Micro-batches of unequal sizes make
     ``.grad`` a weighted mean; such a step is recomputed (``gradients`` is ``None``).
     """
     sizes = set(micro_batch_sizes)
@@ -85,12 +94,8 @@ def training_step_gradients(
         for name, p in module.named_parameters()
         if p.requires_grad
     }
-    scale: Tensor | float = float(k * size)
-    scaler = getattr(precision, "scaler", None)
-    if scaler is not None:
-        loss_scale = getattr(scaler, "_scale", None)  # a device tensor: no host synchronisation
-        scale = scale / (loss_scale if isinstance(loss_scale, Tensor) else scaler.get_scale())
-    return gradients, k * size / total, scale, precision.forward_context, mixed
+    # (No loss scale to divide out: a plugin with a gradient scaler is mixed precision, recomputed above.)
+    return gradients, k * size / total, float(k * size), precision.forward_context, mixed
 
 
 def scaler_will_skip(precision: Precision, optimizer: torch.optim.Optimizer) -> bool:

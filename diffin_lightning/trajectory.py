@@ -41,6 +41,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
 
+from diffin_lightning import lightning_state
 from diffin_lightning.data import INDEX_KEY, IndexedDataset, dataset_fingerprint, find_indexed_dataset
 from diffin_lightning.store import atomic_write_bytes
 from diffin_lightning.version import __version__
@@ -193,7 +194,7 @@ class TrajectoryLog(pl.Callback):
             return
         record = self._open
         record.lr = [float(group["lr"]) for group in optimizer.param_groups]
-        record.skipped = _scaler_will_skip(trainer, optimizer)
+        record.skipped = lightning_state.scaler_will_skip(trainer.precision_plugin, optimizer)
         record.clip = 1.0 if record.skipped else _clip_factor(trainer, optimizer)
         self._pending.append(record)
         self._open = None
@@ -289,8 +290,8 @@ class TrajectoryLog(pl.Callback):
             for name, p in pl_module.named_parameters()
             if p.requires_grad
         }
-        dataset = _train_dataset(trainer)
-        num_samples = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+        dataset = lightning_state.train_dataset(trainer)  # None where it has no length: no N, no fingerprint
+        num_samples = None if dataset is None else len(dataset)
         self._index = {
             "kind": "diffin_lightning.trajectory",
             "format_version": FORMAT_VERSION,
@@ -433,23 +434,6 @@ class TrajectoryLog(pl.Callback):
             except Exception:
                 if raise_errors:
                     raise
-
-
-def _train_dataset(trainer: pl.Trainer) -> Any:
-    loader = trainer.train_dataloader
-    if loader is None:
-        return None
-    dataset = getattr(loader, "dataset", None)
-    if dataset is None and isinstance(loader, (list, tuple)) and loader:
-        dataset = getattr(loader[0], "dataset", None)
-    return dataset
-
-
-def _scaler_will_skip(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool:
-    if getattr(trainer.precision_plugin, "scaler", None) is None:
-        return False
-    # The gradients are unscaled by now; the scaler skips the step exactly when one is non-finite.
-    return any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for group in optimizer.param_groups for p in group["params"])
 
 
 def _clip_algorithm(trainer: pl.Trainer) -> str:

@@ -141,6 +141,23 @@ def test_amp_scaler_skipped_step_records_nothing(tmp_path, tiny_data):
     assert int(callback.influence["s"].visits.sum()) == 12
 
 
+def test_a_plugin_with_a_scaler_or_autocast_counts_as_mixed_precision():
+    """Its step's captures are scaled or in half precision: the recorder must recompute, never read them."""
+    from lightning.pytorch.plugins import HalfPrecision, Precision
+
+    from diffin_lightning.lightning_state import is_mixed_precision
+
+    class ScalingPlugin(Precision):  # a user's plugin that scales the loss like AMP, not MixedPrecision
+        scaler = torch.amp.GradScaler("cpu")
+
+    class AutocastPlugin(Precision):
+        precision = "bf16-mixed"
+
+    assert is_mixed_precision(MixedPrecision("bf16-mixed", "cpu"))
+    assert is_mixed_precision(ScalingPlugin()) and is_mixed_precision(AutocastPlugin())
+    assert not is_mixed_precision(Precision()) and not is_mixed_precision(HalfPrecision("bf16-true"))
+
+
 def _float32(loader):
     train = loader.dataset.dataset
     x, y = train.tensors

@@ -52,6 +52,20 @@ def test_auto_interval_keeps_two_checkpoints_and_the_final_parameters(tmp_path, 
     assert index["checkpoint_every_n_steps"] == 10 and index["checkpoints"] == [0, 10] and index["final_step"] == 20
 
 
+def test_a_step_that_amps_scaler_skips_is_logged_as_skipped(tmp_path, tiny_data):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from test_callback_errors import _float32
+
+    # Step 1's gradients are infinite: the scaler skips that step (and only that one).
+    precision = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**4))
+    log = TrajectoryLog(output_dir=tmp_path / "log", checkpoint_every_n_steps=2)
+    trainer(max_epochs=1, callbacks=[log], precision=None, plugins=[precision]).fit(TinyClassifier(blow_up_at_step=1), _float32(tiny_data.loader()))
+    _, segments = _read_log(tmp_path / "log")
+    assert [bool(s) for segment in segments for s in segment.skipped] == [False, True, False, False]
+    assert [float(c) for segment in segments for c in segment.clip] == [1.0, 1.0, 1.0, 1.0]
+
+
 class CrashAtStep(Callback):
     def __init__(self, step: int) -> None:
         self.step = step
