@@ -187,7 +187,7 @@ class DiffInCallback(Callback):
         num_samples, fingerprinted = id_space(lightning_state.train_dataset(trainer), self.settings.num_samples, self.index_fn is default_index_fn)
         self.record.num_samples = num_samples
         self.record.fingerprint = dataset_fingerprint(fingerprinted)
-        check_optimizer(trainer.optimizers, trainer.gradient_clip_val)
+        check_optimizer(trainer.optimizers, lightning_state.clip_algorithm(trainer), lightning_state.clips_its_own_way(pl_module))
         self._stale_gradients_releasable = self.settings.release_stale_gradients and lightning_state.discards_stale_gradients(trainer, pl_module)
         if self.settings.schedule == "checkpoints":
             self._total_steps, self.record.checkpoint_steps = plan_checkpoints(trainer.estimated_stepping_batches, self.settings.num_checkpoints)
@@ -274,7 +274,8 @@ class DiffInCallback(Callback):
         self._reduced = None  # new contributions: the totals over ranks are stale
         batches = [batch for batch, _ in pending]
         recorder.adopt_micro_batch_size(max(1, int(ids.numel()) // len(batches)))  # where the loader did not say
-        eta = float(optimizer.param_groups[0]["lr"])
+        # A norm-clipped step is an SGD step at eta * clip factor (the factor held constant, as the replay does).
+        eta = float(optimizer.param_groups[0]["lr"]) * lightning_state.norm_clip_factor(trainer, optimizer)
         # Training must draw the same random numbers with or without the callback (data order,
         # dropout): every extra pass runs on a forked RNG.
         with replayed_rng(None, pl_module.device):

@@ -107,6 +107,44 @@ def scaler_will_skip(precision: Precision, optimizer: torch.optim.Optimizer) -> 
     return bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
+def clip_algorithm(trainer: pl.Trainer) -> str | None:
+    """How Lightning clips this run's gradients: ``"norm"``, ``"value"``, or ``None`` without clipping."""
+    if not trainer.gradient_clip_val:
+        return None
+    algorithm = trainer.gradient_clip_algorithm
+    # Lightning clips by norm when no algorithm is named.
+    return "norm" if algorithm is None else str(getattr(algorithm, "value", algorithm))
+
+
+def clips_by_value(trainer: pl.Trainer) -> bool:
+    """Whether Lightning clips each gradient entry (not one factor per step)."""
+    return clip_algorithm(trainer) == "value"
+
+
+def clips_its_own_way(pl_module: pl.LightningModule) -> bool:
+    """Whether the module overrides ``configure_gradient_clipping`` (its clipping may not be Lightning's)."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    return is_overridden("configure_gradient_clipping", pl_module)
+
+
+def norm_clip_factor(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> float:
+    """The factor Lightning's norm clipping will multiply this step's gradients by (1.0 without norm clipping).
+
+    Called from ``on_before_optimizer_step``, which Lightning runs after the backward (and AMP's
+    unscale) and before it clips; under DDP the gradients are already the global batch's. One
+    host read a step, only where norm clipping is on.
+    """
+    if clip_algorithm(trainer) != "norm":
+        return 1.0
+    grads = [p.grad.detach() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return 1.0
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2) for g in grads]), 2)
+    # torch.nn.utils.clip_grad_norm_'s own formula (max_norm / (total + 1e-6), at most 1).
+    return float(torch.clamp(float(trainer.gradient_clip_val) / (total + 1e-6), max=1.0))
+
+
 def resumed_mid_epoch(trainer: pl.Trainer) -> bool:
     """Whether the run resumed from a checkpoint taken inside an epoch (its loader must then skip the epoch's done batches)."""
     batches = trainer.num_training_batches

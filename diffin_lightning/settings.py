@@ -345,6 +345,8 @@ class DiffInSettings:
             for name in ("target_batch_size", "cache_target_on_device"):
                 if changed(name):
                     add(name, why, "Drop it, or pass the target as a Dataset.")
+        if "self" not in target_kinds and changed("self_chunk_size"):
+            add("self_chunk_size", "it applies to the 'self' target, and `targets` holds none", "Drop it, or add targets={..., 'self': 'self'}.")
         if "train" not in target_kinds and changed("train_target_decay"):
             add("train_target_decay", "it applies to the 'train' target, and `targets` holds none", "Drop it, or add targets={..., 'train': 'train'}.")
         return list(inert.values())

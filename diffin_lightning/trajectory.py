@@ -195,7 +195,8 @@ class TrajectoryLog(pl.Callback):
         record = self._open
         record.lr = [float(group["lr"]) for group in optimizer.param_groups]
         record.skipped = lightning_state.scaler_will_skip(trainer.precision_plugin, optimizer)
-        record.clip = 1.0 if record.skipped else _clip_factor(trainer, optimizer)
+        # Value clipping is not one factor: NaN, which the replay refuses.
+        record.clip = 1.0 if record.skipped else float("nan") if lightning_state.clips_by_value(trainer) else lightning_state.norm_clip_factor(trainer, optimizer)
         self._pending.append(record)
         self._open = None
 
@@ -302,7 +303,7 @@ class TrajectoryLog(pl.Callback):
             "checkpoint_every_n_steps": self.checkpoint_every_n_steps,
             "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
             "gradient_clip_val": None if trainer.gradient_clip_val is None else float(trainer.gradient_clip_val),
-            "gradient_clip_algorithm": None if not trainer.gradient_clip_val else _clip_algorithm(trainer),
+            "gradient_clip_algorithm": lightning_state.clip_algorithm(trainer),
             "precision": str(trainer.precision),
             "optimizer": {"class": type(optimizer).__name__, "module": type(optimizer).__module__, "groups": groups},
             "parameters": parameters,
@@ -434,29 +435,6 @@ class TrajectoryLog(pl.Callback):
             except Exception:
                 if raise_errors:
                     raise
-
-
-def _clip_algorithm(trainer: pl.Trainer) -> str:
-    algorithm = trainer.gradient_clip_algorithm
-    # Lightning clips by norm when no algorithm is named.
-    return "norm" if algorithm is None else str(getattr(algorithm, "value", algorithm))
-
-
-def _clip_factor(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> float:
-    """The factor Lightning's norm clipping will multiply the gradients by (1.0 without clipping).
-
-    Value clipping is not a single factor: it is recorded as NaN, and the replay refuses it.
-    """
-    if not trainer.gradient_clip_val:
-        return 1.0
-    if _clip_algorithm(trainer) != "norm":
-        return float("nan")
-    grads = [p.grad.detach() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if not grads:
-        return 1.0
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2) for g in grads]), 2)
-    # torch.nn.utils.clip_grad_norm_'s own formula.
-    return float(torch.clamp(float(trainer.gradient_clip_val) / (total + 1e-6), max=1.0))
 
 
 # ---------------------------------------------------------------------- reading

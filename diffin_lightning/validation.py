@@ -77,8 +77,12 @@ def check_per_sample_loss(loss: PerSampleLoss, batch: Any, batch_size: int, devi
         )
 
 
-def check_optimizer(optimizers: Sequence[torch.optim.Optimizer], gradient_clip_val: Any) -> None:
-    """Raise unless there is one optimizer with one learning rate; warn where the plain-SGD maths only approximates it."""
+def check_optimizer(optimizers: Sequence[torch.optim.Optimizer], clip_algorithm: str | None = None, custom_clipping: bool = False) -> None:
+    """Raise unless there is one optimizer with one learning rate; warn where the plain-SGD maths only approximates it.
+
+    ``clip_algorithm``: Lightning's gradient clipping (``"norm"``, ``"value"`` or ``None``);
+    ``custom_clipping``: the module overrides ``configure_gradient_clipping``.
+    """
     if len(optimizers) != 1:
         raise RuntimeError(f"DiffInCallback needs exactly one optimizer; the module configures {len(optimizers)}.")
     optimizer = optimizers[0]
@@ -100,7 +104,15 @@ def check_optimizer(optimizers: Sequence[torch.optim.Optimizer], gradient_clip_v
             approximations.append("SGD momentum is ignored (each step is treated as theta - eta * G_B)")
         if group.get("weight_decay", 0):
             approximations.append("weight decay is ignored: it does not depend on any sample")
-    if gradient_clip_val:
-        approximations.append("gradient clipping is ignored (the unclipped batch gradient is used)")
+    if custom_clipping:
+        approximations.append(
+            "the module's configure_gradient_clipping is not read: each step is taken as "
+            + ("unclipped" if clip_algorithm is None else f"Lightning's own {clip_algorithm} clipping would clip it")
+        )
+    if clip_algorithm == "norm":
+        # The factor is exact for the update; what it leaves out is the factor's own dependence on each sample.
+        approximations.append("norm clipping: each step's learning rate is scaled by its clipping factor, held constant")
+    elif clip_algorithm == "value":
+        approximations.append("value clipping is ignored (not one factor per step: the unclipped batch gradient is used)")
     if approximations:
         rank_zero_warn("DiffInCallback's maths assumes plain SGD; the scores are an approximation here: " + "; ".join(approximations) + ".")

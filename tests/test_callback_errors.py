@@ -103,6 +103,28 @@ def test_non_sgd_optimizer_warns_once_and_says_what_is_approximated(tmp_path, ti
     assert "Adam, not SGD" in str(relevant[0].message)
 
 
+@pytest.mark.parametrize(
+    ("algorithm", "own_clipping", "expected"),
+    [
+        ("norm", False, "norm clipping: each step's learning rate is scaled by its clipping factor, held constant"),
+        ("value", False, "value clipping is ignored"),
+        (None, True, "configure_gradient_clipping is not read: each step is taken as unclipped"),
+    ],
+)
+def test_gradient_clipping_is_named_in_the_approximation_warning(tmp_path, tiny_data, algorithm, own_clipping, expected):
+    class ClipsItsOwnWay(TinyClassifier):
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            self.clip_gradients(optimizer, gradient_clip_val=0.01, gradient_clip_algorithm="value")
+
+    model = (ClipsItsOwnWay() if own_clipping else TinyClassifier()).double()
+    clipping = {} if algorithm is None else dict(gradient_clip_val=0.05, gradient_clip_algorithm=algorithm)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(default_root_dir=tmp_path, max_epochs=1, callbacks=[DiffInCallback(targets={"s": "self"})], **clipping).fit(model, tiny_data.loader())
+    relevant = [str(w.message) for w in caught if "assumes plain SGD" in str(w.message)]
+    assert len(relevant) == 1 and expected in relevant[0], relevant
+
+
 def test_ddp_strategy_in_one_process_records_what_a_single_device_does(tmp_path, tiny_data):
     # DDP is supported (tests/test_distributed.py runs 2 processes; sharded strategies are refused there).
     on_ddp, single = DiffInCallback(targets={"s": "self"}), DiffInCallback(targets={"s": "self"})

@@ -225,6 +225,40 @@ def test_runs_on_the_models_device_without_host_transfers_of_scores(tmp_path, ti
     assert callback.read_backs == [], sorted(set(callback.read_backs))
 
 
+def test_norm_clipped_steps_match_the_reference_at_the_clipped_learning_rate(tmp_path, tiny_data):
+    """Under norm clipping the update is eta * c * G_B: every component is the reference's with eta * c (c held constant)."""
+    import dataclasses
+
+    clip = 0.05
+    model = TinyClassifier(lr=1.0).double()
+    recorder = TrajectoryRecorder()
+    callback = DiffInCallback(
+        targets={"val": tiny_data.val, "train": "train", "self": "self"}, eps=EPS, target_refresh_every_n_steps=1, train_target_decay=0.5
+    )
+    with pytest.warns(UserWarning, match="norm clipping: each step's learning rate is scaled by its clipping factor"):
+        trainer(default_root_dir=tmp_path, max_epochs=3, gradient_clip_val=clip, callbacks=[recorder, callback]).fit(
+            model, tiny_data.loader(batch_size=4)
+        )
+    x, y = tiny_data.train.tensors
+    factors = []
+    for record in recorder.steps:  # torch.nn.utils.clip_grad_norm_'s factor, from the step's own batch gradient
+        ids = torch.tensor(record.ids)
+        norm = float(mean_gradient(model, leaf_params(record.params), x[ids], y[ids]).norm())
+        factors.append(min(1.0, clip / (norm + 1e-6)))
+    assert min(factors) < 0.5 and max(factors) <= 1.0  # clipping was active, by different factors
+    clipped_steps = [dataclasses.replace(record, lr=record.lr * factor) for record, factor in zip(recorder.steps, factors)]
+    first, second_fd, _, visits, _, propagated = reference_scores(
+        model, clipped_steps, tiny_data, eps=EPS, every_n=1, refresh=1, decay=0.5, scheme="forward"
+    )
+    result = callback.influence_with("sum")
+    for name in ("val", "train", "self"):
+        _close(result[name].first_order, first[name], RTOL)
+        _close(result[name].visits, visits, 0)
+        if name != "self":
+            _close(result[name].second_order, second_fd[name], RTOL)
+            _close(callback.influence[name].second_order, propagated[name], RTOL)
+
+
 def test_first_order_only_matches_the_full_runs_first_order(tmp_path, tiny_data):
     results = {}
     for second in (True, False):

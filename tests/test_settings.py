@@ -154,11 +154,12 @@ def test_extrapolation_resolves_automatically_where_refreshes_leave_gaps():
         ),
         ({"s": "self"}, {"target_max_samples": 10, "target_refresh_every_n_steps": 3, "target_batch_size": 8, "cache_target_on_device": False}, ["target_batch_size", "target_max_samples", "target_refresh_every_n_steps", "cache_target_on_device"]),
         ({"val": None}, {"train_target_decay": 0.5}, ["train_target_decay"]),
+        ({"val": None, "train": "train"}, {"self_chunk_size": 4}, ["self_chunk_size"]),
         ({"val": None}, {"schedule": "checkpoints", "num_checkpoints": 2, "dot_products": "functional", "reuse_training_step": True, "target_refresh_every_n_steps": 3}, ["target_refresh_every_n_steps", "dot_products", "reuse_training_step"]),
         ({"val": None}, {"dot_products": "functional", "reuse_training_step": True, "stream_products": False}, ["reuse_training_step", "stream_products"]),
         ({"val": "loader"}, {"target_batch_size": 2, "cache_target_on_device": False, "target_max_samples": 3}, ["target_batch_size", "cache_target_on_device"]),
     ],
-    ids=["first-order", "no-dataset-target", "no-train-target", "checkpoints", "functional", "loader-target"],
+    ids=["first-order", "no-dataset-target", "no-train-target", "no-self-target", "checkpoints", "functional", "loader-target"],
 )
 def test_options_this_combination_never_reads_are_named_in_one_warning(tiny_data, targets, options, inert):
     """An option accepted and silently ignored reads as if it had acted: each is named with why and the fix."""
