@@ -4,14 +4,18 @@
         [--out benchmarks/results/clipping_fidelity.md]
 
 Under ``Trainer(gradient_clip_val=C)`` (norm clipping) a step updates ``theta - eta c G_B`` with
-``c = min(1, C / (|G_B| + 1e-6))``. The callback counts each step at ``eta c`` (the factor held
-constant, as the replay holds it); before, it counted ``eta`` and warned that clipping was ignored.
+``c = min(1, C / (|G_B| + 1e-6))``. The callback counts each step at ``eta c`` and takes its
+first-order terms along the clipped step's Jacobian (``g - kappa <g, G_B^> G_B^``: removing a sample
+turns a clipped step rather than shortening it); before, it counted ``eta`` along ``g`` and warned
+that clipping was ignored.
 This benchmark trains the fidelity benchmark's digits MLP (float64, plain SGD, fixed batch order)
 with norm clipping, takes leave-one-out truth from replays that clip as the run does (each
 replayed model its own factor, from its own batch gradient), and reports Spearman/Pearson of:
 the callback as it is; the same callback with the factor switched off (a second fit of the same
-recipe with ``norm_clip_factor`` returning 1: the scores before the change, same trajectory); and
-the post-hoc replay (``trajectory_influence``), which also holds the recorded factor constant.
+recipe with ``norm_clip_factor`` returning 1, so no step counts as clipped: the scores before the
+change, same trajectory); and
+the post-hoc replay (``trajectory_influence``), which differentiates the clipping (the exact
+derivative of the clipped run: its adjoint projected off each clipped step's gradient direction).
 """
 
 from __future__ import annotations
@@ -103,11 +107,11 @@ def run(regime: Regime, clip: float, num_ids: int) -> tuple[list[str], float]:
         truth = clipped_leave_one_out(model, recorder.steps, train, target, ids.tolist(), clip)
         replay = trajectory_influence(model, workdir / "new" / "trajectory", datamodule.train_dataset, {"val": datamodule.val_dataset}, progress=False)
         scores = {
-            "first_order, each step at eta * c (this change)": new.influence["val"].first_order,
-            "first_order, every step at eta (before)": old.influence["val"].first_order,
-            "diffin, propagated, eta * c (this change)": new.influence["val"].diffin,
-            "diffin, propagated, eta (before)": old.influence["val"].diffin,
-            "replay (trajectory_influence), factor held constant": replay["val"].diffin,
+            "first_order, clipped steps at eta * c along their Jacobian (this change)": new.influence["val"].first_order,
+            "first_order, every step at eta along g_V (before)": old.influence["val"].first_order,
+            "diffin, propagated, clipped steps as above (this change)": new.influence["val"].diffin,
+            "diffin, propagated, every step at eta along g_V (before)": old.influence["val"].diffin,
+            "replay (trajectory_influence), clipping differentiated": replay["val"].diffin,
         }
         rows = correlation_rows(truth, scores, ids)
     seconds = time.perf_counter() - started

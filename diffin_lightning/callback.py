@@ -188,6 +188,8 @@ class DiffInCallback(Callback):
         self.record.num_samples = num_samples
         self.record.fingerprint = dataset_fingerprint(fingerprinted)
         check_optimizer(trainer.optimizers, lightning_state.clip_algorithm(trainer), lightning_state.clips_its_own_way(pl_module))
+        if self._recorder is not None:
+            self._recorder.norm_clipping = lightning_state.clip_algorithm(trainer) == "norm"
         self._stale_gradients_releasable = self.settings.release_stale_gradients and lightning_state.discards_stale_gradients(trainer, pl_module)
         if self.settings.schedule == "checkpoints":
             self._total_steps, self.record.checkpoint_steps = plan_checkpoints(trainer.estimated_stepping_batches, self.settings.num_checkpoints)
@@ -274,8 +276,9 @@ class DiffInCallback(Callback):
         self._reduced = None  # new contributions: the totals over ranks are stale
         batches = [batch for batch, _ in pending]
         recorder.adopt_micro_batch_size(max(1, int(ids.numel()) // len(batches)))  # where the loader did not say
-        # A norm-clipped step is an SGD step at eta * clip factor (the factor held constant, as the replay does).
-        eta = float(optimizer.param_groups[0]["lr"]) * lightning_state.norm_clip_factor(trainer, optimizer)
+        # A norm-clipped step moves by eta * c * G_B: it counts at eta * c, its first-order terms along the clip's Jacobian.
+        clip_factor = lightning_state.norm_clip_factor(trainer, optimizer)
+        eta = float(optimizer.param_groups[0]["lr"]) * clip_factor
         # Training must draw the same random numbers with or without the callback (data order,
         # dropout): every extra pass runs on a forked RNG.
         with replayed_rng(None, pl_module.device):
@@ -285,7 +288,7 @@ class DiffInCallback(Callback):
                 recorder.record_checkpoint(step, eta, batches, ids, weight, lambda: self._training_set(trainer, pl_module.device))
             else:
                 assert step_gradients is not None
-                recorder.record_step(step, eta, batches, ids, *step_gradients, every_rank_has_gradients=every_rank_has_gradients)
+                recorder.record_step(step, eta, batches, ids, *step_gradients, every_rank_has_gradients=every_rank_has_gradients, clipped=clip_factor < 1.0)
 
     def _training_set(self, trainer: pl.Trainer, device: torch.device, progress: str | None = None) -> Iterator[tuple[Any, Tensor]]:
         """The whole training set in id order (lightning_state.training_set); a generator, so that nothing is read before the pass starts."""

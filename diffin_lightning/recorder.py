@@ -107,6 +107,9 @@ class InfluenceRecorder:
         reuse = settings.reuse_training_step if settings.reuse_training_step is not None else settings.loss_fn is None
         self.use_capture = self.fast and reuse and settings.schedule == "in_run"
         self.verified = False
+        # Lightning clips this run's gradients by norm: a step's first-order products then need <G_B, G_i> too
+        # (in_run_step's projection), so the training step's stream takes them (set by the callback at the fit's start).
+        self.norm_clipping = False
         self._model_nonfinite_warned = False
         self._stream: ProductStream | None = None  # what the current step's capture takes during its backward
         self._early: EarlyPasses | None = None  # the current step's perturbed passes, taken before its forward
@@ -223,7 +226,7 @@ class InfluenceRecorder:
             return None
         datasets = [target for target in self.targets if not isinstance(target, SelfTarget)]
         second_order = settings.compute_second_order and bool(datasets)
-        gradient_dots = second_order and settings.finite_difference == "forward"
+        gradient_dots = (second_order and settings.finite_difference == "forward") or self.norm_clipping
         if gradient_dots and micro_batches_per_step != 1:
             return None
         if release_stale_gradients:
@@ -294,6 +297,7 @@ class InfluenceRecorder:
         forward_context: ForwardContext,
         mixed_precision: bool,
         every_rank_has_gradients: bool = True,
+        clipped: bool = False,
     ) -> None:
         """Accumulate one in-run step.
 
@@ -310,6 +314,8 @@ class InfluenceRecorder:
                 (agreed by the caller with the step's other checks): the paths that depend on them
                 (reusing the training step, the device gates) issue different collectives from
                 the others, so the ranks take one together.
+            clipped: Lightning's norm clipping scales this step's gradient (``eta`` holds its factor);
+                see :func:`~diffin_lightning.step.in_run_step`.
         """
         assert self.accumulator is not None
         self._in_training_step = False
@@ -337,7 +343,7 @@ class InfluenceRecorder:
         with other_captures_paused(self.capture):
             self._record_step(
                 step, eta, batches, ids, params, batch_size, gradients, gradient_to_mean, backprop_scale, forward_context, mixed_precision, gates,
-                every_rank_has_gradients,
+                every_rank_has_gradients, clipped,
             )
 
     def _device_gates(self, step: int, params: Params, gradients: Params) -> StepGates:
@@ -369,6 +375,7 @@ class InfluenceRecorder:
         mixed_precision: bool,
         gates: StepGates | None,
         every_rank_has_gradients: bool,
+        clipped: bool,
     ) -> None:
         view: StepGradients
         try:
@@ -401,7 +408,7 @@ class InfluenceRecorder:
                 else:
                     view = self._recaptured(params, micro_batches, forward_context, self.unseeded_loss)
                 capture.clear()
-            self._accumulate_step(view, step, eta, params, ids, batch_size, gates)
+            self._accumulate_step(view, step, eta, params, ids, batch_size, gates, clipped)
         finally:
             self._stream = None
             self._early = None
@@ -517,7 +524,7 @@ class InfluenceRecorder:
         return float(difference / reference.clamp_min(1e-300)), expected
 
     def _accumulate_step(
-        self, view: StepGradients, step: int, eta: float, params: Params, ids: Tensor, batch_size: int, gates: StepGates | None
+        self, view: StepGradients, step: int, eta: float, params: Params, ids: Tensor, batch_size: int, gates: StepGates | None, clipped: bool = False
     ) -> None:
         """One step's contributions; ``gates``: the step's verdicts on the device (None: checked on the host)."""
         assert self.accumulator is not None
@@ -594,6 +601,7 @@ class InfluenceRecorder:
             eps=eps,
             scheme=settings.finite_difference,
             passes=None if early is None else early.for_targets(target_gradients),
+            clipped=clipped,
         )
         for name, contribution in contributions.items():
             # A non-finite propagation factor skips the step for its target inside the accumulator, counted

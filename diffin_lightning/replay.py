@@ -42,8 +42,13 @@ by forward-over-reverse (``hvp="exact"``). ``<q, G_i>`` for every i comes from t
 engine (:mod:`diffin_lightning.dots`: layer factors captured in one gradient pass per step, shared by
 all targets, plus the functional fallback for parameters outside the registry); a model with no
 covered layer takes it from the per-sample losses of the central difference's two passes,
-``|q| (l_i(theta + eps q^) - l_i(theta - eps q^)) / (2 eps)``, or ``torch.func.jvp`` with ``hvp="exact"``. The clipping factor is taken as recorded: its
-own dependence on the parameters is not differentiated (exact without clipping).
+``|q| (l_i(theta + eps q^) - l_i(theta - eps q^)) / (2 eps)``, or ``torch.func.jvp`` with ``hvp="exact"``.
+
+Norm clipping is differentiated: on a clipped step ``c G_B = C G_B / (|G_B| + 1e-6)``, whose Jacobian
+is ``c (I - kappa g g^T)`` (``g`` the unit direction of ``G_B``, ``kappa = |G_B| / (|G_B| + 1e-6)``), so
+``q`` is projected, ``q - kappa <q, g> g``, before the HVP and the per-sample products
+(:func:`_norm_clip_projection`; one more gradient pass on such a step where none is taken
+already). Removing a sample from a clipped step turns the step, it does not shorten it.
 """
 
 from __future__ import annotations
@@ -319,6 +324,25 @@ def _hyper_parameters(index: dict[str, Any], names: Sequence[str]) -> dict[str, 
     if missing:
         raise TrajectoryLogError(f"`log_dir`: trainable parameters {missing} are in no optimizer group of the log; the replay needs every one to be optimised.")
     return hyper
+
+
+def _norm_clip_projection(gradient: Params) -> Callable[[Params], Params]:
+    """``q -> (1/c) J^T q`` for a step clipped by norm, ``J`` the Jacobian of ``c(G) G`` in ``G``.
+
+    Lightning clips by ``c = C / (|G| + 1e-6)`` where that is below 1 (torch.nn.utils.clip_grad_norm_),
+    so ``c G = C G / (|G| + 1e-6)`` and ``J = c (I - kappa g g^T)``, ``g = G/|G|``, ``kappa = |G| / (|G| +
+    1e-6)``: removing a sample changes the clipped step's length by nothing to first order, only its
+    direction. The adjoint keeps the factor ``c`` outside (as for an unclipped step scaled by ``c``).
+    """
+    total = norm(gradient)
+    kappa = total / (total + 1e-6)
+    unit = {name: value / total for name, value in gradient.items()}
+
+    def project(q: Params) -> Params:
+        along = kappa * sum((q[name] * unit[name]).sum() for name in q)
+        return {name: q[name] - along * unit[name] for name in q}
+
+    return project
 
 
 def _sgd_step(params: Params, velocity: Params, gradient: Params, lr: Sequence[float], hyper: Mapping[str, _Hyper], clip: float) -> tuple[Params, Params]:
@@ -826,9 +850,10 @@ def _adjoint_through_step(
     ghost = engine.uses_ghost(theta)
     adam = next(iter(hyper.values())).kind != "sgd"
     gradient: Params | None = None
-    if ghost or adam:
-        # One pass shared by every target: the ghost dot products' activations, and Adam's gradient.
+    if ghost or adam or clip < 1.0:
+        # One pass shared by every target: the ghost dot products' activations, Adam's gradient, the clipped direction.
         gradient = engine.gradient(theta, step_batches, step_rng, keep_captures=ghost)
+    clipped = None if clip >= 1.0 else _norm_clip_projection(gradient)  # type: ignore[arg-type]
     eps = eps_scale * max(1.0, float(norm(theta)))
     for name, (a_theta, a_velocity) in adjoints.items():
         if adam:
@@ -837,12 +862,14 @@ def _adjoint_through_step(
         else:
             q, new_velocity = _adjoint_step(a_theta, a_velocity, lr, hyper, has_velocity)
             a_direct = a_theta
+        # q is the adjoint of the clipped gradient c G; what reaches G (its curvature, each sample) is q through c G's Jacobian.
+        q_gradient = q if clipped is None else clipped(q)
         if hvp == "central" and not ghost:
             # No ghost products: the dot products ride on the finite difference's two passes.
-            curvature, dots = engine.central_hvp_and_dots(theta, step_batches, step_rng, q, eps)
+            curvature, dots = engine.central_hvp_and_dots(theta, step_batches, step_rng, q_gradient, eps)
         else:
-            dots = engine.dots(theta, step_batches, step_rng, q)
-            curvature = engine.hvp(theta, step_batches, step_rng, q, hvp, eps)
+            dots = engine.dots(theta, step_batches, step_rng, q_gradient)
+            curvature = engine.hvp(theta, step_batches, step_rng, q_gradient, hvp, eps)
         scores[name].index_add_(0, ids, -clip * weights * dots.to(torch.float64))
         # The L2 weight decay of SGD and Adam adds wd * theta to the gradient; AdamW's is in a_direct.
         new_theta = {n: a_direct[n] + clip * curvature[n] + (hyper[n].weight_decay * q[n] if hyper[n].kind != "adamw" else 0.0) for n in a_theta}

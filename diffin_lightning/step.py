@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from diffin_lightning.engine import ScaledShift, StepGradients
-from diffin_lightning.per_sample import Params, PerSampleLoss
+from diffin_lightning.per_sample import Params, PerSampleLoss, dot
 from diffin_lightning.settings import FiniteDifferenceScheme
 
 
@@ -130,6 +130,35 @@ def bracket_and_curvature(
     return bracket, curvature
 
 
+@dataclass(frozen=True)
+class ClipProjection:
+    """A norm-clipped step's first-order products: ``<P v, G_i>`` with ``P = I - kappa G_B^ G_B^T``.
+
+    ``C G_B / (|G_B| + 1e-6)`` (Lightning's clipped step, torch.nn.utils.clip_grad_norm_) has the
+    Jacobian ``c P`` in ``G_B``, ``G_B^`` its unit direction and ``kappa = |G_B| / (|G_B| + 1e-6)``:
+    ``<P v, G_i> = <v, G_i> - kappa <v, G_B> <G_B, G_i> / |G_B|^2``, from ``<G_B, G_i>`` (the
+    second order's ``f_i`` at ``theta``) and parameter-sized dots, all on the device.
+    """
+
+    batch_gradient: Params
+    gradient_dots: Tensor  # <G_B, G_i>
+    scale: Tensor  # kappa / |G_B|^2
+
+    @staticmethod
+    def of(view: StepGradients) -> ClipProjection:
+        squared = dot(view.batch_gradient, view.batch_gradient)
+        length = squared.sqrt()
+        return ClipProjection(view.batch_gradient, view.gradient_dots(), length / (length + 1e-6) / squared)
+
+    def along(self, direction: Params, products: Tensor) -> Tensor:
+        """``<P v, G_i>`` from ``<v, G_i>``."""
+        return products - (self.scale * dot(direction, self.batch_gradient)).to(products.dtype) * self.gradient_dots.to(products.dtype)
+
+    def own(self, squared_norms: Tensor) -> Tensor:
+        """``<P G_i, G_i>`` (the 'self' target) from ``|G_i|^2``."""
+        return squared_norms - self.scale.to(squared_norms.dtype) * self.gradient_dots.to(squared_norms.dtype) ** 2
+
+
 def in_run_step(
     view: StepGradients,
     *,
@@ -142,6 +171,7 @@ def in_run_step(
     eps: Tensor,
     scheme: FiniteDifferenceScheme,
     passes: Mapping[str, PerturbedPasses] | None = None,
+    clipped: bool = False,
 ) -> dict[str, Contribution]:
     """Every target's contribution from one in-run step.
 
@@ -157,14 +187,21 @@ def in_run_step(
         scheme: ``"forward"`` or ``"central"``.
         passes: name -> that target's perturbed passes, taken before the step's forward at the
             same ``theta``, ``g_V`` and ``eps`` (the others are taken here).
+        clipped: the step's gradient was clipped by norm, ``eta`` already times the factor ``c``.
+            Lightning's clipped step is ``C G_B / (|G_B| + 1e-6)``: removing sample i turns it
+            instead of shortening it, so its first-order term is taken along the step's Jacobian,
+            ``(eta/|B|) <g - kappa <g, G_B^> G_B^, G_i>`` (:func:`clip_projected`); the second-order
+            terms take the step at ``eta`` (its factor held constant).
     """
     passes = passes or {}
     names = [name for name, gradient in target_gradients.items() if gradient is not None]
     dots = view.dots([target_gradients[name] for name in names]) if names else None  # type: ignore[misc]
+    projection = ClipProjection.of(view) if clipped and target_gradients else None
     out: dict[str, Contribution] = {}
     for name, gradient in target_gradients.items():
         if gradient is None:
-            first = (eta / batch_size) * view.squared_norms()
+            squared = view.squared_norms() if projection is None else projection.own(view.squared_norms())
+            first = (eta / batch_size) * squared
             out[name] = Contribution(first, torch.zeros_like(first))
     if names and compute_second_order and scheme == "forward":
         view.gradient_dots()  # f_i(theta), cached, before the perturbed passes ...
@@ -174,7 +211,8 @@ def in_run_step(
     for name in names:
         gradient = target_gradients[name]
         assert dots is not None and gradient is not None
-        first = (eta / batch_size) * dots[names.index(name)]
+        along = dots[names.index(name)]
+        first = (eta / batch_size) * (along if projection is None else projection.along(gradient, along))
         if not compute_second_order:
             out[name] = Contribution(first, torch.zeros_like(first))
             continue

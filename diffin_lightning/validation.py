@@ -111,7 +111,10 @@ def check_optimizer(optimizers: Sequence[torch.optim.Optimizer], clip_algorithm:
         )
     if clip_algorithm == "norm":
         # The factor is exact for the update; what it leaves out is the factor's own dependence on each sample.
-        approximations.append("norm clipping: each step's learning rate is scaled by its clipping factor, held constant")
+        approximations.append(
+            "norm clipping: each step counts at its clipped learning rate and its first-order terms are taken along the "
+            "clipped step's Jacobian; the second-order terms hold the clipping factor constant"
+        )
     elif clip_algorithm == "value":
         approximations.append("value clipping is ignored (not one factor per step: the unclipped batch gradient is used)")
     if approximations:

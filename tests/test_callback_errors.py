@@ -106,7 +106,7 @@ def test_non_sgd_optimizer_warns_once_and_says_what_is_approximated(tmp_path, ti
 @pytest.mark.parametrize(
     ("algorithm", "own_clipping", "expected"),
     [
-        ("norm", False, "norm clipping: each step's learning rate is scaled by its clipping factor, held constant"),
+        ("norm", False, "norm clipping: each step counts at its clipped learning rate and its first-order terms are taken along"),
         ("value", False, "value clipping is ignored"),
         (None, True, "configure_gradient_clipping is not read: each step is taken as unclipped"),
     ],

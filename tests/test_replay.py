@@ -111,8 +111,14 @@ class MomentumClassifier(TinyClassifier):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, dampening=0.1 if not self.nesterov else 0.0, weight_decay=1e-2, nesterov=self.nesterov)
 
 
-def _unrolled_momentum(model: nn.Module, steps, weights: torch.Tensor, data: TinyData, nesterov: bool, create_graph: bool = True):
-    """L_V after an unrolled torch.optim.SGD(momentum=0.9, weight_decay=1e-2) run with per-sample loss weights."""
+def _unrolled_momentum(
+    model: nn.Module, steps, weights: torch.Tensor, data: TinyData, nesterov: bool, create_graph: bool = True, clip: float | None = None
+):
+    """L_V after an unrolled torch.optim.SGD(momentum=0.9, weight_decay=1e-2) run with per-sample loss weights.
+
+    ``clip``: Lightning's norm clipping before each step (torch.nn.utils.clip_grad_norm_'s factor,
+    differentiated like everything else).
+    """
     x, y = data.train.tensors
     params = {n: p.clone().requires_grad_(True) for n, p in steps[0].params.items()}
     velocity: dict[str, torch.Tensor] = {}
@@ -121,6 +127,9 @@ def _unrolled_momentum(model: nn.Module, steps, weights: torch.Tensor, data: Tin
         ids = torch.tensor(record.ids)
         losses = F.cross_entropy(torch.func.functional_call(model, params, (x[ids],)), y[ids], reduction="none")
         gradient = torch.autograd.grad((weights[ids] * losses).sum() / len(ids), list(params.values()), create_graph=create_graph)
+        if clip is not None:
+            total = torch.sqrt(sum((g**2).sum() for g in gradient))
+            gradient = [g * torch.clamp(clip / (total + 1e-6), max=1.0) for g in gradient]
         new = {}
         for (name, theta), g in zip(params.items(), gradient):
             d = g + 1e-2 * theta
@@ -156,13 +165,46 @@ def test_momentum_and_weight_decay_adjoint_against_unrolled_autograd_and_leave_o
     assert replayed >= ceiling - 0.02
 
 
-def _unrolled_momentum_no_grad(model, recorder, data, nesterov, left_out):
+def _unrolled_momentum_no_grad(model, recorder, data, nesterov, left_out, clip=None):
     weights = torch.ones(32, dtype=torch.float64)
     if left_out is not None:
         weights[left_out] = 0.0
     with torch.enable_grad():
-        loss, _ = _unrolled_momentum(model, recorder.steps, weights, data, nesterov, create_graph=False)
+        loss, _ = _unrolled_momentum(model, recorder.steps, weights, data, nesterov, create_graph=False, clip=clip)
     return loss.detach()
+
+
+@pytest.mark.parametrize("hvp", ["exact", "central"])
+def test_norm_clipping_is_differentiated_against_unrolled_autograd_and_leave_one_out(tmp_path, hvp):
+    """Clipped and unclipped steps, momentum and weight decay: the replay is the derivative of the clipped run."""
+    data = TinyData.make(num_train=32, num_val=8, seed=2)
+    model = MomentumClassifier(nesterov=False).double()
+    recorder = TrajectoryRecorder()
+    clip = 0.7
+    trainer(max_epochs=4, gradient_clip_val=clip, callbacks=[recorder, TrajectoryLog(output_dir=tmp_path / "log", checkpoint_every_n_steps=7)]).fit(
+        model, data.loader()
+    )
+    weights = torch.ones(32, dtype=torch.float64, requires_grad=True)
+    loss, final = _unrolled_momentum(model, recorder.steps, weights, data, False, clip=clip)
+    assert all(torch.allclose(final[n], recorder.final[n], rtol=1e-10, atol=1e-12) for n in final)  # clipped as Lightning clipped
+    reference = -torch.autograd.grad(loss, weights)[0]
+    result = trajectory_influence(model, tmp_path / "log", data.train, {"val": data.val}, hvp=hvp, progress=False)
+    factors = _logged_clip_factors(tmp_path / "log")
+    assert 0 < int((factors < 1).sum()) < len(factors)  # some steps clipped, some not
+    assert relative(result["val"].diffin, reference) < RTOL_FLOAT64
+    with torch.no_grad():
+        base = _unrolled_momentum_no_grad(model, recorder, data, False, None, clip)
+        truth = torch.stack([_unrolled_momentum_no_grad(model, recorder, data, False, j, clip) - base for j in range(32)])
+    assert float(spearman_corrcoef(result["val"].diffin, truth)) > 0.9
+
+
+def _logged_clip_factors(log_dir: Path) -> torch.Tensor:
+    import json
+
+    from diffin_lightning.trajectory import read_segment
+
+    index = json.loads((log_dir / "trajectory.json").read_text())
+    return torch.cat([read_segment(log_dir, s, index["run_id"]).clip for s in index["segments"]])
 
 
 def test_dropout_replay_draws_the_runs_masks(tmp_path):
@@ -182,22 +224,25 @@ def test_dropout_replay_draws_the_runs_masks(tmp_path):
 def test_gradient_accumulation_and_norm_clipping_replay_the_run(tmp_path, tiny_data):
     recorder = TrajectoryRecorder()
     model = TinyClassifier(lr=1.0).double()
-    trainer(max_epochs=3, accumulate_grad_batches=2, gradient_clip_val=0.05, callbacks=[recorder, TrajectoryLog(output_dir=tmp_path / "log", checkpoint_every_n_steps=2)]).fit(
+    clip = 0.05
+    trainer(max_epochs=3, accumulate_grad_batches=2, gradient_clip_val=clip, callbacks=[recorder, TrajectoryLog(output_dir=tmp_path / "log", checkpoint_every_n_steps=2)]).fit(
         model, tiny_data.loader()
     )
     result = trajectory_influence(model, tmp_path / "log", tiny_data.train, {"val": tiny_data.val}, progress=False)
     assert result.metadata["replay_drift_max"] < 1e-12  # accumulation's 1/A and the clipping factor are replayed
-    # With clipping the recorded factor is held constant: compare against the harness with lr scaled by it.
-    import json
-
-    from diffin_lightning.trajectory import read_segment
-
-    index = json.loads((tmp_path / "log" / "trajectory.json").read_text())
-    factors = torch.cat([read_segment(tmp_path / "log", s, index["run_id"]).clip for s in index["segments"]])
-    assert float(factors.min()) < 1.0  # clipping was active
-    for record, factor in zip(recorder.steps, factors.tolist()):
-        record.lr = record.lr * factor
-    reference = exact_sgd_influence(functional_cross_entropy(model), recorder.steps, recorder.final, tiny_data.train.tensors, tiny_data.val.tensors)
+    assert float(_logged_clip_factors(tmp_path / "log").min()) < 1.0  # clipping was active
+    # The reference: autograd through the unrolled run, both micro-batches of a step in one clipped gradient.
+    loss = functional_cross_entropy(model)
+    (x, y), (vx, vy) = tiny_data.train.tensors, tiny_data.val.tensors
+    weights = torch.ones(len(y), dtype=torch.float64, requires_grad=True)
+    params = {n: p.clone().requires_grad_(True) for n, p in recorder.steps[0].params.items()}
+    for record in recorder.steps:
+        ids = torch.tensor(record.ids)
+        gradient = torch.autograd.grad((weights[ids] * loss(params, x[ids], y[ids])).sum() / len(ids), list(params.values()), create_graph=True)
+        factor = torch.clamp(clip / (torch.sqrt(sum((g**2).sum() for g in gradient)) + 1e-6), max=1.0)
+        params = {n: p - record.lr * factor * g for (n, p), g in zip(params.items(), gradient)}
+    assert all(torch.allclose(params[n], recorder.final[n], rtol=1e-10, atol=1e-12) for n in params)
+    reference = -torch.autograd.grad(loss(params, vx, vy).mean(), weights)[0]
     assert relative(result["val"].diffin, reference) < RTOL_FLOAT64
 
 
@@ -274,8 +319,8 @@ class AdamClassifier(TinyClassifier):
         return torch.optim.Adam(self.parameters(), lr=self.lr, betas=(0.8, 0.95), weight_decay=1e-2)
 
 
-def _unrolled_adam(model, steps, weights, data, decoupled, create_graph=True):
-    """L_V after an unrolled Adam / AdamW run (torch's formulas) with per-sample loss weights."""
+def _unrolled_adam(model, steps, weights, data, decoupled, create_graph=True, clip=None):
+    """L_V after an unrolled Adam / AdamW run (torch's formulas) with per-sample loss weights (norm-clipped by ``clip``)."""
     x, y = data.train.tensors
     params = {n: p.clone().requires_grad_(True) for n, p in steps[0].params.items()}
     m = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -284,6 +329,9 @@ def _unrolled_adam(model, steps, weights, data, decoupled, create_graph=True):
         ids = torch.tensor(record.ids)
         losses = F.cross_entropy(torch.func.functional_call(model, params, (x[ids],)), y[ids], reduction="none")
         gradient = torch.autograd.grad((weights[ids] * losses).sum() / len(ids), list(params.values()), create_graph=create_graph)
+        if clip is not None:
+            total = torch.sqrt(sum((g**2).sum() for g in gradient))
+            gradient = [g * torch.clamp(clip / (total + 1e-6), max=1.0) for g in gradient]
         new = {}
         for (name, theta), g in zip(params.items(), gradient):
             if decoupled:
@@ -299,14 +347,17 @@ def _unrolled_adam(model, steps, weights, data, decoupled, create_graph=True):
     return F.cross_entropy(torch.func.functional_call(model, params, (vx,)), vy).mean(), params
 
 
-@pytest.mark.parametrize("decoupled", [False, True])
-def test_adam_and_adamw_adjoint_against_unrolled_autograd_and_leave_one_out(tmp_path, decoupled):
+@pytest.mark.parametrize(("decoupled", "clip"), [(False, None), (True, None), (True, 0.5)], ids=["adam", "adamw", "adamw-norm-clipped"])
+def test_adam_and_adamw_adjoint_against_unrolled_autograd_and_leave_one_out(tmp_path, decoupled, clip):
     data = TinyData.make(num_train=32, num_val=8, seed=2)
     model = AdamClassifier(decoupled).double()
     recorder = TrajectoryRecorder()
-    trainer(max_epochs=4, callbacks=[recorder, TrajectoryLog(output_dir=tmp_path / "log", checkpoint_every_n_steps=7)]).fit(model, data.loader())
+    trainer(max_epochs=4, gradient_clip_val=clip, callbacks=[recorder, TrajectoryLog(output_dir=tmp_path / "log", checkpoint_every_n_steps=7)]).fit(model, data.loader())
+    if clip is not None:
+        factors = _logged_clip_factors(tmp_path / "log")
+        assert 0 < int((factors < 1).sum()) < len(factors), factors  # some steps clipped, some not
     weights = torch.ones(32, dtype=torch.float64, requires_grad=True)
-    loss, final = _unrolled_adam(model, recorder.steps, weights, data, decoupled)
+    loss, final = _unrolled_adam(model, recorder.steps, weights, data, decoupled, clip=clip)
     assert all(torch.allclose(final[n], recorder.final[n], rtol=1e-10, atol=1e-12) for n in final)  # the loop is torch's Adam
     reference = -torch.autograd.grad(loss, weights)[0]
     for hvp in ("exact", "central"):
@@ -319,7 +370,7 @@ def test_adam_and_adamw_adjoint_against_unrolled_autograd_and_leave_one_out(tmp_
             if j is not None:
                 w[j] = 0.0
             with torch.enable_grad():
-                return _unrolled_adam(model, recorder.steps, w, data, decoupled, create_graph=False)[0].detach()
+                return _unrolled_adam(model, recorder.steps, w, data, decoupled, create_graph=False, clip=clip)[0].detach()
 
         base = left_out(None)
         truth = torch.stack([left_out(j) - base for j in range(32)])
