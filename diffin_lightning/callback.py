@@ -279,6 +279,7 @@ class DiffInCallback(Callback):
         # A norm-clipped step moves by eta * c * G_B: it counts at eta * c, its first-order terms along the clip's Jacobian.
         clip_factor = lightning_state.norm_clip_factor(trainer, optimizer)
         eta = float(optimizer.param_groups[0]["lr"]) * clip_factor
+        self.record.clipped_steps += int(clip_factor < 1.0)
         # Training must draw the same random numbers with or without the callback (data order,
         # dropout): every extra pass runs on a forked RNG.
         with replayed_rng(None, pl_module.device):

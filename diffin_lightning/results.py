@@ -31,6 +31,7 @@ class RunRecord:
     steps_recorded: int = 0
     steps_represented: float = 0.0
     skipped_amp_steps: int = 0
+    clipped_steps: int = 0  # recorded steps whose gradient Lightning's norm clipping scaled
     checkpoint_steps: list[int] = field(default_factory=list)
     last_eps: Tensor | float | None = None
     engine: str = "not started"
@@ -60,6 +61,7 @@ class RunRecord:
             "steps_recorded": self.steps_recorded,
             "steps_represented": self.steps_represented,
             "skipped_amp_steps": self.skipped_amp_steps,
+            "clipped_steps": self.clipped_steps,
             "nonfinite_steps_skipped": dict(self.nonfinite_steps_skipped),
             "model_nonfinite_step": self.model_nonfinite_step,
         }
@@ -68,6 +70,7 @@ class RunRecord:
         self.steps_recorded = int(state.get("steps_recorded", 0))
         self.steps_represented = float(state.get("steps_represented", 0))
         self.skipped_amp_steps = int(state.get("skipped_amp_steps", 0))
+        self.clipped_steps = int(state.get("clipped_steps", 0))
         self.nonfinite_steps_skipped = {str(k): int(v) for k, v in state.get("nonfinite_steps_skipped", {}).items()}
         step = state.get("model_nonfinite_step")
         self.model_nonfinite_step = None if step is None else int(step)
@@ -154,6 +157,7 @@ def metadata(
         "steps_recorded": record.steps_recorded,
         "steps_represented": record.steps_represented,
         "skipped_amp_steps": record.skipped_amp_steps,
+        "clipped_steps": record.clipped_steps,
         "nonfinite_skipped": int(accumulator.nonfinite),
         "nonfinite_samples_skipped": nonzero_counts(accumulator.nonfinite_samples),
         "nonfinite_steps_skipped": steps_skipped(record, accumulator),

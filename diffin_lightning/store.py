@@ -359,6 +359,7 @@ _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "steps_recorded": (lambda v: _is_int(v) and v >= 0, "must be a non-negative int"),
     "steps_represented": (lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "must be a non-negative number"),
     "skipped_amp_steps": (lambda v: _is_int(v) and v >= 0, "must be a non-negative int"),
+    "clipped_steps": (lambda v: _is_int(v) and v >= 0, "must be a non-negative int"),
     "nonfinite_skipped": (lambda v: _is_int(v) and v >= 0, "must be a non-negative int"),
     "complete": (lambda v: isinstance(v, bool), "must be true or false"),
     "incomplete_reason": (lambda v: v is None or isinstance(v, str), "must be a string or null"),

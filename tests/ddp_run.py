@@ -191,6 +191,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--num-train", type=int, default=16)
     parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--gradient-clip-val", type=float, default=None, help="Lightning's norm clipping")
     parser.add_argument("--checkpoint-every", type=int, default=None, help="step-based ModelCheckpoint")
     parser.add_argument("--ckpt-path", default=None)
     parser.add_argument("--max-steps", type=int, default=-1)
@@ -251,6 +252,7 @@ def main() -> None:
         max_epochs=args.epochs,
         max_steps=args.max_steps,
         accumulate_grad_batches=args.accumulate,
+        gradient_clip_val=args.gradient_clip_val,
         logger=False,
         enable_checkpointing=args.checkpoint_every is not None,
         enable_progress_bar=False,

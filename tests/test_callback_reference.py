@@ -263,6 +263,7 @@ def test_norm_clipped_steps_match_the_reference(tmp_path, tiny_data, engine, sec
     x, y = tiny_data.train.tensors
     factors = [clip / (float(mean_gradient(model, leaf_params(r.params), x[torch.tensor(r.ids)], y[torch.tensor(r.ids)]).norm()) + 1e-6) for r in recorder.steps]
     assert sum(f < 1 for f in factors) >= 3  # clipping was active, by different factors
+    assert callback.influence.metadata["clipped_steps"] == sum(f < 1 for f in factors)
     first, second_fd, _, visits, _, propagated = reference_scores(
         model, recorder.steps, tiny_data, eps=EPS, every_n=1, refresh=1, decay=0.5, scheme="forward", clip=clip
     )

@@ -147,12 +147,19 @@ def test_ddp_recorded_steps_wait_on_the_host_once_each(tmp_path, every_n_steps):
         pytest.param(("--targets", "val,train,self", "--every-n-steps", "2"), id="every_2"),
         pytest.param(("--targets", "val,train", "--every-n-steps", "2", "--refresh", "3", "--target-max-samples", "5"), id="every_2_refresh_subset"),
         pytest.param(("--targets", "val", "--accumulate", "2", "--epochs", "3"), id="accumulate_2"),
+        # The clipped steps' projection reads the global batch's G_B (<G_B, G_i> in the direct form under DDP).
+        pytest.param(("--targets", "val,train,self", "--gradient-clip-val", "0.05"), id="norm_clipped"),
         pytest.param(("--targets", "val,train,self", "--schedule", "checkpoints", "--num-checkpoints", "3"), id="checkpoint_schedule"),
         pytest.param(("--targets", "val,train,self", "--dot-products", "functional"), id="recomputed_functional"),
     ],
 )
 def test_ddp_matches_one_process(tmp_path, args):
-    _assert_same_scores(*_fit_pair(tmp_path, *args))
+    single, ddp = _fit_pair(tmp_path, *args)
+    _assert_same_scores(single, ddp)
+    if "--gradient-clip-val" in args:  # every step clipped, in both runs
+        for run in (single, ddp):
+            meta = load_influence(run / "files").metadata
+            assert meta["clipped_steps"] == meta["steps_recorded"] > 0, (run.name, meta["clipped_steps"])
 
 
 @pytest.mark.slow
