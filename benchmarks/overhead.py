@@ -215,11 +215,12 @@ def workloads() -> dict[str, Workload]:
 # ---------------------------------------------------------------------- measurement
 
 
-def _trainer(device: str, epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
+def _trainer(device: str, epochs: int, callbacks: list[pl.Callback], gradient_clip_val: float | None = None) -> pl.Trainer:
     return pl.Trainer(
         accelerator=device,
         devices=1,
         max_epochs=epochs,
+        gradient_clip_val=gradient_clip_val,
         callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,
@@ -327,8 +328,9 @@ def fit_once(
     extra_bytes: int = 0,
     memory_limit_bytes: int | None = None,
     extra_callbacks: Sequence[pl.Callback] = (),
+    gradient_clip_val: float | None = None,
 ) -> dict[str, Any]:
-    """One fit, timed and measured.
+    """One fit, timed and measured (``gradient_clip_val``: Lightning's norm clipping, with or without the callback).
 
     Returns wall and CPU seconds, the end-of-fit pass's seconds, the parameters' bytes and the
     peak memory growth during ``trainer.fit`` above the level just before it (model, data and
@@ -351,7 +353,7 @@ def fit_once(
         callbacks.append(_HoldMemory(extra_bytes, device))
     callbacks.append(_EndOfFitStop(timer))
     callbacks += list(extra_callbacks)
-    trainer = _trainer(device, epochs, callbacks)
+    trainer = _trainer(device, epochs, callbacks, gradient_clip_val)
     if device == "cuda":
         model.to(device)  # the parameters are in the baseline on both devices
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -380,6 +382,7 @@ class FitSpec:
     opacus: bool = False
     extra_mb: int = 0  # hold this much more memory during the fit (the benchmark's own test)
     memory_limit_mb: int = 8192  # end the fit beyond this growth: the machine is shared
+    gradient_clip_val: float | None = None  # Lightning's norm clipping, plain and callback fits alike
 
 
 def one_fit(spec: FitSpec, output_dir: str) -> dict[str, Any]:
@@ -392,10 +395,11 @@ def one_fit(spec: FitSpec, output_dir: str) -> dict[str, Any]:
     torch.set_num_threads(spec.threads)
     workload = workloads()[spec.workload]
     setting = SETTINGS[spec.setting] if spec.setting is not None else None
-    fit_once(workload, spec.device, 1, setting, spec.opacus, output_dir=output_dir, memory_limit_bytes=spec.memory_limit_mb * 2**20)
+    clip = spec.gradient_clip_val
+    fit_once(workload, spec.device, 1, setting, spec.opacus, output_dir=output_dir, memory_limit_bytes=spec.memory_limit_mb * 2**20, gradient_clip_val=clip)
     return fit_once(
         workload, spec.device, spec.epochs, setting, spec.opacus, output_dir=output_dir,
-        extra_bytes=spec.extra_mb * 2**20, memory_limit_bytes=spec.memory_limit_mb * 2**20,
+        extra_bytes=spec.extra_mb * 2**20, memory_limit_bytes=spec.memory_limit_mb * 2**20, gradient_clip_val=clip,
     )
 
 
@@ -458,7 +462,10 @@ def _median(runs: list[dict[str, Any]], key: str) -> float:
 OPACUS = "Opacus GradSampleModule (no callback)"
 
 
-def compare(key: str, device: str, epochs: int, repeats: int, threads: int, labels: list[str], opacus: bool, in_process: bool) -> list[str]:
+def compare(
+    key: str, device: str, epochs: int, repeats: int, threads: int, labels: list[str], opacus: bool, in_process: bool,
+    gradient_clip_val: float | None = None,
+) -> list[str]:
     """Alternate plain and each setting ``repeats`` times; one table row per setting.
 
     Each fit runs in a fresh process (``in_process=False``: time and memory), or all in this
@@ -469,7 +476,7 @@ def compare(key: str, device: str, epochs: int, repeats: int, threads: int, labe
     failed: dict[str, str] = {}
     order = ["plain", *labels] + ([OPACUS] if opacus else [])
     if in_process:
-        fit_once(workload, device, 1, None)  # warm-up: imports, allocator, kernels
+        fit_once(workload, device, 1, None, gradient_clip_val=gradient_clip_val)  # warm-up: imports, allocator, kernels
     for repeat in range(repeats):
         print(f"  {workload[0]}: repeat {repeat + 1}/{repeats}", flush=True)
         for label in order:
@@ -478,10 +485,10 @@ def compare(key: str, device: str, epochs: int, repeats: int, threads: int, labe
             setting = None if label in ("plain", OPACUS) else label
             try:
                 if in_process:
-                    run = fit_once(workload, device, epochs, SETTINGS[setting] if setting else None, label == OPACUS)
+                    run = fit_once(workload, device, epochs, SETTINGS[setting] if setting else None, label == OPACUS, gradient_clip_val=gradient_clip_val)
                     run["peak"] = run["peak_kernel"] = run["peak_before_end"] = None  # the allocator reuses what earlier fits freed
                 else:
-                    run = fit_in_subprocess(FitSpec(key, device, epochs, threads, setting, label == OPACUS))
+                    run = fit_in_subprocess(FitSpec(key, device, epochs, threads, setting, label == OPACUS, gradient_clip_val=gradient_clip_val))
             except Exception as error:  # FitFailed (from the fresh process) or any error of this one
                 if label == "plain":
                     raise
@@ -616,6 +623,9 @@ def main() -> None:
     parser.add_argument("--opacus", action="store_true", help="add Opacus GradSampleModule rows (needs the bench extra)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
     parser.add_argument("--in-process", action="store_true", help="all fits in this process (the earlier method): time only, no memory figures")
+    parser.add_argument(
+        "--gradient-clip-val", type=float, default=None, help="Lightning's norm clipping in every fit (plain and callback): what clipping costs the callback"
+    )
     parser.add_argument("--out", default="benchmarks/results/overhead.md")
     parser.add_argument("--one-fit", default=None, help=argparse.SUPPRESS)  # internal: a FitSpec as JSON, run by fit_in_subprocess
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)  # internal: where --one-fit writes its JSON result
@@ -638,7 +648,8 @@ def main() -> None:
         flags=([f"--breakdown {args.breakdown}"] if args.breakdown else [])
         + (["--one-epoch-end"] if args.one_epoch_end else [])
         + (["--opacus"] if args.opacus else [])
-        + (["--in-process"] if args.in_process else []),
+        + (["--in-process"] if args.in_process else [])
+        + ([f"--gradient-clip-val {args.gradient_clip_val}"] if args.gradient_clip_val is not None else []),
     )
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     load_at_start, started = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -649,7 +660,8 @@ def main() -> None:
         f"Command: `{command}`",
         "",
         f"Ratios are with-callback / plain, fits alternating (plain, setting 1, setting 2, ...) {where};",
-        "the DiffInCallback's target is the validation set. CPU time is the process's user+system time.",
+        "the DiffInCallback's target is the validation set. CPU time is the process's user+system time."
+        + ("" if args.gradient_clip_val is None else f" Every fit, plain or not, clips its gradients by norm at {args.gradient_clip_val} (Lightning's gradient_clip_val)."),
         "`end-of-fit` is the share of the fit spent in the end-of-fit pass; `spread` is (max - min)/median of the",
         "with-callback wall times (noise).",
         "",
@@ -660,7 +672,7 @@ def main() -> None:
     ]
     for key in args.workloads:
         try:
-            rows = compare(key, args.device, args.epochs, args.repeats, args.threads, list(args.settings), args.opacus, args.in_process)
+            rows = compare(key, args.device, args.epochs, args.repeats, args.threads, list(args.settings), args.opacus, args.in_process, args.gradient_clip_val)
         except Exception as error:  # the plain fit itself failed: say so in the table
             rows = [f"| {workloads()[key][0]} | all | - | - | fails: {type(error).__name__}: {str(error).splitlines()[0][:160]} | | | | | | | | |"]
         for row in rows:

@@ -109,7 +109,8 @@ def scaler_will_skip(precision: Precision, optimizer: torch.optim.Optimizer) -> 
 
 def clip_algorithm(trainer: pl.Trainer) -> str | None:
     """How Lightning clips this run's gradients: ``"norm"``, ``"value"``, or ``None`` without clipping."""
-    if not trainer.gradient_clip_val:
+    value = trainer.gradient_clip_val
+    if value is None or not float(value) > 0:  # Lightning clips nothing at a value <= 0 (Precision.clip_gradients)
         return None
     algorithm = trainer.gradient_clip_algorithm
     # Lightning clips by norm when no algorithm is named.
@@ -140,9 +141,13 @@ def norm_clip_factor(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> f
     grads = [p.grad.detach() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if not grads:
         return 1.0
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2) for g in grads]), 2)
+    total = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2) for g in grads]), 2))
+    if not math.isfinite(total):
+        # Non-finite gradients: clipping cannot make the step finite; 1.0 leaves the step to the callback's
+        # non-finite checks (which skip it and say why), not to a non-finite learning rate.
+        return 1.0
     # torch.nn.utils.clip_grad_norm_'s own formula (max_norm / (total + 1e-6), at most 1).
-    return float(torch.clamp(float(trainer.gradient_clip_val) / (total + 1e-6), max=1.0))
+    return min(1.0, float(trainer.gradient_clip_val) / (total + 1e-6))
 
 
 def resumed_mid_epoch(trainer: pl.Trainer) -> bool:

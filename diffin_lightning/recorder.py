@@ -470,8 +470,11 @@ class InfluenceRecorder:
             recomputed = self._recaptured(view.params, view.micro_batches, forward_context, self.unseeded_loss, stream=recheck)
             gradient_gap = relative_difference(view.batch_gradient, recomputed.batch_gradient)
             expected = _checked_products(recomputed, stream)
-        captured, expected = widened(_checked_products(view, stream)), widened(expected)
-        capture_gap = float((captured - expected).abs().max() / expected.abs().max().clamp_min(1e-300))
+        # Each kind of product the stream took is compared on its own scale (a small one's error is not hidden by a large one's).
+        capture_gap = max(
+            float((widened(a) - widened(b)).abs().max() / widened(b).abs().max().clamp_min(1e-300))
+            for a, b in zip(_checked_products(view, stream), expected, strict=True)
+        )
         passed = gradient_gap <= tolerance and capture_gap <= tolerance
         # Under DDP every rank must take the same path (their passes meet in collectives): the
         # check passes only where it passes on every rank.
@@ -491,7 +494,7 @@ class InfluenceRecorder:
             recomputed = self._recaptured(view.params, view.micro_batches, forward_context, self.unseeded_loss)
         return recomputed
 
-    def _streamed_check(self, view: CapturedStep, stream: ProductStream, forward_context: ForwardContext) -> tuple[float, Tensor]:
+    def _streamed_check(self, view: CapturedStep, stream: ProductStream, forward_context: ForwardContext) -> tuple[float, list[Tensor]]:
         """``_verify``'s recomputation with no parameter-sized gradient: ``(gradient gap, expected products)``.
 
         Each layer the stream takes builds its ``G_sum`` from its factors, compares ``G_sum / B`` with
@@ -508,12 +511,12 @@ class InfluenceRecorder:
         summed, per_sample = capture_pass(
             self.capture, self.unseeded_loss, list(view.params), None, view.micro_batches, forward_context, summed_gradient="held", stream=recheck
         )
-        if stream.gradient_dots:
-            expected = per_sample.gradient_dots(gradient=summed) / size  # before the held gradients become differences
-        elif stream.directions:
-            expected = per_sample.dots(list(stream.directions))
-        else:
-            expected = per_sample.squared_norms()
+        # In _checked_products' order; <G_B, G_i> before the held gradients become differences below.
+        expected = [per_sample.gradient_dots(gradient=summed) / size] if stream.gradient_dots else []
+        if stream.directions:
+            expected.append(per_sample.dots(list(stream.directions)))
+        if stream.squared_norms or not expected:
+            expected.append(per_sample.squared_norms())
         parts = [part for part in [per_sample.streamed_check()] if part is not None]
         if summed:
             parts.append(gradient_gap_parts(summed, mean, size))
@@ -807,13 +810,16 @@ class InfluenceRecorder:
 
 
 
-def _checked_products(view: CapturedStep, stream: ProductStream | None) -> Tensor:
-    """The products the first-step check compares: what the step's stream took (``<G_B, G_i>`` without one)."""
-    if stream is None or stream.gradient_dots:
-        return view.gradient_dots()
+def _checked_products(view: CapturedStep, stream: ProductStream | None) -> list[Tensor]:
+    """The products the first-step check compares: each kind the step's stream took (``<G_B, G_i>`` without one)."""
+    if stream is None:
+        return [view.gradient_dots()]
+    products = [view.gradient_dots()] if stream.gradient_dots else []
     if stream.directions:
-        return view.dots(list(stream.directions))
-    return view.squared_norms()
+        products.append(view.dots(list(stream.directions)))
+    if stream.squared_norms or not products:
+        products.append(view.squared_norms())
+    return products
 
 
 def _all_finite(tensors: dict[str, Tensor]) -> bool:

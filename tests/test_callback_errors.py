@@ -180,6 +180,29 @@ def test_a_plugin_with_a_scaler_or_autocast_counts_as_mixed_precision():
     assert not is_mixed_precision(Precision()) and not is_mixed_precision(HalfPrecision("bf16-true"))
 
 
+@pytest.mark.parametrize(
+    ("clip_val", "gradient", "expected"),
+    [
+        (0.5, [3.0, 4.0], 0.5 / (5.0 + 1e-6)),  # clip_grad_norm_'s factor
+        (10.0, [3.0, 4.0], 1.0),  # under the bound: not clipped
+        (-1.0, [3.0, 4.0], 1.0),  # Lightning clips nothing at a value <= 0
+        (0.5, [float("nan"), 4.0], 1.0),  # non-finite: left to the non-finite checks, never a NaN or zero learning rate
+        (0.5, [float("inf"), 4.0], 1.0),
+    ],
+)
+def test_norm_clip_factor_is_lightnings_and_stays_finite(clip_val, gradient, expected):
+    import lightning.pytorch as pl
+
+    from diffin_lightning import lightning_state
+
+    parameter = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    parameter.grad = torch.tensor(gradient, dtype=torch.float64)
+    optimizer = torch.optim.SGD([parameter], lr=0.1)
+    run = pl.Trainer(gradient_clip_val=clip_val, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    assert lightning_state.clip_algorithm(run) == ("norm" if clip_val > 0 else None)
+    assert lightning_state.norm_clip_factor(run, optimizer) == pytest.approx(expected, rel=1e-12)
+
+
 def _float32(loader):
     train = loader.dataset.dataset
     x, y = train.tensors

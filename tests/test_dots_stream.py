@@ -320,7 +320,10 @@ def test_the_first_step_check_without_a_recomputed_gradient_reads_what_the_full_
     def with_full_recomputation(self, view, stream, forward_context):
         gap, expected = original(self, view, stream, forward_context)
         full = self._recaptured(view.params, view.micro_batches, forward_context, self.unseeded_loss)  # every gradient from autograd
-        reference = full.gradient_dots() if stream.gradient_dots else full.dots(list(stream.directions))
+        # Every kind of product the stream took, in the check's order (<G_B, G_i>, the directions', |G_i|^2).
+        reference = [full.gradient_dots()] if stream.gradient_dots else []
+        reference += [full.dots(list(stream.directions))] if stream.directions else []
+        reference += [full.squared_norms()] if stream.squared_norms or not reference else []
         checks.append((gap, relative_difference(view.batch_gradient, full.batch_gradient), expected, reference))
         return gap, expected
 
@@ -338,7 +341,9 @@ def test_the_first_step_check_without_a_recomputed_gradient_reads_what_the_full_
     gap, full_gap, expected, reference = checks[0]
     assert gap == pytest.approx(full_gap, rel=1e-9, abs=1e-13)
     assert (gap > 1e-6) == regularised
-    torch.testing.assert_close(expected, reference, rtol=1e-9, atol=1e-12 * float(reference.abs().max()))
+    assert len(expected) == len(reference) >= 1
+    for taken, full_products in zip(expected, reference):
+        torch.testing.assert_close(taken, full_products, rtol=1e-9, atol=1e-12 * float(full_products.abs().max()))
     assert callback._recorder.use_capture == (not regularised)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -86,11 +87,19 @@ def _assert_all_finite(result):
             assert torch.isfinite(result[name].component(component)).all(), (name, component)
 
 
+@pytest.mark.parametrize("clip", [None, 0.05], ids=["unclipped", "norm-clipped"])
 @pytest.mark.parametrize("fault", ["nan_loss", "nan_gradient"])
-def test_nan_losses_and_gradients_are_skipped_and_counted(tmp_path, tiny_data, fault):
+def test_nan_losses_and_gradients_are_skipped_and_counted(tmp_path, tiny_data, fault, clip):
+    # Under norm clipping a non-finite .grad has a non-finite norm: the step must still be skipped as a non-finite
+    # G_B (not as a non-finite learning rate, which would end the scoring).
     faults = _faults_in_batches(tiny_data, steps=[1, 4, 6], per_step=2)  # 3 steps, 2 bad samples each
     callback = _callback(tiny_data, tmp_path)
-    trainer(default_root_dir=tmp_path, max_epochs=2, callbacks=[callback]).fit(FaultyClassifier(**{fault: faults}).double(), tiny_data.loader())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(default_root_dir=tmp_path, max_epochs=2, gradient_clip_val=clip, callbacks=[callback]).fit(
+            FaultyClassifier(**{fault: faults}).double(), tiny_data.loader()
+        )
+    assert not [str(w.message) for w in caught if "the learning rate (" in str(w.message)]
     result = load_influence(tmp_path / "scores")
     _assert_all_finite(result)
     meta = result.metadata
