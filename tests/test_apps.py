@@ -153,6 +153,7 @@ def test_train_cli_with_overrides(tmp_path):
         "influence.every_n_steps=2",
         "trainer.max_epochs=1",
         "trainer.enable_progress_bar=false",
+        "trainer.gradient_clip_val=0.01",
         "seed=3",
         f"hydra.run.dir={run_dir}",
         cwd=tmp_path,
@@ -161,4 +162,5 @@ def test_train_cli_with_overrides(tmp_path):
     assert f"run written to {run_dir}" in result.stdout
     metadata = json.loads((run_dir / "influence.json").read_text())
     assert metadata["every_n_steps"] == 2 and metadata["steps_recorded"] == 4
+    assert metadata["clipped_steps"] == 4  # every recorded step clipped at 0.01
     assert OmegaConf.load(run_dir / "config.yaml").seed == 3
