@@ -286,7 +286,7 @@ class DiffInCallback(Callback):
             if self.settings.schedule == "checkpoints":
                 recorder.abandon_step()
                 weight = self._total_steps / len(self.record.checkpoint_steps)  # the steps this checkpoint stands for
-                recorder.record_checkpoint(step, eta, batches, ids, weight, lambda: self._training_set(trainer, pl_module.device))
+                recorder.record_checkpoint(step, eta, batches, ids, weight, lambda: self._training_set(trainer, pl_module.device), clipped=clip_factor < 1.0)
             else:
                 assert step_gradients is not None
                 recorder.record_step(step, eta, batches, ids, *step_gradients, every_rank_has_gradients=every_rank_has_gradients, clipped=clip_factor < 1.0)

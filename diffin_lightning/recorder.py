@@ -682,16 +682,24 @@ class InfluenceRecorder:
         ids: Tensor,
         weight: float,
         training_set: Callable[[], Iterable[tuple[Any, Tensor]]],
+        clipped: bool = False,
     ) -> None:
-        """schedule='checkpoints': score every training sample with this step's batch as the proxy batch."""
+        """schedule='checkpoints': score every training sample with this step's batch as the proxy batch (``clipped``: see record_step)."""
         try:
             with other_captures_paused(self.capture):
-                self._record_checkpoint(step, eta, batches, ids, weight, training_set)
+                self._record_checkpoint(step, eta, batches, ids, weight, training_set, clipped)
         finally:
             self._step_rng_states = []
 
     def _record_checkpoint(
-        self, step: int, eta: float, batches: list[Any], ids: Tensor, weight: float, training_set: Callable[[], Iterable[tuple[Any, Tensor]]]
+        self,
+        step: int,
+        eta: float,
+        batches: list[Any],
+        ids: Tensor,
+        weight: float,
+        training_set: Callable[[], Iterable[tuple[Any, Tensor]]],
+        clipped: bool = False,
     ) -> None:
         assert self.accumulator is not None and self.record.num_samples is not None
         # The same step-level guards as the in-run schedule: a non-finite model or learning rate leaves
@@ -737,6 +745,7 @@ class InfluenceRecorder:
                 scheme=self.settings.finite_difference,
                 training_set=training_set(),
                 self_chunk_size=self.settings.self_chunk_size,
+                clipped=clipped,
             ):
                 for name, contribution in contributions.items():
                     self.accumulator.add(name, sample_ids, contribution, weight, eta, self.record.num_samples)

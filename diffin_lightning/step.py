@@ -146,9 +146,14 @@ class ClipProjection:
 
     @staticmethod
     def of(view: StepGradients) -> ClipProjection:
-        squared = dot(view.batch_gradient, view.batch_gradient)
+        return ClipProjection(view.batch_gradient, view.gradient_dots(), ClipProjection.scale_of(view.batch_gradient))
+
+    @staticmethod
+    def scale_of(batch_gradient: Params) -> Tensor:
+        """``kappa / |G_B|^2``."""
+        squared = dot(batch_gradient, batch_gradient)
         length = squared.sqrt()
-        return ClipProjection(view.batch_gradient, view.gradient_dots(), length / (length + 1e-6) / squared)
+        return length / (length + 1e-6) / squared
 
     def along(self, direction: Params, products: Tensor) -> Tensor:
         """``<P v, G_i>`` from ``<v, G_i>``."""
@@ -236,11 +241,14 @@ def checkpoint_step(
     scheme: FiniteDifferenceScheme,
     training_set: Iterable[tuple[Any, Tensor]],
     self_chunk_size: int | None,
+    clipped: bool = False,
 ) -> Iterable[tuple[Tensor, dict[str, Contribution]]]:
     """The paper's checkpoint estimator at one step: every training sample, the step's batch as proxy ``B``.
 
     Yields ``(ids, name -> Contribution)`` per training-set batch. The perturbed batch
     gradients of the proxy batch are computed once and shared by all training-set batches.
+    ``clipped``: as in :func:`in_run_step` (``eta`` holds the factor; the first-order terms
+    are taken along the clipped step's Jacobian, from ``<G_B, G_i>`` over the training set).
     """
     from diffin_lightning.engine import RecomputedStep
 
@@ -257,16 +265,20 @@ def checkpoint_step(
                 points.append((point, proxy.perturbed({k: sign * eps * unit[k] for k in params})[0]))
             perturbed[name] = (target_norm, points, 1.0 if scheme == "forward" else 2.0)
     proxy_gradient = proxy.batch_gradient
+    clip_scale = ClipProjection.scale_of(proxy_gradient) if clipped else None
     for batch, ids in training_set:
         samples = RecomputedStep(loss, params, [batch], int(ids.numel()), self_chunk_size)
-        f_at = loss.dots(params, [batch], proxy_gradient) if perturbed else None
+        f_at = loss.dots(params, [batch], proxy_gradient) if perturbed or clipped else None
+        projection = None if clip_scale is None else ClipProjection(proxy_gradient, f_at, clip_scale)  # type: ignore[arg-type]
         contributions: dict[str, Contribution] = {}
         for name, gradient in target_gradients.items():
             if gradient is None:
-                first = (eta / num_samples) * samples.squared_norms()
+                squared = samples.squared_norms() if projection is None else projection.own(samples.squared_norms())
+                first = (eta / num_samples) * squared
                 contributions[name] = Contribution(first, torch.zeros_like(first))
                 continue
-            first = (eta / num_samples) * loss.dots(params, [batch], gradient)
+            along = loss.dots(params, [batch], gradient)
+            first = (eta / num_samples) * (along if projection is None else projection.along(gradient, along))
             if name not in perturbed:
                 contributions[name] = Contribution(first, torch.zeros_like(first))
                 continue

@@ -297,15 +297,19 @@ def test_first_order_only_matches_the_full_runs_first_order(tmp_path, tiny_data)
     assert results[False].metadata["compute_second_order"] is False
 
 
-def test_checkpoint_schedule_matches_eq9_reference(tmp_path, tiny_data):
-    """schedule='checkpoints': every sample at m evenly spaced steps, the step's batch as proxy (Eq. 9)."""
+@pytest.mark.parametrize("clip", [None, 0.05], ids=["unclipped", "norm-clipped"])
+def test_checkpoint_schedule_matches_eq9_reference(tmp_path, tiny_data, clip):
+    """schedule='checkpoints': every sample at m evenly spaced steps, the step's batch as proxy (Eq. 9).
+
+    Norm-clipped: the checkpoint's step at eta * c, its first-order terms along the clipped step's Jacobian.
+    """
     model = TinyClassifier().double()
     recorder = TrajectoryRecorder()
     m, epochs = 3, 3
     callback = DiffInCallback(
         targets={"val": tiny_data.val, "train": "train", "self": "self"}, eps=EPS, schedule="checkpoints", num_checkpoints=m
     )
-    trainer(default_root_dir=tmp_path, max_epochs=epochs, callbacks=[recorder, callback]).fit(model, tiny_data.loader())
+    trainer(default_root_dir=tmp_path, max_epochs=epochs, gradient_clip_val=clip, callbacks=[recorder, callback]).fit(model, tiny_data.loader())
     total = len(recorder.steps)
     assert callback.checkpoint_steps == [2, 6, 10] and total == 12
 
@@ -315,20 +319,30 @@ def test_checkpoint_schedule_matches_eq9_reference(tmp_path, tiny_data):
     first = {k: torch.zeros(n, dtype=torch.float64) for k in ("val", "train", "self")}
     second_fd = {k: torch.zeros(n, dtype=torch.float64) for k in ("val", "train")}
     eq9_exact = {k: torch.zeros(n, dtype=torch.float64) for k in ("val", "train")}
+    clipped_checkpoints = 0
     for s in recorder.steps:
         if s.step not in callback.checkpoint_steps:
             continue
         proxy = torch.tensor(s.ids)
         p = leaf_params(s.params)
         grads = torch.stack(sample_gradients(model, p, x, y))
+        lr, projected = s.lr, grads
+        batch_gradient = grads[proxy].mean(0)
+        length = float(batch_gradient.norm())
+        if clip is not None and clip / (length + 1e-6) < 1:
+            lr = s.lr * clip / (length + 1e-6)
+            unit = batch_gradient / length
+            projected = grads - (length / (length + 1e-6)) * (grads @ unit)[:, None] * unit[None, :]
+            clipped_checkpoints += 1
         targets = {"val": mean_gradient(model, p, xv, yv), "train": grads.mean(0)}  # exact full-data gradient
         for name, g in targets.items():
-            first[name] += (total / m) * s.lr / n * (grads @ g)
+            first[name] += (total / m) * lr / n * (projected @ g)
             fd = finite_difference_brackets(model, s.params, x[proxy], y[proxy], g, EPS, samples=(x, y))
-            second_fd[name] += (total / m) * (-s.step * s.lr**2 / n) * fd
+            second_fd[name] += (total / m) * (-s.step * lr**2 / n) * fd
             exact = exact_brackets(model, s.params, x[proxy], y[proxy], g, samples=(x, y))
-            eq9_exact[name] += -s.step * s.lr**2 / (n * m) * exact
-        first["self"] += (total / m) * s.lr / n * (grads**2).sum(1)
+            eq9_exact[name] += -s.step * lr**2 / (n * m) * exact
+        first["self"] += (total / m) * lr / n * (projected * grads).sum(1)
+    assert clipped_checkpoints == (0 if clip is None else m)
 
     summed, paper = callback.influence_with("sum"), callback.influence_with("paper")
     for name in ("val", "train", "self"):
