@@ -187,9 +187,10 @@ class DiffInCallback(Callback):
         num_samples, fingerprinted = id_space(lightning_state.train_dataset(trainer), self.settings.num_samples, self.index_fn is default_index_fn)
         self.record.num_samples = num_samples
         self.record.fingerprint = dataset_fingerprint(fingerprinted)
-        check_optimizer(trainer.optimizers, lightning_state.clip_algorithm(trainer), lightning_state.clips_its_own_way(pl_module))
+        clipping = lightning_state.clip_algorithm(trainer)
+        check_optimizer(trainer.optimizers, clipping, lightning_state.clips_its_own_way(pl_module))
         if self._recorder is not None:
-            self._recorder.norm_clipping = lightning_state.clip_algorithm(trainer) == "norm"
+            self._recorder.norm_clipping = clipping == "norm"
         self._stale_gradients_releasable = self.settings.release_stale_gradients and lightning_state.discards_stale_gradients(trainer, pl_module)
         if self.settings.schedule == "checkpoints":
             self._total_steps, self.record.checkpoint_steps = plan_checkpoints(trainer.estimated_stepping_batches, self.settings.num_checkpoints)
@@ -279,17 +280,18 @@ class DiffInCallback(Callback):
         # A norm-clipped step moves by eta * c * G_B: it counts at eta * c, its first-order terms along the clip's Jacobian.
         clip_factor = lightning_state.norm_clip_factor(trainer, optimizer)
         eta = float(optimizer.param_groups[0]["lr"]) * clip_factor
-        self.record.clipped_steps += int(clip_factor < 1.0)
+        clipped = clip_factor < 1.0
+        self.record.clipped_steps += int(clipped)
         # Training must draw the same random numbers with or without the callback (data order,
         # dropout): every extra pass runs on a forked RNG.
         with replayed_rng(None, pl_module.device):
             if self.settings.schedule == "checkpoints":
                 recorder.abandon_step()
                 weight = self._total_steps / len(self.record.checkpoint_steps)  # the steps this checkpoint stands for
-                recorder.record_checkpoint(step, eta, batches, ids, weight, lambda: self._training_set(trainer, pl_module.device), clipped=clip_factor < 1.0)
+                recorder.record_checkpoint(step, eta, batches, ids, weight, lambda: self._training_set(trainer, pl_module.device), clipped=clipped)
             else:
                 assert step_gradients is not None
-                recorder.record_step(step, eta, batches, ids, *step_gradients, every_rank_has_gradients=every_rank_has_gradients, clipped=clip_factor < 1.0)
+                recorder.record_step(step, eta, batches, ids, *step_gradients, every_rank_has_gradients=every_rank_has_gradients, clipped=clipped)
 
     def _training_set(self, trainer: pl.Trainer, device: torch.device, progress: str | None = None) -> Iterator[tuple[Any, Tensor]]:
         """The whole training set in id order (lightning_state.training_set); a generator, so that nothing is read before the pass starts."""

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from diffin_lightning import distributed
 from diffin_lightning.engine import number_of_batches, training_set_batches
+from diffin_lightning.step import CLIP_NORM_EPS
 
 
 def train_dataset(trainer: pl.Trainer) -> Any:
@@ -146,8 +147,7 @@ def norm_clip_factor(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> f
         # Non-finite gradients: clipping cannot make the step finite; 1.0 leaves the step to the callback's
         # non-finite checks (which skip it and say why), not to a non-finite learning rate.
         return 1.0
-    # torch.nn.utils.clip_grad_norm_'s own formula (max_norm / (total + 1e-6), at most 1).
-    return min(1.0, float(trainer.gradient_clip_val) / (total + 1e-6))
+    return min(1.0, float(trainer.gradient_clip_val) / (total + CLIP_NORM_EPS))
 
 
 def resumed_mid_epoch(trainer: pl.Trainer) -> bool:

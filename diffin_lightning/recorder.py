@@ -511,12 +511,8 @@ class InfluenceRecorder:
         summed, per_sample = capture_pass(
             self.capture, self.unseeded_loss, list(view.params), None, view.micro_batches, forward_context, summed_gradient="held", stream=recheck
         )
-        # In _checked_products' order; <G_B, G_i> before the held gradients become differences below.
-        expected = [per_sample.gradient_dots(gradient=summed) / size] if stream.gradient_dots else []
-        if stream.directions:
-            expected.append(per_sample.dots(list(stream.directions)))
-        if stream.squared_norms or not expected:
-            expected.append(per_sample.squared_norms())
+        # <G_B, G_i> taken here, before the held gradients become differences below.
+        expected = _stream_products(stream, lambda: per_sample.gradient_dots(gradient=summed) / size, per_sample.dots, per_sample.squared_norms)
         parts = [part for part in [per_sample.streamed_check()] if part is not None]
         if summed:
             parts.append(gradient_gap_parts(summed, mean, size))
@@ -699,7 +695,7 @@ class InfluenceRecorder:
         ids: Tensor,
         weight: float,
         training_set: Callable[[], Iterable[tuple[Any, Tensor]]],
-        clipped: bool = False,
+        clipped: bool,
     ) -> None:
         assert self.accumulator is not None and self.record.num_samples is not None
         # The same step-level guards as the in-run schedule: a non-finite model or learning rate leaves
@@ -823,11 +819,18 @@ def _checked_products(view: CapturedStep, stream: ProductStream | None) -> list[
     """The products the first-step check compares: each kind the step's stream took (``<G_B, G_i>`` without one)."""
     if stream is None:
         return [view.gradient_dots()]
-    products = [view.gradient_dots()] if stream.gradient_dots else []
+    return _stream_products(stream, view.gradient_dots, view.dots, view.squared_norms)
+
+
+def _stream_products(
+    stream: ProductStream, gradient_dots: Callable[[], Tensor], dots: Callable[[list[Any]], Tensor], squared_norms: Callable[[], Tensor]
+) -> list[Tensor]:
+    """Each kind of product ``stream`` takes, in one order (the check pairs the step's with its recomputation's)."""
+    products = [gradient_dots()] if stream.gradient_dots else []
     if stream.directions:
-        products.append(view.dots(list(stream.directions)))
+        products.append(dots(list(stream.directions)))
     if stream.squared_norms or not products:
-        products.append(view.squared_norms())
+        products.append(squared_norms())
     return products
 
 

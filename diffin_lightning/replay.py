@@ -71,6 +71,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 from diffin_lightning.data import INDEX_KEY, IndexedDataset, dataset_fingerprint
 from diffin_lightning.dots import LayerCapture, PerSampleDots, functional_dots
 from diffin_lightning.per_sample import Params, PerSampleLoss, norm
+from diffin_lightning.step import CLIP_NORM_EPS
 from diffin_lightning.store import InfluenceResult, TargetInfluence, save_influence
 from diffin_lightning.trajectory import (
     FINAL_FILE,
@@ -335,7 +336,7 @@ def _norm_clip_projection(gradient: Params) -> Callable[[Params], Params]:
     direction. The adjoint keeps the factor ``c`` outside (as for an unclipped step scaled by ``c``).
     """
     total = norm(gradient)
-    kappa = total / (total + 1e-6)
+    kappa = total / (total + CLIP_NORM_EPS)
     unit = {name: value / total for name, value in gradient.items()}
 
     def project(q: Params) -> Params:

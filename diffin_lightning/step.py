@@ -26,6 +26,9 @@ from diffin_lightning.engine import ScaledShift, StepGradients
 from diffin_lightning.per_sample import Params, PerSampleLoss, dot
 from diffin_lightning.settings import FiniteDifferenceScheme
 
+# torch.nn.utils.clip_grad_norm_'s (and so Lightning's) factor: max_norm / (total_norm + CLIP_NORM_EPS), at most 1.
+CLIP_NORM_EPS = 1e-6
+
 
 @dataclass(frozen=True)
 class Contribution:
@@ -153,7 +156,7 @@ class ClipProjection:
         """``kappa / |G_B|^2``."""
         squared = dot(batch_gradient, batch_gradient)
         length = squared.sqrt()
-        return length / (length + 1e-6) / squared
+        return length / (length + CLIP_NORM_EPS) / squared
 
     def along(self, direction: Params, products: Tensor) -> Tensor:
         """``<P v, G_i>`` from ``<v, G_i>``."""
@@ -195,7 +198,7 @@ def in_run_step(
         clipped: the step's gradient was clipped by norm, ``eta`` already times the factor ``c``.
             Lightning's clipped step is ``C G_B / (|G_B| + 1e-6)``: removing sample i turns it
             instead of shortening it, so its first-order term is taken along the step's Jacobian,
-            ``(eta/|B|) <g - kappa <g, G_B^> G_B^, G_i>`` (:func:`clip_projected`); the second-order
+            ``(eta/|B|) <g - kappa <g, G_B^> G_B^, G_i>`` (:class:`ClipProjection`); the second-order
             terms take the step at ``eta`` (its factor held constant).
     """
     passes = passes or {}
