@@ -1,7 +1,7 @@
 """The arithmetic floor of each callback setting: what its unavoidable passes cost with nothing else around them.
 
-    python -m benchmarks.floor [--workloads mlp cnn transformer] [--repeats 5] [--epochs 4] [--threads 2] \
-        [--bfloat16] [--out benchmarks/results/floor.md]
+    python -m benchmarks.floor [--device cpu|cuda] [--workloads mlp cnn transformer] [--repeats 5] [--epochs 4] \
+        [--threads 2] [--bfloat16] [--out benchmarks/results/floor.md]
 
 Issue 7 asks for wall-time ratios (first order <= 1.3x on the MLP, ...). Whether a ratio is
 reachable at all by an exact implementation of the estimator at the default schedule is a
@@ -32,7 +32,9 @@ floor above a target means no exact implementation at that schedule meets it; th
 distance from its floor is what its own code costs (hooks, checks, bookkeeping, the products
 the floor leaves out). ``--bfloat16`` adds floors whose target gradient and products run under
 ``torch.autocast`` in bfloat16 (an approximation the callback does not make: does lower
-precision move the floor under a target?). Time only: no memory figures.
+precision move the floor under a target?). Time only: no memory figures. On CUDA every fit is
+bracketed by synchronisation (``benchmarks.overhead.fit_once``); there a small model's step is
+bound by the operations the host issues, and the floor issues far fewer than the callback.
 """
 
 from __future__ import annotations
@@ -88,9 +90,11 @@ class FloorCallback(pl.Callback):
         self._target_gradient: list[Tensor] = []
         self._last_refresh: int | None = None
         self._batch: Any = None
+        self._device_type = "cpu"
+        self._shift_scale = 0.0
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        return torch.autocast("cpu", dtype=torch.bfloat16) if self.low_precision else contextlib.nullcontext()
+        return torch.autocast(self._device_type, dtype=torch.bfloat16) if self.low_precision else contextlib.nullcontext()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         datamodule = trainer.datamodule  # type: ignore[attr-defined]
@@ -99,6 +103,7 @@ class FloorCallback(pl.Callback):
             target = Subset(target, range(self.max_target_samples))
         batch_size = datamodule.batch_size
         device = pl_module.device
+        self._device_type = device.type
         # Collated once and kept on the device, as cache_target_on_device=True does.
         self._target_batches = [pl_module.transfer_batch_to_device(batch, device, 0) for batch in DataLoader(target, batch_size=batch_size)]
         self._target_size = len(target)
@@ -126,6 +131,9 @@ class FloorCallback(pl.Callback):
             torch._foreach_add_(self._target_gradient, torch.autograd.grad(loss, parameters))
             self.counts["target samples"] += len(batch["target"])
         self.counts["refreshes"] += 1
+        # eps u = 1e-3 g_V / |g_V| (the step's size is immaterial to the cost); read back once a refresh, not once a step.
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in self._target_gradient]))
+        self._shift_scale = 1e-3 / (float(norm) + 1e-30)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         if self._batch is None:
@@ -139,15 +147,13 @@ class FloorCallback(pl.Callback):
 
     def _perturbed_pass(self, pl_module: pl.LightningModule, batch: Any) -> None:
         parameters = list(pl_module.parameters())
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in self._target_gradient]))
-        scale = 1e-3 / (norm + 1e-30)
         with torch.no_grad():
-            torch._foreach_add_(parameters, self._target_gradient, alpha=float(scale))
+            torch._foreach_add_(parameters, self._target_gradient, alpha=self._shift_scale)
         try:
             _input_gradient_pass(pl_module, batch, parameters)
         finally:
             with torch.no_grad():
-                torch._foreach_sub_(parameters, self._target_gradient, alpha=float(scale))
+                torch._foreach_sub_(parameters, self._target_gradient, alpha=self._shift_scale)
         self.counts["perturbed passes"] += 1
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -197,26 +203,26 @@ def _quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def measure(key: str, epochs: int, repeats: int, floors: dict[str, tuple[str, dict[str, Any]]]) -> list[str]:
+def measure(key: str, device: str, epochs: int, repeats: int, floors: dict[str, tuple[str, dict[str, Any]]]) -> list[str]:
     """Alternate plain, each floor and each callback setting ``repeats`` times in this process; one row per floor."""
     workload = workloads()[key]
     settings = sorted({setting for setting, _ in floors.values()}, key=list(SETTINGS).index)
 
     def run(label: str) -> float:
         if label == "plain":
-            return fit_once(workload, "cpu", epochs, None)["wall"]
+            return fit_once(workload, device, epochs, None)["wall"]
         if label in floors:
-            return fit_once(workload, "cpu", epochs, None, extra_callbacks=[FloorCallback(**floors[label][1])])["wall"]
-        return fit_once(workload, "cpu", epochs, SETTINGS[label])["wall"]
+            return fit_once(workload, device, epochs, None, extra_callbacks=[FloorCallback(**floors[label][1])])["wall"]
+        return fit_once(workload, device, epochs, SETTINGS[label])["wall"]
 
     labels = ["plain", *floors, *settings]
     for label in labels:  # warm-up: lazy imports, kernels, first-call set-up
         if label == "plain":
-            fit_once(workload, "cpu", 1, None)
+            fit_once(workload, device, 1, None)
         elif label in floors:
-            fit_once(workload, "cpu", 1, None, extra_callbacks=[FloorCallback(**floors[label][1])])
+            fit_once(workload, device, 1, None, extra_callbacks=[FloorCallback(**floors[label][1])])
         else:
-            fit_once(workload, "cpu", 1, SETTINGS[label])
+            fit_once(workload, device, 1, SETTINGS[label])
     walls: dict[str, list[float]] = {label: [] for label in labels}
     ratios: dict[str, list[float]] = {label: [] for label in labels if label != "plain"}
     for _ in range(repeats):
@@ -238,6 +244,7 @@ def measure(key: str, epochs: int, repeats: int, floors: dict[str, tuple[str, di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--workloads", nargs="+", default=["mlp", "cnn", "transformer"], choices=list(workloads()))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=4)
@@ -251,12 +258,13 @@ def main() -> None:
         floors.update(LOW_PRECISION_FLOORS)
     command = reproducing_command(
         "benchmarks.floor",
-        [f"--workloads {' '.join(args.workloads)}", f"--repeats {args.repeats}", f"--epochs {args.epochs}", f"--threads {args.threads}"],
+        [f"--device {args.device}", f"--workloads {' '.join(args.workloads)}", f"--repeats {args.repeats}", f"--epochs {args.epochs}", f"--threads {args.threads}"],
         [], [], args.out, "benchmarks/results/floor.md", flags=["--bfloat16"] if args.bfloat16 else [],
     )
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     started, load_at_start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), os.getloadavg()
     lines = [
-        f"# The arithmetic floor of each setting beside the callback (CPU, {args.threads} threads; {args.epochs} epochs; median of {args.repeats}, alternating, one process)",
+        f"# The arithmetic floor of each setting beside the callback ({device_name}; {args.epochs} epochs; median of {args.repeats}, alternating, one process)",
         "",
         f"Command: `{command}`",
         "",
@@ -272,7 +280,7 @@ def main() -> None:
     ]
     with _quiet():
         for key in args.workloads:
-            rows = measure(key, args.epochs, args.repeats, floors)
+            rows = measure(key, args.device, args.epochs, args.repeats, floors)
             for row in rows:
                 print(row, flush=True)
             lines += rows

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device checks in one run, for a machine with CUDA (CI never has one): the GPU tests, then the
 # overhead benchmark with CUDA synchronisation. Everything lands under $OUT (default runs/gpu_check):
-# device.txt, gpu_tests.txt, overhead_gpu.md (every workload's table) and overhead_gpu.log. Needs torch, lightning, torchmetrics,
+# device.txt, gpu_tests.txt, overhead_gpu.md (every workload's table), overhead_gpu.log and, with FLOOR_WORKLOADS, floor_gpu.md. Needs torch, lightning, torchmetrics,
 # safetensors, scikit-learn and pytest (no hydra-core: neither the GPU tests nor the benchmark import it;
 # pytest from carried wheels where missing, see below).
 #
@@ -46,4 +46,11 @@ for workload in ${WORKLOADS:-mlp_gpu cnn_gpu transformer_gpu gpt2_gpu}; do
     echo "overhead $workload rc $?" >> "$out/overhead_gpu.log"
     [ -f "$out/one_workload.md" ] && cat "$out/one_workload.md" >> "$out/overhead_gpu.md" && rm -f "$out/one_workload.md"
 done
-tail -n 3 "$out/gpu_tests.txt"; grep -E "^overhead .* rc" "$out/overhead_gpu.log"
+# Optional (FLOOR_WORKLOADS="mlp_gpu ...", default none: the checks above take most of a 10-minute call): each
+# setting's arithmetic floor beside the callback, in one process (benchmarks/floor.py), into floor_gpu.md.
+if [ -n "${FLOOR_WORKLOADS:-}" ]; then
+    "$py" -m benchmarks.floor --device cuda --repeats "${FLOOR_REPEATS:-3}" --workloads ${FLOOR_WORKLOADS} --bfloat16 \
+        --out "$out/floor_gpu.md" >> "$out/overhead_gpu.log" 2>&1
+    echo "floor rc $?" >> "$out/overhead_gpu.log"
+fi
+tail -n 3 "$out/gpu_tests.txt"; grep -E "^(overhead .*|floor) rc" "$out/overhead_gpu.log"
