@@ -64,7 +64,8 @@ class FloorCallback(pl.Callback):
     Args:
         second_order: also the perturbed pass each recorded step and the end-of-fit pass.
         every_n_steps: record every n-th optimizer step (the callback's ``every_n_steps``).
-        refresh_every_n_steps: recompute g_V after this many optimizer steps (counted on recorded steps).
+        refresh_every_n_steps: recompute g_V at a recorded step once this many optimizer steps have passed
+            since the last refresh (the callback's ``target_refresh_every_n_steps``).
         max_target_samples: at most this many target samples per refresh (the first ones: a floor
             need not draw the callback's seeded subset, only pass over as many samples).
         low_precision: run the target gradient and the products under bfloat16 autocast.
@@ -159,7 +160,9 @@ class FloorCallback(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.second_order:
             return
-        self._refresh(pl_module)  # the drift correction's g_V(theta_T), over the whole target
+        # The drift correction's g_V(theta_T): the callback's takes the whole target, uncapped (the same here
+        # while |V| <= max_target_samples, as on every benchmark workload).
+        self._refresh(pl_module)
         parameters = list(pl_module.parameters())
         datamodule = trainer.datamodule  # type: ignore[attr-defined]
         for batch in DataLoader(datamodule.train_dataset, batch_size=datamodule.batch_size):
