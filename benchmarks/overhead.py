@@ -64,9 +64,12 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # samples in batches of the training micro-batch (8 on the 4x256 encoder); one batch issues an eighth
     # of the refresh's operations for eight times its activations. Not in the default list: run it by name.
     "first order, target in one batch of 1,024 (GPU lever)": dict(compute_second_order=False, target_batch_size=1024),
+    # One recomputed full-precision forward+backward per recorded step instead of the training step's captures: the
+    # path every mixed-precision step took before bf16-mixed first-order steps read their own (--precision bf16-mixed).
+    "first order, recomputed per step": dict(compute_second_order=False, reuse_training_step=False),
 }
-# What a run measures unless --settings says otherwise (the GPU lever's row is asked for by name).
-DEFAULT_SETTINGS = [name for name in SETTINGS if "GPU lever" not in name]
+# What a run measures unless --settings says otherwise (the GPU lever's and the recomputation's rows are asked for by name).
+DEFAULT_SETTINGS = [name for name in SETTINGS if "GPU lever" not in name and "recomputed per step" not in name]
 
 
 # ---------------------------------------------------------------------- workloads
@@ -215,12 +218,13 @@ def workloads() -> dict[str, Workload]:
 # ---------------------------------------------------------------------- measurement
 
 
-def _trainer(device: str, epochs: int, callbacks: list[pl.Callback], gradient_clip_val: float | None = None) -> pl.Trainer:
+def _trainer(device: str, epochs: int, callbacks: list[pl.Callback], gradient_clip_val: float | None = None, precision: str | None = None) -> pl.Trainer:
     return pl.Trainer(
         accelerator=device,
         devices=1,
         max_epochs=epochs,
         gradient_clip_val=gradient_clip_val,
+        precision=precision,
         callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,
@@ -329,8 +333,10 @@ def fit_once(
     memory_limit_bytes: int | None = None,
     extra_callbacks: Sequence[pl.Callback] = (),
     gradient_clip_val: float | None = None,
+    precision: str | None = None,
 ) -> dict[str, Any]:
-    """One fit, timed and measured (``gradient_clip_val``: Lightning's norm clipping, with or without the callback).
+    """One fit, timed and measured (``gradient_clip_val``: Lightning's norm clipping, with or without the callback;
+    ``precision``: the Trainer's, e.g. 'bf16-mixed', plain and callback fits alike).
 
     Returns wall and CPU seconds, the end-of-fit pass's seconds, the parameters' bytes and the
     peak memory growth during ``trainer.fit`` above the level just before it (model, data and
@@ -353,7 +359,7 @@ def fit_once(
         callbacks.append(_HoldMemory(extra_bytes, device))
     callbacks.append(_EndOfFitStop(timer))
     callbacks += list(extra_callbacks)
-    trainer = _trainer(device, epochs, callbacks, gradient_clip_val)
+    trainer = _trainer(device, epochs, callbacks, gradient_clip_val, precision)
     if device == "cuda":
         model.to(device)  # the parameters are in the baseline on both devices
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -383,6 +389,7 @@ class FitSpec:
     extra_mb: int = 0  # hold this much more memory during the fit (the benchmark's own test)
     memory_limit_mb: int = 8192  # end the fit beyond this growth: the machine is shared
     gradient_clip_val: float | None = None  # Lightning's norm clipping, plain and callback fits alike
+    precision: str | None = None  # the Trainer's precision (None: its default), plain and callback fits alike
 
 
 def one_fit(spec: FitSpec, output_dir: str) -> dict[str, Any]:
@@ -395,11 +402,14 @@ def one_fit(spec: FitSpec, output_dir: str) -> dict[str, Any]:
     torch.set_num_threads(spec.threads)
     workload = workloads()[spec.workload]
     setting = SETTINGS[spec.setting] if spec.setting is not None else None
-    clip = spec.gradient_clip_val
-    fit_once(workload, spec.device, 1, setting, spec.opacus, output_dir=output_dir, memory_limit_bytes=spec.memory_limit_mb * 2**20, gradient_clip_val=clip)
+    clip, precision = spec.gradient_clip_val, spec.precision
+    fit_once(
+        workload, spec.device, 1, setting, spec.opacus, output_dir=output_dir, memory_limit_bytes=spec.memory_limit_mb * 2**20, gradient_clip_val=clip,
+        precision=precision,
+    )
     return fit_once(
         workload, spec.device, spec.epochs, setting, spec.opacus, output_dir=output_dir,
-        extra_bytes=spec.extra_mb * 2**20, memory_limit_bytes=spec.memory_limit_mb * 2**20, gradient_clip_val=clip,
+        extra_bytes=spec.extra_mb * 2**20, memory_limit_bytes=spec.memory_limit_mb * 2**20, gradient_clip_val=clip, precision=precision,
     )
 
 
@@ -465,6 +475,7 @@ OPACUS = "Opacus GradSampleModule (no callback)"
 def compare(
     key: str, device: str, epochs: int, repeats: int, threads: int, labels: list[str], opacus: bool, in_process: bool,
     gradient_clip_val: float | None = None,
+    precision: str | None = None,
 ) -> list[str]:
     """Alternate plain and each setting ``repeats`` times; one table row per setting.
 
@@ -476,7 +487,7 @@ def compare(
     failed: dict[str, str] = {}
     order = ["plain", *labels] + ([OPACUS] if opacus else [])
     if in_process:
-        fit_once(workload, device, 1, None, gradient_clip_val=gradient_clip_val)  # warm-up: imports, allocator, kernels
+        fit_once(workload, device, 1, None, gradient_clip_val=gradient_clip_val, precision=precision)  # warm-up: imports, allocator, kernels
     for repeat in range(repeats):
         print(f"  {workload[0]}: repeat {repeat + 1}/{repeats}", flush=True)
         for label in order:
@@ -485,10 +496,10 @@ def compare(
             setting = None if label in ("plain", OPACUS) else label
             try:
                 if in_process:
-                    run = fit_once(workload, device, epochs, SETTINGS[setting] if setting else None, label == OPACUS, gradient_clip_val=gradient_clip_val)
+                    run = fit_once(workload, device, epochs, SETTINGS[setting] if setting else None, label == OPACUS, gradient_clip_val=gradient_clip_val, precision=precision)
                     run["peak"] = run["peak_kernel"] = run["peak_before_end"] = None  # the allocator reuses what earlier fits freed
                 else:
-                    run = fit_in_subprocess(FitSpec(key, device, epochs, threads, setting, label == OPACUS, gradient_clip_val=gradient_clip_val))
+                    run = fit_in_subprocess(FitSpec(key, device, epochs, threads, setting, label == OPACUS, gradient_clip_val=gradient_clip_val, precision=precision))
             except Exception as error:  # FitFailed (from the fresh process) or any error of this one
                 if label == "plain":
                     raise
@@ -626,6 +637,9 @@ def main() -> None:
     parser.add_argument(
         "--gradient-clip-val", type=float, default=None, help="Lightning's norm clipping in every fit (plain and callback): what clipping costs the callback"
     )
+    parser.add_argument(
+        "--precision", default=None, help="the Trainer's precision in every fit, plain and callback (e.g. bf16-mixed): what mixed precision costs the callback"
+    )
     parser.add_argument("--out", default="benchmarks/results/overhead.md")
     parser.add_argument("--one-fit", default=None, help=argparse.SUPPRESS)  # internal: a FitSpec as JSON, run by fit_in_subprocess
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)  # internal: where --one-fit writes its JSON result
@@ -649,7 +663,8 @@ def main() -> None:
         + (["--one-epoch-end"] if args.one_epoch_end else [])
         + (["--opacus"] if args.opacus else [])
         + (["--in-process"] if args.in_process else [])
-        + ([f"--gradient-clip-val {args.gradient_clip_val}"] if args.gradient_clip_val is not None else []),
+        + ([f"--gradient-clip-val {args.gradient_clip_val}"] if args.gradient_clip_val is not None else [])
+        + ([f"--precision {args.precision}"] if args.precision is not None else []),
     )
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     load_at_start, started = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -661,7 +676,8 @@ def main() -> None:
         "",
         f"Ratios are with-callback / plain, fits alternating (plain, setting 1, setting 2, ...) {where};",
         "the DiffInCallback's target is the validation set. CPU time is the process's user+system time."
-        + ("" if args.gradient_clip_val is None else f" Every fit, plain or not, clips its gradients by norm at {args.gradient_clip_val} (Lightning's gradient_clip_val)."),
+        + ("" if args.gradient_clip_val is None else f" Every fit, plain or not, clips its gradients by norm at {args.gradient_clip_val} (Lightning's gradient_clip_val).")
+        + ("" if args.precision is None else f" Every fit, plain or not, trains at precision={args.precision!r}."),
         "`end-of-fit` is the share of the fit spent in the end-of-fit pass; `spread` is (max - min)/median of the",
         "with-callback wall times (noise).",
         "",
@@ -672,7 +688,7 @@ def main() -> None:
     ]
     for key in args.workloads:
         try:
-            rows = compare(key, args.device, args.epochs, args.repeats, args.threads, list(args.settings), args.opacus, args.in_process, args.gradient_clip_val)
+            rows = compare(key, args.device, args.epochs, args.repeats, args.threads, list(args.settings), args.opacus, args.in_process, args.gradient_clip_val, args.precision)
         except Exception as error:  # the plain fit itself failed: say so in the table
             rows = [f"| {workloads()[key][0]} | all | - | - | fails: {type(error).__name__}: {str(error).splitlines()[0][:160]} | | | | | | | | |"]
         for row in rows:

@@ -198,6 +198,8 @@ class DiffInCallback(Callback):
         check_optimizer(trainer.optimizers, clipping, lightning_state.clips_its_own_way(pl_module))
         if self._recorder is not None:
             self._recorder.norm_clipping = clipping == "norm"
+            if lightning_state.is_mixed_precision(trainer.precision_plugin):
+                self._recorder.adopt_mixed_precision(lightning_state.reusable_under_autocast(trainer.precision_plugin))
         self._stale_gradients_releasable = self.settings.release_stale_gradients and lightning_state.discards_stale_gradients(trainer, pl_module)
         if self.settings.schedule == "checkpoints":
             self._total_steps, self.record.checkpoint_steps = plan_checkpoints(trainer.estimated_stepping_batches, self.settings.num_checkpoints)
@@ -267,7 +269,9 @@ class DiffInCallback(Callback):
         step_gradients = None
         if error is None and pending and self.settings.schedule == "in_run":
             sizes = [int(sample_ids.numel()) for _, sample_ids in pending]
-            step_gradients = lightning_state.training_step_gradients(trainer.precision_plugin, trainer.accumulate_grad_batches, pl_module, sizes)
+            step_gradients = lightning_state.training_step_gradients(
+                trainer.precision_plugin, trainer.accumulate_grad_batches, pl_module, sizes, reuse_autocast=recorder.reuses_autocast_step
+            )
         # Every rank reaches this point once per recorded step: the checks' verdicts are shared here, before
         # any collective maths, so a failure on one rank stops all of them with its message; whether every
         # rank has its training step's gradients (the paths that use them issue their own collectives) rides

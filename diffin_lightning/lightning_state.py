@@ -32,8 +32,9 @@ def train_dataset(trainer: pl.Trainer) -> Any:
 def is_mixed_precision(precision: Precision) -> bool:
     """Whether the training step runs under autocast or scales its loss (AMP, or a plugin of the user's doing the same).
 
-    Such a step's captures are in half precision or scaled: the recorder then takes its products
-    from a full-precision pass of its own (``training_step_gradients``), never from the step's.
+    Such a step's captures are in half precision or scaled: the recorder takes its products from a
+    full-precision pass of its own (``training_step_gradients``), except where a run takes no finite
+    difference under ``bf16-mixed`` (:func:`reusable_under_autocast`): there from the step's own.
     """
     return (
         isinstance(precision, MixedPrecision)
@@ -67,22 +68,36 @@ def discards_stale_gradients(trainer: pl.Trainer, pl_module: pl.LightningModule)
     )
 
 
+def reusable_under_autocast(precision: Precision) -> bool:
+    """Whether a mixed-precision step's own captures and ``.grad`` can serve first-order products: ``bf16-mixed``, no loss scale.
+
+    bfloat16 autocast keeps float32's exponent range, so its output gradients need no scale and
+    ``.grad`` (float32 parameters) is the step's mean gradient as the optimizer sees it. float16
+    AMP scales the captured output gradients by a factor the step may still change (and skip),
+    and unscaled float16 gradients underflow: its steps, and any other plugin's, are recomputed
+    in full precision.
+    """
+    return str(getattr(precision, "precision", "")) == "bf16-mixed" and getattr(precision, "scaler", None) is None
+
+
 def training_step_gradients(
-    precision: Precision, accumulate_grad_batches: int, module: torch.nn.Module, micro_batch_sizes: Sequence[int]
+    precision: Precision, accumulate_grad_batches: int, module: torch.nn.Module, micro_batch_sizes: Sequence[int], reuse_autocast: bool = False
 ) -> tuple[Any, ...]:
     """``(gradients, gradient_to_mean, backprop_scale, forward_context, mixed)`` for the recorder.
 
     Lightning divides each micro-batch's loss by ``accumulate_grad_batches`` (k), so a
     captured output gradient is sample i's own times ``1/(k |b|)``, and ``.grad`` is
-    ``(1/(k |b|)) sum_i G_i``. Under mixed precision (autocast, a loss scale) nothing of the
-    step is read: ``gradients`` is ``None`` and the recorder recomputes in full precision. Micro-batches of unequal sizes make
-    ``.grad`` a weighted mean; such a step is recomputed (``gradients`` is ``None``).
+    ``(1/(k |b|)) sum_i G_i``. Under mixed precision (autocast, a loss scale) the step is read
+    only where ``reuse_autocast`` (the recorder's steps need no finite difference: first-order
+    products, 'self', 'train') and :func:`reusable_under_autocast`; elsewhere ``gradients`` is
+    ``None`` and the recorder recomputes in full precision (a finite difference of half-precision
+    products would be rounding). Micro-batches of unequal sizes make ``.grad`` a weighted mean;
+    such a step is recomputed (``gradients`` is ``None``).
     """
     sizes = set(micro_batch_sizes)
     mixed = is_mixed_precision(precision)
-    if mixed:
-        # The layer rules take their products in the captured tensors' dtype, and autocast leaves
-        # half-precision activations: under AMP the products come from one full-precision pass.
+    if mixed and not (reuse_autocast and reusable_under_autocast(precision)):
+        # The finite difference needs full-precision products at both points: one full-precision pass here.
         return None, 1.0, 1.0, contextlib.nullcontext, mixed
     if len(sizes) != 1:
         return None, 1.0, 1.0, precision.forward_context, mixed

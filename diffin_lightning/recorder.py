@@ -107,6 +107,7 @@ class InfluenceRecorder:
         reuse = settings.reuse_training_step if settings.reuse_training_step is not None else settings.loss_fn is None
         self.use_capture = self.fast and reuse and settings.schedule == "in_run"
         self.verified = False
+        self.reuses_autocast_step = False  # see adopt_mixed_precision
         # Lightning clips this run's gradients by norm: a step's first-order products then need <G_B, G_i> too
         # (in_run_step's projection), so the training step's stream takes them (set by the callback at the fit's start).
         self.norm_clipping = False
@@ -146,6 +147,26 @@ class InfluenceRecorder:
         for target in self.targets:
             if isinstance(target, DatasetTarget):
                 target.adopt_batch_size(self.micro_batch_size)
+
+    @property
+    def first_order_only(self) -> bool:
+        """Whether no recorded step takes a finite difference (no second-order term): first-order products, 'self', 'train'."""
+        return not (self.settings.compute_second_order and any(target.has_second_order for target in self.targets))
+
+    def adopt_mixed_precision(self, reusable: bool) -> None:
+        """The training step runs under mixed precision; ``reusable``: its captures and ``.grad`` may serve (bf16-mixed).
+
+        Only a run without a finite difference reads them (a difference of bfloat16 products would be
+        their rounding); its products then come from the step's bfloat16 captures read in float32, and
+        every other run's from one full-precision recomputation per recorded step.
+        """
+        self.reuses_autocast_step = reusable and self.first_order_only and self.use_capture
+        if self.use_capture:
+            self.record.engine = (
+                "captured from the training step (bf16-mixed: its bfloat16 captures read in the parameters' dtype)"
+                if self.reuses_autocast_step
+                else "captured from one recomputed full-precision forward+backward per step (mixed precision)"
+            )
 
     def teardown(self) -> None:
         """Remove the capture hooks and the loss wrapper from the model."""

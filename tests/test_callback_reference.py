@@ -424,3 +424,51 @@ def test_end_of_fit_drift_uses_the_whole_target_with_subset_refreshes(tmp_path, 
 
     in_run = subset.target_gradient(PerSampleLoss(model, lambda m, b: m.per_sample_loss(b)), final, 0, torch.device("cpu"), {})
     assert not torch.allclose(torch.cat([g.flatten() for g in in_run.values()]), whole), "the test needs a subset that differs"
+
+
+def test_bf16_autocast_first_order_reads_the_training_steps_captures(tmp_path, monkeypatch):
+    """Under bf16-mixed a run without a finite difference takes its products from the training step's own
+    bfloat16 captures (read in float32) and ``.grad``: no full-precision recomputation after the first step's
+    check, and every first-order component within bfloat16's rounding of the float64 reference along the
+    run's own trajectory. A run with a second order still recomputes in full precision."""
+    from types import SimpleNamespace
+
+    from diffin_lightning.recorder import InfluenceRecorder
+
+    data = TinyData.make(num_train=16, num_val=6, seed=0, dtype=torch.float32)
+    recomputations = []
+    recapture = InfluenceRecorder._recaptured
+    monkeypatch.setattr(InfluenceRecorder, "_recaptured", lambda self, *a, **k: recomputations.append(1) or recapture(self, *a, **k))
+    model = TinyClassifier(lr=1.0)
+    recorder = TrajectoryRecorder()
+    targets = {"val": data.val, "train": "train", "self": "self"}
+    callback = DiffInCallback(targets=targets, target_refresh_every_n_steps=1, train_target_decay=0.5, compute_second_order=False)
+    trainer(default_root_dir=tmp_path, max_epochs=3, precision="bf16-mixed", callbacks=[recorder, callback]).fit(model, data.loader(batch_size=4))
+    assert callback.influence.metadata["per_sample_engine"].startswith("captured from the training step (bf16-mixed")
+    assert len(recorder.steps) == 12 and len(recomputations) == 1  # the first recorded step's check, and no other
+
+    # The reference: float64, full precision, per-sample gradients at each recorded theta_t.
+    reference_model = TinyClassifier(lr=1.0).double()
+    steps64 = [SimpleNamespace(step=s.step, ids=s.ids, lr=s.lr, params={k: v.double() for k, v in s.params.items()}) for s in recorder.steps]
+    (x, y), (xv, yv) = data.train.tensors, data.val.tensors
+    with torch.no_grad():
+        for name, value in reference_model.named_parameters():
+            value.copy_(dict(model.named_parameters())[name].double())
+    data64 = TinyData(torch.utils.data.TensorDataset(x.double(), y), torch.utils.data.TensorDataset(xv.double(), yv))
+    first, *_ = reference_scores(reference_model, steps64, data64, eps=EPS, every_n=1, refresh=1, decay=0.5, scheme="forward")
+    gaps = {}
+    for name in targets:
+        actual, expected = callback.influence[name].first_order.double(), first[name]
+        gaps[name] = float((actual - expected).abs().max() / expected.abs().max())
+        # bfloat16 keeps 8 bits of mantissa (a relative rounding of 2^-9 per input and per output gradient).
+        assert gaps[name] < 1e-2, gaps
+    assert max(gaps.values()) > 1e-6, gaps  # the products did come from bfloat16 captures, not a float32 recomputation
+
+    # With a second-order term the finite difference needs full-precision products at both points: recomputed.
+    recomputations.clear()
+    second = DiffInCallback(targets={"val": data.val}, target_refresh_every_n_steps=1)
+    trainer(default_root_dir=tmp_path / "second", max_epochs=1, precision="bf16-mixed", callbacks=[second]).fit(
+        TinyClassifier(lr=1.0), data.loader(batch_size=4)
+    )
+    assert second.influence.metadata["per_sample_engine"] == "captured from one recomputed full-precision forward+backward per step (mixed precision)"
+    assert len(recomputations) >= 4  # at least one full-precision pass per recorded step

@@ -86,6 +86,30 @@ class _Covered:
     module: nn.Module
     rule: LayerRule
     names: dict[str, str]  # local parameter name -> global name, covered parameters only
+    # The covered parameters' dtype: what the rules read every captured tensor in. Under autocast a layer's
+    # input and output gradient are in half precision (bfloat16) beside float32 parameters and directions.
+    dtype: torch.dtype | None = None
+
+
+def _in_dtype(value: Any, dtype: torch.dtype | None) -> Any:
+    """``value`` (a tensor, or tuples, lists and dicts of them) with its floating tensors in ``dtype`` (copies only where they differ)."""
+    if dtype is None:
+        return value
+    if isinstance(value, Tensor):
+        return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_in_dtype(item, dtype) for item in value)
+    if isinstance(value, dict):
+        return {key: _in_dtype(item, dtype) for key, item in value.items()}
+    return value
+
+
+def _rule_factors(entry: _Covered, module_name: str, activations: Any, backprops: Sequence[Tensor | None]) -> list[LayerFactors]:
+    """The entry's rule's factors of one call, its captured tensors read in the parameters' dtype."""
+    if entry.dtype is not None and any(b is not None and b.dtype != entry.dtype for b in backprops):
+        # (The gradient's dtype says whether the call ran under autocast: only then is the walk through the inputs taken.)
+        activations, backprops = _in_dtype(activations, entry.dtype), [_in_dtype(b, entry.dtype) for b in backprops]
+    return entry.rule.factors(entry.module, module_name, activations, backprops, entry.names)
 
 
 class LayerCapture:
@@ -229,7 +253,8 @@ class LayerCapture:
         for module_name, (child, rule, entries) in claims.items():
             names = {local: name_of[identity] for local, identity in entries if name_of.get(identity) in covered}
             if names:
-                self._covered[module_name] = _Covered(child, rule, names)
+                dtypes = {child.get_parameter(local).dtype for local in names}
+                self._covered[module_name] = _Covered(child, rule, names, dtypes.pop() if len(dtypes) == 1 else None)
         self.covered_parameter_names: tuple[str, ...] = tuple(name for name in requested if name in covered)
         # Modules with a parameter that another covered module also uses (tied weights): their products
         # have cross terms with the other module's, so they are never taken alone during a backward.
@@ -389,7 +414,7 @@ class LayerCapture:
             backprops: list[Tensor | None] = [None] * len(call.backprops)
             backprops[index] = gradient
             entry = call.eager
-            call.eager_factors += entry.rule.factors(entry.module, call.module_name, call.activations, backprops, entry.names)
+            call.eager_factors += _rule_factors(entry, call.module_name, call.activations, backprops)
             call.activations = None  # the layer's input and output gradient go now, not at the end of the step
             current.received = True
             return
@@ -421,7 +446,7 @@ class LayerCapture:
         stream, entry = current.stream, call.entry
         if stream is None or entry is None or not LayerCapture._takeable(current, call, stream):
             return False
-        blocks = entry.rule.factors(entry.module, call.module_name, call.activations, backprops, entry.names)
+        blocks = _rule_factors(entry, call.module_name, call.activations, backprops)
         names = tuple(entry.names.values())
         decision = stream.decision(blocks, names) if blocks else "hold"
         if decision == "hold":
@@ -580,7 +605,7 @@ class LayerCapture:
                     continue
                 entry = self._covered[call.module_name]
                 backprops = [None if b is None else b if unscaled else scaled(b) for b in call.backprops]
-                for factors in entry.rule.factors(entry.module, call.module_name, call.activations, backprops, entry.names):
+                for factors in _rule_factors(entry, call.module_name, call.activations, backprops):
                     by_key.setdefault(factors.key, []).append(factors)
             blocks = [items[0].merge(items[1:]) if len(items) > 1 else items[0] for items in by_key.values()]
             streamed = current.streamed
