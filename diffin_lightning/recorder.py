@@ -224,7 +224,8 @@ class InfluenceRecorder:
         refresh after the backward). Steps it cannot serve keep every capture to the end of the
         backward: a 'train' target (its direction folds in this step's gradient), DDP (a refresh
         is a collective, and the second order there uses the global batch gradient), mixed or
-        float16 precision (products of unscaled float16 gradients underflow), and the forward
+        float16 precision (products of unscaled float16 gradients underflow; a bf16-mixed step whose
+        captures serve, :meth:`adopt_mixed_precision`, streams them, read in float32), and the forward
         scheme's ``<G_B, G_i>`` over several micro-batches (each sample pairs with every
         micro-batch's samples).
         """
@@ -235,7 +236,7 @@ class InfluenceRecorder:
             or not settings.stream_products
             or settings.schedule != "in_run"
             or not self.use_capture
-            or mixed_precision
+            or (mixed_precision and not self.reuses_autocast_step)
             or distributed.world_size() > 1
             or self.record.model_nonfinite_known is not None  # (not model_nonfinite_step: that reads the device back)
             or any(isinstance(target, TrainingLossTarget) for target in self.targets)

@@ -196,6 +196,8 @@ def main() -> None:
     parser.add_argument("--ckpt-path", default=None)
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--dot-products", default="auto")
+    parser.add_argument("--precision", default="64-true", help="the Trainer's; other than 64-true, the data and model stay float32")
+    parser.add_argument("--first-order-only", action="store_true", help="compute_second_order=False")
     parser.add_argument("--save-on-checkpoint", action="store_true")
     parser.add_argument("--fail-rank", type=int, default=None)
     parser.add_argument("--fail-step", type=int, default=2)
@@ -205,7 +207,8 @@ def main() -> None:
     parser.add_argument("--read-on-rank-zero", action="store_true", help="read model_nonfinite_step on rank zero after every batch")
     args = parser.parse_args()
 
-    data = TinyData.make(num_train=args.num_train, num_val=6, seed=0)
+    float64 = args.precision == "64-true"
+    data = TinyData.make(num_train=args.num_train, num_val=6, seed=0, dtype=torch.float64 if float64 else torch.float32)
     indexed = IndexedDataset(data.train)
     sampler = EpochSeededSampler(len(indexed), seed=0)
     if args.devices == 1:
@@ -229,6 +232,7 @@ def main() -> None:
         second_order="paper" if args.schedule == "checkpoints" else None,
         eps=1e-6,
         dot_products=args.dot_products,
+        compute_second_order=not args.first_order_only,
         save_on_checkpoint=args.save_on_checkpoint,
         output_dir=args.out / "files",
         index_fn=None if args.fail_rank is None else FailingIds(args.fail_rank, args.fail_step),
@@ -248,7 +252,7 @@ def main() -> None:
         accelerator="cpu",
         devices=args.devices,
         strategy=args.strategy,
-        precision="64-true",
+        precision=args.precision,
         max_epochs=args.epochs,
         max_steps=args.max_steps,
         accumulate_grad_batches=args.accumulate,
@@ -267,7 +271,7 @@ def main() -> None:
             step, position = (int(part) for part in fault.split(":"))
             faults.setdefault(step, []).append(position)
         model = NanLossAt(faults)
-    trainer.fit(model.double(), loader, ckpt_path=args.ckpt_path)
+    trainer.fit(model.double() if float64 else model, loader, ckpt_path=args.ckpt_path)
 
 
 if __name__ == "__main__":

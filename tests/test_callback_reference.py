@@ -426,26 +426,33 @@ def test_end_of_fit_drift_uses_the_whole_target_with_subset_refreshes(tmp_path, 
     assert not torch.allclose(torch.cat([g.flatten() for g in in_run.values()]), whole), "the test needs a subset that differs"
 
 
-def test_bf16_autocast_first_order_reads_the_training_steps_captures(tmp_path, monkeypatch):
+@pytest.mark.parametrize("streamed", [False, True], ids=["held", "streamed"])
+def test_bf16_autocast_first_order_reads_the_training_steps_captures(tmp_path, monkeypatch, streamed):
     """Under bf16-mixed a run without a finite difference takes its products from the training step's own
     bfloat16 captures (read in float32) and ``.grad``: no full-precision recomputation after the first step's
     check, and every first-order component within bfloat16's rounding of the float64 reference along the
-    run's own trajectory. A run with a second order still recomputes in full precision."""
+    run's own trajectory; held to the end of the backward (a 'train' target) or taken during it (a stream).
+    A run with a second order still recomputes in full precision."""
     from types import SimpleNamespace
 
+    from diffin_lightning.dots import stream as stream_module
     from diffin_lightning.recorder import InfluenceRecorder
 
     data = TinyData.make(num_train=16, num_val=6, seed=0, dtype=torch.float32)
-    recomputations = []
-    recapture = InfluenceRecorder._recaptured
+    recomputations, streams = [], []
+    recapture, take_stream = InfluenceRecorder._recaptured, InfluenceRecorder._product_stream
     monkeypatch.setattr(InfluenceRecorder, "_recaptured", lambda self, *a, **k: recomputations.append(1) or recapture(self, *a, **k))
+    monkeypatch.setattr(InfluenceRecorder, "_product_stream", lambda self, *a, **k: streams.append(take_stream(self, *a, **k)) or streams[-1])
+    monkeypatch.setattr(stream_module, "DEFAULT_MIN_STREAMED_ELEMENTS", 0)  # stream even these tiny layers
     model = TinyClassifier(lr=1.0)
     recorder = TrajectoryRecorder()
-    targets = {"val": data.val, "train": "train", "self": "self"}
-    callback = DiffInCallback(targets=targets, target_refresh_every_n_steps=1, train_target_decay=0.5, compute_second_order=False)
+    targets = {"val": data.val, "self": "self"} if streamed else {"val": data.val, "train": "train", "self": "self"}
+    decay = {} if streamed else {"train_target_decay": 0.5}
+    callback = DiffInCallback(targets=targets, target_refresh_every_n_steps=1, compute_second_order=False, **decay)
     trainer(default_root_dir=tmp_path, max_epochs=3, precision="bf16-mixed", callbacks=[recorder, callback]).fit(model, data.loader(batch_size=4))
     assert callback.influence.metadata["per_sample_engine"].startswith("captured from the training step (bf16-mixed")
-    assert len(recorder.steps) == 12 and len(recomputations) == 1  # the first recorded step's check, and no other
+    assert len(recorder.steps) == 12 and len(recomputations) == (0 if streamed else 1)  # the first step's check (streamed: no view kept)
+    assert len(streams) == 12 and all((stream is not None) == streamed for stream in streams)
 
     # The reference: float64, full precision, per-sample gradients at each recorded theta_t.
     reference_model = TinyClassifier(lr=1.0).double()

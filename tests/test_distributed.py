@@ -163,6 +163,24 @@ def test_ddp_matches_one_process(tmp_path, args):
 
 
 @pytest.mark.slow
+def test_ddp_bf16_mixed_first_order_matches_one_process(tmp_path):
+    # bf16-mixed first order reads each rank's own bfloat16 captures and the all-reduced .grad (float32). The two
+    # runs then differ by bfloat16 rounding (the ranks' half batches round apart, and the training follows): a
+    # scale or a reduction gone wrong would be off by a factor, which 2e-2 of the largest score catches.
+    single, ddp = _fit_pair(tmp_path, "--targets", "val,train,self", "--precision", "bf16-mixed", "--first-order-only")
+    params_single, params_ddp = load_file(str(single / "params.safetensors")), load_file(str(ddp / "params.safetensors"))
+    for name in params_single:
+        torch.testing.assert_close(params_ddp[name], params_single[name], rtol=2e-2, atol=2e-2)
+    reference, scores = load_file(str(single / "sum" / "influence.safetensors")), load_file(str(ddp / "sum" / "influence.safetensors"))
+    assert {key for key in reference if key.endswith("/first_order")} == {"val/first_order", "train/first_order", "self/first_order"}
+    for key, expected in reference.items():
+        atol = 0 if key.endswith("/visits") else 2e-2 * float(expected.abs().max())
+        torch.testing.assert_close(scores[key], expected, rtol=0, atol=atol, msg=key)
+    for run in (single, ddp):
+        assert load_influence(run / "files").metadata["per_sample_engine"].startswith("captured from the training step (bf16-mixed"), run.name
+
+
+@pytest.mark.slow
 def test_ddp_spawn_matches_one_process(tmp_path):
     _assert_same_scores(*_fit_pair(tmp_path, "--targets", "val,train,self", "--every-n-steps", "2", strategy="ddp_spawn"))
 
