@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device checks in one run, for a machine with CUDA (CI never has one): the GPU tests, then the
 # overhead benchmark with CUDA synchronisation. Everything lands under $OUT (default runs/gpu_check):
-# device.txt, gpu_tests.txt, overhead_gpu.md (every workload's table), overhead_gpu.log and, with FLOOR_WORKLOADS, floor_gpu.md. Needs torch, lightning, torchmetrics,
+# device.txt, gpu_tests.txt, overhead_gpu.md (every workload's table), overhead_gpu.log and, with BF16_WORKLOADS / FLOOR_WORKLOADS, overhead_bf16_gpu.md / floor_gpu.md. Needs torch, lightning, torchmetrics,
 # safetensors, scikit-learn and pytest (no hydra-core: neither the GPU tests nor the benchmark import it;
 # pytest from carried wheels where missing, see below).
 #
@@ -46,6 +46,14 @@ for workload in ${WORKLOADS:-mlp_gpu cnn_gpu transformer_gpu gpt2_gpu}; do
     echo "overhead $workload rc $?" >> "$out/overhead_gpu.log"
     [ -f "$out/one_workload.md" ] && cat "$out/one_workload.md" >> "$out/overhead_gpu.md" && rm -f "$out/one_workload.md"
 done
+# Optional (BF16_WORKLOADS="mlp_gpu ..."): the same under bf16-mixed, first order reading the step's own bfloat16
+# captures beside the full-precision recomputation it replaces, into overhead_bf16_gpu.md.
+if [ -n "${BF16_WORKLOADS:-}" ]; then
+    "$py" -m benchmarks.overhead --device cuda --repeats "$repeats" --epochs 4 --workloads ${BF16_WORKLOADS} --precision bf16-mixed \
+        --settings "first order (defaults)" "first order, recomputed per step" "Diff-In (defaults)" \
+        --out "$out/overhead_bf16_gpu.md" >> "$out/overhead_gpu.log" 2>&1
+    echo "overhead bf16-mixed rc $?" >> "$out/overhead_gpu.log"
+fi
 # Optional (FLOOR_WORKLOADS="mlp_gpu ...", default none: the checks above take most of a 10-minute call): each
 # setting's arithmetic floor beside the callback, in one process (benchmarks/floor.py), into floor_gpu.md.
 if [ -n "${FLOOR_WORKLOADS:-}" ]; then
