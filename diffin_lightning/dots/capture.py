@@ -104,10 +104,20 @@ def _in_dtype(value: Any, dtype: torch.dtype | None) -> Any:
     return value
 
 
-def _rule_factors(entry: _Covered, module_name: str, activations: Any, backprops: Sequence[Tensor | None]) -> list[LayerFactors]:
-    """The entry's rule's factors of one call, its captured tensors read in the parameters' dtype."""
-    if entry.dtype is not None and any(b is not None and b.dtype != entry.dtype for b in backprops):
-        # (The gradient's dtype says whether the call ran under autocast: only then is the walk through the inputs taken.)
+def _autocast_call(entry: _Covered, backprops: Sequence[Tensor | None]) -> bool:
+    """Whether a call ran under autocast: its output gradient's dtype is not its parameters'."""
+    return entry.dtype is not None and any(b is not None and b.dtype != entry.dtype for b in backprops)
+
+
+def _rule_factors(
+    entry: _Covered, module_name: str, activations: Any, backprops: Sequence[Tensor | None], autocast: bool | None = None
+) -> list[LayerFactors]:
+    """The entry's rule's factors of one call, its captured tensors read in the parameters' dtype.
+
+    ``autocast``: whether the call ran under autocast (default: read from ``backprops``; a caller that
+    widened them already says so). Only then is the walk through the inputs taken.
+    """
+    if autocast if autocast is not None else _autocast_call(entry, backprops):
         activations, backprops = _in_dtype(activations, entry.dtype), [_in_dtype(b, entry.dtype) for b in backprops]
     return entry.rule.factors(entry.module, module_name, activations, backprops, entry.names)
 
@@ -604,8 +614,17 @@ class LayerCapture:
                 if all(backprop is None for backprop in call.backprops):
                     continue
                 entry = self._covered[call.module_name]
-                backprops = [None if b is None else b if unscaled else scaled(b) for b in call.backprops]
-                for factors in _rule_factors(entry, call.module_name, call.activations, backprops):
+
+                def prepared(b: Tensor, entry: _Covered = entry) -> Tensor:
+                    # Under autocast: read in the parameters' dtype first, then scaled in that copy (not rounded twice).
+                    widened = _in_dtype(b, entry.dtype)
+                    if widened is not b:
+                        return widened if unscaled else widened.mul_(scale)
+                    return b if unscaled else scaled(b)
+
+                autocast = _autocast_call(entry, call.backprops)
+                backprops = [None if b is None else prepared(b) for b in call.backprops]
+                for factors in _rule_factors(entry, call.module_name, call.activations, backprops, autocast):
                     by_key.setdefault(factors.key, []).append(factors)
             blocks = [items[0].merge(items[1:]) if len(items) > 1 else items[0] for items in by_key.values()]
             streamed = current.streamed
