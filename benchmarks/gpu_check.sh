@@ -34,7 +34,7 @@ echo "pytest rc $?" >> "$out/gpu_tests.txt"
 # the MLP and CNN and 1 for the others, most of a 10-minute call.
 repeats="${REPEATS:-1}"
 : > "$out/overhead_gpu.md"
-for workload in ${WORKLOADS:-mlp_gpu cnn_gpu transformer_gpu gpt2_gpu}; do
+for workload in ${WORKLOADS-mlp_gpu cnn_gpu transformer_gpu gpt2_gpu}; do  # WORKLOADS="" runs none
     breakdown=()
     [ "$workload" = mlp_gpu ] && breakdown=(--breakdown mlp_gpu)
     # The attention models' step is bound by the host issuing operations: also the refresh in one batch.
