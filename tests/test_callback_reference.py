@@ -479,3 +479,19 @@ def test_bf16_autocast_first_order_reads_the_training_steps_captures(tmp_path, m
     )
     assert second.influence.metadata["per_sample_engine"] == "captured from one recomputed full-precision forward+backward per step (mixed precision)"
     assert len(recomputations) >= 4  # at least one full-precision pass per recorded step
+
+
+def test_a_module_lightning_converts_to_float64_scores_as_one_built_in_float64(tmp_path, tiny_data):
+    # precision="64-true" converts a float32 module after the callbacks' setup, where the capture is planned: the
+    # dtype its layers are read in must be the parameters' at the step, not at the plan (a float32 reading of a
+    # float64 layer failed in the fidelity benchmark's fits).
+    influences = {}
+    for built in ("float32", "float64"):
+        model = TinyClassifier() if built == "float32" else TinyClassifier().double()
+        callback = DiffInCallback(targets={"val": tiny_data.val, "self": "self"}, eps=EPS, target_refresh_every_n_steps=1)
+        trainer(default_root_dir=tmp_path / built, max_epochs=2, callbacks=[callback]).fit(model, tiny_data.loader())
+        assert next(model.parameters()).dtype == torch.float64
+        influences[built] = callback.influence
+    for name in ("val", "self"):
+        for component in ("first_order", "second_order", "diffin"):
+            _close(getattr(influences["float32"][name], component), getattr(influences["float64"][name], component), RTOL)

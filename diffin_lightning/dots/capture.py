@@ -86,9 +86,18 @@ class _Covered:
     module: nn.Module
     rule: LayerRule
     names: dict[str, str]  # local parameter name -> global name, covered parameters only
-    # The covered parameters' dtype: what the rules read every captured tensor in. Under autocast a layer's
-    # input and output gradient are in half precision (bfloat16) beside float32 parameters and directions.
-    dtype: torch.dtype | None = None
+    parameters: tuple[Tensor, ...] = ()  # the covered parameters themselves (see dtype)
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The covered parameters' dtype (``None`` where they differ): what the rules read every captured tensor in.
+
+        Under autocast a layer's input and output gradient are in half precision (bfloat16) beside
+        float32 parameters and directions. Read at each call, not when the capture was planned:
+        Lightning converts the module's precision (``64-true``) after the callbacks' ``setup``.
+        """
+        dtypes = {parameter.dtype for parameter in self.parameters}
+        return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def _in_dtype(value: Any, dtype: torch.dtype | None) -> Any:
@@ -106,7 +115,8 @@ def _in_dtype(value: Any, dtype: torch.dtype | None) -> Any:
 
 def _autocast_call(entry: _Covered, backprops: Sequence[Tensor | None]) -> bool:
     """Whether a call ran under autocast: its output gradient's dtype is not its parameters'."""
-    return entry.dtype is not None and any(b is not None and b.dtype != entry.dtype for b in backprops)
+    dtype = entry.dtype
+    return dtype is not None and any(b is not None and b.dtype != dtype for b in backprops)
 
 
 def _rule_factors(
@@ -118,7 +128,8 @@ def _rule_factors(
     widened them already says so). Only then is the walk through the inputs taken.
     """
     if autocast if autocast is not None else _autocast_call(entry, backprops):
-        activations, backprops = _in_dtype(activations, entry.dtype), [_in_dtype(b, entry.dtype) for b in backprops]
+        dtype = entry.dtype
+        activations, backprops = _in_dtype(activations, dtype), [_in_dtype(b, dtype) for b in backprops]
     return entry.rule.factors(entry.module, module_name, activations, backprops, entry.names)
 
 
@@ -263,8 +274,7 @@ class LayerCapture:
         for module_name, (child, rule, entries) in claims.items():
             names = {local: name_of[identity] for local, identity in entries if name_of.get(identity) in covered}
             if names:
-                dtypes = {child.get_parameter(local).dtype for local in names}
-                self._covered[module_name] = _Covered(child, rule, names, dtypes.pop() if len(dtypes) == 1 else None)
+                self._covered[module_name] = _Covered(child, rule, names, tuple(child.get_parameter(local) for local in names))
         self.covered_parameter_names: tuple[str, ...] = tuple(name for name in requested if name in covered)
         # Modules with a parameter that another covered module also uses (tied weights): their products
         # have cross terms with the other module's, so they are never taken alone during a backward.
