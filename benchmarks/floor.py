@@ -45,7 +45,6 @@ import os
 import statistics
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -53,7 +52,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from benchmarks.overhead import SETTINGS, _atomic_write, fit_once, reproducing_command, workloads
+from benchmarks.overhead import SETTINGS, fit_once, reproducing_command, workloads, write_timed_results
 from diffin_lightning.data import IndexedDataset
 from diffin_lightning.settings import DEFAULT_TARGET_MAX_SAMPLES, DEFAULT_TARGET_REFRESH_EVERY_N_STEPS
 
@@ -287,11 +286,7 @@ def main() -> None:
             for row in rows:
                 print(row, flush=True)
             lines += rows
-    load = f"load average (1/5/15 min) {' / '.join(f'{x:.2f}' for x in load_at_start)} at the start, {' / '.join(f'{x:.2f}' for x in os.getloadavg())} at the end"
-    lines[3:3] = ["", f"Measured from {started} to {time.strftime('%H:%M UTC', time.gmtime())} on {os.cpu_count()} CPU cores; {load}."]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(Path(args.out), "\n".join(lines) + "\n")
-    print(f"written to {args.out}")
+    write_timed_results(args.out, lines, started, load_at_start)
 
 
 if __name__ == "__main__":

@@ -707,12 +707,17 @@ def main() -> None:
         lines += ["", f"## Where the time goes: {workload[0]}, Diff-In (defaults), {args.epochs} epochs", ""]
         lines += breakdown(workload, args.device, args.epochs, SETTINGS["Diff-In (defaults)"])
         print("\n".join(lines[-12:]), flush=True)
+    write_timed_results(args.out, lines, started, load_at_start)
+
+
+def write_timed_results(out: str, lines: list[str], started: str, load_at_start: tuple[float, float, float]) -> None:
+    """Write a timing table's ``lines`` to ``out`` (atomically), when and under what load it ran inserted after its command line."""
     # Timings on a shared machine mean little without the load they were taken under.
     load = f"load average (1/5/15 min) {' / '.join(f'{x:.2f}' for x in load_at_start)} at the start, {' / '.join(f'{x:.2f}' for x in os.getloadavg())} at the end"
     lines[3:3] = ["", f"Measured from {started} to {time.strftime('%H:%M UTC', time.gmtime())} on {os.cpu_count()} CPU cores; {load}."]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(Path(args.out), "\n".join(lines) + "\n")
-    print(f"written to {args.out}")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(Path(out), "\n".join(lines) + "\n")
+    print(f"written to {out}")
 
 
 def _memory_header(device: str, in_process: bool) -> list[str]:

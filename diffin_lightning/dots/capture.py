@@ -113,23 +113,20 @@ def _in_dtype(value: Any, dtype: torch.dtype | None) -> Any:
     return value
 
 
-def _autocast_call(entry: _Covered, backprops: Sequence[Tensor | None]) -> bool:
-    """Whether a call ran under autocast: its output gradient's dtype is not its parameters'."""
-    dtype = entry.dtype
-    return dtype is not None and any(b is not None and b.dtype != dtype for b in backprops)
+def _read_in_dtype(entry: _Covered, activations: Any, backprops: Sequence[Tensor | None]) -> tuple[Any, list[Tensor | None]]:
+    """A call's captured inputs and output gradients, read in its parameters' dtype where it ran under autocast.
 
-
-def _rule_factors(
-    entry: _Covered, module_name: str, activations: Any, backprops: Sequence[Tensor | None], autocast: bool | None = None
-) -> list[LayerFactors]:
-    """The entry's rule's factors of one call, its captured tensors read in the parameters' dtype.
-
-    ``autocast``: whether the call ran under autocast (default: read from ``backprops``; a caller that
-    widened them already says so). Only then is the walk through the inputs taken.
+    (Its output gradient's dtype says whether it did: only then is the walk through the inputs taken.)
     """
-    if autocast if autocast is not None else _autocast_call(entry, backprops):
-        dtype = entry.dtype
-        activations, backprops = _in_dtype(activations, dtype), [_in_dtype(b, dtype) for b in backprops]
+    dtype = entry.dtype
+    if dtype is None or all(b is None or b.dtype == dtype for b in backprops):
+        return activations, list(backprops)
+    return _in_dtype(activations, dtype), [_in_dtype(b, dtype) for b in backprops]
+
+
+def _rule_factors(entry: _Covered, module_name: str, activations: Any, backprops: Sequence[Tensor | None]) -> list[LayerFactors]:
+    """The entry's rule's factors of one call, its captured tensors read in the parameters' dtype."""
+    activations, backprops = _read_in_dtype(entry, activations, backprops)
     return entry.rule.factors(entry.module, module_name, activations, backprops, entry.names)
 
 
@@ -624,17 +621,13 @@ class LayerCapture:
                 if all(backprop is None for backprop in call.backprops):
                     continue
                 entry = self._covered[call.module_name]
-
-                def prepared(b: Tensor, entry: _Covered = entry) -> Tensor:
-                    # Under autocast: read in the parameters' dtype first, then scaled in that copy (not rounded twice).
-                    widened = _in_dtype(b, entry.dtype)
-                    if widened is not b:
-                        return widened if unscaled else widened.mul_(scale)
-                    return b if unscaled else scaled(b)
-
-                autocast = _autocast_call(entry, call.backprops)
-                backprops = [None if b is None else prepared(b) for b in call.backprops]
-                for factors in _rule_factors(entry, call.module_name, call.activations, backprops, autocast):
+                # Under autocast read in the parameters' dtype first, then scaled in that copy of our own (one rounding, not two).
+                activations, read = _read_in_dtype(entry, call.activations, call.backprops)
+                backprops = [
+                    None if b is None else b if unscaled else b.mul_(scale) if b is not captured else scaled(b)
+                    for b, captured in zip(read, call.backprops)
+                ]
+                for factors in entry.rule.factors(entry.module, call.module_name, activations, backprops, entry.names):
                     by_key.setdefault(factors.key, []).append(factors)
             blocks = [items[0].merge(items[1:]) if len(items) > 1 else items[0] for items in by_key.values()]
             streamed = current.streamed
